@@ -1,0 +1,173 @@
+//! Learner: feeds prepared batches to the model thread one step at a time, records metrics,
+//! returns fetch credits, and asks for checkpoints on schedule, at the end, and on drain.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::Semaphore;
+
+use crate::checkpoint::{BatchSeq, CheckpointKind, TrainingState};
+use crate::config::LearnerConfig;
+use crate::telemetry::metrics::{human_line, MetricsFile, StepRecord};
+
+use super::messages::{CheckpointJob, CheckpointerMsg, LearnerMsg, PreparedBatch, RunOutcome};
+use super::model_worker::ModelWorker;
+
+pub struct Learner;
+
+/// What other parts of the node may read about the run (gRPC status).
+#[derive(Debug, Clone, Default)]
+pub struct LearnerStatus {
+    pub step: u64,
+    pub rejected_groups: u64,
+    pub last: Option<StepRecord>,
+}
+
+/// Start-up arguments.
+pub struct LearnerArgs {
+    pub config: Arc<LearnerConfig>,
+    pub worker: ModelWorker,
+    pub steps_done: u64,
+    pub batches_consumed: BatchSeq,
+    pub rejected_groups: u64,
+    pub credits: Arc<Semaphore>,
+    pub checkpointer: ActorRef<CheckpointerMsg>,
+    pub metrics: MetricsFile,
+    pub draining: Arc<AtomicBool>,
+    pub status: Arc<Mutex<LearnerStatus>>,
+    pub outcome: tokio::sync::mpsc::Sender<RunOutcome>,
+}
+
+pub struct LearnerState {
+    args: LearnerArgs,
+    /// Rejections since the last step, reported on the next step's record.
+    pending_rejections: BTreeMap<&'static str, u64>,
+    steps_done: u64,
+    last_checkpoint: u64,
+    last_step_end: Instant,
+}
+
+impl LearnerState {
+    fn training_state(&self) -> TrainingState {
+        let c = &self.args.config;
+        TrainingState {
+            format_version: crate::checkpoint::state::FORMAT_VERSION,
+            step: self.steps_done,
+            optimizer_steps: 0,
+            batches_consumed: self.args.batches_consumed,
+            rejected_groups: self.args.rejected_groups,
+            seed: c.seed,
+            lr: c.lr,
+            warmup_steps: c.warmup_steps,
+            training_steps: c.training_steps,
+        }
+    }
+
+    /// Snapshots the model and sends checkpoint jobs; with `wait`, returns after they are on disk.
+    async fn checkpoint(&mut self, kinds: &[CheckpointKind], wait: bool) -> Result<(), ActorProcessingErr> {
+        let snap = self.args.worker.snapshot().await?;
+        let mut state = self.training_state();
+        state.optimizer_steps = snap.optimizer_steps;
+        let shallow = |v: &[(String, tch::Tensor)]| v.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        for &kind in kinds {
+            let job = CheckpointJob {
+                kind,
+                weights: shallow(&snap.weights),
+                optimizer: shallow(&snap.optimizer),
+                state: state.clone(),
+            };
+            if wait {
+                let written = ractor::call!(self.args.checkpointer, |reply| CheckpointerMsg::Save(Box::new(job), Some(reply)))?;
+                written.map_err(ActorProcessingErr::from)?;
+            } else {
+                self.args.checkpointer.cast(CheckpointerMsg::Save(Box::new(job), None))?;
+            }
+        }
+        self.last_checkpoint = self.steps_done;
+        Ok(())
+    }
+
+    async fn train(&mut self, prepared: PreparedBatch) -> Result<(), ActorProcessingErr> {
+        for r in &prepared.rejections {
+            *self.pending_rejections.entry(r.reason.as_str()).or_default() += 1;
+        }
+        let rejected = prepared.rejections.len() as u64;
+        self.args.rejected_groups += rejected;
+        let Some(batch) = prepared.batch else {
+            tracing::warn!(batch_seq = prepared.seq.0, rejected, "every group of the batch was rejected; no optimizer step");
+            self.args.batches_consumed = prepared.seq;
+            self.args.credits.add_permits(1);
+            return Ok(());
+        };
+        let metrics = self.args.worker.train(batch).await?;
+        self.steps_done = metrics.step;
+        self.args.batches_consumed = prepared.seq;
+        self.args.credits.add_permits(1);
+        let now = Instant::now();
+        let by_reason = std::mem::take(&mut self.pending_rejections);
+        let record = StepRecord {
+            train: metrics,
+            rejected_groups: by_reason.values().sum(),
+            rejected_by_reason: by_reason,
+            step_time_s: now.duration_since(self.last_step_end).as_secs_f64(),
+            wait_time_s: prepared.wait_time_s,
+            batch_seq: prepared.seq.0,
+        };
+        self.last_step_end = now;
+        self.args.metrics.append(&record)?;
+        eprintln!("{}", human_line(&record, self.args.config.training_steps));
+        if let Ok(mut status) = self.args.status.lock() {
+            status.step = self.steps_done;
+            status.rejected_groups = self.args.rejected_groups;
+            status.last = Some(record);
+        }
+        let total = self.args.config.training_steps;
+        let interval = self.args.config.checkpoint_interval;
+        if self.steps_done >= total {
+            self.checkpoint(&[CheckpointKind::Step(self.steps_done), CheckpointKind::Final], true).await?;
+            let _ = self.args.outcome.send(RunOutcome::Completed { steps: self.steps_done }).await;
+        } else if interval > 0 && self.steps_done % interval == 0 {
+            self.checkpoint(&[CheckpointKind::Step(self.steps_done)], false).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Actor for Learner {
+    type Msg = LearnerMsg;
+    type State = LearnerState;
+    type Arguments = LearnerArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<LearnerMsg>, args: LearnerArgs) -> Result<LearnerState, ActorProcessingErr> {
+        Ok(LearnerState {
+            pending_rejections: BTreeMap::new(),
+            steps_done: args.steps_done,
+            last_checkpoint: args.steps_done,
+            last_step_end: Instant::now(),
+            args,
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<LearnerMsg>, msg: LearnerMsg, state: &mut LearnerState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            LearnerMsg::Train(prepared) => {
+                // While draining, or once done, batches stay in the spool for the next run.
+                if state.args.draining.load(Ordering::SeqCst) || state.steps_done >= state.args.config.training_steps {
+                    return Ok(());
+                }
+                state.train(prepared).await
+            }
+            LearnerMsg::Drain(reply) => {
+                if state.steps_done > state.last_checkpoint && state.steps_done < state.args.config.training_steps {
+                    tracing::info!(step = state.steps_done, "saving a checkpoint before exit");
+                    state.checkpoint(&[CheckpointKind::Step(state.steps_done)], true).await?;
+                }
+                let _ = reply.send(());
+                Ok(())
+            }
+        }
+    }
+}

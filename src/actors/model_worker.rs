@@ -1,0 +1,110 @@
+//! The dedicated OS thread that owns the model and optimizer. Libtorch work never runs on the
+//! async runtime's workers; the learner actor talks to this thread through a channel.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tch::Tensor;
+use tokio::sync::oneshot;
+
+use crate::grpo::TrainBatch;
+use crate::train::{StepMetrics, TrainError, Trainer};
+
+/// Copies of the trainer's state at one step.
+pub struct Snapshot {
+    pub weights: Vec<(String, Tensor)>,
+    pub optimizer: Vec<(String, Tensor)>,
+    pub optimizer_steps: u64,
+    pub steps_done: u64,
+}
+
+enum Command {
+    Train(Box<TrainBatch>, oneshot::Sender<StepMetrics>),
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// The model thread stopped (it panicked, or was shut down).
+#[derive(Debug, thiserror::Error)]
+#[error("the model thread is gone")]
+pub struct WorkerGone;
+
+/// Handle on the model thread.
+pub struct ModelWorker {
+    tx: Option<mpsc::Sender<Command>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl ModelWorker {
+    /// Starts the thread and builds the trainer on it; returns once it is ready.
+    pub async fn start<F>(init: F) -> Result<(Self, u64), TrainError>
+    where
+        F: FnOnce() -> Result<Trainer, TrainError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let join = std::thread::Builder::new()
+            .name("grpo-model".into())
+            .spawn(move || {
+                let mut trainer = match init() {
+                    Ok(t) => {
+                        let _ = ready_tx.send(Ok(t.steps_done()));
+                        t
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(cmd) = rx.recv() {
+                    match cmd {
+                        Command::Train(batch, reply) => {
+                            let _ = reply.send(trainer.train(&batch));
+                        }
+                        Command::Snapshot(reply) => {
+                            let (optimizer, optimizer_steps) = trainer.optimizer_state();
+                            let _ = reply.send(Snapshot {
+                                weights: trainer.params().snapshot(),
+                                optimizer,
+                                optimizer_steps,
+                                steps_done: trainer.steps_done(),
+                            });
+                        }
+                    }
+                }
+            })
+            .map_err(|e| TrainError::OptimizerState(format!("cannot start the model thread: {e}")))?;
+        let steps = match ready_rx.await {
+            Ok(Ok(steps)) => steps,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(TrainError::OptimizerState("the model thread died while loading".into())),
+        };
+        Ok((Self { tx: Some(tx), join: Some(join) }, steps))
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), WorkerGone> {
+        self.tx.as_ref().ok_or(WorkerGone)?.send(cmd).map_err(|_| WorkerGone)
+    }
+
+    /// Trains one step.
+    pub async fn train(&self, batch: TrainBatch) -> Result<StepMetrics, WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Train(Box::new(batch), tx))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+
+    /// Copies weights and optimizer state.
+    pub async fn snapshot(&self) -> Result<Snapshot, WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Snapshot(tx))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+}
+
+impl Drop for ModelWorker {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+}

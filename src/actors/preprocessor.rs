@@ -1,0 +1,64 @@
+//! Preprocessor: parses each group on its own, validates it, computes advantages and aligned
+//! labels, and packs the survivors into micro-batches. Rejections are logged with the env id
+//! and counted; they never reach the model.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::atropos::{EnvId, ScoredGroup};
+use crate::grpo::pack::{align_group, pack};
+use crate::grpo::validate::validate;
+use crate::grpo::{Limits, RejectReason, Rejection};
+
+use super::messages::{LearnerMsg, PreparedBatch, PreprocessorMsg, RawBatch};
+
+pub struct Preprocessor;
+
+/// Start-up arguments.
+pub struct PreprocessorArgs {
+    pub limits: Limits,
+    pub micro_batch: usize,
+    pub learner: ActorRef<LearnerMsg>,
+}
+
+/// Parses, validates and packs one raw batch.
+pub fn prepare(raw: RawBatch, limits: &Limits, micro_batch: usize) -> PreparedBatch {
+    let mut rejections = Vec::new();
+    let mut sequences = Vec::new();
+    for value in raw.groups {
+        let env_id = value.get("env_id").and_then(serde_json::Value::as_i64).map(EnvId);
+        let outcome = serde_json::from_value::<ScoredGroup>(value)
+            .map_err(|e| Rejection { reason: RejectReason::Malformed, detail: e.to_string(), env_id })
+            .and_then(|g| validate(g, limits));
+        match outcome {
+            Ok(group) => sequences.extend(align_group(&group)),
+            Err(r) => {
+                tracing::warn!(batch_seq = raw.seq.0, env_id = ?r.env_id.map(|e| e.0), reason = %r.reason,
+                    detail = %r.detail, "rejected group");
+                rejections.push(r);
+            }
+        }
+    }
+    PreparedBatch {
+        seq: raw.seq,
+        batch: (!sequences.is_empty()).then(|| pack(sequences, micro_batch)),
+        rejections,
+        wait_time_s: raw.wait_time_s,
+    }
+}
+
+impl Actor for Preprocessor {
+    type Msg = PreprocessorMsg;
+    type State = PreprocessorArgs;
+    type Arguments = PreprocessorArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<PreprocessorMsg>, args: PreprocessorArgs) -> Result<PreprocessorArgs, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(&self, _myself: ActorRef<PreprocessorMsg>, msg: PreprocessorMsg, state: &mut PreprocessorArgs) -> Result<(), ActorProcessingErr> {
+        let PreprocessorMsg::Raw(raw) = msg;
+        let prepared = prepare(raw, &state.limits, state.micro_batch);
+        state.learner.cast(LearnerMsg::Train(prepared))?;
+        Ok(())
+    }
+}

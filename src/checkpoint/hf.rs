@@ -1,0 +1,123 @@
+//! HF-format checkpoint directories (`config.json`, tokenizer files, safetensors), written into
+//! a temporary sibling and renamed into place so a crash never leaves half a checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use crate::model::safetensors_io::write_model;
+
+use super::{io_err, CheckpointError};
+
+/// Files copied verbatim from the source model directory when present.
+pub const COPIED_FILES: [&str; 8] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+];
+
+/// Which checkpoint a directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// `step_N`, written every `--checkpoint-interval` steps and on shutdown.
+    Step(u64),
+    /// `final_model`, written when the run completes.
+    Final,
+}
+
+impl CheckpointKind {
+    /// The directory name under `--save-path`.
+    pub fn dir_name(self) -> String {
+        match self {
+            Self::Step(n) => format!("step_{n}"),
+            Self::Final => "final_model".into(),
+        }
+    }
+}
+
+/// Writes `weights` (HF names, tied `lm_head` already omitted) as an HF directory at
+/// `save_path/<kind>`, with `extra` called on the temporary directory before the rename (for
+/// the training state). An existing directory of that name is replaced.
+pub fn write_hf_checkpoint(
+    save_path: &Path,
+    kind: CheckpointKind,
+    source_model: &Path,
+    weights: &[(String, Tensor)],
+    max_shard_bytes: u64,
+    extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<PathBuf, CheckpointError> {
+    let target = save_path.join(kind.dir_name());
+    let tmp = save_path.join(format!(".tmp-{}-{}", kind.dir_name(), std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    for name in COPIED_FILES {
+        let src = source_model.join(name);
+        if src.is_file() {
+            let dst = tmp.join(name);
+            std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
+        }
+    }
+    write_model(&tmp, weights, max_shard_bytes)?;
+    extra(&tmp)?;
+    sync_dir(&tmp)?;
+    if target.exists() {
+        let old = save_path.join(format!(".old-{}-{}", kind.dir_name(), std::process::id()));
+        std::fs::rename(&target, &old).map_err(io_err(&target))?;
+        std::fs::rename(&tmp, &target).map_err(io_err(&target))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        std::fs::rename(&tmp, &target).map_err(io_err(&target))?;
+    }
+    sync_dir(save_path)?;
+    Ok(target)
+}
+
+/// Flushes every file in `dir` (one level, plus subdirectories) and the directory itself.
+pub fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.is_dir() {
+            sync_dir(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+        }
+    }
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+}
+
+/// Deletes the oldest `step_N` directories beyond the newest `keep`.
+pub fn prune_step_checkpoints(save_path: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut steps = step_dirs(save_path)?;
+    steps.sort_by_key(|(n, _)| *n);
+    let excess = steps.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for (_, dir) in steps.into_iter().take(excess) {
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        removed.push(dir);
+    }
+    Ok(removed)
+}
+
+/// The `step_N` directories under `save_path`.
+pub fn step_dirs(save_path: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    if !save_path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(save_path).map_err(io_err(save_path))? {
+        let entry = entry.map_err(io_err(save_path))?;
+        let name = entry.file_name();
+        let Some(n) = name.to_str().and_then(|s| s.strip_prefix("step_")).and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        out.push((n, entry.path()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,55 @@
+//! `--device cpu | cuda | cuda:N`.
+
+use std::str::FromStr;
+
+/// Where the learner's tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("{s:?} is not cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The tch device, if this build and machine can use it.
+    pub fn to_tch(self) -> Result<tch::Device, String> {
+        match self {
+            Self::Cpu => Ok(tch::Device::Cpu),
+            Self::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(format!("{self}: this build has no CUDA support (rebuild with --features cuda)"));
+                }
+                let count = tch::Cuda::device_count();
+                if (n as i64) < count {
+                    Ok(tch::Device::Cuda(n))
+                } else {
+                    Err(format!("{self}: CUDA sees {count} device(s)"))
+                }
+            }
+        }
+    }
+}

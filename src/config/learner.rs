@@ -1,0 +1,381 @@
+//! Flags of `grpo-node --role learner`. Names and meanings follow the Atropos example trainer
+//! (`--model-name`, `--batch-size` is the micro-batch, ...), so its users feel at home.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::grpo::{ClipMode, LossAgg};
+use crate::train::{LayerSet, ScheduleKind};
+
+use super::{ConfigError, DeviceSpec};
+
+/// Optimizers. Only AdamW exists today; the seeds' 8-bit AdamW and Adafactor are planned and
+/// not built yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// torch.optim.AdamW semantics over fp32 master weights.
+    Adamw,
+}
+
+/// Learner flags. Every field is optional here so the TOML file can fill what the command line
+/// and environment leave out; [`LearnerArgs::resolve`] applies defaults and validates.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LearnerArgs {
+    /// TOML file with any of these settings (kebab-case keys, e.g. `training-steps = 20`).
+    #[arg(long, env = "GRPO_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Local HF model directory (config.json + *.safetensors [+ tokenizer files]).
+    #[arg(long, env = "GRPO_MODEL_NAME")]
+    pub model_name: Option<PathBuf>,
+    /// Atropos API base URL [default: http://localhost:8000].
+    #[arg(long, env = "GRPO_ATROPOS_URL")]
+    pub atropos_url: Option<String>,
+    /// Peak learning rate [default: 1e-5].
+    #[arg(long, env = "GRPO_LR")]
+    pub lr: Option<f64>,
+    /// Optimizer steps to train; each Atropos batch is one step [default: 10].
+    #[arg(long, env = "GRPO_TRAINING_STEPS")]
+    pub training_steps: Option<u64>,
+    /// Micro-batch size in sequences [default: 2].
+    #[arg(long, env = "GRPO_BATCH_SIZE")]
+    pub batch_size: Option<u64>,
+    /// Micro-batches per step; the API batch is batch-size x this sequences [default: 32].
+    #[arg(long, env = "GRPO_GRADIENT_ACCUMULATION_STEPS")]
+    pub gradient_accumulation_steps: Option<u64>,
+    /// Longest sequence in tokens; also registered as max_token_len [default: 2048].
+    #[arg(long, env = "GRPO_SEQ_LEN")]
+    pub seq_len: Option<u64>,
+    /// Linear warmup steps [default: 0].
+    #[arg(long, env = "GRPO_WARMUP_STEPS")]
+    pub warmup_steps: Option<u64>,
+    /// Schedule after warmup [default: constant].
+    #[arg(long, env = "GRPO_LR_SCHEDULE", value_enum)]
+    pub lr_schedule: Option<ScheduleKind>,
+    /// PPO clip epsilon (lower side, and upper unless --clip-eps-high) [default: 0.2].
+    #[arg(long, env = "GRPO_CLIP_EPS")]
+    pub clip_eps: Option<f64>,
+    /// Upper clip epsilon (DAPO clip-higher) [default: --clip-eps].
+    #[arg(long, env = "GRPO_CLIP_EPS_HIGH")]
+    pub clip_eps_high: Option<f64>,
+    /// standard PPO clipping, or atropos for the example trainer's sign-flipped variant [default: standard].
+    #[arg(long, env = "GRPO_CLIP_MODE", value_enum)]
+    pub clip_mode: Option<ClipMode>,
+    /// Truncated importance sampling: cap the ratio at this value [default: off].
+    #[arg(long, env = "GRPO_IS_CAP")]
+    pub is_cap: Option<f64>,
+    /// Weight of the k3 KL estimate against the rollout logprobs [default: 0].
+    #[arg(long, env = "GRPO_KL_COEF")]
+    pub kl_coef: Option<f64>,
+    /// Loss aggregation [default: seq-mean-token-mean].
+    #[arg(long, env = "GRPO_LOSS_AGG", value_enum)]
+    pub loss_agg: Option<LossAgg>,
+    /// Gradient L2-norm clip [default: 1.0].
+    #[arg(long, env = "GRPO_MAX_GRAD_NORM")]
+    pub max_grad_norm: Option<f64>,
+    /// AdamW decoupled weight decay [default: 0.01].
+    #[arg(long, env = "GRPO_WEIGHT_DECAY")]
+    pub weight_decay: Option<f64>,
+    /// Optimizer (adamw; 8-bit AdamW and Adafactor are not built yet) [default: adamw].
+    #[arg(long, env = "GRPO_OPTIMIZER", value_enum)]
+    pub optimizer: Option<OptimizerKind>,
+    /// Train only these decoder layers, e.g. "20-31" or "0-3,28-31"; all else is frozen.
+    #[arg(long, env = "GRPO_TRAIN_LAYER_INDICES")]
+    pub train_layer_indices: Option<String>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "GRPO_DEVICE")]
+    pub device: Option<String>,
+    /// Output directory: checkpoints, metrics.jsonl, the batch spool [default: trained_model_checkpoints].
+    #[arg(long, env = "GRPO_SAVE_PATH")]
+    pub save_path: Option<PathBuf>,
+    /// Save a checkpoint every N steps; 0 = only at the end [default: 3].
+    #[arg(long, env = "GRPO_CHECKPOINT_INTERVAL")]
+    pub checkpoint_interval: Option<u64>,
+    /// Keep only the newest K step_N checkpoints [default: all].
+    #[arg(long, env = "GRPO_KEEP_CHECKPOINTS")]
+    pub keep_checkpoints: Option<usize>,
+    /// Largest safetensors shard in MiB when saving [default: 2048].
+    #[arg(long, env = "GRPO_MAX_SHARD_MB")]
+    pub max_shard_mb: Option<u64>,
+    /// Continue from the newest checkpoint in --save-path (weights, optimizer, step, spooled batches).
+    #[arg(long, env = "GRPO_RESUME", num_args = 0..=1, default_missing_value = "true")]
+    pub resume: Option<bool>,
+    /// If the API did not take our registration (the wedge), call /reset_data and register again.
+    #[arg(long, env = "GRPO_RESET_API", num_args = 0..=1, default_missing_value = "true")]
+    pub reset_api: Option<bool>,
+    /// Truncate sequences longer than --seq-len instead of rejecting their group.
+    #[arg(long, env = "GRPO_TRUNCATE_LONG", num_args = 0..=1, default_missing_value = "true")]
+    pub truncate_long: Option<bool>,
+    /// Train groups without inference_logprobs on-policy (ratio 1) instead of rejecting them.
+    #[arg(long, env = "GRPO_ALLOW_MISSING_LOGPROBS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_missing_logprobs: Option<bool>,
+    /// Seed for anything random [default: 0].
+    #[arg(long, env = "GRPO_SEED")]
+    pub seed: Option<u64>,
+    /// wandb group sent at registration [default: ""].
+    #[arg(long, env = "GRPO_WANDB_GROUP")]
+    pub wandb_group: Option<String>,
+    /// wandb project sent at registration [default: ""].
+    #[arg(long, env = "GRPO_WANDB_PROJECT")]
+    pub wandb_project: Option<String>,
+    /// Longest wait between /batch polls when no data is ready, in ms [default: 2000].
+    #[arg(long, env = "GRPO_POLL_MAX_MS")]
+    pub poll_max_ms: Option<u64>,
+    /// Per-request timeout against the Atropos API, in seconds [default: 30].
+    #[arg(long, env = "GRPO_API_TIMEOUT_S")]
+    pub api_timeout_s: Option<u64>,
+    /// Batches fetched ahead of training [default: 2].
+    #[arg(long, env = "GRPO_PREFETCH")]
+    pub prefetch: Option<usize>,
+    /// Serve the read-only grpc.v1.Learner status service on this address.
+    #[arg(long, env = "GRPO_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+}
+
+/// A validated learner configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnerConfig {
+    pub model_name: PathBuf,
+    pub atropos_url: String,
+    pub lr: f64,
+    pub training_steps: u64,
+    pub batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+    pub seq_len: u64,
+    pub warmup_steps: u64,
+    pub lr_schedule: ScheduleKind,
+    pub clip_eps: f64,
+    pub clip_eps_high: f64,
+    pub clip_mode: ClipMode,
+    pub is_cap: Option<f64>,
+    pub kl_coef: f64,
+    pub loss_agg: LossAgg,
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub optimizer: OptimizerKind,
+    pub train_layer_indices: Option<LayerSet>,
+    pub device: DeviceSpec,
+    pub save_path: PathBuf,
+    pub checkpoint_interval: u64,
+    pub keep_checkpoints: Option<usize>,
+    pub max_shard_bytes: u64,
+    pub resume: bool,
+    pub reset_api: bool,
+    pub truncate_long: bool,
+    pub allow_missing_logprobs: bool,
+    pub seed: u64,
+    pub wandb_group: String,
+    pub wandb_project: String,
+    pub poll_max_ms: u64,
+    pub api_timeout_s: u64,
+    pub prefetch: usize,
+    pub grpc_listen: Option<SocketAddr>,
+}
+
+macro_rules! merge_fields {
+    ($a:ident, $b:ident, $($f:ident),* $(,)?) => {
+        LearnerArgs { config: $a.config.or($b.config), $($f: $a.$f.or($b.$f)),* }
+    };
+}
+
+fn check(ok: bool, flag: &'static str, reason: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { flag, reason: reason() })
+    }
+}
+
+impl LearnerArgs {
+    /// Fills fields left unset (by flags and env) from `file`.
+    pub fn merged_with(self, file: LearnerArgs) -> LearnerArgs {
+        merge_fields!(
+            self, file, model_name, atropos_url, lr, training_steps, batch_size, gradient_accumulation_steps,
+            seq_len, warmup_steps, lr_schedule, clip_eps, clip_eps_high, clip_mode, is_cap, kl_coef, loss_agg,
+            max_grad_norm, weight_decay, optimizer, train_layer_indices, device, save_path, checkpoint_interval,
+            keep_checkpoints, max_shard_mb, resume, reset_api, truncate_long, allow_missing_logprobs, seed,
+            wandb_group, wandb_project, poll_max_ms, api_timeout_s, prefetch, grpc_listen,
+        )
+    }
+
+    /// Reads a TOML file of learner settings.
+    pub fn from_file(path: &Path) -> Result<LearnerArgs, ConfigError> {
+        let file_err = |reason: String| ConfigError::File { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// Merges the `--config` file (if any), applies defaults and validates every value.
+    pub fn resolve(self) -> Result<LearnerConfig, ConfigError> {
+        let args = match self.config.clone() {
+            Some(path) => {
+                let file = Self::from_file(&path)?;
+                self.merged_with(file)
+            }
+            None => self,
+        };
+        let model_name = args.model_name.ok_or(ConfigError::Missing { flag: "model-name" })?;
+        check(model_name.join("config.json").is_file(), "model-name", || {
+            format!("{} has no config.json (a local HF model directory is expected)", model_name.display())
+        })?;
+        let atropos_url = args.atropos_url.unwrap_or_else(|| "http://localhost:8000".into());
+        check(atropos_url.starts_with("http://"), "atropos-url", || {
+            format!("{atropos_url:?} must be an http:// URL")
+        })?;
+        let lr = args.lr.unwrap_or(1e-5);
+        check(lr.is_finite() && lr > 0.0, "lr", || format!("must be a positive number (got {lr})"))?;
+        let training_steps = args.training_steps.unwrap_or(10);
+        check(training_steps > 0, "training-steps", || "must be at least 1".into())?;
+        let batch_size = args.batch_size.unwrap_or(2);
+        check(batch_size > 0, "batch-size", || "must be at least 1".into())?;
+        let gradient_accumulation_steps = args.gradient_accumulation_steps.unwrap_or(32);
+        check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || "must be at least 1".into())?;
+        let seq_len = args.seq_len.unwrap_or(2048);
+        check(seq_len >= 2, "seq-len", || format!("must be at least 2 (got {seq_len})"))?;
+        let clip_eps = args.clip_eps.unwrap_or(0.2);
+        check(clip_eps > 0.0 && clip_eps < 1.0, "clip-eps", || format!("must be in (0, 1) (got {clip_eps})"))?;
+        let clip_eps_high = args.clip_eps_high.unwrap_or(clip_eps);
+        check(clip_eps_high > 0.0 && clip_eps_high.is_finite(), "clip-eps-high", || {
+            format!("must be positive (got {clip_eps_high})")
+        })?;
+        if let Some(cap) = args.is_cap {
+            check(cap > 1.0 + clip_eps_high && cap.is_finite(), "is-cap", || {
+                format!("must exceed 1 + clip-eps-high = {} (got {cap})", 1.0 + clip_eps_high)
+            })?;
+        }
+        let kl_coef = args.kl_coef.unwrap_or(0.0);
+        check(kl_coef >= 0.0 && kl_coef.is_finite(), "kl-coef", || format!("must be >= 0 (got {kl_coef})"))?;
+        let max_grad_norm = args.max_grad_norm.unwrap_or(1.0);
+        check(max_grad_norm > 0.0, "max-grad-norm", || format!("must be positive (got {max_grad_norm})"))?;
+        let weight_decay = args.weight_decay.unwrap_or(0.01);
+        check((0.0..1.0).contains(&weight_decay), "weight-decay", || format!("must be in [0, 1) (got {weight_decay})"))?;
+        let train_layer_indices = args
+            .train_layer_indices
+            .map(|s| s.parse::<LayerSet>())
+            .transpose()
+            .map_err(|reason| ConfigError::Invalid { flag: "train-layer-indices", reason })?;
+        let device = args
+            .device
+            .as_deref()
+            .unwrap_or("cpu")
+            .parse::<DeviceSpec>()
+            .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
+        device.to_tch().map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
+        let keep_checkpoints = args.keep_checkpoints;
+        check(keep_checkpoints != Some(0), "keep-checkpoints", || "must be at least 1".into())?;
+        let max_shard_mb = args.max_shard_mb.unwrap_or(2048);
+        check(max_shard_mb > 0, "max-shard-mb", || "must be at least 1".into())?;
+        let prefetch = args.prefetch.unwrap_or(2);
+        check(prefetch > 0, "prefetch", || "must be at least 1".into())?;
+        let api_timeout_s = args.api_timeout_s.unwrap_or(30);
+        check(api_timeout_s > 0, "api-timeout-s", || "must be at least 1".into())?;
+        Ok(LearnerConfig {
+            model_name,
+            atropos_url: atropos_url.trim_end_matches('/').to_string(),
+            lr,
+            training_steps,
+            batch_size,
+            gradient_accumulation_steps,
+            seq_len,
+            warmup_steps: args.warmup_steps.unwrap_or(0),
+            lr_schedule: args.lr_schedule.unwrap_or(ScheduleKind::Constant),
+            clip_eps,
+            clip_eps_high,
+            clip_mode: args.clip_mode.unwrap_or(ClipMode::Standard),
+            is_cap: args.is_cap,
+            kl_coef,
+            loss_agg: args.loss_agg.unwrap_or(LossAgg::SeqMeanTokenMean),
+            max_grad_norm,
+            weight_decay,
+            optimizer: args.optimizer.unwrap_or(OptimizerKind::Adamw),
+            train_layer_indices,
+            device,
+            save_path: args.save_path.unwrap_or_else(|| PathBuf::from("trained_model_checkpoints")),
+            checkpoint_interval: args.checkpoint_interval.unwrap_or(3),
+            keep_checkpoints,
+            max_shard_bytes: max_shard_mb * 1024 * 1024,
+            resume: args.resume.unwrap_or(false),
+            reset_api: args.reset_api.unwrap_or(false),
+            truncate_long: args.truncate_long.unwrap_or(false),
+            allow_missing_logprobs: args.allow_missing_logprobs.unwrap_or(false),
+            seed: args.seed.unwrap_or(0),
+            wandb_group: args.wandb_group.unwrap_or_default(),
+            wandb_project: args.wandb_project.unwrap_or_default(),
+            poll_max_ms: args.poll_max_ms.unwrap_or(2000).max(10),
+            api_timeout_s,
+            prefetch,
+            grpc_listen: args.grpc_listen,
+        })
+    }
+}
+
+impl LearnerConfig {
+    /// Sequences per optimizer step, as registered with the API.
+    pub fn api_batch_size(&self) -> u64 {
+        self.batch_size * self.gradient_accumulation_steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("config.json"), "{}").expect("write");
+        dir
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = model_dir();
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "lr = 0.5\ntraining-steps = 7\nclip-mode = \"atropos\"\n").expect("write");
+        let args = LearnerArgs {
+            config: Some(file),
+            model_name: Some(dir.path().to_path_buf()),
+            lr: Some(0.25),
+            ..Default::default()
+        };
+        let cfg = args.resolve().expect("valid");
+        assert_eq!(cfg.lr, 0.25, "flag wins over file");
+        assert_eq!(cfg.training_steps, 7, "file wins over default");
+        assert_eq!(cfg.clip_mode, ClipMode::Atropos);
+        assert_eq!(cfg.batch_size, 2, "default");
+    }
+
+    #[test]
+    fn invalid_values_name_their_flag() {
+        let dir = model_dir();
+        let base = || LearnerArgs { model_name: Some(dir.path().to_path_buf()), ..Default::default() };
+        let cases: Vec<(LearnerArgs, &str)> = vec![
+            (LearnerArgs { lr: Some(-1.0), ..base() }, "--lr"),
+            (LearnerArgs { batch_size: Some(0), ..base() }, "--batch-size"),
+            (LearnerArgs { clip_eps: Some(1.5), ..base() }, "--clip-eps"),
+            (LearnerArgs { train_layer_indices: Some("3-1".into()), ..base() }, "--train-layer-indices"),
+            (LearnerArgs { device: Some("tpu".into()), ..base() }, "--device"),
+            (LearnerArgs { model_name: Some(PathBuf::from("/nonexistent")), ..base() }, "--model-name"),
+            (LearnerArgs { atropos_url: Some("localhost:8000".into()), ..base() }, "--atropos-url"),
+            (LearnerArgs { is_cap: Some(1.1), ..base() }, "--is-cap"),
+        ];
+        for (args, flag) in cases {
+            let err = args.resolve().expect_err(flag).to_string();
+            assert!(err.starts_with(flag), "{err:?} should name {flag}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = model_dir();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "learning-rate = 1.0\n").expect("write");
+        let args = LearnerArgs { config: Some(file), model_name: Some(dir.path().to_path_buf()), ..Default::default() };
+        let err = args.resolve().expect_err("unknown key").to_string();
+        assert!(err.contains("learning-rate"), "{err}");
+    }
+}

@@ -1,0 +1,248 @@
+//! The GRPO objective on one micro-batch: temperature-scaled log-probabilities in fp32, the
+//! clipped importance ratio against rollout logprobs, optional truncated-IS cap and k3 KL,
+//! and step-level aggregation (so the sum over micro-batches is the step's loss).
+
+use tch::{Device, Kind, Tensor};
+
+use super::pack::MicroBatch;
+use super::validate::IGNORE;
+
+/// How negative advantages are clipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClipMode {
+    /// PPO-clip: `-min(r*A, clip(r)*A)` for every sign of A.
+    Standard,
+    /// The Atropos example trainer's variant: `-max(r*A, clip(r)*A)` when A < 0.
+    Atropos,
+}
+
+/// How per-token losses become the step's loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossAgg {
+    /// Mean over each sequence's scored tokens, then mean over sequences (Atropos default).
+    SeqMeanTokenMean,
+    /// Mean over every scored token of the step (DAPO).
+    TokenMean,
+}
+
+/// Loss hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    pub clip_mode: ClipMode,
+    pub clip_eps_low: f64,
+    pub clip_eps_high: f64,
+    /// Truncated importance sampling: the ratio is capped at this value (no gradient above it).
+    pub is_cap: Option<f64>,
+    /// Weight of the k3 KL estimate against the rollout policy.
+    pub kl_coef: f64,
+    pub agg: LossAgg,
+}
+
+/// Step-level normalisers, known before the first micro-batch runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepNorm {
+    pub sequences: f64,
+    pub scored_tokens: f64,
+}
+
+/// Sums over the scored tokens of one micro-batch (combined into step metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossStats {
+    pub loss: f64,
+    pub tokens: f64,
+    pub ratio_sum: f64,
+    pub clipped: f64,
+    /// Tokens with rollout logprobs (off-policy rows only), for the logprob diff statistics.
+    pub diff_tokens: f64,
+    pub diff_sum: f64,
+    pub diff_abs_sum: f64,
+    pub diff_max: f64,
+    pub kl_sum: f64,
+    pub pos_logp_sum: f64,
+    pub pos_tokens: f64,
+    pub neg_logp_sum: f64,
+    pub neg_tokens: f64,
+}
+
+impl LossStats {
+    /// Adds another micro-batch's sums.
+    pub fn merge(&mut self, o: &LossStats) {
+        self.loss += o.loss;
+        self.tokens += o.tokens;
+        self.ratio_sum += o.ratio_sum;
+        self.clipped += o.clipped;
+        self.diff_tokens += o.diff_tokens;
+        self.diff_sum += o.diff_sum;
+        self.diff_abs_sum += o.diff_abs_sum;
+        self.diff_max = self.diff_max.max(o.diff_max);
+        self.kl_sum += o.kl_sum;
+        self.pos_logp_sum += o.pos_logp_sum;
+        self.pos_tokens += o.pos_tokens;
+        self.neg_logp_sum += o.neg_logp_sum;
+        self.neg_tokens += o.neg_tokens;
+    }
+}
+
+/// A micro-batch as tensors on the training device.
+pub struct MicroTensors {
+    pub input_ids: Tensor,
+    pub labels: Tensor,
+    pub ref_logprobs: Tensor,
+    pub on_policy: Tensor,
+    pub advantages: Tensor,
+    pub temperatures: Tensor,
+}
+
+impl MicroTensors {
+    /// Moves a packed micro-batch onto `device`.
+    pub fn new(mb: &MicroBatch, device: Device) -> Self {
+        let shape = [mb.rows as i64, mb.seq_len as i64];
+        let on_policy: Vec<u8> = mb.on_policy.iter().map(|&b| u8::from(b)).collect();
+        Self {
+            input_ids: Tensor::from_slice(&mb.input_ids).view(shape).to_device(device),
+            labels: Tensor::from_slice(&mb.labels).view(shape).to_device(device),
+            ref_logprobs: Tensor::from_slice(&mb.ref_logprobs).view(shape).to_device(device),
+            on_policy: Tensor::from_slice(&on_policy).to_kind(Kind::Bool).view([mb.rows as i64, 1]).to_device(device),
+            advantages: Tensor::from_slice(&mb.advantages).view(shape).to_device(device),
+            temperatures: Tensor::from_slice(&mb.temperatures).to_device(device),
+        }
+    }
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.double_value(&[])
+}
+
+/// Log-probabilities `[B, T]` (fp32) of `labels` under `logits / temperature`; 0 at ignored
+/// positions. Uses gather + logsumexp so only the logits themselves are full-vocabulary.
+pub fn token_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Tensor {
+    let t = temperatures.to_kind(Kind::Float);
+    let t = t.where_scalarother(&t.gt(0.0), 1.0).view([-1, 1, 1]);
+    let scaled = logits.to_kind(Kind::Float) / t;
+    let mask = labels.ne(IGNORE);
+    let safe = labels.where_scalarother(&mask, 0);
+    let picked = scaled.gather(-1, &safe.unsqueeze(-1), false).squeeze_dim(-1);
+    let lse = scaled.logsumexp([-1].as_slice(), false);
+    (picked - lse) * mask.to_kind(Kind::Float)
+}
+
+/// The micro-batch's contribution to the step loss (a scalar to backpropagate) and its sums.
+pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, norm: StepNorm) -> (Tensor, LossStats) {
+    let logp = token_logprobs(logits, &mt.labels, &mt.temperatures);
+    let mask = mt.labels.ne(IGNORE).to_kind(Kind::Float);
+    // On-policy rows compare against the current policy itself: ratio 1, gradient of A*logp.
+    let ref_lp = logp.detach().where_self(&mt.on_policy, &mt.ref_logprobs);
+    let log_ratio = &logp - &ref_lp;
+    let ratio = log_ratio.exp();
+    let r = match cfg.is_cap {
+        Some(cap) => ratio.clamp_max(cap),
+        None => ratio.shallow_clone(),
+    };
+    let (lo, hi) = (1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high);
+    let clipped = r.clamp(lo, hi);
+    let a = &mt.advantages;
+    let unclipped_obj = &r * a;
+    let clipped_obj = &clipped * a;
+    let surrogate = match cfg.clip_mode {
+        ClipMode::Standard => unclipped_obj.minimum(&clipped_obj),
+        ClipMode::Atropos => unclipped_obj
+            .minimum(&clipped_obj)
+            .where_self(&a.ge(0.0), &unclipped_obj.maximum(&clipped_obj)),
+    };
+    let mut per_tok = -surrogate;
+    let d = &ref_lp - &logp;
+    let kl = d.exp() - &d - 1.0;
+    if cfg.kl_coef > 0.0 {
+        per_tok = per_tok + &kl * cfg.kl_coef;
+    }
+    let masked = &per_tok * &mask;
+    let loss = match cfg.agg {
+        LossAgg::SeqMeanTokenMean => {
+            let per_seq = masked.sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+                / mask.sum_dim_intlist([-1].as_slice(), false, Kind::Float).clamp_min(1e-8);
+            per_seq.sum(Kind::Float) / norm.sequences
+        }
+        LossAgg::TokenMean => masked.sum(Kind::Float) / norm.scored_tokens.max(1.0),
+    };
+    let stats = tch::no_grad(|| {
+        let r = r.detach();
+        let clipped_now = match cfg.clip_mode {
+            // The objective is clipped where the clipped term is the one selected and differs.
+            ClipMode::Standard => a.gt(0.0).logical_and(&r.gt(hi)).logical_or(&a.lt(0.0).logical_and(&r.lt(lo))),
+            ClipMode::Atropos => a.ge(0.0).logical_and(&r.gt(hi)).logical_or(&a.lt(0.0).logical_and(&r.gt(hi))),
+        };
+        let diff_mask = &mask * mt.on_policy.logical_not().to_kind(Kind::Float);
+        let diff = log_ratio.detach() * &diff_mask;
+        let logp = logp.detach();
+        let pos = a.gt(0.0).to_kind(Kind::Float) * &mask;
+        let neg = a.lt(0.0).to_kind(Kind::Float) * &mask;
+        LossStats {
+            loss: scalar(&loss.detach()),
+            tokens: scalar(&mask.sum(Kind::Float)),
+            ratio_sum: scalar(&(&r * &mask).sum(Kind::Float)),
+            clipped: scalar(&(clipped_now.to_kind(Kind::Float) * &mask).sum(Kind::Float)),
+            diff_tokens: scalar(&diff_mask.sum(Kind::Float)),
+            diff_sum: scalar(&diff.sum(Kind::Float)),
+            diff_abs_sum: scalar(&diff.abs().sum(Kind::Float)),
+            diff_max: scalar(&diff.abs().max()),
+            kl_sum: scalar(&(kl.detach() * &mask).sum(Kind::Float)),
+            pos_logp_sum: scalar(&(&logp * &pos).sum(Kind::Float)),
+            pos_tokens: scalar(&pos.sum(Kind::Float)),
+            neg_logp_sum: scalar(&(&logp * &neg).sum(Kind::Float)),
+            neg_tokens: scalar(&neg.sum(Kind::Float)),
+        }
+    });
+    (loss, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(mode: ClipMode) -> LossConfig {
+        LossConfig {
+            clip_mode: mode,
+            clip_eps_low: 0.2,
+            clip_eps_high: 0.2,
+            is_cap: None,
+            kl_coef: 0.0,
+            agg: LossAgg::TokenMean,
+        }
+    }
+
+    /// One scored token whose logits make the policy logprob exactly ln(0.5) (two-token vocab,
+    /// equal logits); the rollout logprob sets the ratio.
+    fn one_token(ratio: f64, adv: f32) -> MicroTensors {
+        let ref_lp = (0.5f64.ln() - ratio.ln()) as f32;
+        MicroTensors::new(
+            &MicroBatch {
+                rows: 1,
+                seq_len: 1,
+                input_ids: vec![0],
+                labels: vec![1],
+                ref_logprobs: vec![ref_lp],
+                on_policy: vec![false],
+                advantages: vec![adv],
+                temperatures: vec![1.0],
+            },
+            Device::Cpu,
+        )
+    }
+
+    /// The contract's numerical check: eps 0.2, A = -1.
+    #[test]
+    fn clip_modes_differ_for_negative_advantages() {
+        let logits = Tensor::zeros([1, 1, 2], (Kind::Float, Device::Cpu));
+        let norm = StepNorm { sequences: 1.0, scored_tokens: 1.0 };
+        let loss = |mode, r| micro_batch_loss(&logits, &one_token(r, -1.0), &cfg(mode), norm).1;
+        assert!((loss(ClipMode::Atropos, 0.5).loss - 0.5).abs() < 1e-6);
+        assert!((loss(ClipMode::Standard, 0.5).loss - 0.8).abs() < 1e-6);
+        assert!((loss(ClipMode::Atropos, 1.5).loss - 1.2).abs() < 1e-6);
+        assert!((loss(ClipMode::Standard, 1.5).loss - 1.5).abs() < 1e-6);
+        assert_eq!(loss(ClipMode::Standard, 0.5).clipped, 1.0);
+        assert_eq!(loss(ClipMode::Standard, 1.5).clipped, 0.0);
+        assert_eq!(loss(ClipMode::Atropos, 1.5).clipped, 1.0);
+    }
+}

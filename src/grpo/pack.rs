@@ -1,0 +1,174 @@
+//! Alignment and packing: each valid sequence becomes shifted inputs/labels/rollout logprobs
+//! and per-position advantages; sequences are sorted by length and cut into micro-batches of
+//! at most `micro_batch` rows, each padded to a multiple of 64 positions.
+
+use crate::atropos::ScoredGroup;
+
+use super::advantages::{sequence_advantages, temperature, zeroed};
+use super::validate::IGNORE;
+
+/// Positions of a micro-batch are padded to a multiple of this.
+pub const PAD_MULTIPLE: usize = 64;
+/// Input id used for padding (never scored, never attended to by earlier positions).
+pub const PAD_ID: i64 = 0;
+
+/// One aligned sequence: position `p` predicts `labels[p]` from `input_ids[..=p]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    /// Rollout logprob of `labels[p]`; `None` for on-policy rows (no rollout logprobs).
+    pub ref_logprobs: Option<Vec<f32>>,
+    pub advantages: Vec<f32>,
+    pub temperature: f32,
+}
+
+impl Sequence {
+    /// Scored positions.
+    pub fn scored(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+}
+
+/// Aligns every sequence of a validated group.
+pub fn align_group(group: &ScoredGroup) -> Vec<Sequence> {
+    let seq_adv = sequence_advantages(group);
+    let token_adv = group.advantages.as_ref().filter(|a| !a.is_empty());
+    let logprobs = group.inference_logprobs.as_ref().filter(|l| !l.is_empty());
+    (0..group.tokens.len())
+        .map(|i| {
+            let tokens = &group.tokens[i];
+            let n = tokens.len();
+            let advantages = match token_adv {
+                Some(adv) if !zeroed(group, i) => adv[i][1..n].iter().map(|&a| a as f32).collect(),
+                Some(_) => vec![0.0; n - 1],
+                None => vec![seq_adv[i] as f32; n - 1],
+            };
+            Sequence {
+                input_ids: tokens[..n - 1].to_vec(),
+                labels: group.masks[i][1..n].to_vec(),
+                ref_logprobs: logprobs.map(|l| l[i][1..n].iter().map(|&x| x as f32).collect()),
+                advantages,
+                temperature: temperature(group, i) as f32,
+            }
+        })
+        .collect()
+}
+
+/// Row-major `[rows, seq_len]` arrays of one micro-batch, ready to become tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroBatch {
+    pub rows: usize,
+    pub seq_len: usize,
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    /// 1.0 where there is no rollout logprob (padding, prompt, on-policy rows).
+    pub ref_logprobs: Vec<f32>,
+    /// Per row: true when the row has no rollout logprobs and trains on-policy.
+    pub on_policy: Vec<bool>,
+    pub advantages: Vec<f32>,
+    pub temperatures: Vec<f32>,
+}
+
+/// Everything one optimizer step trains on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainBatch {
+    pub micro_batches: Vec<MicroBatch>,
+    pub sequences: usize,
+    pub scored_tokens: usize,
+}
+
+fn padded_len(longest: usize) -> usize {
+    longest.div_ceil(PAD_MULTIPLE).max(1) * PAD_MULTIPLE
+}
+
+/// Packs sequences into micro-batches of at most `micro_batch` rows (longest first, so rows of
+/// similar length share a micro-batch and padding stays small).
+pub fn pack(mut sequences: Vec<Sequence>, micro_batch: usize) -> TrainBatch {
+    let total = sequences.len();
+    let scored_tokens = sequences.iter().map(Sequence::scored).sum();
+    sequences.sort_by_key(|s| std::cmp::Reverse(s.input_ids.len()));
+    let micro_batches = sequences
+        .chunks(micro_batch.max(1))
+        .map(|chunk| {
+            let seq_len = padded_len(chunk.iter().map(|s| s.input_ids.len()).max().unwrap_or(0));
+            let rows = chunk.len();
+            let mut mb = MicroBatch {
+                rows,
+                seq_len,
+                input_ids: vec![PAD_ID; rows * seq_len],
+                labels: vec![IGNORE; rows * seq_len],
+                ref_logprobs: vec![1.0; rows * seq_len],
+                on_policy: Vec::with_capacity(rows),
+                advantages: vec![0.0; rows * seq_len],
+                temperatures: Vec::with_capacity(rows),
+            };
+            for (r, s) in chunk.iter().enumerate() {
+                let at = r * seq_len;
+                let n = s.input_ids.len();
+                mb.input_ids[at..at + n].copy_from_slice(&s.input_ids);
+                mb.labels[at..at + n].copy_from_slice(&s.labels);
+                mb.advantages[at..at + n].copy_from_slice(&s.advantages);
+                if let Some(lp) = &s.ref_logprobs {
+                    mb.ref_logprobs[at..at + n].copy_from_slice(lp);
+                }
+                mb.on_policy.push(s.ref_logprobs.is_none());
+                mb.temperatures.push(s.temperature);
+            }
+            mb
+        })
+        .collect();
+    TrainBatch {
+        micro_batches,
+        sequences: total,
+        scored_tokens,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The worked example of the Atropos contract (section 3.3).
+    #[test]
+    fn aligns_like_the_example_trainer() {
+        let g: ScoredGroup = serde_json::from_value(json!({
+            "tokens": [[101,102,103,104,201,202,203],[101,102,103,104,211,212]],
+            "masks": [[-100,-100,-100,-100,201,202,203],[-100,-100,-100,-100,211,212]],
+            "scores": [1.0,-1.0],
+            "inference_logprobs": [[1,1,1,1,-0.5,-0.25,-0.125],[1,1,1,1,-0.5,-0.25]],
+            "generation_params": {"temperature": 0.7}
+        }))
+        .expect("group");
+        let seqs = align_group(&g);
+        assert_eq!(seqs[0].input_ids, vec![101, 102, 103, 104, 201, 202]);
+        assert_eq!(seqs[0].labels, vec![-100, -100, -100, 201, 202, 203]);
+        assert_eq!(seqs[0].ref_logprobs, Some(vec![1.0, 1.0, 1.0, -0.5, -0.25, -0.125]));
+        assert_eq!(seqs[0].advantages, vec![1.0; 6]);
+        assert_eq!(seqs[1].advantages, vec![-1.0; 5]);
+        assert_eq!(seqs[0].temperature, 0.7);
+        let batch = pack(seqs, 4);
+        assert_eq!(batch.micro_batches.len(), 1);
+        let mb = &batch.micro_batches[0];
+        assert_eq!((mb.rows, mb.seq_len), (2, 64));
+        assert_eq!(&mb.labels[64..70], &[-100, -100, -100, 211, 212, -100]);
+        assert_eq!(batch.scored_tokens, 5);
+    }
+
+    #[test]
+    fn env_advantages_are_shifted_and_micro_batches_cut() {
+        let g: ScoredGroup = serde_json::from_value(json!({
+            "tokens": [[1,2,3],[1,2,3],[1,2,3]], "masks": [[-100,2,3],[-100,2,3],[-100,2,3]],
+            "scores": [1.0,0.0,0.5], "advantages": [[9,8,7],[6,5,4],[3,2,1]],
+            "overrides": [null, {"set_advantage_to_zero": true}, {}],
+            "inference_logprobs": [[1,-1,-1],[1,-1,-1],[1,-1,-1]]
+        }))
+        .expect("group");
+        let seqs = align_group(&g);
+        assert_eq!(seqs[0].advantages, vec![8.0, 7.0]);
+        assert_eq!(seqs[1].advantages, vec![0.0, 0.0]);
+        let batch = pack(seqs, 2);
+        assert_eq!(batch.micro_batches.iter().map(|m| m.rows).collect::<Vec<_>>(), vec![2, 1]);
+    }
+}

@@ -1,0 +1,260 @@
+//! `grpo-node --role learner`: loads (or resumes) the model on its own thread, registers with
+//! the Atropos API, starts the actors, and runs until `--training-steps`, a signal, or a failure.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::Actor;
+use tokio::sync::Semaphore;
+
+use crate::actors::batch_fetcher::FetcherArgs;
+use crate::actors::checkpointer::CheckpointerArgs;
+use crate::actors::learner::{LearnerArgs, LearnerStatus};
+use crate::actors::messages::{RunOutcome, SupervisorMsg};
+use crate::actors::model_worker::ModelWorker;
+use crate::actors::supervisor::{LearnerSupervisor, SupervisorArgs};
+use crate::atropos::{AtroposClient, AtroposError, Registration};
+use crate::checkpoint::{latest_resumable, BatchSeq, CheckpointError, Spool, TrainingState};
+use crate::config::LearnerConfig;
+use crate::grpo::{Limits, LossConfig};
+use crate::model::safetensors_io::load_params;
+use crate::model::{ModelError, ModelSpec};
+use crate::rpc::status::{serve, StatusService};
+use crate::telemetry::metrics::MetricsFile;
+use crate::train::{AdamWConfig, LrSchedule, TrainError, Trainer, TrainerConfig};
+
+/// Why a learner could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Atropos(#[from] AtroposError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the actors: {0}")]
+    Actors(String),
+    #[error("--device: {0}")]
+    Device(String),
+}
+
+fn trainer_config(cfg: &LearnerConfig, device: tch::Device) -> TrainerConfig {
+    TrainerConfig {
+        loss: LossConfig {
+            clip_mode: cfg.clip_mode,
+            clip_eps_low: cfg.clip_eps,
+            clip_eps_high: cfg.clip_eps_high,
+            is_cap: cfg.is_cap,
+            kl_coef: cfg.kl_coef,
+            agg: cfg.loss_agg,
+        },
+        schedule: LrSchedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.training_steps,
+            kind: cfg.lr_schedule,
+        },
+        adamw: AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() },
+        max_grad_norm: cfg.max_grad_norm,
+        device,
+    }
+}
+
+/// Waits until `GET /info` answers, backing off up to 5 s between tries.
+async fn wait_for_api(client: &AtroposClient) {
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0u64;
+    loop {
+        match client.info().await {
+            Ok(_) => return,
+            Err(e) => {
+                tries += 1;
+                if tries == 1 || tries % 10 == 0 {
+                    tracing::info!(url = %client.base(), error = %e, "waiting for the Atropos API");
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs a learner until it completes, fails, or `shutdown` resolves (then drains and saves).
+pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
+    let cfg = Arc::new(cfg);
+    let spec = ModelSpec::from_dir(&cfg.model_name)?;
+    let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
+    let save = cfg.save_path.clone();
+    std::fs::create_dir_all(&save).map_err(|source| LearnerError::Io { context: format!("creating {}", save.display()), source })?;
+    let spool = Spool::open(save.join("spool"))?;
+
+    let resume_from = if cfg.resume { latest_resumable(&save)? } else { None };
+    let resumed = match &resume_from {
+        Some((_, dir)) => Some((dir.clone(), TrainingState::read(dir)?)),
+        None => {
+            if cfg.resume {
+                tracing::info!(save_path = %save.display(), "--resume: no checkpoint with training state yet; starting fresh");
+            }
+            let stale = spool.list()?;
+            if let Some(last) = stale.last() {
+                tracing::warn!(batches = stale.len(), "discarding the spool of an earlier run (use --resume to train on it)");
+                spool.release_through(*last)?;
+            }
+            None
+        }
+    };
+    let (start_step, consumed, rejected) = resumed
+        .as_ref()
+        .map_or((0, BatchSeq(0), 0), |(_, (s, _))| (s.step, s.batches_consumed, s.rejected_groups));
+    if start_step >= cfg.training_steps {
+        tracing::info!(step = start_step, "the run in --save-path is already complete");
+        return Ok(RunOutcome::Completed { steps: start_step });
+    }
+
+    let weights_dir: PathBuf = resumed.as_ref().map_or(cfg.model_name.clone(), |(d, _)| d.clone());
+    let tcfg = trainer_config(&cfg, device);
+    let layers = cfg.train_layer_indices.clone();
+    let seed = cfg.seed;
+    let init_spec = spec.clone();
+    let restore = resumed.map(|(_, (state, opt))| (state, opt));
+    let (worker, steps_done) = ModelWorker::start(move || {
+        tch::manual_seed(seed as i64);
+        let params = load_params(&init_spec, &weights_dir, device)?;
+        let mut trainer = Trainer::new(&init_spec, params, layers.as_ref(), tcfg)?;
+        if let Some((state, opt)) = restore {
+            trainer.restore(opt, state.optimizer_steps, state.step)?;
+        }
+        tracing::info!(params = trainer.params().numel(), trainable = trainer.trainable_names().len(),
+            step = trainer.steps_done(), device = ?device, "model ready");
+        Ok(trainer)
+    })
+    .await?;
+    if resume_from.is_some() {
+        tracing::info!(step = steps_done, batch_seq = consumed.0, "resumed");
+    }
+    let metrics = MetricsFile::open(&save, steps_done).map_err(|source| LearnerError::Io { context: "metrics.jsonl".into(), source })?;
+
+    let client = AtroposClient::new(&cfg.atropos_url, Duration::from_secs(cfg.api_timeout_s))?;
+    let registration = Registration {
+        wandb_group: cfg.wandb_group.clone(),
+        wandb_project: cfg.wandb_project.clone(),
+        batch_size: cfg.api_batch_size(),
+        max_token_len: cfg.seq_len,
+        checkpoint_dir: std::path::absolute(&save).unwrap_or_else(|_| save.clone()).display().to_string(),
+        save_checkpoint_interval: if cfg.checkpoint_interval == 0 { cfg.training_steps } else { cfg.checkpoint_interval },
+        starting_step: steps_done,
+        num_steps: cfg.training_steps,
+    };
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = wait_for_api(&client) => {}
+        _ = &mut shutdown => return Ok(RunOutcome::Interrupted { steps: steps_done }),
+    }
+    let uuid = client.register_checked(&registration, cfg.reset_api).await?;
+    tracing::info!(uuid = %uuid.0, batch_size = registration.batch_size, url = %client.base(), "registered with the Atropos API");
+
+    let spooled = spool.list()?;
+    let replay: Vec<BatchSeq> = spooled.iter().copied().filter(|s| *s > consumed).collect();
+    let next_seq = BatchSeq(spooled.last().copied().unwrap_or(consumed).max(consumed).0 + 1);
+    let credits = Arc::new(Semaphore::new(cfg.prefetch));
+    let draining = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(Mutex::new(LearnerStatus { step: steps_done, rejected_groups: rejected, last: None }));
+    let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel(4);
+    let limits = Limits {
+        vocab_size: spec.vocab_size,
+        seq_len: cfg.seq_len as usize,
+        truncate_long: cfg.truncate_long,
+        allow_missing_logprobs: cfg.allow_missing_logprobs,
+    };
+
+    let learner_args = {
+        let (cfg, credits, draining, status, outcome) = (cfg.clone(), credits.clone(), draining.clone(), status.clone(), outcome_tx.clone());
+        move |checkpointer| LearnerArgs {
+            config: cfg,
+            worker,
+            steps_done,
+            batches_consumed: consumed,
+            rejected_groups: rejected,
+            credits,
+            checkpointer,
+            metrics,
+            draining,
+            status,
+            outcome,
+        }
+    };
+    let fetcher_args = {
+        let (credits, spool, reset_api) = (credits.clone(), spool.clone(), cfg.reset_api);
+        let max_backoff = Duration::from_millis(cfg.poll_max_ms);
+        move |preprocessor| FetcherArgs {
+            client,
+            registration,
+            reset_api,
+            spool,
+            replay,
+            next_seq,
+            credits,
+            max_backoff,
+            preprocessor,
+        }
+    };
+    let args = SupervisorArgs {
+        checkpointer: CheckpointerArgs {
+            save_path: save.clone(),
+            source_model: cfg.model_name.clone(),
+            max_shard_bytes: cfg.max_shard_bytes,
+            keep: cfg.keep_checkpoints,
+            spool,
+        },
+        learner: Box::new(learner_args),
+        preprocessor: (limits, cfg.batch_size as usize),
+        fetcher: Box::new(fetcher_args),
+        draining,
+        outcome: outcome_tx,
+    };
+    let (supervisor, handle) = Actor::spawn(Some("learner_node".into()), LearnerSupervisor, args)
+        .await
+        .map_err(|e| LearnerError::Actors(e.to_string()))?;
+
+    let status_server = match cfg.grpc_listen {
+        Some(addr) => {
+            let service = StatusService { status: status.clone(), training_steps: cfg.training_steps };
+            let (bound, task) = serve(addr, service)
+                .await
+                .map_err(|source| LearnerError::Io { context: format!("binding --grpc-listen {addr}"), source })?;
+            tracing::info!(addr = %bound, "grpc.v1.Learner status service listening");
+            Some(task)
+        }
+        None => None,
+    };
+
+    let outcome = tokio::select! {
+        o = outcome_rx.recv() => o.unwrap_or_else(|| RunOutcome::Failed("the node stopped without an outcome".into())),
+        _ = &mut shutdown => {
+            tracing::info!("signal received: finishing the current step and saving");
+            RunOutcome::Interrupted { steps: 0 }
+        }
+    };
+    if !matches!(outcome, RunOutcome::Failed(_)) {
+        let _ = ractor::call!(supervisor, SupervisorMsg::Shutdown);
+    }
+    let _ = handle.await;
+    if let Some(task) = status_server {
+        task.abort();
+    }
+    Ok(match outcome {
+        RunOutcome::Interrupted { .. } => RunOutcome::Interrupted { steps: status.lock().map(|s| s.step).unwrap_or(0) },
+        other => other,
+    })
+}

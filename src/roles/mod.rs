@@ -1,0 +1,3 @@
+//! Node roles: each builds its supervision tree and runs until done or signalled.
+
+pub mod learner;

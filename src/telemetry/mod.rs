@@ -1,0 +1,15 @@
+//! Logging setup and the per-step metrics sinks (JSONL file, one human line on stderr).
+
+pub mod metrics;
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the stderr logger; `RUST_LOG` overrides the default `info` level.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

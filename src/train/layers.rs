@@ -1,0 +1,65 @@
+//! `--train-layer-indices`: "20-31", "0,1,2", "0-3,28-31".
+
+use std::collections::BTreeSet;
+
+/// A validated set of decoder layer indices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSet(pub BTreeSet<i64>);
+
+impl std::str::FromStr for LayerSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let parse = |x: &str| {
+                x.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("{x:?} in {s:?} is not a layer index"))
+                    .and_then(|v| if v < 0 { Err(format!("negative layer index {v} in {s:?}")) } else { Ok(v) })
+            };
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (parse(a)?, parse(b)?);
+                    if a > b {
+                        return Err(format!("range {part:?} starts after it ends"));
+                    }
+                    set.extend(a..=b);
+                }
+                None => {
+                    set.insert(parse(part)?);
+                }
+            }
+        }
+        if set.is_empty() {
+            return Err(format!("{s:?} names no layers"));
+        }
+        Ok(Self(set))
+    }
+}
+
+impl LayerSet {
+    /// Fails if an index is not below `num_layers`.
+    pub fn check(&self, num_layers: i64) -> Result<(), String> {
+        match self.0.iter().find(|&&i| i >= num_layers) {
+            Some(i) => Err(format!("layer {i} does not exist (the model has {num_layers} layers)")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ranges_and_rejects_nonsense() {
+        let set: LayerSet = "0-3,28-31, 2".parse().expect("valid");
+        assert_eq!(set.0.iter().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 28, 29, 30, 31]);
+        for bad in ["", "3-1", "-1", "a", "1-b"] {
+            assert!(bad.parse::<LayerSet>().is_err(), "{bad:?} must be rejected");
+        }
+        assert!(set.check(32).is_ok());
+        assert!(set.check(30).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! The training step: model + AdamW over fp32 master weights, gradient accumulation over
+//! micro-batches, grad-norm clipping, and the learning-rate schedule. Runs on whatever thread
+//! owns it (the learner gives it a dedicated OS thread).
+
+pub mod adamw;
+pub mod layers;
+pub mod schedule;
+pub mod trainer;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use layers::LayerSet;
+pub use schedule::{LrSchedule, ScheduleKind};
+pub use trainer::{StepMetrics, TrainError, Trainer, TrainerConfig};

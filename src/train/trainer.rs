@@ -1,0 +1,216 @@
+//! One optimizer step over a [`TrainBatch`]: forward and backward per micro-batch (gradients
+//! accumulate), global grad-norm clipping, AdamW at the scheduled learning rate.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::grpo::loss::{micro_batch_loss, LossStats, MicroTensors, StepNorm};
+use crate::grpo::{LossConfig, TrainBatch};
+use crate::model::params::layer_of;
+use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::layers::LayerSet;
+use super::schedule::LrSchedule;
+
+/// Hyper-parameters of the step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainerConfig {
+    pub loss: LossConfig,
+    pub schedule: LrSchedule,
+    pub adamw: AdamWConfig,
+    /// Gradients are rescaled so their global L2 norm is at most this.
+    pub max_grad_norm: f64,
+    pub device: Device,
+}
+
+/// What one step measured. `grad_norm` is taken before clipping.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepMetrics {
+    /// 1-based number of this optimizer step.
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub mean_ratio: f64,
+    /// Share of scored tokens whose objective was actually clipped.
+    pub clipped_fraction: f64,
+    pub logprob_diff_mean: f64,
+    pub logprob_diff_abs_mean: f64,
+    pub logprob_diff_max: f64,
+    pub kl_mean: f64,
+    /// Mean policy logprob of scored tokens with positive / negative advantage.
+    pub pos_logp_mean: f64,
+    pub neg_logp_mean: f64,
+    pub tokens: u64,
+    pub sequences: u64,
+    pub micro_batches: u64,
+    /// Positions computed, padding included.
+    pub padded_tokens: u64,
+    pub compute_time_s: f64,
+}
+
+/// Errors building a trainer.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("--train-layer-indices: {0}")]
+    Layers(String),
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
+}
+
+/// The model, its optimizer and the step counter.
+pub struct Trainer {
+    params: ParamStore,
+    model: Transformer,
+    trainable: Vec<(String, Tensor)>,
+    optimizer: AdamW,
+    config: TrainerConfig,
+    steps_done: u64,
+}
+
+fn ratio(num: f64, den: f64) -> f64 {
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+impl Trainer {
+    /// Builds the trainer; with `layers`, only parameters inside those decoder layers train.
+    pub fn new(
+        spec: &ModelSpec,
+        mut params: ParamStore,
+        layers: Option<&LayerSet>,
+        config: TrainerConfig,
+    ) -> Result<Self, TrainError> {
+        if let Some(set) = layers {
+            set.check(spec.num_layers).map_err(TrainError::Layers)?;
+        }
+        let names = params.set_trainable(|name| match layers {
+            Some(set) => layer_of(name).is_some_and(|i| set.0.contains(&i)),
+            None => true,
+        });
+        if names.is_empty() {
+            return Err(TrainError::Layers("no parameter is trainable".into()));
+        }
+        let trainable: Vec<(String, Tensor)> = names
+            .into_iter()
+            .filter_map(|n| params.get(&n).map(|t| (n, t)))
+            .collect();
+        let model = Transformer::new(spec, &params)?;
+        let optimizer = AdamW::new(config.adamw, &trainable);
+        Ok(Self {
+            params,
+            model,
+            trainable,
+            optimizer,
+            config,
+            steps_done: 0,
+        })
+    }
+
+    /// Optimizer steps completed.
+    pub fn steps_done(&self) -> u64 {
+        self.steps_done
+    }
+
+    /// The model (for evaluation and parity checks).
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// Names of the trainable parameters.
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.trainable.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Optimizer moments for a checkpoint, and the optimizer's step count.
+    pub fn optimizer_state(&self) -> (Vec<(String, Tensor)>, u64) {
+        (self.optimizer.state_tensors(), self.optimizer.steps)
+    }
+
+    /// Restores the optimizer and step counter of a resumed run.
+    pub fn restore(&mut self, optimizer: Vec<(String, Tensor)>, optimizer_steps: u64, steps_done: u64) -> Result<(), TrainError> {
+        self.optimizer
+            .load_state_tensors(optimizer, optimizer_steps)
+            .map_err(TrainError::OptimizerState)?;
+        self.steps_done = steps_done;
+        Ok(())
+    }
+
+    /// Trains one optimizer step on `batch`.
+    pub fn train(&mut self, batch: &TrainBatch) -> StepMetrics {
+        let started = Instant::now();
+        for (_, p) in &self.trainable {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+        let norm = StepNorm {
+            sequences: batch.sequences as f64,
+            scored_tokens: batch.scored_tokens as f64,
+        };
+        let mut stats = LossStats::default();
+        let mut padded = 0u64;
+        for mb in &batch.micro_batches {
+            let mt = MicroTensors::new(mb, self.config.device);
+            let logits = self.model.forward(&mt.input_ids);
+            let (loss, s) = micro_batch_loss(&logits, &mt, &self.config.loss, norm);
+            loss.backward();
+            stats.merge(&s);
+            padded += (mb.rows * mb.seq_len) as u64;
+        }
+        let grad_norm = self.clip_gradients();
+        let lr = self.config.schedule.lr_at(self.steps_done);
+        self.optimizer.step(&self.trainable, lr);
+        self.steps_done += 1;
+        StepMetrics {
+            step: self.steps_done,
+            loss: stats.loss,
+            grad_norm,
+            lr,
+            mean_ratio: ratio(stats.ratio_sum, stats.tokens),
+            clipped_fraction: ratio(stats.clipped, stats.tokens),
+            logprob_diff_mean: ratio(stats.diff_sum, stats.diff_tokens),
+            logprob_diff_abs_mean: ratio(stats.diff_abs_sum, stats.diff_tokens),
+            logprob_diff_max: stats.diff_max,
+            kl_mean: ratio(stats.kl_sum, stats.tokens),
+            pos_logp_mean: ratio(stats.pos_logp_sum, stats.pos_tokens),
+            neg_logp_mean: ratio(stats.neg_logp_sum, stats.neg_tokens),
+            tokens: stats.tokens as u64,
+            sequences: batch.sequences as u64,
+            micro_batches: batch.micro_batches.len() as u64,
+            padded_tokens: padded,
+            compute_time_s: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Global L2 norm of the gradients before clipping; rescales them to `max_grad_norm`.
+    fn clip_gradients(&mut self) -> f64 {
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.trainable.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+            if grads.is_empty() {
+                return 0.0;
+            }
+            let sq: Vec<Tensor> = grads.iter().map(|g| g.pow_tensor_scalar(2).sum(Kind::Float)).collect();
+            let total = Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[]);
+            let coef = self.config.max_grad_norm / (total + 1e-6);
+            if coef < 1.0 {
+                for g in &grads {
+                    let _ = g.shallow_clone().g_mul_scalar_(coef);
+                }
+            }
+            total
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! Helpers shared by the integration tests: the Python reference tools, tiny models, and a
+//! real `run-api` process on a free loopback port.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The project venv's Python (torch, transformers, atroposlib), set up by `.ci/setup`.
+pub fn python() -> PathBuf {
+    std::env::var_os("GRPO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/grpo/venv/bin/python"))
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `python/grpo_ref/<script>` and returns its stdout; panics with stderr on failure.
+pub fn run_ref(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(repo().join("python/grpo_ref").join(script))
+        .args(args)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); run .ci/setup first", python().display()));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tiny random HF model made by transformers (`make_tiny_model.py`).
+pub fn tiny_model(arch: &str, extra: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf8 path");
+    let mut args = vec!["--arch", arch, "--out", out];
+    args.extend_from_slice(extra);
+    run_ref("make_tiny_model.py", &args);
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `ready` until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    while !ready() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// A real Atropos API server (`run-api` from PyPI atroposlib) on 127.0.0.1; killed on drop.
+pub struct RunApi {
+    pub port: u16,
+    child: Child,
+}
+
+impl RunApi {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let child = Command::new(python())
+            .args(["-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start run-api");
+        let api = Self { port, child };
+        wait_until(Duration::from_secs(60), "run-api", || api.get("/").is_ok());
+        api
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn get(&self, path: &str) -> Result<serde_json::Value, String> {
+        let resp = ureq_get(&format!("{}{path}", self.url()))?;
+        serde_json::from_str(&resp).map_err(|e| e.to_string())
+    }
+
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let text = http_post(&format!("{}{path}", self.url()), &body.to_string()).expect("post");
+        serde_json::from_str(&text).expect("json reply")
+    }
+
+    /// Waits until a trainer registered with this batch size.
+    pub fn wait_registered(&self, batch_size: i64) {
+        wait_until(Duration::from_secs(120), "learner registration", || {
+            self.get("/info").ok().and_then(|v| v["batch_size"].as_i64()) == Some(batch_size)
+        });
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunApi {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Minimal blocking HTTP/1.1 over std (keeps the test client independent of our own).
+fn request(method: &str, url: &str, body: Option<&str>) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").ok_or("http only")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    stream.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    if !head.starts_with("HTTP/1.1 2") {
+        return Err(head.lines().next().unwrap_or_default().to_string());
+    }
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Ok(dechunk(body));
+    }
+    Ok(body.to_string())
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+pub fn ureq_get(url: &str) -> Result<String, String> {
+    request("GET", url, None)
+}
+
+pub fn http_post(url: &str, body: &str) -> Result<String, String> {
+    request("POST", url, Some(body))
+}
+
+/// The grpo-node binary under test.
+pub fn grpo_node() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_grpo-node"));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// Reads `metrics.jsonl` lines.
+pub fn metrics(save: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(save.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line"))
+        .collect()
+}
