@@ -83,9 +83,12 @@ impl Actor for BatchFetcher {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<FetcherMsg>, _msg: FetcherMsg, state: &mut FetcherState) -> Result<(), ActorProcessingErr> {
-        if state.waiting_for_credit {
-            return Ok(());
+    async fn handle(&self, myself: ActorRef<FetcherMsg>, msg: FetcherMsg, state: &mut FetcherState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            // A waiter is already parked on the semaphore; it will send CreditReturned.
+            FetcherMsg::Poll if state.waiting_for_credit => return Ok(()),
+            FetcherMsg::Poll => {}
+            FetcherMsg::CreditReturned => state.waiting_for_credit = false,
         }
         match state.args.credits.clone().try_acquire_owned() {
             Ok(permit) => permit.forget(),
@@ -97,13 +100,12 @@ impl Actor for BatchFetcher {
                 tokio::spawn(async move {
                     if let Ok(permit) = credits.acquire_owned().await {
                         drop(permit);
-                        let _ = me.cast(FetcherMsg::Poll);
+                        let _ = me.cast(FetcherMsg::CreditReturned);
                     }
                 });
                 return Ok(());
             }
         }
-        state.waiting_for_credit = false;
         if let Some(seq) = state.replay.pop_front() {
             let groups = state.args.spool.read(seq)?;
             tracing::info!(batch_seq = seq.0, groups = groups.len(), "replaying spooled batch");

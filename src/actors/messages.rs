@@ -39,6 +39,8 @@ pub struct CheckpointJob {
 pub enum FetcherMsg {
     /// Try to take a batch from the API (self-scheduled).
     Poll,
+    /// The learner returned a credit the fetcher was waiting for.
+    CreditReturned,
 }
 
 /// Preprocessor's mailbox.

@@ -71,6 +71,21 @@ fn trainer_config(cfg: &LearnerConfig, device: tch::Device) -> TrainerConfig {
     }
 }
 
+/// Removes what a crash mid-checkpoint left behind (`.tmp-*`, `.old-*`); complete
+/// checkpoints are only ever renamed into place.
+fn remove_partial_checkpoints(save: &std::path::Path) -> Result<(), LearnerError> {
+    let io = |source| LearnerError::Io { context: format!("cleaning {}", save.display()), source };
+    for entry in std::fs::read_dir(save).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if path.is_dir() && (name.starts_with(".tmp-") || name.starts_with(".old-")) {
+            tracing::warn!(path = %path.display(), "removing a partial checkpoint left by a crash");
+            std::fs::remove_dir_all(&path).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 /// Waits until `GET /info` answers, backing off up to 5 s between tries.
 async fn wait_for_api(client: &AtroposClient) {
     let mut delay = Duration::from_millis(100);
@@ -97,6 +112,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
     let save = cfg.save_path.clone();
     std::fs::create_dir_all(&save).map_err(|source| LearnerError::Io { context: format!("creating {}", save.display()), source })?;
+    remove_partial_checkpoints(&save)?;
     let spool = Spool::open(save.join("spool"))?;
 
     let resume_from = if cfg.resume { latest_resumable(&save)? } else { None };
