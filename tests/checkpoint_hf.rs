@@ -21,8 +21,20 @@ fn trained(dir: &Path) -> (ModelSpec, Trainer) {
     let spec = ModelSpec::from_dir(dir).expect("spec");
     let params = load_params(&spec, dir, Device::Cpu).expect("load");
     let config = TrainerConfig {
-        loss: LossConfig { clip_mode: ClipMode::Standard, clip_eps_low: 0.2, clip_eps_high: 0.2, is_cap: None, kl_coef: 0.0, agg: LossAgg::SeqMeanTokenMean },
-        schedule: LrSchedule { lr: 1e-2, warmup_steps: 0, total_steps: 1, kind: ScheduleKind::Constant },
+        loss: LossConfig {
+            clip_mode: ClipMode::Standard,
+            clip_eps_low: 0.2,
+            clip_eps_high: 0.2,
+            is_cap: None,
+            kl_coef: 0.0,
+            agg: LossAgg::SeqMeanTokenMean,
+        },
+        schedule: LrSchedule {
+            lr: 1e-2,
+            warmup_steps: 0,
+            total_steps: 1,
+            kind: ScheduleKind::Constant,
+        },
         adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         device: Device::Cpu,
@@ -30,8 +42,23 @@ fn trained(dir: &Path) -> (ModelSpec, Trainer) {
     let mut trainer = Trainer::new(&spec, params, None, config).expect("trainer");
     let group = json!({"tokens": [[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]], "masks": [[-100, -100, -100, 4, 5], [-100, -100, -100, 6, 7]],
                        "scores": [1.0, 0.0], "inference_logprobs": [[1, 1, 1, -6.0, -6.0], [1, 1, 1, -6.0, -6.0]]});
-    let limits = Limits { vocab_size: spec.vocab_size, seq_len: 64, truncate_long: false, allow_missing_logprobs: false };
-    let batch = prepare(RawBatch { seq: BatchSeq(1), groups: vec![group], wait_time_s: 0.0 }, &limits, 2).batch.expect("batch");
+    let limits = Limits {
+        vocab_size: spec.vocab_size,
+        seq_len: 64,
+        truncate_long: false,
+        allow_missing_logprobs: false,
+    };
+    let batch = prepare(
+        RawBatch {
+            seq: BatchSeq(1),
+            groups: vec![group],
+            wait_time_s: 0.0,
+        },
+        &limits,
+        2,
+    )
+    .batch
+    .expect("batch");
     let m = trainer.train(&batch);
     assert!(m.grad_norm > 0.0);
     (spec, trainer)
@@ -60,7 +87,12 @@ fn roundtrip(arch: &str, extra: &[&str], max_shard_bytes: u64) {
         warmup_steps: 0,
         training_steps: 1,
     };
-    let job = CheckpointJob { kind: CheckpointKind::Step(1), weights: trainer.params().snapshot(), optimizer, state: state.clone() };
+    let job = CheckpointJob {
+        kind: CheckpointKind::Step(1),
+        weights: trainer.params().snapshot(),
+        optimizer,
+        state: state.clone(),
+    };
     let out = write_job(&args, &job).expect("write");
     assert_eq!(out, save.path().join("step_1"));
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
@@ -80,7 +112,14 @@ fn roundtrip(arch: &str, extra: &[&str], max_shard_bytes: u64) {
     std::fs::write(&ids_path, json!({"input_ids": [ids]}).to_string()).expect("ids");
     let report = common::run_ref(
         "check_checkpoint.py",
-        &["--model", out.to_str().expect("utf8"), "--ids", ids_path.to_str().expect("utf8"), "--logits", ours.to_str().expect("utf8")],
+        &[
+            "--model",
+            out.to_str().expect("utf8"),
+            "--ids",
+            ids_path.to_str().expect("utf8"),
+            "--logits",
+            ours.to_str().expect("utf8"),
+        ],
     );
     assert!(report.contains("\"ok\": true"), "{report}");
 

@@ -17,8 +17,20 @@ const VOCAB: i64 = 512;
 fn group(salt: i64) -> Value {
     let seq = |k: i64| -> (Vec<i64>, Vec<i64>, Vec<f64>) {
         let tokens: Vec<i64> = (0..12).map(|i| (salt * 53 + k * 7 + i * 29 + 1) % VOCAB).collect();
-        let masks = tokens.iter().enumerate().map(|(i, &t)| if i < 5 { -100 } else { t }).collect();
-        let lps = (0..12).map(|i| if i < 5 { 1.0 } else { -5.0 - 0.1 * ((i + salt) % 7) as f64 }).collect();
+        let masks = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| if i < 5 { -100 } else { t })
+            .collect();
+        let lps = (0..12)
+            .map(|i| {
+                if i < 5 {
+                    1.0
+                } else {
+                    -5.0 - 0.1 * ((i + salt) % 7) as f64
+                }
+            })
+            .collect();
         (tokens, masks, lps)
     };
     let (a, b) = (seq(0), seq(1));
@@ -33,12 +45,27 @@ struct Learner {
 
 impl Learner {
     fn spawn(model: &Path, api: &RunApi, save: &Path, extra: &[&str]) -> Self {
-        let log = save.with_extension(format!("log{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
+        let log = save.with_extension(format!(
+            "log{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
         let file = std::fs::File::create(&log).expect("log file");
         let child = grpo_node()
             .args(["--role", "learner", "--model-name"])
             .arg(model)
-            .args(["--atropos-url", &api.url(), "--batch-size", "2", "--gradient-accumulation-steps", "2", "--seq-len", "64"])
+            .args([
+                "--atropos-url",
+                &api.url(),
+                "--batch-size",
+                "2",
+                "--gradient-accumulation-steps",
+                "2",
+                "--seq-len",
+                "64",
+            ])
             .args(["--lr", "1e-3", "--save-path"])
             .arg(save)
             .args(extra)
@@ -64,7 +91,10 @@ impl Learner {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(ok.success());
     }
 }
@@ -81,33 +111,63 @@ fn registers_polls_null_batches_trains_and_checkpoints() {
     let model = common::tiny_model("llama", &[]);
     let api = RunApi::start();
     let save = tempfile::tempdir().expect("save");
-    let learner = Learner::spawn(model.path(), &api, save.path(), &["--training-steps", "3", "--checkpoint-interval", "2"]);
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        save.path(),
+        &["--training-steps", "3", "--checkpoint-interval", "2"],
+    );
     api.wait_registered(4);
     assert_eq!(api.get("/info").expect("info")["max_token_len"], 64);
     // An environment can only register after the trainer's first /batch: proves we poll.
     wait_until(Duration::from_secs(30), "env registration", || {
-        api.post("/register-env", &json!({"max_token_length": 64, "desired_name": "t", "weight": 1.0, "group_size": 2}))["status"] == "success"
+        api.post(
+            "/register-env",
+            &json!({"max_token_length": 64, "desired_name": "t", "weight": 1.0, "group_size": 2}),
+        )["status"]
+            == "success"
     });
     let batches: Vec<Value> = (0..6).map(group).collect();
     assert_eq!(api.post("/scored_data_list", &json!(batches))["groups_processed"], 6);
     let (code, log) = learner.wait(Duration::from_secs(180));
     assert_eq!(code, 0, "{log}");
     let m = metrics(save.path());
-    assert_eq!(m.iter().map(|r| r["step"].as_u64().expect("step")).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        m.iter().map(|r| r["step"].as_u64().expect("step")).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     for r in &m {
         assert_eq!(r["sequences"], 4);
         assert_eq!(r["tokens"], 4 * 7);
-        for key in ["loss", "grad_norm", "lr", "mean_ratio", "clipped_fraction", "logprob_diff_mean", "logprob_diff_abs_mean",
-            "logprob_diff_max", "rejected_groups", "step_time_s", "wait_time_s"] {
+        for key in [
+            "loss",
+            "grad_norm",
+            "lr",
+            "mean_ratio",
+            "clipped_fraction",
+            "logprob_diff_mean",
+            "logprob_diff_abs_mean",
+            "logprob_diff_max",
+            "rejected_groups",
+            "step_time_s",
+            "wait_time_s",
+        ] {
             assert!(r.get(key).is_some_and(Value::is_number), "{key} missing in {r}");
         }
     }
     for dir in ["step_2", "step_3", "final_model"] {
         let d = save.path().join(dir);
-        assert!(d.join("config.json").is_file() && d.join("model.safetensors").is_file(), "{dir} incomplete");
+        assert!(
+            d.join("config.json").is_file() && d.join("model.safetensors").is_file(),
+            "{dir} incomplete"
+        );
     }
     assert!(save.path().join("step_2/training_state/state.json").is_file());
-    assert_eq!(std::fs::read_dir(save.path().join("spool")).expect("spool").count(), 0, "spool released after the final checkpoint");
+    assert_eq!(
+        std::fs::read_dir(save.path().join("spool")).expect("spool").count(),
+        0,
+        "spool released after the final checkpoint"
+    );
     assert!(log.contains("step 3/3"), "human progress line: {log}");
 }
 
@@ -118,11 +178,20 @@ fn wedged_api_is_explained_and_reset_api_recovers() {
     // An environment posts before any trainer registered: the API's wedge.
     assert_eq!(api.post("/scored_data", &group(1))["status"], "received");
     let save = tempfile::tempdir().expect("save");
-    let (code, log) = Learner::spawn(model.path(), &api, save.path(), &["--training-steps", "1"]).wait(Duration::from_secs(120));
+    let (code, log) =
+        Learner::spawn(model.path(), &api, save.path(), &["--training-steps", "1"]).wait(Duration::from_secs(120));
     assert_eq!(code, 2, "{log}");
-    assert!(log.contains("wedge") && log.contains("--reset-api") && log.contains("batch_size=-1"), "{log}");
+    assert!(
+        log.contains("wedge") && log.contains("--reset-api") && log.contains("batch_size=-1"),
+        "{log}"
+    );
 
-    let learner = Learner::spawn(model.path(), &api, save.path(), &["--training-steps", "1", "--reset-api"]);
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        save.path(),
+        &["--training-steps", "1", "--reset-api"],
+    );
     api.wait_registered(4);
     wait_until(Duration::from_secs(30), "polling", || api.get("/status").is_ok());
     api.post("/scored_data_list", &json!([group(2), group(3)]));
@@ -144,14 +213,23 @@ fn malformed_groups_are_rejected_counted_and_never_trained() {
     out_of_vocab["tokens"][1][9] = json!(VOCAB + 5);
     out_of_vocab["masks"][1][9] = json!(VOCAB + 5);
     // Served LIFO: the bad batch (posted last) comes first and must not make a step.
-    api.post("/scored_data_list", &json!([group(5), group(6), positive, out_of_vocab]));
+    api.post(
+        "/scored_data_list",
+        &json!([group(5), group(6), positive, out_of_vocab]),
+    );
     let (code, log) = learner.wait(Duration::from_secs(120));
     assert_eq!(code, 0, "{log}");
     let m = metrics(save.path());
     assert_eq!(m.len(), 1, "only the good batch trained");
     assert_eq!(m[0]["rejected_groups"], 2);
-    assert_eq!(m[0]["rejected_by_reason"], json!({"logprobs_invalid": 1, "token_out_of_vocab": 1}));
-    assert!(log.contains("rejected group") && log.contains("no optimizer step"), "{log}");
+    assert_eq!(
+        m[0]["rejected_by_reason"],
+        json!({"logprobs_invalid": 1, "token_out_of_vocab": 1})
+    );
+    assert!(
+        log.contains("rejected group") && log.contains("no optimizer step"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -160,14 +238,23 @@ fn survives_an_api_restart() {
     let mut api = RunApi::start();
     let port = api.port;
     let save = tempfile::tempdir().expect("save");
-    let learner = Learner::spawn(model.path(), &api, save.path(), &["--training-steps", "1", "--poll-max-ms", "200"]);
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        save.path(),
+        &["--training-steps", "1", "--poll-max-ms", "200"],
+    );
     api.wait_registered(4);
     api.kill();
     std::thread::sleep(Duration::from_millis(600)); // let the learner meet the dead API
     let api = RunApi::start_on(port);
     api.wait_registered(4); // the learner noticed "not registered" and registered again
     wait_until(Duration::from_secs(30), "env registration", || {
-        api.post("/register-env", &json!({"max_token_length": 64, "desired_name": "t", "weight": 1.0, "group_size": 2}))["status"] == "success"
+        api.post(
+            "/register-env",
+            &json!({"max_token_length": 64, "desired_name": "t", "weight": 1.0, "group_size": 2}),
+        )["status"]
+            == "success"
     });
     api.post("/scored_data_list", &json!([group(1), group(2)]));
     let (code, log) = learner.wait(Duration::from_secs(120));
@@ -176,7 +263,10 @@ fn survives_an_api_restart() {
 }
 
 fn losses(save: &Path) -> Vec<(u64, f64)> {
-    metrics(save).iter().map(|r| (r["step"].as_u64().expect("step"), r["loss"].as_f64().expect("loss"))).collect()
+    metrics(save)
+        .iter()
+        .map(|r| (r["step"].as_u64().expect("step"), r["loss"].as_f64().expect("loss")))
+        .collect()
 }
 
 /// Both runs see the same data in the same order: three batches, then (after step 3) three more.
@@ -193,7 +283,9 @@ fn kill_and_resume_matches_an_uninterrupted_run() {
     let learner = Learner::spawn(model.path(), &api, straight.path(), &args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!(data[..6]));
-    wait_until(Duration::from_secs(120), "step 3", || metrics(straight.path()).len() >= 3);
+    wait_until(Duration::from_secs(120), "step 3", || {
+        metrics(straight.path()).len() >= 3
+    });
     api.post("/scored_data_list", &json!(data[6..]));
     let (code, log) = learner.wait(Duration::from_secs(180));
     assert_eq!(code, 0, "{log}");
@@ -205,23 +297,37 @@ fn kill_and_resume_matches_an_uninterrupted_run() {
     api.wait_registered(4);
     api.post("/scored_data_list", &json!(data[..6]));
     wait_until(Duration::from_secs(120), "step 3", || metrics(killed.path()).len() >= 3);
-    wait_until(Duration::from_secs(60), "the step-2 checkpoint", || killed.path().join("step_2/training_state/state.json").is_file());
+    wait_until(Duration::from_secs(60), "the step-2 checkpoint", || {
+        killed.path().join("step_2/training_state/state.json").is_file()
+    });
     learner.signal("-KILL");
     let (code, _) = learner.wait(Duration::from_secs(30));
     assert_ne!(code, 0, "killed mid-run");
     assert!(!killed.path().join("step_3").exists(), "step 3 was not checkpointed");
     let resumed = Learner::spawn(model.path(), &api, killed.path(), &[&args[..], &["--resume"]].concat());
-    wait_until(Duration::from_secs(120), "the replayed step 3", || resumed.log().contains("step 3/6"));
+    wait_until(Duration::from_secs(120), "the replayed step 3", || {
+        resumed.log().contains("step 3/6")
+    });
     api.post("/scored_data_list", &json!(data[6..]));
     let (code, log) = resumed.wait(Duration::from_secs(180));
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("resumed") && log.contains("replaying spooled batch"), "{log}");
+    assert!(
+        log.contains("resumed") && log.contains("replaying spooled batch"),
+        "{log}"
+    );
 
     let (a, b) = (losses(straight.path()), losses(killed.path()));
     assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
-    assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6], "no lost and no repeated steps");
+    assert_eq!(
+        b.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6],
+        "no lost and no repeated steps"
+    );
     for ((step, la), (_, lb)) in a.iter().zip(&b) {
-        assert!((la - lb).abs() <= 1e-6 * la.abs().max(1e-6), "step {step}: {la} uninterrupted vs {lb} resumed");
+        assert!(
+            (la - lb).abs() <= 1e-6 * la.abs().max(1e-6),
+            "step {step}: {la} uninterrupted vs {lb} resumed"
+        );
     }
 }
 
@@ -230,14 +336,22 @@ fn sigterm_drains_saves_and_exits_zero() {
     let model = common::tiny_model("llama", &[]);
     let api = RunApi::start();
     let save = tempfile::tempdir().expect("save");
-    let learner = Learner::spawn(model.path(), &api, save.path(), &["--training-steps", "100", "--checkpoint-interval", "50"]);
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        save.path(),
+        &["--training-steps", "100", "--checkpoint-interval", "50"],
+    );
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..6).map(group).collect::<Vec<_>>()));
     wait_until(Duration::from_secs(120), "a step", || !metrics(save.path()).is_empty());
     learner.signal("-TERM");
     let (code, log) = learner.wait(Duration::from_secs(60));
     assert_eq!(code, 0, "{log}");
-    let last = metrics(save.path()).last().and_then(|r| r["step"].as_u64()).expect("a step");
+    let last = metrics(save.path())
+        .last()
+        .and_then(|r| r["step"].as_u64())
+        .expect("a step");
     let state = save.path().join(format!("step_{last}/training_state/state.json"));
     assert!(state.is_file(), "a checkpoint of the last step ({last}) on exit: {log}");
 }

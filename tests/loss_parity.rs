@@ -40,14 +40,24 @@ fn rollout_logprobs(model: &Transformer, tokens: &[i64], masks: &[i64], t: f64, 
 }
 
 fn sequence(prompt: usize, completion: usize, seed: usize, vocab: i64) -> (Vec<i64>, Vec<i64>) {
-    let tokens: Vec<i64> = (0..prompt + completion).map(|i| ((seed * 97 + i * 31 + 5) as i64) % vocab).collect();
-    let masks = tokens.iter().enumerate().map(|(i, &t)| if i < prompt { -100 } else { t }).collect();
+    let tokens: Vec<i64> = (0..prompt + completion)
+        .map(|i| ((seed * 97 + i * 31 + 5) as i64) % vocab)
+        .collect();
+    let masks = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i < prompt { -100 } else { t })
+        .collect();
     (tokens, masks)
 }
 
 fn groups(model: &Transformer, vocab: i64) -> Vec<Value> {
     let group = |shape: &[(usize, usize)], base: usize, temps: &[f64]| {
-        let seqs: Vec<_> = shape.iter().enumerate().map(|(i, &(p, c))| sequence(p, c, base + i, vocab)).collect();
+        let seqs: Vec<_> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, c))| sequence(p, c, base + i, vocab))
+            .collect();
         let lps: Vec<Vec<f64>> = seqs
             .iter()
             .enumerate()
@@ -76,14 +86,32 @@ fn groups(model: &Transformer, vocab: i64) -> Vec<Value> {
 }
 
 fn ours(dir: &Path, spec: &ModelSpec, groups: &[Value], loss: LossConfig) -> (f64, f64, u64) {
-    let limits = Limits { vocab_size: spec.vocab_size, seq_len: 64, truncate_long: false, allow_missing_logprobs: false };
-    let prepared = prepare(RawBatch { seq: BatchSeq(1), groups: groups.to_vec(), wait_time_s: 0.0 }, &limits, 2);
+    let limits = Limits {
+        vocab_size: spec.vocab_size,
+        seq_len: 64,
+        truncate_long: false,
+        allow_missing_logprobs: false,
+    };
+    let prepared = prepare(
+        RawBatch {
+            seq: BatchSeq(1),
+            groups: groups.to_vec(),
+            wait_time_s: 0.0,
+        },
+        &limits,
+        2,
+    );
     assert!(prepared.rejections.is_empty(), "{:?}", prepared.rejections);
     let batch = prepared.batch.expect("batch");
     assert!(batch.micro_batches.len() > 1, "exercise gradient accumulation");
     let config = TrainerConfig {
         loss,
-        schedule: LrSchedule { lr: 1e-3, warmup_steps: 0, total_steps: 1, kind: ScheduleKind::Constant },
+        schedule: LrSchedule {
+            lr: 1e-3,
+            warmup_steps: 0,
+            total_steps: 1,
+            kind: ScheduleKind::Constant,
+        },
         adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         device: Device::Cpu,
@@ -115,18 +143,42 @@ fn case(arch: &str, extra: &[&str]) {
         });
         let case_path = dir.path().join("case.json");
         std::fs::write(&case_path, json!({"groups": groups, "config": cfg_json}).to_string()).expect("write case");
-        let out = common::run_ref("ref_loss.py", &["--model", dir.path().to_str().expect("utf8"), "--case", case_path.to_str().expect("utf8")]);
+        let out = common::run_ref(
+            "ref_loss.py",
+            &[
+                "--model",
+                dir.path().to_str().expect("utf8"),
+                "--case",
+                case_path.to_str().expect("utf8"),
+            ],
+        );
         let reference: Value = serde_json::from_str(out.trim().lines().last().expect("output")).expect("json");
-        let loss = LossConfig { clip_mode: mode, clip_eps_low: eps, clip_eps_high: eps_high.unwrap_or(eps), is_cap: cap, kl_coef: kl, agg };
+        let loss = LossConfig {
+            clip_mode: mode,
+            clip_eps_low: eps,
+            clip_eps_high: eps_high.unwrap_or(eps),
+            is_cap: cap,
+            kl_coef: kl,
+            agg,
+        };
         let (l, g, tokens) = ours(dir.path(), &spec, &groups, loss);
-        let (rl, rg) = (reference["loss"].as_f64().expect("loss"), reference["grad_norm"].as_f64().expect("grad_norm"));
+        let (rl, rg) = (
+            reference["loss"].as_f64().expect("loss"),
+            reference["grad_norm"].as_f64().expect("grad_norm"),
+        );
         println!("{arch} {cfg_json}: loss {l:.8} vs {rl:.8}, grad norm {g:.6} vs {rg:.6}");
         assert_eq!(tokens, reference["tokens"].as_u64().expect("tokens"));
-        assert!((l - rl).abs() <= 1e-5 * rl.abs().max(1e-3), "loss {l} vs reference {rl}");
+        assert!(
+            (l - rl).abs() <= 1e-5 * rl.abs().max(1e-3),
+            "loss {l} vs reference {rl}"
+        );
         assert!((g - rg).abs() <= 1e-4 * rg.abs(), "grad norm {g} vs reference {rg}");
         losses.push(l);
     }
-    assert!((losses[0] - losses[1]).abs() > 1e-6, "the clip modes must differ on this data");
+    assert!(
+        (losses[0] - losses[1]).abs() > 1e-6,
+        "the clip modes must differ on this data"
+    );
 }
 
 #[test]

@@ -12,7 +12,9 @@ use tch::{Device, Kind, Tensor};
 const REL_TOL: f64 = 1e-4;
 
 fn ids(batch: i64, len: i64, vocab: i64) -> Vec<Vec<i64>> {
-    (0..batch).map(|b| (0..len).map(|t| (b * 131 + t * 17 + 3) % vocab).collect()).collect()
+    (0..batch)
+        .map(|b| (0..len).map(|t| (b * 131 + t * 17 + 3) % vocab).collect())
+        .collect()
 }
 
 fn check(dir: &Path, len: i64) -> f64 {
@@ -25,7 +27,14 @@ fn check(dir: &Path, len: i64) -> f64 {
     let ref_path = dir.join("ref_logits.safetensors");
     common::run_ref(
         "ref_forward.py",
-        &["--model", dir.to_str().expect("utf8"), "--ids", ids_path.to_str().expect("utf8"), "--out", ref_path.to_str().expect("utf8")],
+        &[
+            "--model",
+            dir.to_str().expect("utf8"),
+            "--ids",
+            ids_path.to_str().expect("utf8"),
+            "--out",
+            ref_path.to_str().expect("utf8"),
+        ],
     );
     let reference = read_file(&ref_path).expect("read ref").remove(0).1;
     let flat: Vec<i64> = rows.concat();

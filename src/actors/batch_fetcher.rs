@@ -50,7 +50,11 @@ impl FetcherState {
 
     fn hand_on(&mut self, seq: BatchSeq, groups: Vec<serde_json::Value>) -> Result<(), ActorProcessingErr> {
         let wait_time_s = self.waiting_since.elapsed().as_secs_f64();
-        self.args.preprocessor.cast(PreprocessorMsg::Raw(RawBatch { seq, groups, wait_time_s }))?;
+        self.args.preprocessor.cast(PreprocessorMsg::Raw(RawBatch {
+            seq,
+            groups,
+            wait_time_s,
+        }))?;
         self.waiting_since = Instant::now();
         self.backoff = MIN_BACKOFF;
         Ok(())
@@ -71,7 +75,11 @@ impl Actor for BatchFetcher {
     type State = FetcherState;
     type Arguments = FetcherArgs;
 
-    async fn pre_start(&self, myself: ActorRef<FetcherMsg>, args: FetcherArgs) -> Result<FetcherState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<FetcherMsg>,
+        args: FetcherArgs,
+    ) -> Result<FetcherState, ActorProcessingErr> {
         myself.cast(FetcherMsg::Poll)?;
         Ok(FetcherState {
             replay: args.replay.iter().copied().collect(),
@@ -83,7 +91,12 @@ impl Actor for BatchFetcher {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<FetcherMsg>, msg: FetcherMsg, state: &mut FetcherState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<FetcherMsg>,
+        msg: FetcherMsg,
+        state: &mut FetcherState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             // A waiter is already parked on the semaphore; it will send CreditReturned.
             FetcherMsg::Poll if state.waiting_for_credit => return Ok(()),
@@ -133,7 +146,12 @@ impl Actor for BatchFetcher {
             }
             Ok(BatchPoll::NotRegistered) => {
                 tracing::warn!(url = %state.args.client.base(), "the Atropos API lost our registration (restarted or reset); registering again");
-                match state.args.client.register_checked(&state.args.registration, state.args.reset_api).await {
+                match state
+                    .args
+                    .client
+                    .register_checked(&state.args.registration, state.args.reset_api)
+                    .await
+                {
                     Ok(uuid) => tracing::info!(uuid = %uuid.0, "registered again"),
                     Err(e @ AtroposError::Wedged { .. }) => return Err(e.into()),
                     Err(e) => state.note_failure(&e),

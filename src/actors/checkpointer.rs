@@ -25,13 +25,20 @@ pub struct CheckpointerArgs {
 /// Writes one checkpoint synchronously (also used directly by tests).
 pub fn write_job(args: &CheckpointerArgs, job: &CheckpointJob) -> Result<PathBuf, CheckpointError> {
     let with_state = matches!(job.kind, CheckpointKind::Step(_));
-    let path = write_hf_checkpoint(&args.save_path, job.kind, &args.source_model, &job.weights, args.max_shard_bytes, |dir: &Path| {
-        if with_state {
-            job.state.write(dir, &job.optimizer)
-        } else {
-            Ok(())
-        }
-    })?;
+    let path = write_hf_checkpoint(
+        &args.save_path,
+        job.kind,
+        &args.source_model,
+        &job.weights,
+        args.max_shard_bytes,
+        |dir: &Path| {
+            if with_state {
+                job.state.write(dir, &job.optimizer)
+            } else {
+                Ok(())
+            }
+        },
+    )?;
     if with_state {
         args.spool.release_through(job.state.batches_consumed)?;
         if let Some(keep) = args.keep {
@@ -48,17 +55,28 @@ impl Actor for Checkpointer {
     type State = CheckpointerArgs;
     type Arguments = CheckpointerArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<CheckpointerMsg>, args: CheckpointerArgs) -> Result<CheckpointerArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<CheckpointerMsg>,
+        args: CheckpointerArgs,
+    ) -> Result<CheckpointerArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(&self, _myself: ActorRef<CheckpointerMsg>, msg: CheckpointerMsg, state: &mut CheckpointerArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<CheckpointerMsg>,
+        msg: CheckpointerMsg,
+        state: &mut CheckpointerArgs,
+    ) -> Result<(), ActorProcessingErr> {
         let CheckpointerMsg::Save(job, reply) = msg;
         let args = state.clone();
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || write_job(&args, &job)).await?;
         match &result {
-            Ok(path) => tracing::info!(path = %path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written"),
+            Ok(path) => {
+                tracing::info!(path = %path.display(), seconds = started.elapsed().as_secs_f64(), "checkpoint written")
+            }
             Err(e) => tracing::error!(error = %e, "checkpoint failed"),
         }
         let failed = result.is_err();

@@ -80,10 +80,15 @@ impl LearnerState {
                 state: state.clone(),
             };
             if wait {
-                let written = ractor::call!(self.args.checkpointer, |reply| CheckpointerMsg::Save(Box::new(job), Some(reply)))?;
+                let written = ractor::call!(self.args.checkpointer, |reply| CheckpointerMsg::Save(
+                    Box::new(job),
+                    Some(reply)
+                ))?;
                 written.map_err(ActorProcessingErr::from)?;
             } else {
-                self.args.checkpointer.cast(CheckpointerMsg::Save(Box::new(job), None))?;
+                self.args
+                    .checkpointer
+                    .cast(CheckpointerMsg::Save(Box::new(job), None))?;
             }
         }
         self.last_checkpoint = self.steps_done;
@@ -97,7 +102,11 @@ impl LearnerState {
         let rejected = prepared.rejections.len() as u64;
         self.args.rejected_groups += rejected;
         let Some(batch) = prepared.batch else {
-            tracing::warn!(batch_seq = prepared.seq.0, rejected, "every group of the batch was rejected; no optimizer step");
+            tracing::warn!(
+                batch_seq = prepared.seq.0,
+                rejected,
+                "every group of the batch was rejected; no optimizer step"
+            );
             self.args.batches_consumed = prepared.seq;
             self.args.credits.add_permits(1);
             return Ok(());
@@ -127,8 +136,13 @@ impl LearnerState {
         let total = self.args.config.training_steps;
         let interval = self.args.config.checkpoint_interval;
         if self.steps_done >= total {
-            self.checkpoint(&[CheckpointKind::Step(self.steps_done), CheckpointKind::Final], true).await?;
-            let _ = self.args.outcome.send(RunOutcome::Completed { steps: self.steps_done }).await;
+            self.checkpoint(&[CheckpointKind::Step(self.steps_done), CheckpointKind::Final], true)
+                .await?;
+            let _ = self
+                .args
+                .outcome
+                .send(RunOutcome::Completed { steps: self.steps_done })
+                .await;
         } else if interval > 0 && self.steps_done % interval == 0 {
             self.checkpoint(&[CheckpointKind::Step(self.steps_done)], false).await?;
         }
@@ -141,7 +155,11 @@ impl Actor for Learner {
     type State = LearnerState;
     type Arguments = LearnerArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<LearnerMsg>, args: LearnerArgs) -> Result<LearnerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<LearnerMsg>,
+        args: LearnerArgs,
+    ) -> Result<LearnerState, ActorProcessingErr> {
         Ok(LearnerState {
             pending_rejections: BTreeMap::new(),
             steps_done: args.steps_done,
@@ -151,7 +169,12 @@ impl Actor for Learner {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<LearnerMsg>, msg: LearnerMsg, state: &mut LearnerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<LearnerMsg>,
+        msg: LearnerMsg,
+        state: &mut LearnerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             LearnerMsg::Train(prepared) => {
                 // While draining, or once done, batches stay in the spool for the next run.
@@ -163,7 +186,9 @@ impl Actor for Learner {
             LearnerMsg::Drain(reply) => {
                 if state.steps_done > state.last_checkpoint && state.steps_done < state.args.config.training_steps {
                     tracing::info!(step = state.steps_done, "saving a checkpoint before exit");
-                    state.checkpoint(&[CheckpointKind::Step(state.steps_done)], true).await?;
+                    state
+                        .checkpoint(&[CheckpointKind::Step(state.steps_done)], true)
+                        .await?;
                 }
                 let _ = reply.send(());
                 Ok(())

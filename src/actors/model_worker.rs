@@ -78,7 +78,13 @@ impl ModelWorker {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(TrainError::OptimizerState("the model thread died while loading".into())),
         };
-        Ok((Self { tx: Some(tx), join: Some(join) }, steps))
+        Ok((
+            Self {
+                tx: Some(tx),
+                join: Some(join),
+            },
+            steps,
+        ))
     }
 
     fn send(&self, cmd: Command) -> Result<(), WorkerGone> {

@@ -27,7 +27,11 @@ pub fn prepare(raw: RawBatch, limits: &Limits, micro_batch: usize) -> PreparedBa
     for value in raw.groups {
         let env_id = value.get("env_id").and_then(serde_json::Value::as_i64).map(EnvId);
         let outcome = serde_json::from_value::<ScoredGroup>(value)
-            .map_err(|e| Rejection { reason: RejectReason::Malformed, detail: e.to_string(), env_id })
+            .map_err(|e| Rejection {
+                reason: RejectReason::Malformed,
+                detail: e.to_string(),
+                env_id,
+            })
             .and_then(|g| validate(g, limits));
         match outcome {
             Ok(group) => sequences.extend(align_group(&group)),
@@ -51,11 +55,20 @@ impl Actor for Preprocessor {
     type State = PreprocessorArgs;
     type Arguments = PreprocessorArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<PreprocessorMsg>, args: PreprocessorArgs) -> Result<PreprocessorArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<PreprocessorMsg>,
+        args: PreprocessorArgs,
+    ) -> Result<PreprocessorArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(&self, _myself: ActorRef<PreprocessorMsg>, msg: PreprocessorMsg, state: &mut PreprocessorArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<PreprocessorMsg>,
+        msg: PreprocessorMsg,
+        state: &mut PreprocessorArgs,
+    ) -> Result<(), ActorProcessingErr> {
         let PreprocessorMsg::Raw(raw) = msg;
         let prepared = prepare(raw, &state.limits, state.micro_batch);
         state.learner.cast(LearnerMsg::Train(prepared))?;

@@ -41,28 +41,59 @@ impl Actor for LearnerSupervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let cell = myself.get_cell();
         let (draining, outcome) = (args.draining, args.outcome);
-        let (checkpointer, _) = Actor::spawn_linked(Some("checkpointer".into()), Checkpointer, args.checkpointer, cell.clone()).await?;
+        let (checkpointer, _) = Actor::spawn_linked(
+            Some("checkpointer".into()),
+            Checkpointer,
+            args.checkpointer,
+            cell.clone(),
+        )
+        .await?;
         let learner_args = (args.learner)(checkpointer.clone());
         let (learner, _) = Actor::spawn_linked(Some("learner".into()), Learner, learner_args, cell.clone()).await?;
         let (limits, micro_batch) = args.preprocessor;
-        let pre_args = PreprocessorArgs { limits, micro_batch, learner: learner.clone() };
-        let (preprocessor, _) = Actor::spawn_linked(Some("preprocessor".into()), Preprocessor, pre_args, cell.clone()).await?;
+        let pre_args = PreprocessorArgs {
+            limits,
+            micro_batch,
+            learner: learner.clone(),
+        };
+        let (preprocessor, _) =
+            Actor::spawn_linked(Some("preprocessor".into()), Preprocessor, pre_args, cell.clone()).await?;
         let fetcher_args = (args.fetcher)(preprocessor.clone());
         let (fetcher, _) = Actor::spawn_linked(Some("batch_fetcher".into()), BatchFetcher, fetcher_args, cell).await?;
-        Ok(SupervisorState { fetcher, learner, checkpointer, preprocessor, draining, outcome })
+        Ok(SupervisorState {
+            fetcher,
+            learner,
+            checkpointer,
+            preprocessor,
+            draining,
+            outcome,
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         let SupervisorMsg::Shutdown(reply) = msg;
         state.draining.store(true, Ordering::SeqCst);
         state.fetcher.stop(Some("shutdown".into()));
         if let Err(e) = ractor::call!(state.learner, LearnerMsg::Drain) {
             tracing::error!(error = %e, "the learner could not drain");
         }
-        for cell in [state.preprocessor.get_cell(), state.learner.get_cell(), state.checkpointer.get_cell()] {
+        for cell in [
+            state.preprocessor.get_cell(),
+            state.learner.get_cell(),
+            state.checkpointer.get_cell(),
+        ] {
             cell.stop(Some("shutdown".into()));
         }
         let _ = reply.send(());
@@ -70,20 +101,31 @@ impl Actor for LearnerSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<SupervisorMsg>, event: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, err) => {
                 let who = cell.get_name().unwrap_or_else(|| "actor".into());
                 tracing::error!(actor = %who, error = %err, "actor failed; stopping the node");
                 state.draining.store(true, Ordering::SeqCst);
-                let _ = state.outcome.send(RunOutcome::Failed(format!("{who} failed: {err}"))).await;
+                let _ = state
+                    .outcome
+                    .send(RunOutcome::Failed(format!("{who} failed: {err}")))
+                    .await;
                 myself.stop_children(None);
                 myself.stop(None);
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) if !state.draining.load(Ordering::SeqCst) => {
                 let who = cell.get_name().unwrap_or_else(|| "actor".into());
                 tracing::error!(actor = %who, reason = ?reason, "actor stopped unexpectedly; stopping the node");
-                let _ = state.outcome.send(RunOutcome::Failed(format!("{who} stopped unexpectedly"))).await;
+                let _ = state
+                    .outcome
+                    .send(RunOutcome::Failed(format!("{who} stopped unexpectedly")))
+                    .await;
                 myself.stop_children(None);
                 myself.stop(None);
             }

@@ -17,7 +17,11 @@ pub enum AtroposError {
         source: reqwest::Error,
     },
     #[error("Atropos API {endpoint} answered HTTP {status}: {body}")]
-    Http { endpoint: &'static str, status: u16, body: String },
+    Http {
+        endpoint: &'static str,
+        status: u16,
+        body: String,
+    },
     #[error("Atropos API {endpoint} sent an unexpected body: {reason}")]
     Protocol { endpoint: &'static str, reason: String },
     #[error(
@@ -68,8 +72,14 @@ impl AtroposClient {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
-            .map_err(|source| AtroposError::Unreachable { url: base.to_string(), source })?;
-        Ok(Self { http, base: base.trim_end_matches('/').to_string() })
+            .map_err(|source| AtroposError::Unreachable {
+                url: base.to_string(),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+        })
     }
 
     /// The API base URL.
@@ -85,16 +95,19 @@ impl AtroposClient {
             .header(ACCEPT_ENCODING, "gzip")
             .send()
             .await
-            .map_err(|source| AtroposError::Unreachable { url: url.clone(), source })?;
+            .map_err(|source| AtroposError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
         Self::read_json(endpoint, &url, resp).await
     }
 
     async fn read_json(endpoint: &'static str, url: &str, resp: reqwest::Response) -> Result<Value, AtroposError> {
         let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| AtroposError::Unreachable { url: url.to_string(), source })?;
+        let body = resp.bytes().await.map_err(|source| AtroposError::Unreachable {
+            url: url.to_string(),
+            source,
+        })?;
         if !status.is_success() {
             return Err(AtroposError::Http {
                 endpoint,
@@ -102,19 +115,28 @@ impl AtroposClient {
                 body: String::from_utf8_lossy(&body).chars().take(500).collect(),
             });
         }
-        serde_json::from_slice(&body).map_err(|e| AtroposError::Protocol { endpoint, reason: e.to_string() })
+        serde_json::from_slice(&body).map_err(|e| AtroposError::Protocol {
+            endpoint,
+            reason: e.to_string(),
+        })
     }
 
     /// `GET /info`.
     pub async fn info(&self) -> Result<Info, AtroposError> {
         let v = self.get_json("/info").await?;
-        serde_json::from_value(v).map_err(|e| AtroposError::Protocol { endpoint: "/info", reason: e.to_string() })
+        serde_json::from_value(v).map_err(|e| AtroposError::Protocol {
+            endpoint: "/info",
+            reason: e.to_string(),
+        })
     }
 
     /// `POST /register`; returns the trainer uuid (a u128).
     pub async fn register(&self, reg: &Registration) -> Result<TrainerUuid, AtroposError> {
         let url = format!("{}/register", self.base);
-        let body = serde_json::to_vec(reg).map_err(|e| AtroposError::Protocol { endpoint: "/register", reason: e.to_string() })?;
+        let body = serde_json::to_vec(reg).map_err(|e| AtroposError::Protocol {
+            endpoint: "/register",
+            reason: e.to_string(),
+        })?;
         let resp = self
             .http
             .post(&url)
@@ -122,14 +144,21 @@ impl AtroposClient {
             .body(body)
             .send()
             .await
-            .map_err(|source| AtroposError::Unreachable { url: url.clone(), source })?;
+            .map_err(|source| AtroposError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
         let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|source| AtroposError::Unreachable { url: url.clone(), source })?;
+        let text = resp.text().await.map_err(|source| AtroposError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
         if !status.is_success() {
-            return Err(AtroposError::Http { endpoint: "/register", status: status.as_u16(), body: text });
+            return Err(AtroposError::Http {
+                endpoint: "/register",
+                status: status.as_u16(),
+                body: text,
+            });
         }
         parse_uuid(&text).ok_or_else(|| AtroposError::Protocol {
             endpoint: "/register",
@@ -145,11 +174,18 @@ impl AtroposClient {
             .get(&url)
             .send()
             .await
-            .map_err(|source| AtroposError::Unreachable { url: url.clone(), source })?;
+            .map_err(|source| AtroposError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
         if resp.status().is_success() {
             Ok(())
         } else {
-            Err(AtroposError::Http { endpoint: "/reset_data", status: resp.status().as_u16(), body: String::new() })
+            Err(AtroposError::Http {
+                endpoint: "/reset_data",
+                status: resp.status().as_u16(),
+                body: String::new(),
+            })
         }
     }
 
@@ -193,12 +229,18 @@ impl AtroposClient {
             if msg.contains("not registered") {
                 return Ok(BatchPoll::NotRegistered);
             }
-            return Err(AtroposError::Protocol { endpoint: "/batch", reason: format!("error: {msg}") });
+            return Err(AtroposError::Protocol {
+                endpoint: "/batch",
+                reason: format!("error: {msg}"),
+            });
         }
         match v.get("batch") {
             Some(Value::Null) => Ok(BatchPoll::Empty),
             Some(Value::Array(groups)) => Ok(BatchPoll::Batch(groups.clone())),
-            _ => Err(AtroposError::Protocol { endpoint: "/batch", reason: format!("no batch field in {v}") }),
+            _ => Err(AtroposError::Protocol {
+                endpoint: "/batch",
+                reason: format!("no batch field in {v}"),
+            }),
         }
     }
 }
@@ -228,7 +270,10 @@ mod tests {
     #[test]
     fn uuid_wider_than_u64() {
         let body = r#"{"uuid":319427335939400804771900779272917772034}"#;
-        assert_eq!(parse_uuid(body), Some(TrainerUuid(319427335939400804771900779272917772034)));
+        assert_eq!(
+            parse_uuid(body),
+            Some(TrainerUuid(319427335939400804771900779272917772034))
+        );
         assert_eq!(parse_uuid(r#"{"uuid": 12}"#), Some(TrainerUuid(12)));
         assert_eq!(parse_uuid(r#"{"uuid":"12"}"#), None);
     }

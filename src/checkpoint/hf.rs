@@ -86,7 +86,9 @@ pub fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
         if path.is_dir() {
             sync_dir(&path)?;
         } else {
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
         }
     }
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
@@ -114,7 +116,11 @@ pub fn step_dirs(save_path: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErro
     for entry in std::fs::read_dir(save_path).map_err(io_err(save_path))? {
         let entry = entry.map_err(io_err(save_path))?;
         let name = entry.file_name();
-        let Some(n) = name.to_str().and_then(|s| s.strip_prefix("step_")).and_then(|s| s.parse().ok()) else {
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix("step_"))
+            .and_then(|s| s.parse().ok())
+        else {
             continue;
         };
         out.push((n, entry.path()));

@@ -33,10 +33,15 @@ impl Spool {
     pub fn write(&self, seq: BatchSeq, groups: &[Value]) -> Result<(), CheckpointError> {
         let path = self.path_of(seq);
         let tmp = path.with_extension("tmp");
-        let body = serde_json::to_vec(groups).map_err(|e| CheckpointError::Format { path: path.clone(), reason: e.to_string() })?;
+        let body = serde_json::to_vec(groups).map_err(|e| CheckpointError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         write_synced(&tmp, &body)?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
     }
 
     /// Sequence numbers present, ascending.
@@ -61,7 +66,10 @@ impl Spool {
     pub fn read(&self, seq: BatchSeq) -> Result<Vec<Value>, CheckpointError> {
         let path = self.path_of(seq);
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Format { path, reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Format {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Deletes every batch up to and including `upto`.
@@ -95,7 +103,10 @@ mod tests {
             spool.write(BatchSeq(i), &[serde_json::json!({"i": i})]).expect("write");
         }
         assert_eq!(spool.list().expect("list"), vec![BatchSeq(1), BatchSeq(2), BatchSeq(3)]);
-        assert_eq!(spool.read(BatchSeq(2)).expect("read"), vec![serde_json::json!({"i": 2})]);
+        assert_eq!(
+            spool.read(BatchSeq(2)).expect("read"),
+            vec![serde_json::json!({"i": 2})]
+        );
         assert_eq!(spool.release_through(BatchSeq(2)).expect("release"), 2);
         assert_eq!(spool.list().expect("list"), vec![BatchSeq(3)]);
     }

@@ -45,7 +45,10 @@ impl TrainingState {
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         write_file(&dir.join(OPTIMIZER_FILE), optimizer)?;
         let path = dir.join(STATE_FILE);
-        let body = serde_json::to_vec_pretty(self).map_err(|e| CheckpointError::Format { path: path.clone(), reason: e.to_string() })?;
+        let body = serde_json::to_vec_pretty(self).map_err(|e| CheckpointError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         write_synced(&path, &body)
     }
 
@@ -54,11 +57,17 @@ impl TrainingState {
         let dir = checkpoint_dir.join(STATE_DIR);
         let path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let state: Self = serde_json::from_str(&text).map_err(|e| CheckpointError::Format { path: path.clone(), reason: e.to_string() })?;
+        let state: Self = serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         if state.format_version != FORMAT_VERSION {
             return Err(CheckpointError::Format {
                 path,
-                reason: format!("training state format {} (this build reads {FORMAT_VERSION})", state.format_version),
+                reason: format!(
+                    "training state format {} (this build reads {FORMAT_VERSION})",
+                    state.format_version
+                ),
             });
         }
         Ok((state, read_file(&dir.join(OPTIMIZER_FILE))?))
@@ -69,5 +78,7 @@ impl TrainingState {
 pub fn latest_resumable(save_path: &Path) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
     let mut steps = step_dirs(save_path)?;
     steps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    Ok(steps.into_iter().find(|(_, dir)| dir.join(STATE_DIR).join(STATE_FILE).is_file()))
+    Ok(steps
+        .into_iter()
+        .find(|(_, dir)| dir.join(STATE_DIR).join(STATE_FILE).is_file()))
 }

@@ -41,7 +41,9 @@ impl DeviceSpec {
             Self::Cpu => Ok(tch::Device::Cpu),
             Self::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
-                    return Err(format!("{self}: this build has no CUDA support (rebuild with --features cuda)"));
+                    return Err(format!(
+                        "{self}: this build has no CUDA support (rebuild with --features cuda)"
+                    ));
                 }
                 let count = tch::Cuda::device_count();
                 if (n as i64) < count {

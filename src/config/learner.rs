@@ -195,17 +195,52 @@ impl LearnerArgs {
     /// Fills fields left unset (by flags and env) from `file`.
     pub fn merged_with(self, file: LearnerArgs) -> LearnerArgs {
         merge_fields!(
-            self, file, model_name, atropos_url, lr, training_steps, batch_size, gradient_accumulation_steps,
-            seq_len, warmup_steps, lr_schedule, clip_eps, clip_eps_high, clip_mode, is_cap, kl_coef, loss_agg,
-            max_grad_norm, weight_decay, optimizer, train_layer_indices, device, save_path, checkpoint_interval,
-            keep_checkpoints, max_shard_mb, resume, reset_api, truncate_long, allow_missing_logprobs, seed,
-            wandb_group, wandb_project, poll_max_ms, api_timeout_s, prefetch, grpc_listen,
+            self,
+            file,
+            model_name,
+            atropos_url,
+            lr,
+            training_steps,
+            batch_size,
+            gradient_accumulation_steps,
+            seq_len,
+            warmup_steps,
+            lr_schedule,
+            clip_eps,
+            clip_eps_high,
+            clip_mode,
+            is_cap,
+            kl_coef,
+            loss_agg,
+            max_grad_norm,
+            weight_decay,
+            optimizer,
+            train_layer_indices,
+            device,
+            save_path,
+            checkpoint_interval,
+            keep_checkpoints,
+            max_shard_mb,
+            resume,
+            reset_api,
+            truncate_long,
+            allow_missing_logprobs,
+            seed,
+            wandb_group,
+            wandb_project,
+            poll_max_ms,
+            api_timeout_s,
+            prefetch,
+            grpc_listen,
         )
     }
 
     /// Reads a TOML file of learner settings.
     pub fn from_file(path: &Path) -> Result<LearnerArgs, ConfigError> {
-        let file_err = |reason: String| ConfigError::File { path: path.to_path_buf(), reason };
+        let file_err = |reason: String| ConfigError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| file_err(e.to_string()))
     }
@@ -221,53 +256,79 @@ impl LearnerArgs {
         };
         let model_name = args.model_name.ok_or(ConfigError::Missing { flag: "model-name" })?;
         check(model_name.join("config.json").is_file(), "model-name", || {
-            format!("{} has no config.json (a local HF model directory is expected)", model_name.display())
+            format!(
+                "{} has no config.json (a local HF model directory is expected)",
+                model_name.display()
+            )
         })?;
         let atropos_url = args.atropos_url.unwrap_or_else(|| "http://localhost:8000".into());
         check(atropos_url.starts_with("http://"), "atropos-url", || {
             format!("{atropos_url:?} must be an http:// URL")
         })?;
         let lr = args.lr.unwrap_or(1e-5);
-        check(lr.is_finite() && lr > 0.0, "lr", || format!("must be a positive number (got {lr})"))?;
+        check(lr.is_finite() && lr > 0.0, "lr", || {
+            format!("must be a positive number (got {lr})")
+        })?;
         let training_steps = args.training_steps.unwrap_or(10);
         check(training_steps > 0, "training-steps", || "must be at least 1".into())?;
         let batch_size = args.batch_size.unwrap_or(2);
         check(batch_size > 0, "batch-size", || "must be at least 1".into())?;
         let gradient_accumulation_steps = args.gradient_accumulation_steps.unwrap_or(32);
-        check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || "must be at least 1".into())?;
-        let seq_len = args.seq_len.unwrap_or(2048);
-        check(seq_len >= 2, "seq-len", || format!("must be at least 2 (got {seq_len})"))?;
-        let clip_eps = args.clip_eps.unwrap_or(0.2);
-        check(clip_eps > 0.0 && clip_eps < 1.0, "clip-eps", || format!("must be in (0, 1) (got {clip_eps})"))?;
-        let clip_eps_high = args.clip_eps_high.unwrap_or(clip_eps);
-        check(clip_eps_high > 0.0 && clip_eps_high.is_finite(), "clip-eps-high", || {
-            format!("must be positive (got {clip_eps_high})")
+        check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || {
+            "must be at least 1".into()
         })?;
+        let seq_len = args.seq_len.unwrap_or(2048);
+        check(seq_len >= 2, "seq-len", || {
+            format!("must be at least 2 (got {seq_len})")
+        })?;
+        let clip_eps = args.clip_eps.unwrap_or(0.2);
+        check(clip_eps > 0.0 && clip_eps < 1.0, "clip-eps", || {
+            format!("must be in (0, 1) (got {clip_eps})")
+        })?;
+        let clip_eps_high = args.clip_eps_high.unwrap_or(clip_eps);
+        check(
+            clip_eps_high > 0.0 && clip_eps_high.is_finite(),
+            "clip-eps-high",
+            || format!("must be positive (got {clip_eps_high})"),
+        )?;
         if let Some(cap) = args.is_cap {
             check(cap > 1.0 + clip_eps_high && cap.is_finite(), "is-cap", || {
                 format!("must exceed 1 + clip-eps-high = {} (got {cap})", 1.0 + clip_eps_high)
             })?;
         }
         let kl_coef = args.kl_coef.unwrap_or(0.0);
-        check(kl_coef >= 0.0 && kl_coef.is_finite(), "kl-coef", || format!("must be >= 0 (got {kl_coef})"))?;
+        check(kl_coef >= 0.0 && kl_coef.is_finite(), "kl-coef", || {
+            format!("must be >= 0 (got {kl_coef})")
+        })?;
         let max_grad_norm = args.max_grad_norm.unwrap_or(1.0);
-        check(max_grad_norm > 0.0, "max-grad-norm", || format!("must be positive (got {max_grad_norm})"))?;
+        check(max_grad_norm > 0.0, "max-grad-norm", || {
+            format!("must be positive (got {max_grad_norm})")
+        })?;
         let weight_decay = args.weight_decay.unwrap_or(0.01);
-        check((0.0..1.0).contains(&weight_decay), "weight-decay", || format!("must be in [0, 1) (got {weight_decay})"))?;
+        check((0.0..1.0).contains(&weight_decay), "weight-decay", || {
+            format!("must be in [0, 1) (got {weight_decay})")
+        })?;
         let train_layer_indices = args
             .train_layer_indices
             .map(|s| s.parse::<LayerSet>())
             .transpose()
-            .map_err(|reason| ConfigError::Invalid { flag: "train-layer-indices", reason })?;
+            .map_err(|reason| ConfigError::Invalid {
+                flag: "train-layer-indices",
+                reason,
+            })?;
         let device = args
             .device
             .as_deref()
             .unwrap_or("cpu")
             .parse::<DeviceSpec>()
             .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
-        device.to_tch().map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
+        device
+            .to_tch()
+            .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
         let keep_checkpoints = args.keep_checkpoints;
-        check(keep_checkpoints != Some(0), "keep-checkpoints", || "must be at least 1".into())?;
+        check(keep_checkpoints != Some(0), "keep-checkpoints", || {
+            "must be at least 1".into()
+        })?;
         let max_shard_mb = args.max_shard_mb.unwrap_or(2048);
         check(max_shard_mb > 0, "max-shard-mb", || "must be at least 1".into())?;
         let prefetch = args.prefetch.unwrap_or(2);
@@ -295,7 +356,9 @@ impl LearnerArgs {
             optimizer: args.optimizer.unwrap_or(OptimizerKind::Adamw),
             train_layer_indices,
             device,
-            save_path: args.save_path.unwrap_or_else(|| PathBuf::from("trained_model_checkpoints")),
+            save_path: args
+                .save_path
+                .unwrap_or_else(|| PathBuf::from("trained_model_checkpoints")),
             checkpoint_interval: args.checkpoint_interval.unwrap_or(3),
             keep_checkpoints,
             max_shard_bytes: max_shard_mb * 1024 * 1024,
@@ -352,16 +415,67 @@ mod tests {
     #[test]
     fn invalid_values_name_their_flag() {
         let dir = model_dir();
-        let base = || LearnerArgs { model_name: Some(dir.path().to_path_buf()), ..Default::default() };
+        let base = || LearnerArgs {
+            model_name: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
         let cases: Vec<(LearnerArgs, &str)> = vec![
-            (LearnerArgs { lr: Some(-1.0), ..base() }, "--lr"),
-            (LearnerArgs { batch_size: Some(0), ..base() }, "--batch-size"),
-            (LearnerArgs { clip_eps: Some(1.5), ..base() }, "--clip-eps"),
-            (LearnerArgs { train_layer_indices: Some("3-1".into()), ..base() }, "--train-layer-indices"),
-            (LearnerArgs { device: Some("tpu".into()), ..base() }, "--device"),
-            (LearnerArgs { model_name: Some(PathBuf::from("/nonexistent")), ..base() }, "--model-name"),
-            (LearnerArgs { atropos_url: Some("localhost:8000".into()), ..base() }, "--atropos-url"),
-            (LearnerArgs { is_cap: Some(1.1), ..base() }, "--is-cap"),
+            (
+                LearnerArgs {
+                    lr: Some(-1.0),
+                    ..base()
+                },
+                "--lr",
+            ),
+            (
+                LearnerArgs {
+                    batch_size: Some(0),
+                    ..base()
+                },
+                "--batch-size",
+            ),
+            (
+                LearnerArgs {
+                    clip_eps: Some(1.5),
+                    ..base()
+                },
+                "--clip-eps",
+            ),
+            (
+                LearnerArgs {
+                    train_layer_indices: Some("3-1".into()),
+                    ..base()
+                },
+                "--train-layer-indices",
+            ),
+            (
+                LearnerArgs {
+                    device: Some("tpu".into()),
+                    ..base()
+                },
+                "--device",
+            ),
+            (
+                LearnerArgs {
+                    model_name: Some(PathBuf::from("/nonexistent")),
+                    ..base()
+                },
+                "--model-name",
+            ),
+            (
+                LearnerArgs {
+                    atropos_url: Some("localhost:8000".into()),
+                    ..base()
+                },
+                "--atropos-url",
+            ),
+            (
+                LearnerArgs {
+                    is_cap: Some(1.1),
+                    ..base()
+                },
+                "--is-cap",
+            ),
         ];
         for (args, flag) in cases {
             let err = args.resolve().expect_err(flag).to_string();
@@ -374,7 +488,11 @@ mod tests {
         let dir = model_dir();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "learning-rate = 1.0\n").expect("write");
-        let args = LearnerArgs { config: Some(file), model_name: Some(dir.path().to_path_buf()), ..Default::default() };
+        let args = LearnerArgs {
+            config: Some(file),
+            model_name: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
         let err = args.resolve().expect_err("unknown key").to_string();
         assert!(err.contains("learning-rate"), "{err}");
     }

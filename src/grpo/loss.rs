@@ -104,7 +104,10 @@ impl MicroTensors {
             input_ids: Tensor::from_slice(&mb.input_ids).view(shape).to_device(device),
             labels: Tensor::from_slice(&mb.labels).view(shape).to_device(device),
             ref_logprobs: Tensor::from_slice(&mb.ref_logprobs).view(shape).to_device(device),
-            on_policy: Tensor::from_slice(&on_policy).to_kind(Kind::Bool).view([mb.rows as i64, 1]).to_device(device),
+            on_policy: Tensor::from_slice(&on_policy)
+                .to_kind(Kind::Bool)
+                .view([mb.rows as i64, 1])
+                .to_device(device),
             advantages: Tensor::from_slice(&mb.advantages).view(shape).to_device(device),
             temperatures: Tensor::from_slice(&mb.temperatures).to_device(device),
         }
@@ -155,13 +158,15 @@ pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, no
     let d = &ref_lp - &logp;
     let kl = d.exp() - &d - 1.0;
     if cfg.kl_coef > 0.0 {
-        per_tok = per_tok + &kl * cfg.kl_coef;
+        per_tok = &per_tok + &kl * cfg.kl_coef;
     }
     let masked = &per_tok * &mask;
     let loss = match cfg.agg {
         LossAgg::SeqMeanTokenMean => {
             let per_seq = masked.sum_dim_intlist([-1].as_slice(), false, Kind::Float)
-                / mask.sum_dim_intlist([-1].as_slice(), false, Kind::Float).clamp_min(1e-8);
+                / mask
+                    .sum_dim_intlist([-1].as_slice(), false, Kind::Float)
+                    .clamp_min(1e-8);
             per_seq.sum(Kind::Float) / norm.sequences
         }
         LossAgg::TokenMean => masked.sum(Kind::Float) / norm.scored_tokens.max(1.0),
@@ -170,8 +175,14 @@ pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, no
         let r = r.detach();
         let clipped_now = match cfg.clip_mode {
             // The objective is clipped where the clipped term is the one selected and differs.
-            ClipMode::Standard => a.gt(0.0).logical_and(&r.gt(hi)).logical_or(&a.lt(0.0).logical_and(&r.lt(lo))),
-            ClipMode::Atropos => a.ge(0.0).logical_and(&r.gt(hi)).logical_or(&a.lt(0.0).logical_and(&r.gt(hi))),
+            ClipMode::Standard => a
+                .gt(0.0)
+                .logical_and(&r.gt(hi))
+                .logical_or(&a.lt(0.0).logical_and(&r.lt(lo))),
+            ClipMode::Atropos => a
+                .ge(0.0)
+                .logical_and(&r.gt(hi))
+                .logical_or(&a.lt(0.0).logical_and(&r.gt(hi))),
         };
         let diff_mask = &mask * mt.on_policy.logical_not().to_kind(Kind::Float);
         let diff = log_ratio.detach() * &diff_mask;
@@ -235,7 +246,10 @@ mod tests {
     #[test]
     fn clip_modes_differ_for_negative_advantages() {
         let logits = Tensor::zeros([1, 1, 2], (Kind::Float, Device::Cpu));
-        let norm = StepNorm { sequences: 1.0, scored_tokens: 1.0 };
+        let norm = StepNorm {
+            sequences: 1.0,
+            scored_tokens: 1.0,
+        };
         let loss = |mode, r| micro_batch_loss(&logits, &one_token(r, -1.0), &cfg(mode), norm).1;
         assert!((loss(ClipMode::Atropos, 0.5).loss - 0.5).abs() < 1e-6);
         assert!((loss(ClipMode::Standard, 0.5).loss - 0.8).abs() < 1e-6);

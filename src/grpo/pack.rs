@@ -169,6 +169,9 @@ mod tests {
         assert_eq!(seqs[0].advantages, vec![8.0, 7.0]);
         assert_eq!(seqs[1].advantages, vec![0.0, 0.0]);
         let batch = pack(seqs, 2);
-        assert_eq!(batch.micro_batches.iter().map(|m| m.rows).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(
+            batch.micro_batches.iter().map(|m| m.rows).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
     }
 }

@@ -117,14 +117,23 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
         ));
     }
     if let Some(i) = group.scores.iter().position(|s| !s.is_finite()) {
-        return Err(reject(RejectReason::NonFiniteScore, format!("score {i} is {}", group.scores[i])));
+        return Err(reject(
+            RejectReason::NonFiniteScore,
+            format!("score {i} is {}", group.scores[i]),
+        ));
     }
     if group.masks.len() != n {
-        return Err(reject(RejectReason::MaskLength, format!("{} masks for {n} sequences", group.masks.len())));
+        return Err(reject(
+            RejectReason::MaskLength,
+            format!("{} masks for {n} sequences", group.masks.len()),
+        ));
     }
     if group.overrides.as_ref().is_some_and(|o| !o.is_empty() && o.len() != n) {
         let len = group.overrides.as_ref().map_or(0, Vec::len);
-        return Err(reject(RejectReason::OverridesLength, format!("{len} overrides for {n} sequences")));
+        return Err(reject(
+            RejectReason::OverridesLength,
+            format!("{len} overrides for {n} sequences"),
+        ));
     }
     let logprobs_present = group.inference_logprobs.as_ref().is_some_and(|l| !l.is_empty());
     if !logprobs_present && !limits.allow_missing_logprobs {
@@ -159,17 +168,26 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
         if let Some(j) = tokens.iter().position(|&t| t < 0 || t >= limits.vocab_size) {
             return Err(reject(
                 RejectReason::TokenOutOfVocab,
-                format!("sequence {i} position {j}: token {} outside vocabulary 0..{}", tokens[j], limits.vocab_size),
+                format!(
+                    "sequence {i} position {j}: token {} outside vocabulary 0..{}",
+                    tokens[j], limits.vocab_size
+                ),
             ));
         }
         if let Some(j) = masks.iter().zip(tokens).position(|(&m, &t)| m != IGNORE && m != t) {
             return Err(reject(
                 RejectReason::MaskTokenMismatch,
-                format!("sequence {i} position {j}: mask {} is neither -100 nor the token {}", masks[j], tokens[j]),
+                format!(
+                    "sequence {i} position {j}: mask {} is neither -100 nor the token {}",
+                    masks[j], tokens[j]
+                ),
             ));
         }
         if !masks.iter().skip(1).any(|&m| m != IGNORE) {
-            return Err(reject(RejectReason::NoScoredPosition, format!("sequence {i} has no scored position")));
+            return Err(reject(
+                RejectReason::NoScoredPosition,
+                format!("sequence {i} has no scored position"),
+            ));
         }
         if logprobs_present {
             let lps = group.inference_logprobs.as_ref().and_then(|l| l.get(i));
@@ -185,7 +203,10 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
             if let Some(j) = bad {
                 return Err(reject(
                     RejectReason::LogprobsInvalid,
-                    format!("sequence {i} position {j}: rollout logprob {} is not a finite value <= 0", lps[j]),
+                    format!(
+                        "sequence {i} position {j}: rollout logprob {} is not a finite value <= 0",
+                        lps[j]
+                    ),
                 ));
             }
         }
@@ -253,28 +274,154 @@ mod tests {
     fn malformed_groups_are_rejected_with_their_reason() {
         type Mutation = fn(&mut ScoredGroup);
         let table: Vec<(&str, Mutation, RejectReason)> = vec![
-            ("no sequences", |g| { g.tokens.clear(); g.masks.clear(); g.scores.clear(); }, RejectReason::EmptyGroup),
-            ("one score short", |g| { g.scores.pop(); }, RejectReason::ScoreCount),
+            (
+                "no sequences",
+                |g| {
+                    g.tokens.clear();
+                    g.masks.clear();
+                    g.scores.clear();
+                },
+                RejectReason::EmptyGroup,
+            ),
+            (
+                "one score short",
+                |g| {
+                    g.scores.pop();
+                },
+                RejectReason::ScoreCount,
+            ),
             ("NaN score", |g| g.scores[0] = f64::NAN, RejectReason::NonFiniteScore),
-            ("infinite score", |g| g.scores[1] = f64::INFINITY, RejectReason::NonFiniteScore),
-            ("mask list short", |g| { g.masks.pop(); }, RejectReason::MaskLength),
-            ("mask shorter than tokens", |g| { g.masks[1].pop(); }, RejectReason::MaskLength),
-            ("empty sequence", |g| { g.tokens[0].clear(); g.masks[0].clear(); }, RejectReason::EmptySequence),
-            ("token past vocab", |g| { g.tokens[0][1] = 100; }, RejectReason::TokenOutOfVocab),
-            ("negative token", |g| { g.tokens[1][0] = -1; }, RejectReason::TokenOutOfVocab),
-            ("mask disagrees with token", |g| { g.masks[0][3] = 7; }, RejectReason::MaskTokenMismatch),
-            ("nothing scored", |g| { g.masks[1] = vec![-100; 4]; }, RejectReason::NoScoredPosition),
-            ("only position 0 scored", |g| { g.masks[1] = vec![1, -100, -100, -100]; }, RejectReason::NoScoredPosition),
-            ("too long", |g| { g.tokens[0] = vec![1; 9]; g.masks[0] = vec![1; 9]; }, RejectReason::TooLong),
-            ("logprobs missing", |g| g.inference_logprobs = None, RejectReason::LogprobsMissing),
-            ("logprobs empty list", |g| g.inference_logprobs = Some(vec![]), RejectReason::LogprobsMissing),
-            ("logprobs row short", |g| { if let Some(l) = g.inference_logprobs.as_mut() { l[0].pop(); } }, RejectReason::LogprobsLength),
-            ("logprobs row missing", |g| { if let Some(l) = g.inference_logprobs.as_mut() { l.pop(); } }, RejectReason::LogprobsLength),
-            ("positive logprob", |g| { if let Some(l) = g.inference_logprobs.as_mut() { l[0][2] = 0.5; } }, RejectReason::LogprobsInvalid),
-            ("NaN logprob", |g| { if let Some(l) = g.inference_logprobs.as_mut() { l[1][3] = f64::NAN; } }, RejectReason::LogprobsInvalid),
-            ("advantages short", |g| g.advantages = Some(vec![vec![0.0; 4]]), RejectReason::AdvantagesLength),
-            ("advantages NaN", |g| g.advantages = Some(vec![vec![0.0; 4], vec![f64::NAN; 4]]), RejectReason::AdvantagesNonFinite),
-            ("overrides short", |g| g.overrides = Some(vec![None]), RejectReason::OverridesLength),
+            (
+                "infinite score",
+                |g| g.scores[1] = f64::INFINITY,
+                RejectReason::NonFiniteScore,
+            ),
+            (
+                "mask list short",
+                |g| {
+                    g.masks.pop();
+                },
+                RejectReason::MaskLength,
+            ),
+            (
+                "mask shorter than tokens",
+                |g| {
+                    g.masks[1].pop();
+                },
+                RejectReason::MaskLength,
+            ),
+            (
+                "empty sequence",
+                |g| {
+                    g.tokens[0].clear();
+                    g.masks[0].clear();
+                },
+                RejectReason::EmptySequence,
+            ),
+            (
+                "token past vocab",
+                |g| {
+                    g.tokens[0][1] = 100;
+                },
+                RejectReason::TokenOutOfVocab,
+            ),
+            (
+                "negative token",
+                |g| {
+                    g.tokens[1][0] = -1;
+                },
+                RejectReason::TokenOutOfVocab,
+            ),
+            (
+                "mask disagrees with token",
+                |g| {
+                    g.masks[0][3] = 7;
+                },
+                RejectReason::MaskTokenMismatch,
+            ),
+            (
+                "nothing scored",
+                |g| {
+                    g.masks[1] = vec![-100; 4];
+                },
+                RejectReason::NoScoredPosition,
+            ),
+            (
+                "only position 0 scored",
+                |g| {
+                    g.masks[1] = vec![1, -100, -100, -100];
+                },
+                RejectReason::NoScoredPosition,
+            ),
+            (
+                "too long",
+                |g| {
+                    g.tokens[0] = vec![1; 9];
+                    g.masks[0] = vec![1; 9];
+                },
+                RejectReason::TooLong,
+            ),
+            (
+                "logprobs missing",
+                |g| g.inference_logprobs = None,
+                RejectReason::LogprobsMissing,
+            ),
+            (
+                "logprobs empty list",
+                |g| g.inference_logprobs = Some(vec![]),
+                RejectReason::LogprobsMissing,
+            ),
+            (
+                "logprobs row short",
+                |g| {
+                    if let Some(l) = g.inference_logprobs.as_mut() {
+                        l[0].pop();
+                    }
+                },
+                RejectReason::LogprobsLength,
+            ),
+            (
+                "logprobs row missing",
+                |g| {
+                    if let Some(l) = g.inference_logprobs.as_mut() {
+                        l.pop();
+                    }
+                },
+                RejectReason::LogprobsLength,
+            ),
+            (
+                "positive logprob",
+                |g| {
+                    if let Some(l) = g.inference_logprobs.as_mut() {
+                        l[0][2] = 0.5;
+                    }
+                },
+                RejectReason::LogprobsInvalid,
+            ),
+            (
+                "NaN logprob",
+                |g| {
+                    if let Some(l) = g.inference_logprobs.as_mut() {
+                        l[1][3] = f64::NAN;
+                    }
+                },
+                RejectReason::LogprobsInvalid,
+            ),
+            (
+                "advantages short",
+                |g| g.advantages = Some(vec![vec![0.0; 4]]),
+                RejectReason::AdvantagesLength,
+            ),
+            (
+                "advantages NaN",
+                |g| g.advantages = Some(vec![vec![0.0; 4], vec![f64::NAN; 4]]),
+                RejectReason::AdvantagesNonFinite,
+            ),
+            (
+                "overrides short",
+                |g| g.overrides = Some(vec![None]),
+                RejectReason::OverridesLength,
+            ),
         ];
         for (name, mutate, reason) in table {
             let mut g = good();
@@ -301,7 +448,10 @@ mod tests {
         if let Some(l) = g.inference_logprobs.as_mut() {
             l[0] = vec![1.0, 1.0, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1];
         }
-        let lim = Limits { truncate_long: true, ..limits() };
+        let lim = Limits {
+            truncate_long: true,
+            ..limits()
+        };
         let out = validate(g, &lim).expect("truncated");
         assert_eq!(out.tokens[0].len(), 8);
         assert_eq!(out.masks[0].len(), 8);
@@ -312,7 +462,10 @@ mod tests {
     fn missing_logprobs_allowed_on_policy() {
         let mut g = good();
         g.inference_logprobs = None;
-        let lim = Limits { allow_missing_logprobs: true, ..limits() };
+        let lim = Limits {
+            allow_missing_logprobs: true,
+            ..limits()
+        };
         validate(g, &lim).expect("on-policy mode accepts groups without logprobs");
     }
 }

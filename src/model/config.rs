@@ -180,11 +180,7 @@ impl ModelSpec {
 }
 
 fn family_of(raw: &RawConfig) -> Result<Family, String> {
-    let arch = raw
-        .architectures
-        .as_ref()
-        .and_then(|a| a.first())
-        .map(String::as_str);
+    let arch = raw.architectures.as_ref().and_then(|a| a.first()).map(String::as_str);
     match (raw.model_type.as_deref(), arch) {
         (Some("llama"), _) | (_, Some("LlamaForCausalLM")) => Ok(Family::Llama),
         (Some("qwen2"), _) | (_, Some("Qwen2ForCausalLM")) => Ok(Family::Qwen2),
@@ -214,13 +210,11 @@ fn rope_scaling_of(dict: Option<&Value>, max_pos: i64) -> Result<RopeScaling, St
             factor: factor()?,
             low_freq_factor: num("low_freq_factor").unwrap_or(1.0),
             high_freq_factor: num("high_freq_factor").unwrap_or(4.0),
-            original_max_position_embeddings: num("original_max_position_embeddings")
-                .unwrap_or(max_pos as f64),
+            original_max_position_embeddings: num("original_max_position_embeddings").unwrap_or(max_pos as f64),
         }),
         "yarn" => Ok(RopeScaling::Yarn {
             factor: factor()?,
-            original_max_position_embeddings: num("original_max_position_embeddings")
-                .unwrap_or(max_pos as f64),
+            original_max_position_embeddings: num("original_max_position_embeddings").unwrap_or(max_pos as f64),
             beta_fast: num("beta_fast").unwrap_or(32.0),
             beta_slow: num("beta_slow").unwrap_or(1.0),
             attention_factor: num("attention_factor"),

@@ -65,7 +65,8 @@ pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
     let st = SafeTensors::deserialize(&bytes).map_err(|e| st_err(path, e))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| st_err(path, format!("{name}: dtype {:?} unsupported", view.dtype())))?;
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| st_err(path, format!("{name}: dtype {:?} unsupported", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)?;
         out.push((name, tensor));
@@ -119,8 +120,12 @@ pub fn load_params(spec: &ModelSpec, dir: &Path, device: Device) -> Result<Param
         }
         tensors.insert(name, tensor.to_kind(Kind::Float).to_device(device));
     }
-    let ignored: Vec<_> = found.keys().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
-    if !ignored.is_empty() && !(ignored.len() == 1 && ignored[0] == "lm_head.weight") {
+    // A tied model's file may still carry lm_head.weight; rotary buffers are recomputed.
+    let ignored: Vec<_> = found
+        .keys()
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq") && n.as_str() != "lm_head.weight")
+        .collect();
+    if !ignored.is_empty() {
         tracing::warn!(count = ignored.len(), first = %ignored[0], "ignoring tensors the model does not use");
     }
     Ok(ParamStore::from_tensors(tensors))

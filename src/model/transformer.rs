@@ -62,7 +62,11 @@ impl Transformer {
         let linear = |name: &str, bias: bool| -> Result<Linear, ModelError> {
             Ok(Linear {
                 weight: get(&format!("{name}.weight"))?,
-                bias: if bias { Some(get(&format!("{name}.bias"))?) } else { None },
+                bias: if bias {
+                    Some(get(&format!("{name}.bias"))?)
+                } else {
+                    None
+                },
             })
         };
         let mut layers = Vec::with_capacity(spec.num_layers as usize);
@@ -74,8 +78,16 @@ impl Transformer {
                 k: linear(&format!("{p}.self_attn.k_proj"), spec.qkv_bias)?,
                 v: linear(&format!("{p}.self_attn.v_proj"), spec.qkv_bias)?,
                 o: linear(&format!("{p}.self_attn.o_proj"), spec.o_bias)?,
-                q_norm: if spec.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"))?) } else { None },
-                k_norm: if spec.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"))?) } else { None },
+                q_norm: if spec.qk_norm {
+                    Some(get(&format!("{p}.self_attn.q_norm.weight"))?)
+                } else {
+                    None
+                },
+                k_norm: if spec.qk_norm {
+                    Some(get(&format!("{p}.self_attn.k_norm.weight"))?)
+                } else {
+                    None
+                },
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate: linear(&format!("{p}.mlp.gate_proj"), false)?,
                 up: linear(&format!("{p}.mlp.up_proj"), false)?,
@@ -83,7 +95,11 @@ impl Transformer {
             });
         }
         let embed = get("model.embed_tokens.weight")?;
-        let lm_head = if spec.tie_word_embeddings { embed.shallow_clone() } else { get("lm_head.weight")? };
+        let lm_head = if spec.tie_word_embeddings {
+            embed.shallow_clone()
+        } else {
+            get("lm_head.weight")?
+        };
         Ok(Self {
             spec: spec.clone(),
             embed,
@@ -128,10 +144,12 @@ impl Transformer {
             };
             let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
             let attn = attn.transpose(1, 2).reshape([b, t, spec.num_heads * spec.head_dim]);
-            x = x + layer.o.forward(&attn);
+            x = &x + layer.o.forward(&attn);
             let h = rms_norm(&x, &layer.post_norm, spec.rms_norm_eps);
-            let mlp = layer.down.forward(&(layer.gate.forward(&h).silu() * layer.up.forward(&h)));
-            x = x + mlp;
+            let mlp = layer
+                .down
+                .forward(&(layer.gate.forward(&h).silu() * layer.up.forward(&h)));
+            x = &x + mlp;
         }
         rms_norm(&x, &self.norm, spec.rms_norm_eps)
     }

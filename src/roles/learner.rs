@@ -65,7 +65,10 @@ fn trainer_config(cfg: &LearnerConfig, device: tch::Device) -> TrainerConfig {
             total_steps: cfg.training_steps,
             kind: cfg.lr_schedule,
         },
-        adamw: AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() },
+        adamw: AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
         max_grad_norm: cfg.max_grad_norm,
         device,
     }
@@ -74,7 +77,10 @@ fn trainer_config(cfg: &LearnerConfig, device: tch::Device) -> TrainerConfig {
 /// Removes what a crash mid-checkpoint left behind (`.tmp-*`, `.old-*`); complete
 /// checkpoints are only ever renamed into place.
 fn remove_partial_checkpoints(save: &std::path::Path) -> Result<(), LearnerError> {
-    let io = |source| LearnerError::Io { context: format!("cleaning {}", save.display()), source };
+    let io = |source| LearnerError::Io {
+        context: format!("cleaning {}", save.display()),
+        source,
+    };
     for entry in std::fs::read_dir(save).map_err(io)? {
         let path = entry.map_err(io)?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -111,7 +117,10 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let spec = ModelSpec::from_dir(&cfg.model_name)?;
     let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
     let save = cfg.save_path.clone();
-    std::fs::create_dir_all(&save).map_err(|source| LearnerError::Io { context: format!("creating {}", save.display()), source })?;
+    std::fs::create_dir_all(&save).map_err(|source| LearnerError::Io {
+        context: format!("creating {}", save.display()),
+        source,
+    })?;
     remove_partial_checkpoints(&save)?;
     let spool = Spool::open(save.join("spool"))?;
 
@@ -124,15 +133,18 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             }
             let stale = spool.list()?;
             if let Some(last) = stale.last() {
-                tracing::warn!(batches = stale.len(), "discarding the spool of an earlier run (use --resume to train on it)");
+                tracing::warn!(
+                    batches = stale.len(),
+                    "discarding the spool of an earlier run (use --resume to train on it)"
+                );
                 spool.release_through(*last)?;
             }
             None
         }
     };
-    let (start_step, consumed, rejected) = resumed
-        .as_ref()
-        .map_or((0, BatchSeq(0), 0), |(_, (s, _))| (s.step, s.batches_consumed, s.rejected_groups));
+    let (start_step, consumed, rejected) = resumed.as_ref().map_or((0, BatchSeq(0), 0), |(_, (s, _))| {
+        (s.step, s.batches_consumed, s.rejected_groups)
+    });
     if start_step >= cfg.training_steps {
         tracing::info!(step = start_step, "the run in --save-path is already complete");
         return Ok(RunOutcome::Completed { steps: start_step });
@@ -159,7 +171,10 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     if resume_from.is_some() {
         tracing::info!(step = steps_done, batch_seq = consumed.0, "resumed");
     }
-    let metrics = MetricsFile::open(&save, steps_done).map_err(|source| LearnerError::Io { context: "metrics.jsonl".into(), source })?;
+    let metrics = MetricsFile::open(&save, steps_done).map_err(|source| LearnerError::Io {
+        context: "metrics.jsonl".into(),
+        source,
+    })?;
 
     let client = AtroposClient::new(&cfg.atropos_url, Duration::from_secs(cfg.api_timeout_s))?;
     let registration = Registration {
@@ -167,8 +182,15 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         wandb_project: cfg.wandb_project.clone(),
         batch_size: cfg.api_batch_size(),
         max_token_len: cfg.seq_len,
-        checkpoint_dir: std::path::absolute(&save).unwrap_or_else(|_| save.clone()).display().to_string(),
-        save_checkpoint_interval: if cfg.checkpoint_interval == 0 { cfg.training_steps } else { cfg.checkpoint_interval },
+        checkpoint_dir: std::path::absolute(&save)
+            .unwrap_or_else(|_| save.clone())
+            .display()
+            .to_string(),
+        save_checkpoint_interval: if cfg.checkpoint_interval == 0 {
+            cfg.training_steps
+        } else {
+            cfg.checkpoint_interval
+        },
         starting_step: steps_done,
         num_steps: cfg.training_steps,
     };
@@ -185,7 +207,11 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let next_seq = BatchSeq(spooled.last().copied().unwrap_or(consumed).max(consumed).0 + 1);
     let credits = Arc::new(Semaphore::new(cfg.prefetch));
     let draining = Arc::new(AtomicBool::new(false));
-    let status = Arc::new(Mutex::new(LearnerStatus { step: steps_done, rejected_groups: rejected, last: None }));
+    let status = Arc::new(Mutex::new(LearnerStatus {
+        step: steps_done,
+        rejected_groups: rejected,
+        last: None,
+    }));
     let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel(4);
     let limits = Limits {
         vocab_size: spec.vocab_size,
@@ -195,7 +221,13 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
 
     let learner_args = {
-        let (cfg, credits, draining, status, outcome) = (cfg.clone(), credits.clone(), draining.clone(), status.clone(), outcome_tx.clone());
+        let (cfg, credits, draining, status, outcome) = (
+            cfg.clone(),
+            credits.clone(),
+            draining.clone(),
+            status.clone(),
+            outcome_tx.clone(),
+        );
         move |checkpointer| LearnerArgs {
             config: cfg,
             worker,
@@ -245,10 +277,14 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
 
     let status_server = match cfg.grpc_listen {
         Some(addr) => {
-            let service = StatusService { status: status.clone(), training_steps: cfg.training_steps };
-            let (bound, task) = serve(addr, service)
-                .await
-                .map_err(|source| LearnerError::Io { context: format!("binding --grpc-listen {addr}"), source })?;
+            let service = StatusService {
+                status: status.clone(),
+                training_steps: cfg.training_steps,
+            };
+            let (bound, task) = serve(addr, service).await.map_err(|source| LearnerError::Io {
+                context: format!("binding --grpc-listen {addr}"),
+                source,
+            })?;
             tracing::info!(addr = %bound, "grpc.v1.Learner status service listening");
             Some(task)
         }
@@ -270,7 +306,9 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         task.abort();
     }
     Ok(match outcome {
-        RunOutcome::Interrupted { .. } => RunOutcome::Interrupted { steps: status.lock().map(|s| s.step).unwrap_or(0) },
+        RunOutcome::Interrupted { .. } => RunOutcome::Interrupted {
+            steps: status.lock().map(|s| s.step).unwrap_or(0),
+        },
         other => other,
     })
 }

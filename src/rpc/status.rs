@@ -19,7 +19,11 @@ pub struct StatusService {
 #[tonic::async_trait]
 impl Learner for StatusService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let s = self.status.lock().map_err(|_| Status::internal("status lock poisoned"))?.clone();
+        let s = self
+            .status
+            .lock()
+            .map_err(|_| Status::internal("status lock poisoned"))?
+            .clone();
         Ok(Response::new(StatusResponse {
             version: Some(PolicyVersion { step: s.step }),
             training_steps: self.training_steps,
@@ -39,7 +43,10 @@ impl Learner for StatusService {
 
 /// Binds `addr` (port 0 picks a free port) and serves until the task is dropped; returns the
 /// bound address.
-pub async fn serve(addr: SocketAddr, service: StatusService) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    service: StatusService,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let incoming = tokio_stream_of(listener);

@@ -68,12 +68,14 @@ impl MetricsFile {
 /// The concise per-step line printed on stderr.
 pub fn human_line(r: &StepRecord, total_steps: u64) -> String {
     format!(
-        "step {}/{} | loss {:+.4} | grad {:.3} | lr {:.2e} | ratio {:.3} | clip {:.1}% | |dlogp| {:.4} | {} tok | rejected {} | {:.2}s (wait {:.2}s)",
+        "step {}/{} | loss {:+.4} | grad {:.3} | lr {:.2e} | logp+ {:.3} logp- {:.3} | ratio {:.3} | clip {:.1}% | |dlogp| {:.4} | {} tok | rejected {} | {:.2}s (wait {:.2}s)",
         r.train.step,
         total_steps,
         r.train.loss,
         r.train.grad_norm,
         r.train.lr,
+        r.train.pos_logp_mean,
+        r.train.neg_logp_mean,
         r.train.mean_ratio,
         100.0 * r.train.clipped_fraction,
         r.train.logprob_diff_abs_mean,

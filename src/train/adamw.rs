@@ -40,7 +40,11 @@ impl AdamW {
             .iter()
             .map(|(name, p)| (name.clone(), (p.zeros_like(), p.zeros_like())))
             .collect();
-        Self { config, steps: 0, moments }
+        Self {
+            config,
+            steps: 0,
+            moments,
+        }
     }
 
     /// One update of every parameter that has a gradient.
@@ -56,7 +60,9 @@ impl AdamW {
                 if !grad.defined() {
                     continue;
                 }
-                let Some((m, v)) = self.moments.get_mut(name) else { continue };
+                let Some((m, v)) = self.moments.get_mut(name) else {
+                    continue;
+                };
                 let mut p = p.shallow_clone();
                 let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 let _ = m.lerp_(&grad, 1.0 - c.beta1);
@@ -84,7 +90,9 @@ impl AdamW {
         for (name, (m, v)) in self.moments.iter_mut() {
             for (prefix, slot) in [("exp_avg", &mut *m), ("exp_avg_sq", &mut *v)] {
                 let key = format!("{prefix}.{name}");
-                let saved = by_name.remove(&key).ok_or_else(|| format!("optimizer state lacks {key}"))?;
+                let saved = by_name
+                    .remove(&key)
+                    .ok_or_else(|| format!("optimizer state lacks {key}"))?;
                 if saved.size() != slot.size() {
                     return Err(format!("{key}: shape {:?}, expected {:?}", saved.size(), slot.size()));
                 }

@@ -16,7 +16,13 @@ impl std::str::FromStr for LayerSet {
                 x.trim()
                     .parse::<i64>()
                     .map_err(|_| format!("{x:?} in {s:?} is not a layer index"))
-                    .and_then(|v| if v < 0 { Err(format!("negative layer index {v} in {s:?}")) } else { Ok(v) })
+                    .and_then(|v| {
+                        if v < 0 {
+                            Err(format!("negative layer index {v} in {s:?}"))
+                        } else {
+                            Ok(v)
+                        }
+                    })
             };
             match part.split_once('-') {
                 Some((a, b)) => {
@@ -55,7 +61,10 @@ mod tests {
     #[test]
     fn parses_ranges_and_rejects_nonsense() {
         let set: LayerSet = "0-3,28-31, 2".parse().expect("valid");
-        assert_eq!(set.0.iter().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 28, 29, 30, 31]);
+        assert_eq!(
+            set.0.iter().copied().collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 28, 29, 30, 31]
+        );
         for bad in ["", "3-1", "-1", "a", "1-b"] {
             assert!(bad.parse::<LayerSet>().is_err(), "{bad:?} must be rejected");
         }

@@ -42,9 +42,20 @@ mod tests {
 
     #[test]
     fn warmup_then_constant_or_cosine() {
-        let s = LrSchedule { lr: 1.0, warmup_steps: 4, total_steps: 8, kind: ScheduleKind::Constant };
-        assert_eq!((0..6).map(|i| s.lr_at(i)).collect::<Vec<_>>(), vec![0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
-        let c = LrSchedule { kind: ScheduleKind::Cosine, ..s };
+        let s = LrSchedule {
+            lr: 1.0,
+            warmup_steps: 4,
+            total_steps: 8,
+            kind: ScheduleKind::Constant,
+        };
+        assert_eq!(
+            (0..6).map(|i| s.lr_at(i)).collect::<Vec<_>>(),
+            vec![0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+        );
+        let c = LrSchedule {
+            kind: ScheduleKind::Cosine,
+            ..s
+        };
         assert_eq!(c.lr_at(4), 1.0);
         assert!((c.lr_at(6) - 0.5).abs() < 1e-12);
         assert!(c.lr_at(8).abs() < 1e-12);

@@ -141,7 +141,12 @@ impl Trainer {
     }
 
     /// Restores the optimizer and step counter of a resumed run.
-    pub fn restore(&mut self, optimizer: Vec<(String, Tensor)>, optimizer_steps: u64, steps_done: u64) -> Result<(), TrainError> {
+    pub fn restore(
+        &mut self,
+        optimizer: Vec<(String, Tensor)>,
+        optimizer_steps: u64,
+        steps_done: u64,
+    ) -> Result<(), TrainError> {
         self.optimizer
             .load_state_tensors(optimizer, optimizer_steps)
             .map_err(TrainError::OptimizerState)?;
@@ -198,7 +203,12 @@ impl Trainer {
     /// Global L2 norm of the gradients before clipping; rescales them to `max_grad_norm`.
     fn clip_gradients(&mut self) -> f64 {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.trainable.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+            let grads: Vec<Tensor> = self
+                .trainable
+                .iter()
+                .map(|(_, p)| p.grad())
+                .filter(Tensor::defined)
+                .collect();
             if grads.is_empty() {
                 return 0.0;
             }
