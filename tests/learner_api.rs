@@ -9,6 +9,8 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::{grpo_node, metrics, wait_until, RunApi};
+use grpo_node::rpc::pb::learner_client::LearnerClient;
+use grpo_node::rpc::pb::StatusRequest;
 use serde_json::{json, Value};
 
 const VOCAB: i64 = 512;
