@@ -29,6 +29,7 @@ pub mod actors;
 pub mod atropos;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod grpo;
 pub mod model;
 pub mod roles;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 pub use config::{Family, ModelSpec};
 pub use params::ParamStore;
-pub use transformer::Transformer;
+pub use transformer::{KvCache, Transformer};
 
 /// Errors loading, building or saving a model.
 #[derive(Debug, thiserror::Error)]

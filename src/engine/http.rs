@@ -1,0 +1,125 @@
+//! The engine's HTTP API: `POST /generate` (Atropos `server_type=vllm` contract), `GET /health`
+//! and `GET /info`. Malformed requests get a 4xx with `{"error": "..."}`, never a crash.
+
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::core::{EngineHandle, JobParams};
+use super::protocol::{GenerateRequest, GenerateResponse, Prompt};
+use super::sampler::SamplingParams;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn info(State(engine): State<EngineHandle>) -> Response {
+    match engine.info().await {
+        Ok(i) => Json(json!({
+            "version": i.version.0,
+            "vocab_size": i.vocab_size,
+            "max_position_embeddings": i.max_position_embeddings,
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn generate(State(engine): State<EngineHandle>, body: Bytes) -> Response {
+    let req: GenerateRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
+    };
+    if let Err(e) = req.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let (prompt_ids, prompt_text) = match &req.prompt {
+        Prompt::Ids { prompt_token_ids } => {
+            if let Some(bad) = prompt_token_ids.iter().find(|&&t| t < 0 || t >= engine.vocab_size) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("prompt token {bad} outside vocabulary 0..{}", engine.vocab_size),
+                );
+            }
+            let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
+            (
+                prompt_token_ids.clone(),
+                engine.tokenizer.decode(&ids, false).unwrap_or_default(),
+            )
+        }
+        Prompt::Text(text) => match engine.tokenizer.encode(text.as_str(), true) {
+            Ok(enc) if !enc.get_ids().is_empty() => {
+                (enc.get_ids().iter().map(|&i| i64::from(i)).collect(), text.clone())
+            }
+            Ok(_) => return error(StatusCode::BAD_REQUEST, "prompt encodes to no tokens"),
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot tokenize prompt: {e}")),
+        },
+    };
+    let params = JobParams {
+        n: req.n,
+        max_tokens: req.max_tokens,
+        min_tokens: req.min_tokens,
+        sampling: SamplingParams {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+        },
+        stop_token_ids: req.stop_token_ids.clone().unwrap_or_default(),
+        stop_strings: req.stop_strings(),
+        include_stop_str: req.include_stop_str_in_output,
+        skip_special_tokens: req.skip_special_tokens,
+        ignore_eos: req.ignore_eos,
+        seed: req.seed,
+        top_logprobs: req.logprobs.unwrap_or(0),
+    };
+    let completions = match engine.generate(prompt_ids.clone(), params).await {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let with_logprobs = req.logprobs.is_some();
+    let resp = GenerateResponse {
+        text: completions.iter().map(|c| c.text.clone()).collect(),
+        prompt: prompt_text,
+        finish_reasons: completions.iter().map(|c| c.finish).collect(),
+        logprobs: with_logprobs.then(|| completions.iter().map(|c| c.logprobs.clone()).collect()),
+        prompt_token_ids: with_logprobs.then_some(prompt_ids),
+        token_ids: with_logprobs.then(|| completions.iter().map(|c| c.token_ids.clone()).collect()),
+    };
+    Json(resp).into_response()
+}
+
+/// The router, for serving or for tests.
+pub fn router(engine: EngineHandle) -> Router {
+    Router::new()
+        .route("/generate", post(generate))
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(engine)
+}
+
+/// Binds `addr` (port 0 picks one) and serves in a task; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    engine: EngineHandle,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(engine);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok((bound, task))
+}
