@@ -34,5 +34,6 @@ pub mod grpo;
 pub mod model;
 pub mod roles;
 pub mod rpc;
+pub mod sync;
 pub mod telemetry;
 pub mod train;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
 use grpo_node::actors::messages::RunOutcome;
-use grpo_node::config::LearnerArgs;
+use grpo_node::config::{LearnerArgs, SidecarArgs};
 use grpo_node::roles;
 use grpo_node::telemetry;
 
@@ -15,6 +15,8 @@ use grpo_node::telemetry;
 enum Role {
     /// Pulls batches from the Atropos API and trains.
     Learner,
+    /// Serves /generate from an inference engine and takes weight updates from the learner.
+    InferenceSidecar,
 }
 
 /// A Rust GRPO trainer for the Atropos RL ecosystem.
@@ -26,6 +28,8 @@ struct Cli {
     role: Role,
     #[command(flatten)]
     learner: LearnerArgs,
+    #[command(flatten)]
+    sidecar: SidecarArgs,
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -49,15 +53,23 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn run(cli: Cli) -> anyhow::Result<RunOutcome> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
     match cli.role {
         Role::Learner => {
             let cfg = cli.learner.resolve()?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            Ok(runtime.block_on(roles::learner::run(cfg, shutdown_signal()))?)
+            Ok(Some(runtime()?.block_on(roles::learner::run(cfg, shutdown_signal()))?))
+        }
+        Role::InferenceSidecar => {
+            let cfg = cli.sidecar.resolve(cli.learner)?;
+            runtime()?.block_on(roles::sidecar::run(cfg, shutdown_signal()))?;
+            Ok(None)
         }
     }
 }
@@ -66,15 +78,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging();
     match run(cli) {
-        Ok(RunOutcome::Completed { steps }) => {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(RunOutcome::Completed { steps })) => {
             tracing::info!(steps, "training complete");
             ExitCode::SUCCESS
         }
-        Ok(RunOutcome::Interrupted { steps }) => {
+        Ok(Some(RunOutcome::Interrupted { steps })) => {
             tracing::info!(steps, "stopped by signal; rerun with --resume to continue");
             ExitCode::SUCCESS
         }
-        Ok(RunOutcome::Failed(reason)) => {
+        Ok(Some(RunOutcome::Failed(reason))) => {
             eprintln!("error: {reason}");
             ExitCode::FAILURE
         }

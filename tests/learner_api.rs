@@ -5,10 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::{grpo_node, metrics, wait_until, RunApi};
+use common::{metrics, wait_until, Learner, RunApi};
 use grpo_node::rpc::pb::learner_client::LearnerClient;
 use grpo_node::rpc::pb::StatusRequest;
 use serde_json::{json, Value};
@@ -38,74 +37,6 @@ fn group(salt: i64) -> Value {
     let (a, b) = (seq(0), seq(1));
     json!({"tokens": [a.0, b.0], "masks": [a.1, b.1], "scores": [1.0, (salt % 3) as f64 * 0.25],
            "inference_logprobs": [a.2, b.2], "generation_params": {"temperature": 1.0}, "env_id": null})
-}
-
-struct Learner {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Learner {
-    fn spawn(model: &Path, api: &RunApi, save: &Path, extra: &[&str]) -> Self {
-        let log = save.with_extension(format!(
-            "log{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = grpo_node()
-            .args(["--role", "learner", "--model-name"])
-            .arg(model)
-            .args([
-                "--atropos-url",
-                &api.url(),
-                "--batch-size",
-                "2",
-                "--gradient-accumulation-steps",
-                "2",
-                "--seq-len",
-                "64",
-            ])
-            .args(["--lr", "1e-3", "--save-path"])
-            .arg(save)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn grpo-node");
-        Self { child, log }
-    }
-
-    fn wait(mut self, limit: Duration) -> (i32, String) {
-        let mut status = None;
-        wait_until(limit, "grpo-node to exit", || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        let log = self.log();
-        (status.and_then(|s| s.code()).unwrap_or(-1), log)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    }
-}
-
-impl Drop for Learner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -338,15 +269,31 @@ fn sigterm_drains_saves_and_exits_zero() {
     let model = common::tiny_model("llama", &[]);
     let api = RunApi::start();
     let save = tempfile::tempdir().expect("save");
+    let grpc = format!("127.0.0.1:{}", common::free_port());
     let learner = Learner::spawn(
         model.path(),
         &api,
         save.path(),
-        &["--training-steps", "100", "--checkpoint-interval", "50"],
+        &[
+            "--training-steps",
+            "100",
+            "--checkpoint-interval",
+            "50",
+            "--grpc-listen",
+            &grpc,
+        ],
     );
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..6).map(group).collect::<Vec<_>>()));
     wait_until(Duration::from_secs(120), "a step", || !metrics(save.path()).is_empty());
+    // The learner's gRPC service answers over a real socket while the run is live.
+    let status = tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+        let mut client = LearnerClient::connect(format!("http://{grpc}")).await.expect("connect");
+        client.status(StatusRequest {}).await.expect("status").into_inner()
+    });
+    assert_eq!(status.training_steps, 100);
+    assert!(status.version.expect("version").step >= 1);
+    assert!(status.last_step.expect("last step").loss.is_finite());
     learner.signal("-TERM");
     let (code, log) = learner.wait(Duration::from_secs(60));
     assert_eq!(code, 0, "{log}");

@@ -5,9 +5,13 @@ learn by RL alone on CPU in minutes. The user message is a random string over `s
 (length `min_len`..`max_len`); the reply should be the same string followed by </s>.
 
 Reward (exact and deterministic, in [0, 1]; dense so GRPO has signal from the first step):
-    (1 - stop_bonus) * (#positions i < len(target) with reply[i] == target[i]) / len(target)
+    (1 - stop_bonus) * #{i : reply[i] == target[i]} / max(len(target), len(reply))
   + stop_bonus       * [the reply stopped (finish_reason "stop") and len(reply) == len(target)]
-A uniform policy over the symbols scores about (1 - stop_bonus)/len(symbols); a perfect one 1.0.
+`reply` is the decoded completion without </s>. Dividing by the longer of the two lengths gives
+partial credit per correct position and makes every extra symbol cost something, so the policy
+learns to stop (a reply cut off by max_tokens is always longer than the target). A policy that
+emits uniform symbols and never stops scores about (1 - stop_bonus) * L/(L+1) / len(symbols)
+(0.17 for the defaults); a perfect one scores 1.0.
 
     python python/envs/copy_env.py serve --env.tokenizer_name MODEL_DIR \\
         --env.rollout_server_url http://127.0.0.1:8000 \\
@@ -38,9 +42,9 @@ class CopyEnvConfig(BaseEnvConfig):
 
 def score_copy(target: str, reply: str, stopped: bool, stop_bonus: float) -> float:
     """The reward described in the module docstring."""
-    matches = sum(1 for i, ch in enumerate(target) if i < len(reply) and reply[i] == ch)
+    matches = sum(1 for a, b in zip(target, reply) if a == b)
     exact_stop = stopped and len(reply) == len(target)
-    return (1.0 - stop_bonus) * matches / len(target) + (stop_bonus if exact_stop else 0.0)
+    return (1.0 - stop_bonus) * matches / max(len(target), len(reply)) + (stop_bonus if exact_stop else 0.0)
 
 
 class CopyEnv(common.GrpoEnv):

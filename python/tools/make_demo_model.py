@@ -10,9 +10,12 @@ apply_chat_template.
 Vocabulary (ids in this order; vocab_size of the model == tokenizer size):
     0 <pad>   1 <s> (bos)   2 </s> (eos)   3 <unk>   4 '>' (user turn)   5 '=' (assistant turn)
     6.. the task symbols (--symbols, default "abcd")
-Chat rendering:  <s> '>' user-text '=' assistant-text </s>  ... and a trailing '=' as the generation
-prompt. A user message "abca" therefore becomes ids [1, 4, 6, 7, 8, 6, 5] and the model answers after
-'='. System messages render like user messages. Characters outside the vocabulary encode to <unk>.
+Chat rendering (ChatML-like: every turn ends with </s>):
+    <s> '>' user-text </s> '=' assistant-text </s> ...  and a trailing '=' as the generation prompt.
+A user message "abca" therefore becomes ids [1, 4, 6, 7, 8, 6, 2, 5] and the model answers after '='.
+System messages render like user messages. Characters outside the vocabulary encode to <unk>.
+Ending the user turn with </s> means that in the copy task the token a fixed distance back from
+the answer's end is </s>: "copy the token at a fixed offset" then also stops at the right place.
 
 A small vocabulary is deliberate: the fewer tokens a random policy can emit, the sooner RL finds
 reward (python/envs/copy_env.py's task uses exactly these symbols).
@@ -32,8 +35,8 @@ TURN_MARKERS = [">", "="]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}={{ m['content'] }}{{ eos_token }}"
-    "{% else %}>{{ m['content'] }}{% endif %}"
+    "{% if m['role'] == 'assistant' %}={% else %}>{% endif %}"
+    "{{ m['content'] }}{{ eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}={% endif %}"
 )
@@ -86,7 +89,7 @@ def check_tokenizer(out, vocab, symbols):
     msgs = [{"role": "user", "content": text}]
     prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = hf.encode(prompt, add_special_tokens=True)
-    want = [vocab["<s>"], vocab[">"]] + [vocab[c] for c in text] + [vocab["="]]
+    want = [vocab["<s>"], vocab[">"]] + [vocab[c] for c in text] + [vocab["</s>"], vocab["="]]
     assert ids == want, (prompt, ids, want)
     assert raw.encode(prompt, add_special_tokens=True).ids == want
     answer = [vocab[c] for c in text] + [vocab["</s>"]]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::checkpoint::hf::prune_step_checkpoints;
+use crate::checkpoint::hf::{prune_step_checkpoints, prune_sync_checkpoints};
 use crate::checkpoint::{write_hf_checkpoint, CheckpointError, CheckpointKind, Spool};
 
 use super::messages::{CheckpointJob, CheckpointerMsg};
@@ -39,6 +39,9 @@ pub fn write_job(args: &CheckpointerArgs, job: &CheckpointJob) -> Result<PathBuf
             }
         },
     )?;
+    if let CheckpointKind::Sync(n) = job.kind {
+        prune_sync_checkpoints(&args.save_path, n)?;
+    }
     if with_state {
         args.spool.release_through(job.state.batches_consumed)?;
         if let Some(keep) = args.keep {

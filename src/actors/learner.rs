@@ -15,6 +15,35 @@ use crate::telemetry::metrics::{human_line, MetricsFile, StepRecord};
 
 use super::messages::{CheckpointJob, CheckpointerMsg, LearnerMsg, PreparedBatch, RunOutcome};
 use super::model_worker::ModelWorker;
+use super::weight_broadcaster::{BroadcasterMsg, LatestSlot, Payload, PublishJob, SyncStats};
+use crate::config::BridgeMode;
+use crate::engine::PolicyVersion;
+use crate::sync::WeightSet;
+
+/// How the learner hands new versions to the WeightBroadcaster.
+pub struct SyncHook {
+    pub mode: BridgeMode,
+    /// Publish after every this many steps.
+    pub every: u64,
+    pub slot: LatestSlot,
+    pub broadcaster: ActorRef<BroadcasterMsg>,
+    pub stats: Arc<Mutex<SyncStats>>,
+}
+
+/// Puts the current weights in the slot and tells the broadcaster (broadcast mode).
+pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<(), ActorProcessingErr> {
+    let (step, weights) = worker.weights().await?;
+    let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
+    let job = PublishJob {
+        version: PolicyVersion(step),
+        payload: Payload::Weights(Arc::new(set)),
+    };
+    if let Ok(mut slot) = hook.slot.lock() {
+        *slot = Some(Arc::new(job));
+    }
+    hook.broadcaster.cast(BroadcasterMsg::Publish)?;
+    Ok(())
+}
 
 pub struct Learner;
 
@@ -39,6 +68,8 @@ pub struct LearnerArgs {
     pub draining: Arc<AtomicBool>,
     pub status: Arc<Mutex<LearnerStatus>>,
     pub outcome: tokio::sync::mpsc::Sender<RunOutcome>,
+    /// Weight sync to sidecars, when the run has any (shared mode needs none).
+    pub sync: Option<SyncHook>,
 }
 
 pub struct LearnerState {
@@ -95,6 +126,56 @@ impl LearnerState {
         Ok(())
     }
 
+    /// Publishes the new version if one is due.
+    async fn sync(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some((mode, every)) = self.args.sync.as_ref().map(|h| (h.mode, h.every)) else {
+            return Ok(());
+        };
+        let step = self.steps_done;
+        match mode {
+            BridgeMode::Broadcast if step % every == 0 => match &self.args.sync {
+                Some(hook) => publish_weights(&self.args.worker, hook).await,
+                None => Ok(()),
+            },
+            BridgeMode::Checkpoint if step % self.args.config.sync.restart_interval == 0 => {
+                self.checkpoint_only(CheckpointKind::Sync(step)).await?;
+                let path = self.args.config.save_path.join(CheckpointKind::Sync(step).dir_name());
+                let path = std::path::absolute(&path).unwrap_or(path).display().to_string();
+                let job = PublishJob {
+                    version: PolicyVersion(step),
+                    payload: Payload::Checkpoint(path),
+                };
+                if let Some(hook) = &self.args.sync {
+                    if let Ok(mut slot) = hook.slot.lock() {
+                        *slot = Some(Arc::new(job));
+                    }
+                    hook.broadcaster.cast(BroadcasterMsg::Publish)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes one checkpoint of the current weights and waits for it.
+    async fn checkpoint_only(&mut self, kind: CheckpointKind) -> Result<(), ActorProcessingErr> {
+        let (step, weights) = self.args.worker.weights().await?;
+        let mut state = self.training_state();
+        state.step = step;
+        let job = CheckpointJob {
+            kind,
+            weights,
+            optimizer: Vec::new(),
+            state,
+        };
+        let written = ractor::call!(self.args.checkpointer, |reply| CheckpointerMsg::Save(
+            Box::new(job),
+            Some(reply)
+        ))?;
+        written.map_err(ActorProcessingErr::from)?;
+        Ok(())
+    }
+
     async fn train(&mut self, prepared: PreparedBatch) -> Result<(), ActorProcessingErr> {
         for r in &prepared.rejections {
             *self.pending_rejections.entry(r.reason.as_str()).or_default() += 1;
@@ -111,13 +192,33 @@ impl LearnerState {
             self.args.credits.add_permits(1);
             return Ok(());
         };
+        let reward_mean = if batch.sequences > 0 {
+            batch.score_sum / batch.sequences as f64
+        } else {
+            0.0
+        };
         let metrics = self.args.worker.train(batch).await?;
         self.steps_done = metrics.step;
         self.args.batches_consumed = prepared.seq;
         self.args.credits.add_permits(1);
         let now = Instant::now();
         let by_reason = std::mem::take(&mut self.pending_rejections);
+        let stats = self
+            .args
+            .sync
+            .as_ref()
+            .and_then(|h| h.stats.lock().ok().map(|s| s.clone()));
         let record = StepRecord {
+            reward_mean,
+            engine_version: stats.as_ref().and_then(|s| s.engine_version),
+            sync_time_s: stats
+                .as_ref()
+                .filter(|s| s.engine_version.is_some())
+                .map(|s| s.sync_time_s),
+            sync_bytes: stats
+                .as_ref()
+                .filter(|s| s.engine_version.is_some())
+                .map(|s| s.sync_bytes),
             train: metrics,
             rejected_groups: by_reason.values().sum(),
             rejected_by_reason: by_reason,
@@ -133,6 +234,7 @@ impl LearnerState {
             status.rejected_groups = self.args.rejected_groups;
             status.last = Some(record);
         }
+        self.sync().await?;
         let total = self.args.config.training_steps;
         let interval = self.args.config.checkpoint_interval;
         if self.steps_done >= total {

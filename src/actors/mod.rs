@@ -15,3 +15,4 @@ pub mod messages;
 pub mod model_worker;
 pub mod preprocessor;
 pub mod supervisor;
+pub mod weight_broadcaster;

@@ -8,7 +8,8 @@ use tch::Tensor;
 use tokio::sync::oneshot;
 
 use crate::grpo::TrainBatch;
-use crate::train::{StepMetrics, TrainError, Trainer};
+use crate::model::ParamStore;
+use crate::train::{SharedWeights, StepMetrics, TrainError, Trainer};
 
 /// Copies of the trainer's state at one step.
 pub struct Snapshot {
@@ -21,6 +22,8 @@ pub struct Snapshot {
 enum Command {
     Train(Box<TrainBatch>, oneshot::Sender<StepMetrics>),
     Snapshot(oneshot::Sender<Snapshot>),
+    Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
+    Share(oneshot::Sender<(ParamStore, SharedWeights)>),
 }
 
 /// The model thread stopped (it panicked, or was shut down).
@@ -69,6 +72,12 @@ impl ModelWorker {
                                 steps_done: trainer.steps_done(),
                             });
                         }
+                        Command::Weights(reply) => {
+                            let _ = reply.send((trainer.steps_done(), trainer.params().snapshot()));
+                        }
+                        Command::Share(reply) => {
+                            let _ = reply.send(trainer.share());
+                        }
                     }
                 }
             })
@@ -95,6 +104,20 @@ impl ModelWorker {
     pub async fn train(&self, batch: TrainBatch) -> Result<StepMetrics, WorkerGone> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Train(Box::new(batch), tx))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+
+    /// Copies of the weights only, with the step they belong to.
+    pub async fn weights(&self) -> Result<(u64, Vec<(String, Tensor)>), WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Weights(tx))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+
+    /// Handles on the live parameters for a colocated engine (shared mode).
+    pub async fn share(&self) -> Result<(ParamStore, SharedWeights), WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Share(tx))?;
         rx.await.map_err(|_| WorkerGone)
     }
 

@@ -28,6 +28,8 @@ pub enum CheckpointKind {
     Step(u64),
     /// `final_model`, written when the run completes.
     Final,
+    /// `sync_step_N`: weights for sidecars to reload (checkpoint bridge mode); no training state.
+    Sync(u64),
 }
 
 impl CheckpointKind {
@@ -36,6 +38,7 @@ impl CheckpointKind {
         match self {
             Self::Step(n) => format!("step_{n}"),
             Self::Final => "final_model".into(),
+            Self::Sync(n) => format!("sync_step_{n}"),
         }
     }
 }
@@ -92,6 +95,28 @@ pub fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
         }
     }
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
+}
+
+/// Deletes `sync_step_N` directories older than `newest`, keeping the one before it (a
+/// sidecar may still be reading it).
+pub fn prune_sync_checkpoints(save_path: &Path, newest: u64) -> Result<(), CheckpointError> {
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(save_path).map_err(io_err(save_path))? {
+        let path = entry.map_err(io_err(save_path))?.path();
+        let n = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("sync_step_"))
+            .and_then(|n| n.parse().ok());
+        if let Some(n) = n.filter(|&n| n < newest) {
+            found.push((n, path));
+        }
+    }
+    found.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    for (_, dir) in found.into_iter().skip(1) {
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    Ok(())
 }
 
 /// Deletes the oldest `step_N` directories beyond the newest `keep`.

@@ -21,6 +21,18 @@ pub enum OptimizerKind {
     Adamw,
 }
 
+/// How new weights reach the inference engines (the seeds' names in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BridgeMode {
+    /// Stream every version to each sidecar over gRPC (NCCL comes with the GPU build).
+    Broadcast,
+    /// Learner and embedded engine in one process share the same tensors [shared_vllm].
+    Shared,
+    /// Save an HF checkpoint; sidecars reload from it every --vllm-restart-interval steps [none].
+    Checkpoint,
+}
+
 /// Learner flags. Every field is optional here so the TOML file can fill what the command line
 /// and environment leave out; [`LearnerArgs::resolve`] applies defaults and validates.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -132,9 +144,36 @@ pub struct LearnerArgs {
     /// Batches fetched ahead of training [default: 2].
     #[arg(long, env = "GRPO_PREFETCH")]
     pub prefetch: Option<usize>,
-    /// Serve the read-only grpc.v1.Learner status service on this address.
+    /// Serve grpc.v1.Learner (status; sidecar registration) on this address.
     #[arg(long, env = "GRPO_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
+    /// gRPC address of an inference sidecar to keep in sync, e.g. http://127.0.0.1:50051 (repeatable).
+    #[arg(long = "sidecar", env = "GRPO_SIDECARS", value_delimiter = ',')]
+    pub sidecar: Option<Vec<String>>,
+    /// broadcast, shared or checkpoint [default: broadcast].
+    #[arg(long, env = "GRPO_WEIGHT_BRIDGE_MODE", value_enum)]
+    pub weight_bridge_mode: Option<BridgeMode>,
+    /// Publish weights every N optimizer steps (broadcast mode) [default: 1].
+    #[arg(long, env = "GRPO_SYNC_EVERY")]
+    pub sync_every: Option<u64>,
+    /// Checkpoint mode: reload the sidecars' engines from a fresh checkpoint every N steps [default: 3].
+    #[arg(long, env = "GRPO_VLLM_RESTART_INTERVAL")]
+    pub vllm_restart_interval: Option<u64>,
+    /// Bucket size of the weight stream, MiB [default: 16].
+    #[arg(long, env = "GRPO_SYNC_BUCKET_MB")]
+    pub sync_bucket_mb: Option<u64>,
+    /// Per-RPC allowance of a weight sync, seconds; streams add bytes at 20 MB/s [default: 10].
+    #[arg(long, env = "GRPO_SYNC_DEADLINE_S")]
+    pub sync_deadline_s: Option<u64>,
+    /// Shared token required on every gRPC call (learner and sidecars).
+    #[arg(long, env = "GRPO_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// Shared mode: run the embedded engine inside the learner process, on the same tensors.
+    #[arg(long, env = "GRPO_COLOCATE_ENGINE", num_args = 0..=1, default_missing_value = "true")]
+    pub colocate_engine: Option<bool>,
+    /// HTTP address of the colocated engine [default: 127.0.0.1:9001].
+    #[arg(long, env = "GRPO_ENGINE_LISTEN")]
+    pub engine_listen: Option<SocketAddr>,
 }
 
 /// A validated learner configuration.
@@ -175,6 +214,28 @@ pub struct LearnerConfig {
     pub api_timeout_s: u64,
     pub prefetch: usize,
     pub grpc_listen: Option<SocketAddr>,
+    pub sync: SyncConfig,
+}
+
+/// Weight-sync settings of a learner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    pub mode: BridgeMode,
+    pub sidecars: Vec<String>,
+    pub every: u64,
+    pub restart_interval: u64,
+    pub bucket_bytes: u64,
+    pub deadline_s: u64,
+    pub auth_token: Option<String>,
+    /// Shared mode: where the colocated engine serves HTTP.
+    pub engine_listen: Option<SocketAddr>,
+}
+
+impl SyncConfig {
+    /// Whether anything needs weights published.
+    pub fn enabled(&self) -> bool {
+        self.mode == BridgeMode::Shared || !self.sidecars.is_empty()
+    }
 }
 
 macro_rules! merge_fields {
@@ -232,6 +293,15 @@ impl LearnerArgs {
             api_timeout_s,
             prefetch,
             grpc_listen,
+            sidecar,
+            weight_bridge_mode,
+            sync_every,
+            vllm_restart_interval,
+            sync_bucket_mb,
+            sync_deadline_s,
+            auth_token,
+            colocate_engine,
+            engine_listen,
         )
     }
 
@@ -335,7 +405,50 @@ impl LearnerArgs {
         check(prefetch > 0, "prefetch", || "must be at least 1".into())?;
         let api_timeout_s = args.api_timeout_s.unwrap_or(30);
         check(api_timeout_s > 0, "api-timeout-s", || "must be at least 1".into())?;
+        let mode = args
+            .weight_bridge_mode
+            .unwrap_or(if args.colocate_engine == Some(true) {
+                BridgeMode::Shared
+            } else {
+                BridgeMode::Broadcast
+            });
+        let colocate = args.colocate_engine.unwrap_or(false);
+        check(colocate == (mode == BridgeMode::Shared), "colocate-engine", || {
+            "--colocate-engine and --weight-bridge-mode shared go together".into()
+        })?;
+        let sidecars = args.sidecar.unwrap_or_default();
+        for s in &sidecars {
+            check(s.starts_with("http://"), "sidecar", || {
+                format!("{s:?} must be an http:// gRPC address")
+            })?;
+        }
+        let sync_every = args.sync_every.unwrap_or(1);
+        check(sync_every > 0, "sync-every", || "must be at least 1".into())?;
+        let restart_interval = args.vllm_restart_interval.unwrap_or(3);
+        check(restart_interval > 0, "vllm-restart-interval", || {
+            "must be at least 1".into()
+        })?;
+        let bucket_mb = args.sync_bucket_mb.unwrap_or(16);
+        check((1..=128).contains(&bucket_mb), "sync-bucket-mb", || {
+            format!("must be in 1..=128 (got {bucket_mb})")
+        })?;
+        let deadline_s = args.sync_deadline_s.unwrap_or(10);
+        check(deadline_s > 0, "sync-deadline-s", || "must be at least 1".into())?;
+        let sync = SyncConfig {
+            mode,
+            sidecars,
+            every: sync_every,
+            restart_interval,
+            bucket_bytes: bucket_mb << 20,
+            deadline_s,
+            auth_token: args.auth_token.filter(|t| !t.is_empty()),
+            engine_listen: colocate.then(|| {
+                args.engine_listen
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)))
+            }),
+        };
         Ok(LearnerConfig {
+            sync,
             model_name,
             atropos_url: atropos_url.trim_end_matches('/').to_string(),
             lr,

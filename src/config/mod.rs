@@ -3,9 +3,11 @@
 
 pub mod device;
 pub mod learner;
+pub mod sidecar;
 
 pub use device::DeviceSpec;
-pub use learner::{LearnerArgs, LearnerConfig, OptimizerKind};
+pub use learner::{BridgeMode, LearnerArgs, LearnerConfig, OptimizerKind, SyncConfig};
+pub use sidecar::{EngineKind, SidecarArgs, SidecarConfig};
 
 use std::path::PathBuf;
 

@@ -21,6 +21,8 @@ pub struct Sequence {
     pub ref_logprobs: Option<Vec<f32>>,
     pub advantages: Vec<f32>,
     pub temperature: f32,
+    /// The environment's raw score of this sequence.
+    pub score: f64,
 }
 
 impl Sequence {
@@ -50,6 +52,7 @@ pub fn align_group(group: &ScoredGroup) -> Vec<Sequence> {
                 ref_logprobs: logprobs.map(|l| l[i][1..n].iter().map(|&x| x as f32).collect()),
                 advantages,
                 temperature: temperature(group, i) as f32,
+                score: group.scores[i],
             }
         })
         .collect()
@@ -76,6 +79,8 @@ pub struct TrainBatch {
     pub micro_batches: Vec<MicroBatch>,
     pub sequences: usize,
     pub scored_tokens: usize,
+    /// Sum of the raw scores of the sequences (for the reward metric).
+    pub score_sum: f64,
 }
 
 fn padded_len(longest: usize) -> usize {
@@ -87,6 +92,7 @@ fn padded_len(longest: usize) -> usize {
 pub fn pack(mut sequences: Vec<Sequence>, micro_batch: usize) -> TrainBatch {
     let total = sequences.len();
     let scored_tokens = sequences.iter().map(Sequence::scored).sum();
+    let score_sum = sequences.iter().map(|s| s.score).sum();
     sequences.sort_by_key(|s| std::cmp::Reverse(s.input_ids.len()));
     let micro_batches = sequences
         .chunks(micro_batch.max(1))
@@ -122,6 +128,7 @@ pub fn pack(mut sequences: Vec<Sequence>, micro_batch: usize) -> TrainBatch {
         micro_batches,
         sequences: total,
         scored_tokens,
+        score_sum,
     }
 }
 

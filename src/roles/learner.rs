@@ -12,17 +12,25 @@ use tokio::sync::Semaphore;
 
 use crate::actors::batch_fetcher::FetcherArgs;
 use crate::actors::checkpointer::CheckpointerArgs;
+use crate::actors::learner::{publish_weights, SyncHook};
 use crate::actors::learner::{LearnerArgs, LearnerStatus};
 use crate::actors::messages::{RunOutcome, SupervisorMsg};
 use crate::actors::model_worker::ModelWorker;
 use crate::actors::supervisor::{LearnerSupervisor, SupervisorArgs};
+use crate::actors::weight_broadcaster::{
+    BroadcasterArgs, BroadcasterMsg, LatestSlot, Payload, PublishJob, SyncStats, WeightBroadcaster,
+};
 use crate::atropos::{AtroposClient, AtroposError, Registration};
 use crate::checkpoint::{latest_resumable, BatchSeq, CheckpointError, Spool, TrainingState};
+use crate::config::BridgeMode;
 use crate::config::LearnerConfig;
+use crate::engine::{http as engine_http, BatchConfig, EngineHandle, PolicyVersion};
 use crate::grpo::{Limits, LossConfig};
 use crate::model::safetensors_io::load_params;
 use crate::model::{ModelError, ModelSpec};
-use crate::rpc::status::{serve, StatusService};
+use crate::rpc::learner_service::{serve, LearnerService};
+use crate::sync::auth::Token;
+use crate::sync::client::Deadlines;
 use crate::telemetry::metrics::MetricsFile;
 use crate::train::{AdamWConfig, LrSchedule, TrainError, Trainer, TrainerConfig};
 
@@ -47,6 +55,8 @@ pub enum LearnerError {
     Actors(String),
     #[error("--device: {0}")]
     Device(String),
+    #[error("colocated engine: {0}")]
+    Engine(String),
 }
 
 fn trainer_config(cfg: &LearnerConfig, device: tch::Device) -> TrainerConfig {
@@ -202,6 +212,90 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let uuid = client.register_checked(&registration, cfg.reset_api).await?;
     tracing::info!(uuid = %uuid.0, batch_size = registration.batch_size, url = %client.base(), "registered with the Atropos API");
 
+    // Weight sync: a broadcaster for sidecars (given, or registering over gRPC), or the
+    // colocated engine on the learner's own tensors.
+    let token = Token(cfg.sync.auth_token.clone());
+    let stats = Arc::new(Mutex::new(SyncStats::default()));
+    let slot: LatestSlot = Arc::new(Mutex::new(None));
+    let wants_broadcaster =
+        cfg.sync.mode != BridgeMode::Shared && (!cfg.sync.sidecars.is_empty() || cfg.grpc_listen.is_some());
+    let broadcaster = if wants_broadcaster {
+        let args = BroadcasterArgs {
+            sidecars: cfg.sync.sidecars.clone(),
+            token: token.clone(),
+            deadlines: Deadlines {
+                rpc: Duration::from_secs(cfg.sync.deadline_s),
+                min_bytes_per_s: 20e6,
+            },
+            bucket_bytes: cfg.sync.bucket_bytes,
+            slot: slot.clone(),
+            stats: stats.clone(),
+            health_every: Duration::from_secs(1),
+        };
+        let (b, _) = Actor::spawn(Some("weight_broadcaster".into()), WeightBroadcaster, args)
+            .await
+            .map_err(|e| LearnerError::Actors(e.to_string()))?;
+        Some(b)
+    } else {
+        None
+    };
+    let sync_hook = broadcaster.clone().map(|b| SyncHook {
+        mode: cfg.sync.mode,
+        every: cfg.sync.every,
+        slot: slot.clone(),
+        broadcaster: b,
+        stats: stats.clone(),
+    });
+    if let Some(hook) = &sync_hook {
+        match cfg.sync.mode {
+            // Sidecars start from the learner's weights (the resumed ones after --resume).
+            BridgeMode::Broadcast => publish_weights(&worker, hook)
+                .await
+                .map_err(|e| LearnerError::Actors(e.to_string()))?,
+            BridgeMode::Checkpoint => {
+                if let Some((_, dir)) = &resume_from {
+                    let path = std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string();
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(Arc::new(PublishJob {
+                            version: PolicyVersion(steps_done),
+                            payload: Payload::Checkpoint(path),
+                        }));
+                    }
+                    hook.broadcaster
+                        .cast(BroadcasterMsg::Publish)
+                        .map_err(|e| LearnerError::Actors(e.to_string()))?;
+                }
+            }
+            BridgeMode::Shared => {}
+        }
+    }
+    let colocated = match cfg.sync.engine_listen {
+        Some(addr) => {
+            let (params, shared) = worker.share().await.map_err(|e| LearnerError::Engine(e.to_string()))?;
+            let mut model = crate::engine::load::engine_model(&cfg.model_name, spec.clone(), params, device)
+                .map_err(|e| LearnerError::Engine(e.to_string()))?;
+            model.gate = Some(shared.gate);
+            model.shared_version = Some(shared.version);
+            let engine = EngineHandle::start(
+                model,
+                BatchConfig {
+                    max_rows: 256,
+                    window: Duration::from_millis(5),
+                },
+            )
+            .map_err(|e| LearnerError::Engine(e.to_string()))?;
+            let (bound, task) = engine_http::serve(addr, engine)
+                .await
+                .map_err(|source| LearnerError::Io {
+                    context: format!("binding --engine-listen {addr}"),
+                    source,
+                })?;
+            tracing::info!(addr = %bound, "colocated engine serving /generate on the learner's own weights");
+            Some(task)
+        }
+        None => None,
+    };
+
     let spooled = spool.list()?;
     let replay: Vec<BatchSeq> = spooled.iter().copied().filter(|s| *s > consumed).collect();
     let next_seq = BatchSeq(spooled.last().copied().unwrap_or(consumed).max(consumed).0 + 1);
@@ -240,6 +334,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             draining,
             status,
             outcome,
+            sync: sync_hook,
         }
     };
     let fetcher_args = {
@@ -277,15 +372,18 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
 
     let status_server = match cfg.grpc_listen {
         Some(addr) => {
-            let service = StatusService {
+            let service = LearnerService {
                 status: status.clone(),
                 training_steps: cfg.training_steps,
+                broadcaster: broadcaster.clone(),
             };
-            let (bound, task) = serve(addr, service).await.map_err(|source| LearnerError::Io {
-                context: format!("binding --grpc-listen {addr}"),
-                source,
-            })?;
-            tracing::info!(addr = %bound, "grpc.v1.Learner status service listening");
+            let (bound, task) = serve(addr, service, token.clone())
+                .await
+                .map_err(|source| LearnerError::Io {
+                    context: format!("binding --grpc-listen {addr}"),
+                    source,
+                })?;
+            tracing::info!(addr = %bound, "grpc.v1.Learner service listening");
             Some(task)
         }
         None => None,
@@ -304,6 +402,17 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let _ = handle.await;
     if let Some(task) = status_server {
         task.abort();
+    }
+    if let Some(task) = colocated {
+        task.abort();
+    }
+    if let Some(b) = broadcaster {
+        // Let the last version reach the sidecars before the node exits (bounded).
+        let flush = ractor::call_t!(b, BroadcasterMsg::Flush, 120_000);
+        if let Err(e) = flush {
+            tracing::warn!(error = %e, "the final weight publication did not finish");
+        }
+        b.stop(None);
     }
     Ok(match outcome {
         RunOutcome::Interrupted { .. } => RunOutcome::Interrupted {

@@ -23,6 +23,13 @@ pub struct StepRecord {
     pub wait_time_s: f64,
     /// The API batch this step trained on.
     pub batch_seq: u64,
+    /// Mean score of the sequences trained on (the environments' reward).
+    pub reward_mean: f64,
+    /// Newest policy version every healthy sidecar holds (null without weight sync).
+    pub engine_version: Option<u64>,
+    /// Duration and size of the newest completed weight publication.
+    pub sync_time_s: Option<f64>,
+    pub sync_bytes: Option<u64>,
 }
 
 /// Appends records to `metrics.jsonl`.
@@ -68,9 +75,10 @@ impl MetricsFile {
 /// The concise per-step line printed on stderr.
 pub fn human_line(r: &StepRecord, total_steps: u64) -> String {
     format!(
-        "step {}/{} | loss {:+.4} | grad {:.3} | lr {:.2e} | logp+ {:.3} logp- {:.3} | ratio {:.3} | clip {:.1}% | |dlogp| {:.4} | {} tok | rejected {} | {:.2}s (wait {:.2}s)",
+        "step {}/{} | reward {:.3} | loss {:+.4} | grad {:.3} | lr {:.2e} | logp+ {:.3} logp- {:.3} | ratio {:.3} | clip {:.1}% | |dlogp| {:.4} | {} tok | rejected {} | {:.2}s (wait {:.2}s){}",
         r.train.step,
         total_steps,
+        r.reward_mean,
         r.train.loss,
         r.train.grad_norm,
         r.train.lr,
@@ -83,5 +91,9 @@ pub fn human_line(r: &StepRecord, total_steps: u64) -> String {
         r.rejected_groups,
         r.step_time_s,
         r.wait_time_s,
+        match (r.engine_version, r.sync_time_s) {
+            (Some(v), Some(t)) => format!(" | engine v{v} sync {t:.2}s"),
+            _ => String::new(),
+        },
     )
 }

@@ -10,4 +10,4 @@ pub mod trainer;
 pub use adamw::{AdamW, AdamWConfig};
 pub use layers::LayerSet;
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{StepMetrics, TrainError, Trainer, TrainerConfig};
+pub use trainer::{SharedWeights, StepMetrics, TrainError, Trainer, TrainerConfig};

@@ -1,6 +1,8 @@
 //! One optimizer step over a [`TrainBatch`]: forward and backward per micro-batch (gradients
 //! accumulate), global grad-norm clipping, AdamW at the scheduled learning rate.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -63,8 +65,17 @@ pub enum TrainError {
     OptimizerState(String),
 }
 
+/// Shared-weights mode: an engine reads the same tensors; the optimizer step write-holds `gate`
+/// and then publishes the new step in `version`.
+#[derive(Clone)]
+pub struct SharedWeights {
+    pub gate: Arc<RwLock<()>>,
+    pub version: Arc<AtomicU64>,
+}
+
 /// The model, its optimizer and the step counter.
 pub struct Trainer {
+    shared: Option<SharedWeights>,
     params: ParamStore,
     model: Transformer,
     trainable: Vec<(String, Tensor)>,
@@ -106,6 +117,7 @@ impl Trainer {
         let model = Transformer::new(spec, &params)?;
         let optimizer = AdamW::new(config.adamw, &trainable);
         Ok(Self {
+            shared: None,
             params,
             model,
             trainable,
@@ -133,6 +145,21 @@ impl Trainer {
     /// Names of the trainable parameters.
     pub fn trainable_names(&self) -> Vec<String> {
         self.trainable.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Shares the parameters with an engine: returns handles on the same tensors and the gate
+    /// that orders optimizer steps against generation rounds.
+    pub fn share(&mut self) -> (ParamStore, SharedWeights) {
+        let shared = self.shared.get_or_insert_with(|| SharedWeights {
+            gate: Arc::new(RwLock::new(())),
+            version: Arc::new(AtomicU64::new(self.steps_done)),
+        });
+        let tensors = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        (ParamStore::from_tensors(tensors), shared.clone())
     }
 
     /// Optimizer moments for a checkpoint, and the optimizer's step count.
@@ -177,8 +204,15 @@ impl Trainer {
         }
         let grad_norm = self.clip_gradients();
         let lr = self.config.schedule.lr_at(self.steps_done);
-        self.optimizer.step(&self.trainable, lr);
-        self.steps_done += 1;
+        {
+            let gate = self.shared.as_ref().map(|s| s.gate.clone());
+            let _exclusive = gate.as_ref().map(|g| g.write());
+            self.optimizer.step(&self.trainable, lr);
+            self.steps_done += 1;
+            if let Some(s) = &self.shared {
+                s.version.store(self.steps_done, Ordering::SeqCst);
+            }
+        }
         StepMetrics {
             step: self.steps_done,
             loss: stats.loss,

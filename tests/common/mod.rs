@@ -5,6 +5,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 /// The project venv's Python (torch, transformers, atroposlib), set up by `.ci/setup`.
@@ -192,4 +193,90 @@ pub fn metrics(save: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("metrics line"))
         .collect()
+}
+
+/// A grpo-node process with its stderr in a log file; killed on drop.
+pub struct Learner {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Learner {
+    /// A learner with small batches (2 x 2) against `api`, saving into `save`.
+    pub fn spawn(model: &Path, api: &RunApi, save: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "--role".into(),
+            "learner".into(),
+            "--model-name".into(),
+            path_str(model).into(),
+            "--atropos-url".into(),
+            api.url(),
+        ];
+        args.extend(
+            [
+                "--batch-size",
+                "2",
+                "--gradient-accumulation-steps",
+                "2",
+                "--seq-len",
+                "64",
+                "--lr",
+                "1e-3",
+            ]
+            .map(String::from),
+        );
+        args.extend(["--save-path".to_string(), path_str(save).to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_args(&args, save)
+    }
+
+    /// Any grpo-node command line; the log goes next to `near`.
+    pub fn spawn_args(args: &[String], near: &Path) -> Self {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let log = near.with_extension(format!("log{stamp}"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = grpo_node()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn grpo-node");
+        Self { child, log }
+    }
+
+    pub fn wait(mut self, limit: Duration) -> (i32, String) {
+        let mut status = None;
+        wait_until(limit, "grpo-node to exit", || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        let log = self.log();
+        (status.and_then(|s| s.code()).unwrap_or(-1), log)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Learner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
 }

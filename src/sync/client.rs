@@ -1,0 +1,183 @@
+//! The learner's client of one sidecar: publish a version (begin -> stream buckets -> commit
+//! with digest), health and info, each under a deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::engine::PolicyVersion;
+use crate::rpc::pb;
+use crate::rpc::pb::sidecar_client::SidecarClient as Raw;
+
+use super::auth::{AddToken, Token};
+use super::plan::WeightSet;
+
+/// Errors of one sync; all mean "mark the sidecar stale and move on".
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{addr}: cannot connect: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{addr}: {stage} failed: {status}")]
+    Rpc {
+        addr: String,
+        stage: &'static str,
+        status: tonic::Status,
+    },
+    #[error("{addr}: {stage} missed its {deadline:?} deadline")]
+    Deadline {
+        addr: String,
+        stage: &'static str,
+        deadline: Duration,
+    },
+}
+
+/// What a publish measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Published {
+    pub version: PolicyVersion,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Deadlines: a fixed allowance per RPC plus the stream's bytes at a floor bandwidth.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub rpc: Duration,
+    pub min_bytes_per_s: f64,
+}
+
+impl Deadlines {
+    fn stream(&self, bytes: u64) -> Duration {
+        self.rpc + Duration::from_secs_f64(bytes as f64 / self.min_bytes_per_s)
+    }
+}
+
+/// A connection to one sidecar.
+#[derive(Clone)]
+pub struct SidecarClient {
+    pub addr: String,
+    raw: Raw<InterceptedService<Channel, AddToken>>,
+    deadlines: Deadlines,
+}
+
+impl SidecarClient {
+    /// A lazily connecting client (no I/O until the first call).
+    pub fn new(addr: &str, token: Token, deadlines: Deadlines) -> Result<Self, SyncError> {
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| SyncError::Connect {
+                addr: addr.into(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(deadlines.rpc)
+            .tcp_nodelay(true);
+        let raw = Raw::with_interceptor(endpoint.connect_lazy(), AddToken(token)).max_decoding_message_size(256 << 20);
+        Ok(Self {
+            addr: addr.to_string(),
+            raw,
+            deadlines,
+        })
+    }
+
+    async fn within<T>(
+        &self,
+        stage: &'static str,
+        deadline: Duration,
+        fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, SyncError> {
+        match tokio::time::timeout(deadline, fut).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(SyncError::Rpc {
+                addr: self.addr.clone(),
+                stage,
+                status,
+            }),
+            Err(_) => Err(SyncError::Deadline {
+                addr: self.addr.clone(),
+                stage,
+                deadline,
+            }),
+        }
+    }
+
+    /// Served version.
+    pub async fn health(&self) -> Result<pb::HealthResponse, SyncError> {
+        let mut raw = self.raw.clone();
+        self.within("health", self.deadlines.rpc, raw.health(pb::HealthRequest {}))
+            .await
+    }
+
+    /// Model facts and the digest of the served weights.
+    pub async fn info(&self) -> Result<pb::InfoResponse, SyncError> {
+        let mut raw = self.raw.clone();
+        self.within("info", self.deadlines.rpc * 4, raw.info(pb::InfoRequest {}))
+            .await
+    }
+
+    /// Sends a full version: begin, stream every bucket, commit with the digest.
+    pub async fn publish(
+        &self,
+        set: Arc<WeightSet>,
+        version: PolicyVersion,
+        bucket_bytes: u64,
+    ) -> Result<Published, SyncError> {
+        let started = Instant::now();
+        let plan = set.plan(bucket_bytes);
+        let pbv = Some(pb::PolicyVersion { step: version.0 });
+        let mut raw = self.raw.clone();
+        let begin = pb::BeginUpdateRequest {
+            version: pbv,
+            plan: Some(plan.clone()),
+            transport: pb::Transport::GrpcStream as i32,
+        };
+        self.within("begin", self.deadlines.rpc, raw.begin_update(begin))
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let feeder_set = set.clone();
+        let feeder_plan = plan.clone();
+        tokio::spawn(async move {
+            for i in 0..feeder_plan.bucket_count {
+                let bucket = pb::WeightBucket {
+                    version: pbv,
+                    index: i,
+                    data: feeder_set.bucket(&feeder_plan, i).to_vec(),
+                };
+                if tx.send(bucket).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let deadline = self.deadlines.stream(plan.total_bytes);
+        self.within("stream", deadline, raw.stream_weights(stream)).await?;
+        let commit = pb::CommitUpdateRequest {
+            version: pbv,
+            digest: set.digest().to_string(),
+        };
+        self.within("commit", self.deadlines.rpc * 4, raw.commit_update(commit))
+            .await?;
+        Ok(Published {
+            version,
+            bytes: plan.total_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Checkpoint mode: has the sidecar reload its engine from `path`.
+    pub async fn load_checkpoint(&self, path: &str, version: PolicyVersion) -> Result<Published, SyncError> {
+        let started = Instant::now();
+        let mut raw = self.raw.clone();
+        let req = pb::LoadCheckpointRequest {
+            version: Some(pb::PolicyVersion { step: version.0 }),
+            path: path.into(),
+        };
+        self.within("load_checkpoint", self.deadlines.rpc * 12, raw.load_checkpoint(req))
+            .await?;
+        Ok(Published {
+            version,
+            bytes: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}

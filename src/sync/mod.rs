@@ -1,0 +1,10 @@
+//! Weight synchronisation between the learner and inference sidecars: the bucket plan, digests,
+//! authentication, the sidecar's gRPC service and WeightReceiver, and the learner's client.
+
+pub mod auth;
+pub mod client;
+pub mod plan;
+pub mod receiver;
+pub mod service;
+
+pub use plan::{Digest, WeightSet};

@@ -1,0 +1,176 @@
+//! WeightReceiver (sidecar): stages an incoming version bucket by bucket, verifies its digest
+//! at commit, and has the engine swap it in between generation rounds (new requests wait for
+//! the swap; requests already running finish on the weights they started with).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tch::Device;
+
+use crate::engine::{EngineHandle, PolicyVersion};
+use crate::model::safetensors_io::load_params;
+use crate::model::ModelSpec;
+use crate::rpc::pb;
+
+use super::plan::{check_plan, digest_bytes, unpack, Digest};
+
+/// WeightReceiver's mailbox.
+pub enum ReceiverMsg {
+    Begin(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
+    Bucket(PolicyVersion, u32, Vec<u8>, RpcReplyPort<Result<(), String>>),
+    Commit(PolicyVersion, Digest, RpcReplyPort<Result<f64, String>>),
+    LoadCheckpoint(PolicyVersion, PathBuf, RpcReplyPort<Result<(), String>>),
+    /// Served version and whether an update is staged.
+    Health(RpcReplyPort<(PolicyVersion, bool)>),
+}
+
+struct Staging {
+    version: PolicyVersion,
+    plan: pb::BucketPlan,
+    bytes: Vec<u8>,
+    received: Vec<bool>,
+}
+
+pub struct WeightReceiver;
+
+pub struct ReceiverState {
+    engine: EngineHandle,
+    version: PolicyVersion,
+    staging: Option<Staging>,
+}
+
+impl ReceiverState {
+    fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
+        check_plan(&plan)?;
+        if let Some(old) = &self.staging {
+            tracing::warn!(
+                abandoned = old.version.0,
+                new = version.0,
+                "a new update replaces an unfinished one"
+            );
+        }
+        let count = plan.bucket_count as usize;
+        self.staging = Some(Staging {
+            version,
+            bytes: vec![0; plan.total_bytes as usize],
+            received: vec![false; count],
+            plan,
+        });
+        Ok(())
+    }
+
+    fn bucket(&mut self, version: PolicyVersion, index: u32, data: Vec<u8>) -> Result<(), String> {
+        let st = self
+            .staging
+            .as_mut()
+            .ok_or("no update in progress (BeginUpdate first)")?;
+        if st.version != version {
+            return Err(format!(
+                "bucket of version {} during the update to {}",
+                version.0, st.version.0
+            ));
+        }
+        let i = index as usize;
+        if i >= st.received.len() {
+            return Err(format!("bucket {index} of {}", st.received.len()));
+        }
+        let start = i * st.plan.bucket_bytes as usize;
+        let end = (start + st.plan.bucket_bytes as usize).min(st.bytes.len());
+        if data.len() != end - start {
+            return Err(format!(
+                "bucket {index} has {} bytes, expected {}",
+                data.len(),
+                end - start
+            ));
+        }
+        st.bytes[start..end].copy_from_slice(&data);
+        st.received[i] = true;
+        Ok(())
+    }
+
+    async fn commit(&mut self, version: PolicyVersion, digest: Digest) -> Result<f64, String> {
+        let st = self.staging.take().ok_or("no update in progress")?;
+        if st.version != version {
+            return Err(format!(
+                "commit of version {} during the update to {}",
+                version.0, st.version.0
+            ));
+        }
+        if let Some(missing) = st.received.iter().position(|r| !r) {
+            return Err(format!("bucket {missing} never arrived"));
+        }
+        let got = digest_bytes(&st.bytes);
+        if got != digest {
+            return Err(format!("digest mismatch: received {got}, learner sent {digest}"));
+        }
+        let started = Instant::now();
+        let weights = unpack(&st.plan, &st.bytes)?;
+        self.engine.swap(weights, version).await.map_err(|e| e.to_string())??;
+        self.version = version;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
+        let spec = ModelSpec::from_dir(&path).map_err(|e| e.to_string())?;
+        let params = load_params(&spec, &path, Device::Cpu).map_err(|e| e.to_string())?;
+        let weights: Vec<_> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        self.engine.swap(weights, version).await.map_err(|e| e.to_string())??;
+        self.version = version;
+        Ok(())
+    }
+}
+
+impl Actor for WeightReceiver {
+    type Msg = ReceiverMsg;
+    type State = ReceiverState;
+    type Arguments = EngineHandle;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ReceiverMsg>,
+        engine: EngineHandle,
+    ) -> Result<ReceiverState, ActorProcessingErr> {
+        let version = engine.info().await?.version;
+        Ok(ReceiverState {
+            engine,
+            version,
+            staging: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ReceiverMsg>,
+        msg: ReceiverMsg,
+        state: &mut ReceiverState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ReceiverMsg::Begin(v, plan, reply) => {
+                let _ = reply.send(state.begin(v, plan));
+            }
+            ReceiverMsg::Bucket(v, i, data, reply) => {
+                let _ = reply.send(state.bucket(v, i, data));
+            }
+            ReceiverMsg::Commit(v, digest, reply) => {
+                let result = state.commit(v, digest).await;
+                match &result {
+                    Ok(secs) => tracing::info!(version = v.0, apply_s = secs, "weights updated"),
+                    Err(e) => tracing::warn!(version = v.0, error = %e, "update rejected"),
+                }
+                let _ = reply.send(result);
+            }
+            ReceiverMsg::LoadCheckpoint(v, path, reply) => {
+                let result = state.load_checkpoint(v, path).await;
+                if let Err(e) = &result {
+                    tracing::warn!(version = v.0, error = %e, "checkpoint load failed");
+                }
+                let _ = reply.send(result);
+            }
+            ReceiverMsg::Health(reply) => {
+                let _ = reply.send((state.version, state.staging.is_some()));
+            }
+        }
+        Ok(())
+    }
+}

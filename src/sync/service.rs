@@ -1,0 +1,154 @@
+//! The sidecar's gRPC service: forwards weight-sync calls to the WeightReceiver actor.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ractor::ActorRef;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{EngineHandle, PolicyVersion};
+use crate::rpc::pb;
+use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
+
+use super::auth::{CheckToken, Token};
+use super::plan::{Digest, WeightSet};
+use super::receiver::ReceiverMsg;
+
+/// The service state.
+pub struct SidecarService {
+    pub receiver: ActorRef<ReceiverMsg>,
+    pub engine: EngineHandle,
+    pub model_dir: PathBuf,
+    pub http_address: String,
+}
+
+fn version_of(v: Option<pb::PolicyVersion>) -> Result<PolicyVersion, Status> {
+    v.map(|v| PolicyVersion(v.step))
+        .ok_or_else(|| Status::invalid_argument("missing version"))
+}
+
+fn pv(v: PolicyVersion) -> Option<pb::PolicyVersion> {
+    Some(pb::PolicyVersion { step: v.0 })
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl Sidecar for SidecarService {
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let (version, weights) = self.engine.snapshot().await.map_err(internal)?;
+        let parameters = weights.iter().map(|(_, t)| t.numel() as u64).sum();
+        let digest = WeightSet::pack(&weights).digest();
+        Ok(Response::new(pb::InfoResponse {
+            version: pv(version),
+            model_dir: self.model_dir.display().to_string(),
+            vocab_size: self.engine.vocab_size,
+            parameters,
+            digest: digest.to_string(),
+            http_address: self.http_address.clone(),
+        }))
+    }
+
+    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        let (version, updating) = ractor::call!(self.receiver, ReceiverMsg::Health).map_err(internal)?;
+        Ok(Response::new(pb::HealthResponse {
+            version: pv(version),
+            updating,
+        }))
+    }
+
+    async fn begin_update(
+        &self,
+        req: Request<pb::BeginUpdateRequest>,
+    ) -> Result<Response<pb::BeginUpdateResponse>, Status> {
+        let req = req.into_inner();
+        let version = version_of(req.version)?;
+        if req.transport != pb::Transport::GrpcStream as i32 {
+            return Err(Status::unimplemented(
+                "only the gRPC stream transport is available in this build",
+            ));
+        }
+        let plan = req.plan.ok_or_else(|| Status::invalid_argument("missing plan"))?;
+        ractor::call!(self.receiver, ReceiverMsg::Begin, version, plan)
+            .map_err(internal)?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::BeginUpdateResponse {}))
+    }
+
+    async fn stream_weights(
+        &self,
+        req: Request<Streaming<pb::WeightBucket>>,
+    ) -> Result<Response<pb::StreamWeightsResponse>, Status> {
+        let mut stream = req.into_inner();
+        let (mut buckets, mut bytes) = (0u32, 0u64);
+        while let Some(b) = stream.message().await? {
+            let version = version_of(b.version)?;
+            bytes += b.data.len() as u64;
+            ractor::call!(self.receiver, ReceiverMsg::Bucket, version, b.index, b.data)
+                .map_err(internal)?
+                .map_err(Status::failed_precondition)?;
+            buckets += 1;
+        }
+        Ok(Response::new(pb::StreamWeightsResponse { buckets, bytes }))
+    }
+
+    async fn commit_update(
+        &self,
+        req: Request<pb::CommitUpdateRequest>,
+    ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
+        let req = req.into_inner();
+        let version = version_of(req.version)?;
+        let digest: Digest = req.digest.parse().map_err(Status::invalid_argument)?;
+        let apply_seconds = ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
+            .map_err(internal)?
+            .map_err(Status::data_loss)?;
+        Ok(Response::new(pb::CommitUpdateResponse {
+            version: pv(version),
+            apply_seconds,
+        }))
+    }
+
+    async fn load_checkpoint(
+        &self,
+        req: Request<pb::LoadCheckpointRequest>,
+    ) -> Result<Response<pb::LoadCheckpointResponse>, Status> {
+        let req = req.into_inner();
+        let version = version_of(req.version)?;
+        ractor::call!(
+            self.receiver,
+            ReceiverMsg::LoadCheckpoint,
+            version,
+            PathBuf::from(req.path)
+        )
+        .map_err(internal)?
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::LoadCheckpointResponse { version: pv(version) }))
+    }
+}
+
+/// Serves the sidecar service on `addr` (port 0 picks one); returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    service: SidecarService,
+    token: Token,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        SidecarServer::new(service).max_decoding_message_size(256 << 20),
+        CheckToken(token),
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "sidecar gRPC server stopped");
+        }
+    });
+    Ok((bound, task))
+}
