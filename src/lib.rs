@@ -31,6 +31,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod grpo;
+pub mod launch;
 pub mod model;
 pub mod roles;
 pub mod rpc;

@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
 
 use grpo_node::actors::messages::RunOutcome;
 use grpo_node::config::{LearnerArgs, SidecarArgs};
@@ -19,13 +21,25 @@ enum Role {
     InferenceSidecar,
 }
 
+/// One-shot commands besides the node roles.
+#[derive(Debug, Subcommand)]
+enum Tool {
+    /// Run every process of a cluster manifest (cluster/<name>.toml) on this machine.
+    Launch {
+        /// The manifest.
+        manifest: PathBuf,
+    },
+}
+
 /// A Rust GRPO trainer for the Atropos RL ecosystem.
 #[derive(Debug, Parser)]
-#[command(name = "grpo-node", version, about)]
+#[command(name = "grpo-node", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// The node to run.
     #[arg(long, env = "GRPO_ROLE", value_enum)]
-    role: Role,
+    role: Option<Role>,
     #[command(flatten)]
     learner: LearnerArgs,
     #[command(flatten)]
@@ -61,7 +75,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
-    match cli.role {
+    if let Some(Tool::Launch { manifest }) = cli.tool {
+        let code = runtime()?.block_on(grpo_node::launch::launch(&manifest, shutdown_signal()))?;
+        if code != 0 {
+            anyhow::bail!("the main process exited with {code}");
+        }
+        return Ok(None);
+    }
+    let Some(role) = cli.role else {
+        anyhow::bail!("--role is required (learner or inference-sidecar), or a subcommand such as `launch`");
+    };
+    match role {
         Role::Learner => {
             let cfg = cli.learner.resolve()?;
             Ok(Some(runtime()?.block_on(roles::learner::run(cfg, shutdown_signal()))?))

@@ -7,11 +7,16 @@ learn by RL alone on CPU in minutes. The user message is a random string over `s
 Reward (exact and deterministic, in [0, 1]; dense so GRPO has signal from the first step):
     (1 - stop_bonus) * #{i : reply[i] == target[i]} / max(len(target), len(reply))
   + stop_bonus       * [the reply stopped (finish_reason "stop") and len(reply) == len(target)]
-`reply` is the decoded completion without </s>. Dividing by the longer of the two lengths gives
+`reply` is the completion minus its final </s> (details below). Dividing by the longer of the two lengths gives
 partial credit per correct position and makes every extra symbol cost something, so the policy
 learns to stop (a reply cut off by max_tokens is always longer than the target). A policy that
-emits uniform symbols and never stops scores about (1 - stop_bonus) * L/(L+1) / len(symbols)
-(0.17 for the defaults); a perfect one scores 1.0.
+emits uniform symbols and never stops scores (1 - stop_bonus) * L / (L + extra_tokens) / len(symbols)
+(0.12 for the defaults), the random-init demo model about 0.06; a perfect one scores 1.0.
+
+`reply` is decoded from the completion's token ids with special tokens KEPT (only a final
+</s> is removed when the engine reports finish_reason "stop"). ManagedServer's own text uses
+skip_special_tokens=True, under which a policy can pad its reply with invisible <s>/<pad> tokens and
+still be scored as a perfect copy -- a reward hack a tiny policy found within 200 steps.
 
     python python/envs/copy_env.py serve --env.tokenizer_name MODEL_DIR \\
         --env.rollout_server_url http://127.0.0.1:8000 \\
@@ -32,8 +37,8 @@ class CopyEnvConfig(BaseEnvConfig):
     symbols: str = Field(default="abcd", description="alphabet; each character must be one token")
     min_len: int = Field(default=3, description="shortest target string")
     max_len: int = Field(default=3, description="longest target string")
-    extra_tokens: int = Field(default=1, description="max_tokens = max_len + extra_tokens (room for </s>)")
-    stop_bonus: float = Field(default=0.1, description="share of the reward for stopping at the right length")
+    extra_tokens: int = Field(default=2, description="max_tokens = max_len + extra_tokens (room for </s> and overrun)")
+    stop_bonus: float = Field(default=0.2, description="share of the reward for stopping at the right length")
     temperature: float = Field(default=1.0, description="sampling temperature sent to /generate")
     top_p: float = Field(default=1.0, description="sent to /generate only when < 1")
     seed: int = Field(default=0, description="seed of the prompt stream")
@@ -60,7 +65,7 @@ class CopyEnv(common.GrpoEnv):
     def config_init(cls) -> Tuple[CopyEnvConfig, list]:
         env_config = CopyEnvConfig(
             tokenizer_name="",            # required: --env.tokenizer_name MODEL_DIR
-            group_size=8,
+            group_size=16,
             max_token_length=64,          # what the env registers; generation length is max_tokens
             batch_size=-1,                # taken from the trainer's /register via GET /info
             total_steps=-1,               # follow the trainer's num_steps
@@ -96,6 +101,13 @@ class CopyEnv(common.GrpoEnv):
         max_tokens = self.fit_max_tokens(messages, self.config.max_len + self.config.extra_tokens)
         return common.generation_kwargs(n, max_tokens, temperature, self.config.top_p)
 
+    def reply_text(self, node, finish_reason: str) -> str:
+        """The completion as text, special tokens kept except the final stop token."""
+        ids = [t for t in node.masked_tokens if t != -100]
+        if finish_reason == "stop" and ids and ids[-1] in self.tokenizer.all_special_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     async def get_next_item(self) -> str:
         return self._random_target(self.rng)
 
@@ -105,7 +117,8 @@ class CopyEnv(common.GrpoEnv):
         if kw["max_tokens"] < len(item) + 1:
             common.log.warning("copy: trainer max_token_len %d leaves no room for %r", self.max_token_len, item)
             return None, []
-        texts, finish, nodes = await common.sample_group(self, messages, **kw)
+        _, finish, nodes = await common.sample_group(self, messages, **kw)
+        texts = [self.reply_text(n, f) for n, f in zip(nodes, finish)]
         scores = [score_copy(item, t, f == "stop", self.config.stop_bonus)
                   for t, f in zip(texts, finish)]
         self.recent_scores.extend(scores)
@@ -126,7 +139,8 @@ class CopyEnv(common.GrpoEnv):
         for target in self.eval_items:
             messages = [{"role": "user", "content": target}]
             kw = self._gen_kwargs(messages, 1, 0.0)
-            texts, finish, _ = await common.sample_group(self, messages, **kw)
+            _, finish, nodes = await common.sample_group(self, messages, **kw)
+            texts = [self.reply_text(nodes[0], finish[0])]
             s = score_copy(target, texts[0], finish[0] == "stop", self.config.stop_bonus)
             scores.append(s)
             exact += int(texts[0] == target and finish[0] == "stop")

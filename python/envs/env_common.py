@@ -32,6 +32,7 @@ def setup_logging(level=None):
     """Send atroposlib's and our INFO logs to stderr (level from $GRPO_ENV_LOG, default INFO)."""
     level = level or os.environ.get("GRPO_ENV_LOG", "INFO")
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)  # atroposlib.envs.base sets its own logger to DEBUG at import
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("atroposlib", "grpo_envs"):
         lg = logging.getLogger(name)

@@ -1,0 +1,275 @@
+//! Starting, watching and tearing down the processes of a manifest.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use super::manifest::{Manifest, ManifestError, Placeholders, Process, Ready, Step};
+use super::progress::{records, summary, Progress};
+
+/// Why a launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Placeholder(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setup step {name} failed (exit {code}); see {log}")]
+    Setup { name: String, code: i32, log: String },
+    #[error("{name} was not ready within {seconds} s; see {log}")]
+    NotReady { name: String, seconds: u64, log: String },
+    #[error("{name} exited early (exit {code}); see {log}")]
+    Died { name: String, code: i32, log: String },
+}
+
+struct Running {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    main: bool,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let context = context.into();
+    move |source| LaunchError::Io { context, source }
+}
+
+fn command(args: &[String], p: &mut Placeholders) -> Result<Vec<String>, LaunchError> {
+    args.iter()
+        .map(|a| p.fill(a).map_err(LaunchError::Placeholder))
+        .collect()
+}
+
+fn log_file(run: &Path, name: &str) -> Result<(std::fs::File, PathBuf), LaunchError> {
+    let path = run.join("logs").join(format!("{name}.log"));
+    let file = std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+    Ok((file, path))
+}
+
+async fn run_step(step: &Step, run: &Path, p: &mut Placeholders) -> Result<(), LaunchError> {
+    let argv = command(&step.command, p)?;
+    let (file, log) = log_file(run, &step.name)?;
+    let err = file.try_clone().map_err(io("log file"))?;
+    tracing::info!(step = %step.name, "setup");
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(file)
+        .stderr(err)
+        .status()
+        .await
+        .map_err(io(format!("running {}", argv[0])))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LaunchError::Setup {
+            name: step.name.clone(),
+            code: status.code().unwrap_or(-1),
+            log: log.display().to_string(),
+        })
+    }
+}
+
+fn spawn(proc: &Process, run: &Path, p: &mut Placeholders) -> Result<Running, LaunchError> {
+    let argv = command(&proc.command, p)?;
+    let (file, log) = log_file(run, &proc.name)?;
+    let err = file.try_clone().map_err(io("log file"))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(true);
+    for (k, v) in &proc.env {
+        cmd.env(k, p.fill(v).map_err(LaunchError::Placeholder)?);
+    }
+    if !proc.gpus.is_empty() {
+        let list: Vec<String> = proc.gpus.iter().map(u32::to_string).collect();
+        cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
+    }
+    let child = cmd
+        .spawn()
+        .map_err(io(format!("starting {} ({})", proc.name, argv[0])))?;
+    tracing::info!(process = %proc.name, pid = child.id().unwrap_or(0), log = %log.display(), "started");
+    Ok(Running {
+        name: proc.name.clone(),
+        child,
+        log,
+        main: proc.main,
+    })
+}
+
+async fn ready(proc: &Process, running: &mut Running, p: &mut Placeholders) -> Result<(), LaunchError> {
+    let Some(check) = &proc.ready else { return Ok(()) };
+    let check = match check {
+        Ready::Http(url) => Ready::Http(p.fill(url).map_err(LaunchError::Placeholder)?),
+        Ready::Log(text) => Ready::Log(p.fill(text).map_err(LaunchError::Placeholder)?),
+    };
+    let deadline = Instant::now() + Duration::from_secs(proc.ready_timeout_s);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| LaunchError::Placeholder(e.to_string()))?;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let ok = match &check {
+            Ready::Http(url) => http.get(url).send().await.is_ok_and(|r| r.status().is_success()),
+            Ready::Log(text) => std::fs::read_to_string(&running.log).is_ok_and(|l| l.contains(text.as_str())),
+        };
+        if ok {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = running.child.try_wait() {
+            return Err(LaunchError::Died {
+                name: running.name.clone(),
+                code: status.code().unwrap_or(-1),
+                log: running.log.display().to_string(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(LaunchError::NotReady {
+                name: running.name.clone(),
+                seconds: proc.ready_timeout_s,
+                log: running.log.display().to_string(),
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// SIGTERM to each process group we started (newest first), then SIGKILL after a grace period.
+async fn teardown(running: &mut [Running]) {
+    for r in running.iter().rev() {
+        if let Some(pid) = r.child.id() {
+            // SAFETY: kill(2) on the process group this launcher created for its own child.
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGTERM);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for r in running.iter_mut().rev() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, r.child.wait()).await.is_err() {
+            tracing::warn!(process = %r.name, "did not stop on SIGTERM; killing");
+            if let Some(pid) = r.child.id() {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+            let _ = r.child.wait().await;
+        }
+    }
+}
+
+/// Runs a manifest to completion; returns the main process's exit code.
+pub async fn launch(path: &Path, shutdown: impl std::future::Future<Output = ()>) -> Result<i32, LaunchError> {
+    let manifest = Manifest::read(path)?;
+    let repo = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let run = std::path::absolute(Path::new(&manifest.runs_dir).join(format!("{}-{stamp}", manifest.name)))
+        .map_err(io("run dir"))?;
+    std::fs::create_dir_all(run.join("logs")).map_err(io(format!("creating {}", run.display())))?;
+    let mut p = Placeholders {
+        run: run.clone(),
+        python: std::env::var("GRPO_PYTHON").unwrap_or_else(|_| "python3".into()),
+        grpo_node: std::env::current_exe()
+            .map(|e| e.display().to_string())
+            .unwrap_or_else(|_| "grpo-node".into()),
+        repo,
+        ports: Default::default(),
+    };
+    eprintln!("run directory: {}", run.display());
+    let started = Instant::now();
+    for step in &manifest.setup {
+        run_step(step, &run, &mut p).await?;
+    }
+    let mut running: Vec<Running> = Vec::new();
+    let result = supervise(&manifest, &run, &mut p, &mut running, shutdown).await;
+    teardown(&mut running).await;
+    let code = result?;
+    if code == 0 {
+        for step in &manifest.finally {
+            if let Err(e) = run_step(step, &run, &mut p).await {
+                tracing::warn!(error = %e, "report step failed");
+            }
+        }
+    }
+    if let Some(metrics) = &manifest.metrics {
+        let path = PathBuf::from(p.fill(metrics).map_err(LaunchError::Placeholder)?);
+        eprintln!(
+            "\n{}\n{}",
+            manifest.name,
+            summary(&records(&path), started.elapsed().as_secs_f64())
+        );
+    }
+    eprintln!("logs, checkpoints and plots: {}", run.display());
+    Ok(code)
+}
+
+async fn supervise(
+    manifest: &Manifest,
+    run: &Path,
+    p: &mut Placeholders,
+    running: &mut Vec<Running>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<i32, LaunchError> {
+    tokio::pin!(shutdown);
+    for proc in &manifest.process {
+        running.push(spawn(proc, run, p)?);
+        let last = running.len() - 1;
+        tokio::select! {
+            r = ready(proc, &mut running[last], p) => r?,
+            _ = &mut shutdown => return Ok(130),
+        }
+    }
+    let metrics = match &manifest.metrics {
+        Some(m) => Some(PathBuf::from(p.fill(m).map_err(LaunchError::Placeholder)?)),
+        None => None,
+    };
+    let mut progress = Progress::new(manifest.steps);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut shutdown => {
+                progress.finish();
+                eprintln!("interrupted: stopping every process this launch started");
+                return Ok(130);
+            }
+        }
+        if let Some(m) = &metrics {
+            progress.update(&records(m));
+        }
+        for r in running.iter_mut() {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                progress.finish();
+                let code = status.code().unwrap_or(-1);
+                if r.main {
+                    return Ok(code);
+                }
+                return Err(LaunchError::Died {
+                    name: r.name.clone(),
+                    code,
+                    log: r.log.display().to_string(),
+                });
+            }
+        }
+    }
+}
