@@ -28,13 +28,16 @@ DEFAULT_INFERENCE_URL = "http://localhost:9001/v1"
 log = logging.getLogger("grpo_envs")
 
 
-def setup_logging(level=None):
-    """Send atroposlib's and our INFO logs to stderr (level from $GRPO_ENV_LOG, default INFO)."""
-    level = level or os.environ.get("GRPO_ENV_LOG", "INFO")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(level)  # atroposlib.envs.base sets its own logger to DEBUG at import
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("atroposlib", "grpo_envs"):
+def setup_logging():
+    """Send logs to stderr: ours at $GRPO_ENV_LOG (default INFO), atroposlib's at $ATROPOS_LOG
+    (default WARNING; its INFO level logs the status dict ten times a second)."""
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name, var, default in (("grpo_envs", "GRPO_ENV_LOG", "INFO"),
+                               ("atroposlib", "ATROPOS_LOG", "WARNING")):
+        level = os.environ.get(var, default).upper()
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(level)  # atroposlib.envs.base sets its own logger to DEBUG at import
+        handler.setFormatter(fmt)
         lg = logging.getLogger(name)
         lg.addHandler(handler)
         lg.setLevel(level)

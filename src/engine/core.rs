@@ -52,6 +52,8 @@ pub struct EngineInfo {
 }
 
 type Reply<T> = oneshot::Sender<T>;
+/// A generation request waiting for its round: prompt, parameters, where the answer goes.
+type Job = (Vec<i64>, JobParams, Reply<Vec<Completion>>);
 
 enum Command {
     Generate(Vec<i64>, JobParams, Reply<Vec<Completion>>),
@@ -268,7 +270,7 @@ impl Engine {
         Ok(())
     }
 
-    fn round(&mut self, jobs: Vec<(Vec<i64>, JobParams, Reply<Vec<Completion>>)>) {
+    fn round(&mut self, jobs: Vec<Job>) {
         let gate = self.m.gate.clone();
         let _guard = gate.as_ref().map(|g| g.read());
         let results = tch::no_grad(|| self.generate(&jobs));
@@ -277,7 +279,7 @@ impl Engine {
         }
     }
 
-    fn generate(&mut self, jobs: &[(Vec<i64>, JobParams, Reply<Vec<Completion>>)]) -> Vec<Vec<Completion>> {
+    fn generate(&mut self, jobs: &[Job]) -> Vec<Vec<Completion>> {
         let device = self.m.device;
         let mut rows = Vec::new();
         for (j, (prompt, params, _)) in jobs.iter().enumerate() {
