@@ -54,6 +54,8 @@ class GSM8KEnvConfig(BaseEnvConfig):
 
 def resolve_data_dir(path: str, language: str = "eng") -> str:
     """Accept the symbolic/ dir itself, or any ancestor down to the extracted wheel."""
+    if not path or not os.path.isdir(path):
+        raise SystemExit(f"--env.data_dir must be a local directory, got {path!r} (see the module docstring)")
     candidates = [path,
                   os.path.join(path, "symbolic"),
                   os.path.join(path, language, "symbolic"),

@@ -146,6 +146,15 @@ async fn ready(proc: &Process, running: &mut Running, p: &mut Placeholders) -> R
     }
 }
 
+/// Writes `{run}/processes.json` (name -> pid) so operators and tests can see what was started.
+fn record_pids(run: &Path, running: &[Running]) {
+    let map: serde_json::Map<String, serde_json::Value> =
+        running.iter().map(|r| (r.name.clone(), serde_json::Value::from(r.child.id().unwrap_or(0)))).collect();
+    if let Err(e) = std::fs::write(run.join("processes.json"), serde_json::Value::Object(map).to_string()) {
+        tracing::warn!(error = %e, "cannot write processes.json");
+    }
+}
+
 /// SIGTERM to each process group we started (newest first), then SIGKILL after a grace period.
 async fn teardown(running: &mut [Running]) {
     for r in running.iter().rev() {
@@ -233,6 +242,7 @@ async fn supervise(
     tokio::pin!(shutdown);
     for proc in &manifest.process {
         running.push(spawn(proc, run, p)?);
+        record_pids(run, running);
         let last = running.len() - 1;
         tokio::select! {
             r = ready(proc, &mut running[last], p) => r?,
