@@ -17,30 +17,59 @@ fn mean(rows: &[Value], key: &str) -> f64 {
 fn local_loop_learns_the_copy_task() {
     let work = tempfile::tempdir().expect("work");
     let manifest = std::fs::read_to_string(common::repo().join("cluster/local.toml")).expect("manifest");
-    let manifest = manifest.replacen("name = \"local\"", &format!("name = \"local\"\nruns_dir = \"{}\"", work.path().display()), 1);
-    let path = common::repo().join("cluster").join(format!(".test-{}.toml", std::process::id()));
+    let manifest = manifest.replacen(
+        "name = \"local\"",
+        &format!("name = \"local\"\nruns_dir = \"{}\"", work.path().display()),
+        1,
+    );
+    let path = common::repo()
+        .join("cluster")
+        .join(format!(".test-{}.toml", std::process::id()));
     std::fs::write(&path, manifest).expect("write manifest");
-    let out = Command::new(env!("CARGO_BIN_EXE_grpo-node")).arg("launch").arg(&path).output().expect("launch");
+    let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
+        .arg("launch")
+        .arg(&path)
+        .output()
+        .expect("launch");
     let _ = std::fs::remove_file(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let run = std::fs::read_dir(work.path()).expect("runs").filter_map(Result::ok).map(|e| e.path()).next().expect("run dir");
+    let run = std::fs::read_dir(work.path())
+        .expect("runs")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .next()
+        .expect("run dir");
     let rows = common::metrics(&run.join("checkpoints"));
     assert_eq!(rows.len(), 60, "{stderr}");
-    let (first, last) = (mean(&rows[..10], "reward_mean"), mean(&rows[rows.len() - 10..], "reward_mean"));
+    let (first, last) = (
+        mean(&rows[..10], "reward_mean"),
+        mean(&rows[rows.len() - 10..], "reward_mean"),
+    );
     println!("reward: first 10 steps {first:.3}, last 10 steps {last:.3}");
-    assert!(last > first + 0.1, "reward must rise by more than 0.1: {first:.3} -> {last:.3}\n{stderr}");
-    assert!(rows.iter().all(|r| r["engine_version"].is_u64()), "every step saw a synced sidecar");
+    assert!(
+        last > first + 0.1,
+        "reward must rise by more than 0.1: {first:.3} -> {last:.3}\n{stderr}"
+    );
+    assert!(
+        rows.iter().all(|r| r["engine_version"].is_u64()),
+        "every step saw a synced sidecar"
+    );
     assert!(run.join("reward.png").is_file(), "plot written");
     assert!(stderr.contains("reward (first"), "summary table printed: {stderr}");
     for name in ["run-api", "sidecar", "learner", "env"] {
         assert!(run.join("logs").join(format!("{name}.log")).is_file());
     }
     // Everything the launch started is gone (it records each pid).
-    let pids: Value = serde_json::from_str(&std::fs::read_to_string(run.join("processes.json")).expect("pids")).expect("json");
+    let pids: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("processes.json")).expect("pids")).expect("json");
     assert_eq!(pids.as_object().map(|m| m.len()), Some(4));
     for (name, pid) in pids.as_object().expect("map") {
-        let alive = Command::new("kill").args(["-0", &pid.to_string()]).status().expect("kill").success();
+        let alive = Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
         assert!(!alive, "{name} (pid {pid}) outlived the launch");
     }
 }

@@ -148,8 +148,10 @@ async fn ready(proc: &Process, running: &mut Running, p: &mut Placeholders) -> R
 
 /// Writes `{run}/processes.json` (name -> pid) so operators and tests can see what was started.
 fn record_pids(run: &Path, running: &[Running]) {
-    let map: serde_json::Map<String, serde_json::Value> =
-        running.iter().map(|r| (r.name.clone(), serde_json::Value::from(r.child.id().unwrap_or(0)))).collect();
+    let map: serde_json::Map<String, serde_json::Value> = running
+        .iter()
+        .map(|r| (r.name.clone(), serde_json::Value::from(r.child.id().unwrap_or(0))))
+        .collect();
     if let Err(e) = std::fs::write(run.join("processes.json"), serde_json::Value::Object(map).to_string()) {
         tracing::warn!(error = %e, "cannot write processes.json");
     }
