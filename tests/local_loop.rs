@@ -19,10 +19,17 @@ fn local_loop_learns_the_copy_task() {
     let manifest = std::fs::read_to_string(common::repo().join("cluster/local.toml")).expect("manifest");
     // The README demo trains 200 steps; CI trains the first 80 of the same run.
     let manifest = manifest
-        .replacen("name = \"local\"", &format!("name = \"local\"\nruns_dir = \"{}\"", work.path().display()), 1)
+        .replacen(
+            "name = \"local\"",
+            &format!("name = \"local\"\nruns_dir = \"{}\"", work.path().display()),
+            1,
+        )
         .replace("steps = 200", "steps = 80")
         .replace("\"--training-steps\", \"200\"", "\"--training-steps\", \"80\"");
-    assert!(manifest.contains("\"--training-steps\", \"80\""), "the manifest's step flags changed; update this test");
+    assert!(
+        manifest.contains("\"--training-steps\", \"80\""),
+        "the manifest's step flags changed; update this test"
+    );
     let path = common::repo()
         .join("cluster")
         .join(format!(".test-{}.toml", std::process::id()));

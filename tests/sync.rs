@@ -483,3 +483,63 @@ impl SharedEngine<'_> {
         group_from_reply(prompt, &r)
     }
 }
+
+#[test]
+fn a_sidecar_that_dials_in_is_registered_and_synced() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let learner_grpc = common::free_port();
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let grpc_listen = format!("127.0.0.1:{learner_grpc}");
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        &save,
+        &[
+            "--training-steps",
+            "2",
+            "--grpc-listen",
+            &grpc_listen,
+            "--auth-token",
+            TOKEN,
+        ],
+    );
+    api.wait_registered(4);
+    // The sidecar knows only the learner's address; the learner learns the sidecar's from it.
+    let (http, grpc) = (common::free_port(), common::free_port());
+    let args: Vec<String> = [
+        "--role",
+        "inference-sidecar",
+        "--model-name",
+        path_str(model.path()),
+        "--listen",
+        &format!("127.0.0.1:{http}"),
+        "--grpc-listen",
+        &format!("127.0.0.1:{grpc}"),
+        "--auth-token",
+        TOKEN,
+        "--learner-url",
+        &format!("http://{grpc_listen}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = Learner::spawn_args(&args, &work.path().join("sidecar"));
+    let sidecar = Sidecar {
+        proc,
+        http,
+        grpc,
+        rt: tokio::runtime::Runtime::new().expect("rt"),
+    };
+    wait_until(Duration::from_secs(60), "registration and the first sync", || {
+        sidecar.health().is_some() && sidecar.proc.log().contains("registered with the learner")
+    });
+    api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
+    let (code, log) = learner.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    wait_until(Duration::from_secs(30), "version 2", || {
+        sidecar.health().map(|h| h.0) == Some(2)
+    });
+    assert_eq!(sidecar.digest().1, digest_of_dir(&save.join("final_model")));
+}
