@@ -10,35 +10,17 @@ use grpo_node::actors::messages::{CheckpointJob, RawBatch};
 use grpo_node::actors::preprocessor::prepare;
 use grpo_node::checkpoint::state::FORMAT_VERSION;
 use grpo_node::checkpoint::{latest_resumable, BatchSeq, CheckpointKind, Spool, TrainingState};
-use grpo_node::grpo::{ClipMode, Limits, LossAgg, LossConfig};
+use grpo_node::grpo::Limits;
 use grpo_node::model::safetensors_io::{load_params, weight_files, write_file};
 use grpo_node::model::{ModelSpec, Transformer};
-use grpo_node::train::{AdamWConfig, LrSchedule, ScheduleKind, Trainer, TrainerConfig};
+use grpo_node::train::Trainer;
 use serde_json::json;
 use tch::{Device, Tensor};
 
 fn trained(dir: &Path) -> (ModelSpec, Trainer) {
     let spec = ModelSpec::from_dir(dir).expect("spec");
     let params = load_params(&spec, dir, Device::Cpu).expect("load");
-    let config = TrainerConfig {
-        loss: LossConfig {
-            clip_mode: ClipMode::Standard,
-            clip_eps_low: 0.2,
-            clip_eps_high: 0.2,
-            is_cap: None,
-            kl_coef: 0.0,
-            agg: LossAgg::SeqMeanTokenMean,
-        },
-        schedule: LrSchedule {
-            lr: 1e-2,
-            warmup_steps: 0,
-            total_steps: 1,
-            kind: ScheduleKind::Constant,
-        },
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        device: Device::Cpu,
-    };
+    let config = common::trainer_config(common::ppo_loss(), 1e-2, 0, 1);
     let mut trainer = Trainer::new(&spec, params, None, config).expect("trainer");
     let group = json!({"tokens": [[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]], "masks": [[-100, -100, -100, 4, 5], [-100, -100, -100, 6, 7]],
                        "scores": [1.0, 0.0], "inference_logprobs": [[1, 1, 1, -6.0, -6.0], [1, 1, 1, -6.0, -6.0]]});

@@ -6,10 +6,10 @@ mod common;
 use grpo_node::actors::messages::RawBatch;
 use grpo_node::actors::preprocessor::prepare;
 use grpo_node::checkpoint::BatchSeq;
-use grpo_node::grpo::{ClipMode, Limits, LossAgg, LossConfig};
+use grpo_node::grpo::Limits;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::ModelSpec;
-use grpo_node::train::{AdamWConfig, LrSchedule, ScheduleKind, Trainer, TrainerConfig};
+use grpo_node::train::Trainer;
 use serde_json::{json, Value};
 use tch::Device;
 
@@ -48,25 +48,7 @@ fn positive_completions_gain_probability() {
     let spec = ModelSpec::from_dir(dir.path()).expect("spec");
     let params = load_params(&spec, dir.path(), Device::Cpu).expect("load");
     let steps = 12;
-    let config = TrainerConfig {
-        loss: LossConfig {
-            clip_mode: ClipMode::Standard,
-            clip_eps_low: 0.2,
-            clip_eps_high: 0.2,
-            is_cap: None,
-            kl_coef: 0.0,
-            agg: LossAgg::SeqMeanTokenMean,
-        },
-        schedule: LrSchedule {
-            lr: 3e-3,
-            warmup_steps: 2,
-            total_steps: steps,
-            kind: ScheduleKind::Constant,
-        },
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        device: Device::Cpu,
-    };
+    let config = common::trainer_config(common::ppo_loss(), 3e-3, 2, steps);
     let mut trainer = Trainer::new(&spec, params, None, config).expect("trainer");
     // No rollout logprobs: on-policy training (ratio 1), as with --allow-missing-logprobs.
     let limits = Limits {

@@ -15,7 +15,7 @@ use grpo_node::grpo::loss::token_logprobs;
 use grpo_node::grpo::{ClipMode, Limits, LossAgg, LossConfig};
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
-use grpo_node::train::{AdamWConfig, LrSchedule, ScheduleKind, Trainer, TrainerConfig};
+use grpo_node::train::Trainer;
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
@@ -104,18 +104,7 @@ fn ours(dir: &Path, spec: &ModelSpec, groups: &[Value], loss: LossConfig) -> (f6
     assert!(prepared.rejections.is_empty(), "{:?}", prepared.rejections);
     let batch = prepared.batch.expect("batch");
     assert!(batch.micro_batches.len() > 1, "exercise gradient accumulation");
-    let config = TrainerConfig {
-        loss,
-        schedule: LrSchedule {
-            lr: 1e-3,
-            warmup_steps: 0,
-            total_steps: 1,
-            kind: ScheduleKind::Constant,
-        },
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        device: Device::Cpu,
-    };
+    let config = common::trainer_config(loss, 1e-3, 0, 1);
     let params = load_params(spec, dir, Device::Cpu).expect("load");
     let mut trainer = Trainer::new(spec, params, None, config).expect("trainer");
     let m = trainer.train(&batch);

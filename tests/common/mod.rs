@@ -280,3 +280,38 @@ impl Drop for Learner {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
 }
+
+/// The default PPO loss of the tests: standard clip 0.2, seq-mean-token-mean, no KL.
+pub fn ppo_loss() -> grpo_node::grpo::LossConfig {
+    use grpo_node::grpo::{ClipMode, LossAgg, LossConfig};
+    LossConfig {
+        clip_mode: ClipMode::Standard,
+        clip_eps_low: 0.2,
+        clip_eps_high: 0.2,
+        is_cap: None,
+        kl_coef: 0.0,
+        agg: LossAgg::SeqMeanTokenMean,
+    }
+}
+
+/// A CPU trainer configuration with AdamW defaults and grad clip 1.0.
+pub fn trainer_config(
+    loss: grpo_node::grpo::LossConfig,
+    lr: f64,
+    warmup_steps: u64,
+    total_steps: u64,
+) -> grpo_node::train::TrainerConfig {
+    use grpo_node::train::{AdamWConfig, LrSchedule, ScheduleKind, TrainerConfig};
+    TrainerConfig {
+        loss,
+        schedule: LrSchedule {
+            lr,
+            warmup_steps,
+            total_steps,
+            kind: ScheduleKind::Constant,
+        },
+        adamw: AdamWConfig::default(),
+        max_grad_norm: 1.0,
+        device: tch::Device::Cpu,
+    }
+}
