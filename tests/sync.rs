@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{metrics, path_str, wait_until, Learner, RunApi};
+use common::{metrics, path_str, wait_until, wait_until_fast, Learner, RunApi};
 use grpo_node::grpo::loss::token_logprobs;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
@@ -324,7 +324,7 @@ fn a_sidecar_killed_mid_stream_is_marked_stale_then_fully_resynced() {
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
     // Kill the sidecar while an update is staged (between BeginUpdate and CommitUpdate).
-    wait_until(Duration::from_secs(60), "an update in flight", || {
+    wait_until_fast(Duration::from_secs(60), "an update in flight", || {
         sidecar.health().is_some_and(|h| h.1)
     });
     sidecar.proc.signal("-KILL");

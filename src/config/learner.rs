@@ -28,8 +28,12 @@ pub enum BridgeMode {
     /// Stream every version to each sidecar over gRPC (NCCL comes with the GPU build).
     Broadcast,
     /// Learner and embedded engine in one process share the same tensors [shared_vllm].
+    #[value(alias = "shared_vllm")]
+    #[serde(alias = "shared_vllm")]
     Shared,
     /// Save an HF checkpoint; sidecars reload from it every --vllm-restart-interval steps [none].
+    #[value(alias = "none")]
+    #[serde(alias = "none")]
     Checkpoint,
 }
 

@@ -53,14 +53,23 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// Polls `ready` until it returns true or `limit` passes.
-pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+/// Polls `ready` until it returns true or `limit` passes (backing off up to 500 ms).
+pub fn wait_until(limit: Duration, what: &str, ready: impl FnMut() -> bool) {
+    poll_until(limit, what, Duration::from_millis(500), ready)
+}
+
+/// Polls `ready` every few milliseconds, for short-lived conditions.
+pub fn wait_until_fast(limit: Duration, what: &str, ready: impl FnMut() -> bool) {
+    poll_until(limit, what, Duration::from_millis(5), ready)
+}
+
+fn poll_until(limit: Duration, what: &str, max_delay: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
-    let mut delay = Duration::from_millis(20);
+    let mut delay = Duration::from_millis(5).min(max_delay);
     while !ready() {
         assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(500));
+        delay = (delay * 2).min(max_delay);
     }
 }
 
