@@ -33,29 +33,37 @@ impl Sidecar {
     }
 
     fn start_on(model: &Path, near: &Path, http: u16, grpc: u16) -> Self {
-        let args: Vec<String> = [
+        let s = Self::spawn(model, near, http, grpc, &[]);
+        wait_until(Duration::from_secs(60), "sidecar gRPC", || s.health().is_some());
+        s
+    }
+
+    /// Starts the process without waiting for it.
+    fn spawn(model: &Path, near: &Path, http: u16, grpc: u16, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = [
             "--role",
             "inference-sidecar",
             "--model-name",
             path_str(model),
-            "--listen",
-            &format!("127.0.0.1:{http}"),
-            "--grpc-listen",
-            &format!("127.0.0.1:{grpc}"),
             "--auth-token",
             TOKEN,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let s = Self {
+        args.extend([
+            "--listen".into(),
+            format!("127.0.0.1:{http}"),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{grpc}"),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self {
             proc: Learner::spawn_args(&args, near),
             http,
             grpc,
             rt: tokio::runtime::Runtime::new().expect("rt"),
-        };
-        wait_until(Duration::from_secs(60), "sidecar gRPC", || s.health().is_some());
-        s
+        }
     }
 
     fn url(&self) -> String {
@@ -508,30 +516,14 @@ fn a_sidecar_that_dials_in_is_registered_and_synced() {
     api.wait_registered(4);
     // The sidecar knows only the learner's address; the learner learns the sidecar's from it.
     let (http, grpc) = (common::free_port(), common::free_port());
-    let args: Vec<String> = [
-        "--role",
-        "inference-sidecar",
-        "--model-name",
-        path_str(model.path()),
-        "--listen",
-        &format!("127.0.0.1:{http}"),
-        "--grpc-listen",
-        &format!("127.0.0.1:{grpc}"),
-        "--auth-token",
-        TOKEN,
-        "--learner-url",
-        &format!("http://{grpc_listen}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let proc = Learner::spawn_args(&args, &work.path().join("sidecar"));
-    let sidecar = Sidecar {
-        proc,
+    let learner_url = format!("http://{grpc_listen}");
+    let sidecar = Sidecar::spawn(
+        model.path(),
+        &work.path().join("sidecar"),
         http,
         grpc,
-        rt: tokio::runtime::Runtime::new().expect("rt"),
-    };
+        &["--learner-url", &learner_url],
+    );
     wait_until(Duration::from_secs(60), "registration and the first sync", || {
         sidecar.health().is_some() && sidecar.proc.log().contains("registered with the learner")
     });

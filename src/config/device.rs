@@ -35,6 +35,14 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Parses `--device` (default cpu) and checks this build and machine can use it.
+    pub fn resolve(flag: Option<&str>) -> Result<Self, super::ConfigError> {
+        let invalid = |reason| super::ConfigError::Invalid { flag: "device", reason };
+        let spec: Self = flag.unwrap_or("cpu").parse().map_err(invalid)?;
+        spec.to_tch().map_err(invalid)?;
+        Ok(spec)
+    }
+
     /// The tch device, if this build and machine can use it.
     pub fn to_tch(self) -> Result<tch::Device, String> {
         match self {

@@ -390,15 +390,7 @@ impl LearnerArgs {
                 flag: "train-layer-indices",
                 reason,
             })?;
-        let device = args
-            .device
-            .as_deref()
-            .unwrap_or("cpu")
-            .parse::<DeviceSpec>()
-            .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
-        device
-            .to_tch()
-            .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
+        let device = DeviceSpec::resolve(args.device.as_deref())?;
         let keep_checkpoints = args.keep_checkpoints;
         check(keep_checkpoints != Some(0), "keep-checkpoints", || {
             "must be at least 1".into()

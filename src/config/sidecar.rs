@@ -70,15 +70,7 @@ impl SidecarArgs {
                 reason: format!("{} needs config.json and tokenizer.json", model_name.display()),
             });
         }
-        let device = common
-            .device
-            .as_deref()
-            .unwrap_or("cpu")
-            .parse::<DeviceSpec>()
-            .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
-        device
-            .to_tch()
-            .map_err(|reason| ConfigError::Invalid { flag: "device", reason })?;
+        let device = DeviceSpec::resolve(common.device.as_deref())?;
         for (flag, url) in [
             ("learner-url", &self.learner_url),
             ("advertise-url", &self.advertise_url),
