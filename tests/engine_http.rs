@@ -8,11 +8,10 @@ use std::net::SocketAddr;
 
 use grpo_node::engine::core::EngineHandle;
 use grpo_node::engine::{http, load, BatchConfig};
-use grpo_node::grpo::loss::token_logprobs;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
 use serde_json::{json, Value};
-use tch::{Device, Tensor};
+use tch::Device;
 
 struct Server {
     addr: SocketAddr,
@@ -199,30 +198,10 @@ fn concurrent_requests_are_served_together_and_logprobs_match_the_learner() {
     let mut worst = 0f64;
     for (body, reply) in bodies.iter().zip(&replies) {
         let prompt: Vec<i64> = serde_json::from_value(body["prompt"]["prompt_token_ids"].clone()).expect("prompt");
-        for (ids, lps) in reply["token_ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .zip(reply["logprobs"].as_array().expect("lps"))
-        {
-            let out: Vec<i64> = serde_json::from_value(ids.clone()).expect("ids");
-            let seq = [prompt.clone(), out.clone()].concat();
-            let n = seq.len() as i64;
-            let input = Tensor::from_slice(&seq[..seq.len() - 1]).view([1, n - 1]);
-            let mut labels = vec![-100i64; prompt.len() - 1];
-            labels.extend(&out);
-            let labels_t = Tensor::from_slice(&labels).view([1, n - 1]);
-            let ours =
-                tch::no_grad(|| token_logprobs(&model.forward(&input), &labels_t, &Tensor::from_slice(&[0.7f32])));
-            let ours: Vec<f32> = Vec::try_from(ours.view([-1])).expect("vec");
-            for (j, pos) in lps.as_array().expect("positions").iter().enumerate() {
-                let served = pos[0]
-                    .as_object()
-                    .and_then(|d| d.values().next())
-                    .and_then(Value::as_f64)
-                    .expect("lp");
-                let learner = f64::from(ours[prompt.len() - 1 + j]);
-                worst = worst.max((served - learner).abs());
+        for (out, served) in common::completions(reply) {
+            let learner = common::learner_logprobs(&model, &prompt, &out, 0.7);
+            for (s, l) in served.iter().zip(&learner) {
+                worst = worst.max((s - l).abs());
             }
         }
     }

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{metrics, path_str, wait_until, wait_until_fast, Learner, RunApi};
-use grpo_node::grpo::loss::token_logprobs;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
 use grpo_node::sync::auth::Token;
@@ -145,32 +144,20 @@ fn generate_body(prompt: &[i64], seed: u64) -> Value {
 
 /// Turns a `/generate` reply into a scored group, as Atropos' ManagedServer does.
 fn group_from_reply(prompt: &[i64], r: &Value) -> Value {
-    let mut tokens = Vec::new();
-    let mut masks = Vec::new();
-    let mut lps = Vec::new();
-    for (ids, pos) in r["token_ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .zip(r["logprobs"].as_array().expect("lps"))
-    {
-        let out: Vec<i64> = serde_json::from_value(ids.clone()).expect("ids");
-        let lp: Vec<f64> = pos
-            .as_array()
-            .expect("pos")
-            .iter()
-            .map(|p| {
-                p[0].as_object()
-                    .and_then(|d| d.values().next())
-                    .and_then(Value::as_f64)
-                    .expect("lp")
-            })
-            .collect();
+    let (mut tokens, mut masks, mut lps) = (Vec::new(), Vec::new(), Vec::new());
+    for (out, lp) in common::completions(r) {
         tokens.push([prompt.to_vec(), out.clone()].concat());
         masks.push([vec![-100; prompt.len()], out].concat());
         lps.push([vec![1.0; prompt.len()], lp].concat());
     }
     json!({"tokens": tokens, "masks": masks, "scores": [1.0, 0.0], "inference_logprobs": lps})
+}
+
+/// Learner flags that keep `sidecar` in sync with the test token.
+fn synced_to<'a>(sidecar_url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--sidecar", sidecar_url, "--auth-token", TOKEN];
+    args.extend_from_slice(extra);
+    args
 }
 
 #[test]
@@ -190,14 +177,7 @@ fn published_weights_are_bit_identical_and_logprobs_match() {
         model.path(),
         &api,
         &save,
-        &[
-            "--training-steps",
-            "2",
-            "--sidecar",
-            &sidecar.url(),
-            "--auth-token",
-            TOKEN,
-        ],
+        &synced_to(&sidecar.url(), &["--training-steps", "2"]),
     );
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
@@ -225,32 +205,13 @@ fn published_weights_are_bit_identical_and_logprobs_match() {
     // Logprobs of a fixed prompt: served vs recomputed by the learner's model from the checkpoint.
     let prompt = vec![3i64, 14, 15, 92, 65];
     let r = sidecar.generate(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 8, "temperature": 0.0, "logprobs": 0, "ignore_eos": true}));
-    let out: Vec<i64> = serde_json::from_value(r["token_ids"][0].clone()).expect("ids");
+    let (out, served) = common::completions(&r).remove(0);
     let spec = ModelSpec::from_dir(&final_dir).expect("spec");
     let params = load_params(&spec, &final_dir, Device::Cpu).expect("params");
     let tm = Transformer::new(&spec, &params).expect("model");
-    let seq = [prompt.clone(), out.clone()].concat();
-    let n = seq.len() as i64;
-    let labels: Vec<i64> = [vec![-100; prompt.len() - 1], out.clone()].concat();
-    let ours = tch::no_grad(|| {
-        token_logprobs(
-            &tm.forward(&Tensor::from_slice(&seq[..seq.len() - 1]).view([1, n - 1])),
-            &Tensor::from_slice(&labels).view([1, n - 1]),
-            &Tensor::from_slice(&[1.0f32]),
-        )
-    });
-    let ours: Vec<f32> = Vec::try_from(ours.view([-1])).expect("vec");
-    for (j, pos) in r["logprobs"][0].as_array().expect("lps").iter().enumerate() {
-        let served = pos[0]
-            .as_object()
-            .and_then(|d| d.values().next())
-            .and_then(Value::as_f64)
-            .expect("lp");
-        let learner = f64::from(ours[prompt.len() - 1 + j]);
-        assert!(
-            (served - learner).abs() < 1e-5,
-            "position {j}: served {served} vs learner {learner}"
-        );
+    let learner = common::learner_logprobs(&tm, &prompt, &out, 1.0);
+    for (j, (s, l)) in served.iter().zip(&learner).enumerate() {
+        assert!((s - l).abs() < 1e-5, "position {j}: served {s} vs learner {l}");
     }
 }
 
@@ -265,14 +226,7 @@ fn canary_first_batch_on_new_weights_has_near_zero_logprob_diff() {
         model.path(),
         &api,
         &save,
-        &[
-            "--training-steps",
-            "2",
-            "--sidecar",
-            &sidecar.url(),
-            "--auth-token",
-            TOKEN,
-        ],
+        &synced_to(&sidecar.url(), &["--training-steps", "2"]),
     );
     api.wait_registered(4);
     api.post("/scored_data_list", &json!([group(1), group(2)]));
@@ -318,16 +272,8 @@ fn a_sidecar_killed_mid_stream_is_marked_stale_then_fully_resynced() {
     let mut sidecar = Sidecar::start_on(model.path(), &work.path().join("sidecar"), http, grpc);
     let api = RunApi::start();
     let save = work.path().join("run");
-    let args = [
-        "--training-steps",
-        "4",
-        "--sidecar",
-        &sidecar.url(),
-        "--auth-token",
-        TOKEN,
-        "--sync-bucket-mb",
-        "1",
-    ];
+    let url = sidecar.url();
+    let args = synced_to(&url, &["--training-steps", "4", "--sync-bucket-mb", "1"]);
     let learner = Learner::spawn(model.path(), &api, &save, &args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
@@ -362,16 +308,8 @@ fn a_resumed_learner_republishes_its_weights() {
     let sidecar = Sidecar::start_on(model.path(), &work.path().join("sidecar"), http, grpc);
     let api = RunApi::start();
     let save = work.path().join("run");
-    let args = [
-        "--training-steps",
-        "6",
-        "--checkpoint-interval",
-        "2",
-        "--sidecar",
-        &sidecar.url(),
-        "--auth-token",
-        TOKEN,
-    ];
+    let url = sidecar.url();
+    let args = synced_to(&url, &["--training-steps", "6", "--checkpoint-interval", "2"]);
     let learner = Learner::spawn(model.path(), &api, &save, &args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
@@ -399,18 +337,18 @@ fn checkpoint_mode_reloads_the_sidecar_from_checkpoints() {
     let sidecar = Sidecar::start(model.path(), &work.path().join("sidecar"));
     let api = RunApi::start();
     let save = work.path().join("run");
-    let args = [
-        "--training-steps",
-        "4",
-        "--weight-bridge-mode",
-        "checkpoint",
-        "--vllm-restart-interval",
-        "2",
-        "--sidecar",
-        &sidecar.url(),
-        "--auth-token",
-        TOKEN,
-    ];
+    let url = sidecar.url();
+    let args = synced_to(
+        &url,
+        &[
+            "--training-steps",
+            "4",
+            "--weight-bridge-mode",
+            "checkpoint",
+            "--vllm-restart-interval",
+            "2",
+        ],
+    );
     let learner = Learner::spawn(model.path(), &api, &save, &args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..8).map(group).collect::<Vec<_>>()));

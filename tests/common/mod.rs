@@ -324,3 +324,46 @@ pub fn trainer_config(
         device: tch::Device::Cpu,
     }
 }
+
+/// The completions of a `/generate` reply made with `logprobs`: token ids and the sampled
+/// tokens' logprobs, one pair per output.
+pub fn completions(reply: &serde_json::Value) -> Vec<(Vec<i64>, Vec<f64>)> {
+    let ids = reply["token_ids"].as_array().expect("token_ids");
+    let lps = reply["logprobs"].as_array().expect("logprobs");
+    ids.iter()
+        .zip(lps)
+        .map(|(ids, positions)| {
+            let ids: Vec<i64> = serde_json::from_value(ids.clone()).expect("ids");
+            let lps = positions
+                .as_array()
+                .expect("positions")
+                .iter()
+                .map(|p| {
+                    p[0].as_object()
+                        .and_then(|d| d.values().next())
+                        .and_then(|v| v.as_f64())
+                        .expect("logprob")
+                })
+                .collect();
+            (ids, lps)
+        })
+        .collect()
+}
+
+/// The learner's fp32 logprobs of `completion` after `prompt` at temperature `t`, computed the
+/// way training does (one unpadded sequence).
+pub fn learner_logprobs(model: &grpo_node::model::Transformer, prompt: &[i64], completion: &[i64], t: f32) -> Vec<f64> {
+    use tch::Tensor;
+    let seq = [prompt, completion].concat();
+    let n = seq.len() as i64;
+    let labels: Vec<i64> = [vec![-100; prompt.len() - 1], completion.to_vec()].concat();
+    let lp = tch::no_grad(|| {
+        grpo_node::grpo::loss::token_logprobs(
+            &model.forward(&Tensor::from_slice(&seq[..seq.len() - 1]).view([1, n - 1])),
+            &Tensor::from_slice(&labels).view([1, n - 1]),
+            &Tensor::from_slice(&[t]),
+        )
+    });
+    let lp: Vec<f32> = Vec::try_from(lp.view([-1])).expect("logprobs");
+    lp[prompt.len() - 1..].iter().map(|&x| f64::from(x)).collect()
+}
