@@ -359,8 +359,12 @@ fn checkpoint_mode_reloads_the_sidecar_from_checkpoints() {
     });
     assert_eq!(sidecar.digest().1, digest_of_dir(&save.join("final_model")));
     assert!(save.join("sync_step_4/config.json").is_file());
-    let m = metrics(&save);
-    assert_eq!(m[2]["engine_version"], 2, "step 3 saw the step-2 reload: {}", m[2]);
+    // The reload after step 2 happened too (asynchronously: training does not wait for it).
+    assert!(
+        log.lines()
+            .any(|l| l.contains("weights published") && l.contains("version=2")),
+        "no reload at step 2: {log}"
+    );
 }
 
 #[test]
