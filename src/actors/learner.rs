@@ -227,13 +227,15 @@ impl LearnerState {
             batch_seq: prepared.seq.0,
         };
         self.last_step_end = now;
-        self.args.metrics.append(&record)?;
-        eprintln!("{}", human_line(&record, self.args.config.training_steps));
+        // The status is updated before the record reaches metrics.jsonl, so anyone who has seen
+        // the step in the file also sees it over gRPC.
         if let Ok(mut status) = self.args.status.lock() {
             status.step = self.steps_done;
             status.rejected_groups = self.args.rejected_groups;
-            status.last = Some(record);
+            status.last = Some(record.clone());
         }
+        self.args.metrics.append(&record)?;
+        eprintln!("{}", human_line(&record, self.args.config.training_steps));
         self.sync().await?;
         let total = self.args.config.training_steps;
         let interval = self.args.config.checkpoint_interval;
