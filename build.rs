@@ -1,7 +1,35 @@
-//! Compiles `proto/grpo/v1/*.proto` with a vendored protoc and points the binary's RUNPATH at
-//! libtorch, so tests and binaries run without LD_LIBRARY_PATH.
+//! Compiles `proto/grpo/v1/*.proto` with a vendored protoc, compiles the C++ shim in `csrc/`
+//! against libtorch's headers, and points the binary's RUNPATH at libtorch, so tests and
+//! binaries run without LD_LIBRARY_PATH.
 
 use std::error::Error;
+use std::path::PathBuf;
+
+/// Compiles `csrc/` (the libtorch operations tch does not bind) against the libtorch that
+/// torch-sys found.
+fn compile_shim(lib: &std::path::Path, cuda: bool) {
+    let torch = lib.parent().map(PathBuf::from).unwrap_or_default();
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .file("csrc/shim.cpp");
+    if cuda {
+        // The CUDA runtime headers come with the pip wheels beside torch.
+        if let Some(site) = torch.parent() {
+            build.include(site.join("nvidia/cu13/include"));
+        }
+        build.file("csrc/cuda_mem.cpp");
+    }
+    build.compile("grpo_shim");
+    println!("cargo:rerun-if-changed=csrc");
+}
 
 fn main() -> Result<(), Box<dyn Error>> {
     if std::env::var_os("PROTOC").is_none() {
@@ -16,10 +44,16 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure().compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
     println!("cargo:rerun-if-changed=proto");
 
+    let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
     if let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.to_string_lossy());
+        compile_shim(std::path::Path::new(&lib), cuda);
+        println!("cargo:rustc-link-search=native={}", lib.to_string_lossy());
+        println!("cargo:rustc-link-lib=dylib=torch_cpu");
+        println!("cargo:rustc-link-lib=dylib=c10");
     }
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+    if cuda {
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
         // Rust links with --as-needed, which would drop libtorch_cuda and hide CUDA from tch.
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");

@@ -1,9 +1,12 @@
 //! Device parity: one optimizer step of the same tiny random Qwen2-shaped model on the same
-//! GRPO batch, in fp32 on the CPU and on a CUDA device; prints loss, grad norm and the relative
-//! differences, and exits non-zero if they exceed the tolerance.
+//! GRPO batch, in several configurations, each compared with the CPU fp32 step (full graph,
+//! one logprob chunk, per-tensor AdamW): CPU with checkpointing + small chunks + fused AdamW,
+//! CUDA fp32 both ways, and CUDA bf16. Prints a table and exits non-zero if a tolerance is
+//! exceeded: fp32 loss 1e-5 relative (grad norm 1e-4); bf16 loss 2e-3 absolute, grad norm
+//! 5e-2 relative, mean policy logprob 5e-2 nats.
 //!
 //! Build here with `cargo build --release --features cuda --example device_parity`, run on the
-//! GPU machine with `scripts/gpu/device_parity.sh` (the issue asks for 1e-5 on the loss).
+//! GPU machine with `scripts/gpu/device_parity.sh`.
 
 use std::process::ExitCode;
 
@@ -12,14 +15,15 @@ use grpo_node::actors::preprocessor::prepare;
 use grpo_node::checkpoint::BatchSeq;
 use grpo_node::grpo::{ClipMode, Limits, LossAgg, LossConfig};
 use grpo_node::model::{ModelSpec, ParamStore};
-use grpo_node::train::{AdamWConfig, LrSchedule, ScheduleKind, Trainer, TrainerConfig};
+use grpo_node::train::{
+    AdamWConfig, ComputeConfig, LrSchedule, Precision, ScheduleKind, StepMetrics, Trainer, TrainerConfig,
+};
 use serde_json::json;
 use tch::Device;
 
 const CONFIG: &str = r#"{"model_type":"qwen2","vocab_size":1024,"hidden_size":128,"intermediate_size":384,
   "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-6,
   "rope_theta":1000000.0,"max_position_embeddings":512,"tie_word_embeddings":false}"#;
-const TOLERANCE: f64 = 1e-5;
 
 fn batch(vocab: i64) -> Vec<serde_json::Value> {
     (0..4i64)
@@ -64,8 +68,9 @@ fn run(
     spec: &ModelSpec,
     base: &ParamStore,
     device: Device,
+    compute: ComputeConfig,
     groups: &[serde_json::Value],
-) -> Result<(f64, f64, f64), String> {
+) -> Result<StepMetrics, String> {
     let tensors = base
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(device).copy()))
@@ -88,6 +93,7 @@ fn run(
         adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         device,
+        compute,
     };
     let mut trainer = Trainer::new(spec, ParamStore::from_tensors(tensors), None, config).map_err(|e| e.to_string())?;
     let limits = Limits {
@@ -106,8 +112,13 @@ fn run(
         4,
     );
     let batch = prepared.batch.ok_or("batch rejected")?;
-    let m = trainer.train(&batch);
-    Ok((m.loss, m.grad_norm, m.compute_time_s))
+    trainer.train(&batch).map_err(|e| e.to_string())
+}
+
+struct Variant {
+    name: &'static str,
+    device: Device,
+    compute: ComputeConfig,
 }
 
 fn main() -> ExitCode {
@@ -122,43 +133,85 @@ fn main() -> ExitCode {
     let groups = batch(spec.vocab_size);
     let cuda = tch::Cuda::is_available();
     println!("cuda available: {cuda}, devices: {}", tch::Cuda::device_count());
-    let devices: Vec<Device> = if cuda {
-        vec![Device::Cpu, Device::Cuda(0)]
-    } else {
-        vec![Device::Cpu]
+    let plain = ComputeConfig {
+        precision: Precision::Fp32,
+        gradient_checkpointing: false,
+        logprob_chunk_tokens: 1 << 20,
+        fused_adamw: false,
     };
-    let mut results = Vec::new();
-    for d in devices {
-        match run(&spec, &base, d, &groups) {
-            Ok(r) => {
-                println!("{d:?}: loss {:.9} grad_norm {:.9} step {:.3}s", r.0, r.1, r.2);
-                results.push(r);
-            }
+    let staged = ComputeConfig {
+        precision: Precision::Fp32,
+        gradient_checkpointing: true,
+        logprob_chunk_tokens: 37,
+        fused_adamw: true,
+    };
+    let mut variants = vec![Variant {
+        name: "cpu fp32 ckpt+chunk37+fused",
+        device: Device::Cpu,
+        compute: staged,
+    }];
+    if cuda {
+        variants.push(Variant {
+            name: "cuda fp32 plain",
+            device: Device::Cuda(0),
+            compute: plain,
+        });
+        variants.push(Variant {
+            name: "cuda fp32 ckpt+chunk37+fused",
+            device: Device::Cuda(0),
+            compute: staged,
+        });
+        variants.push(Variant {
+            name: "cuda bf16 ckpt+chunk37+fused",
+            device: Device::Cuda(0),
+            compute: ComputeConfig {
+                precision: Precision::Bf16,
+                ..staged
+            },
+        });
+    }
+    let reference = match run(&spec, &base, Device::Cpu, plain, &groups) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cpu fp32 reference: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-12);
+    println!(
+        "reference cpu fp32 plain: loss {:.9} grad_norm {:.9} mean logprob(A>0) {:.6}",
+        reference.loss, reference.grad_norm, reference.pos_logp_mean
+    );
+    println!("| variant | loss | loss diff | grad norm rel diff | logprob diff (nats) | verdict |");
+    println!("|---|---|---|---|---|---|");
+    let mut ok = true;
+    for v in variants {
+        let m = match run(&spec, &base, v.device, v.compute, &groups) {
+            Ok(m) => m,
             Err(e) => {
-                eprintln!("{d:?}: {e}");
+                eprintln!("{}: {e}", v.name);
                 return ExitCode::FAILURE;
             }
-        }
+        };
+        let dl_rel = rel(reference.loss, m.loss);
+        let dl_abs = (reference.loss - m.loss).abs();
+        let dg = rel(reference.grad_norm, m.grad_norm);
+        let dlp = (reference.pos_logp_mean - m.pos_logp_mean).abs();
+        let pass = match v.compute.precision {
+            Precision::Fp32 => dl_rel <= 1e-5 && dg <= 1e-4,
+            Precision::Bf16 => dl_abs <= 2e-3 && dg <= 5e-2 && dlp <= 5e-2,
+        };
+        ok &= pass;
+        println!(
+            "| {} | {:.9} | rel {dl_rel:.2e} / abs {dl_abs:.2e} | {dg:.2e} | {dlp:.2e} | {} |",
+            v.name,
+            m.loss,
+            if pass { "PASS" } else { "FAIL" }
+        );
     }
-    if results.len() < 2 {
-        println!("no CUDA device: nothing to compare");
-        return ExitCode::SUCCESS;
+    if !cuda {
+        println!("no CUDA device: only the CPU variants ran");
     }
-    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-12);
-    let (dl, dg) = (rel(results[0].0, results[1].0), rel(results[0].1, results[1].1));
-    let ok = dl <= TOLERANCE && dg <= 10.0 * TOLERANCE;
-    println!("| check | cpu fp32 | cuda fp32 | rel diff | tolerance |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| loss | {:.9} | {:.9} | {dl:.2e} | {TOLERANCE:.0e} |",
-        results[0].0, results[1].0
-    );
-    println!(
-        "| grad norm | {:.9} | {:.9} | {dg:.2e} | {:.0e} |",
-        results[0].1,
-        results[1].1,
-        10.0 * TOLERANCE
-    );
     println!("{}", if ok { "PASS" } else { "FAIL" });
     if ok {
         ExitCode::SUCCESS

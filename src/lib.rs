@@ -18,7 +18,9 @@
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O |
-//! | [`train`] | AdamW, LR schedule, layer filters, one optimizer step |
+//! | [`train`] | AdamW (fused on libtorch's kernel), LR schedule, layer filters, the staged micro-batch step, one optimizer step |
+//! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
+//! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
 //! | [`actors`] | the learner node's ractor actors and their messages |
 //! | [`roles`] | each `--role`: builds its supervision tree and runs it |
@@ -27,6 +29,7 @@
 
 pub mod actors;
 pub mod atropos;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -37,4 +40,5 @@ pub mod roles;
 pub mod rpc;
 pub mod sync;
 pub mod telemetry;
+pub mod torch_ext;
 pub mod train;

@@ -29,6 +29,9 @@ enum Tool {
         /// The manifest.
         manifest: PathBuf,
     },
+    /// Benchmarks against references run on the same machine (scripts/gpu/).
+    #[command(subcommand)]
+    Bench(grpo_node::bench::BenchCommand),
 }
 
 /// A Rust GRPO trainer for the Atropos RL ecosystem.
@@ -75,12 +78,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
-    if let Some(Tool::Launch { manifest }) = cli.tool {
-        let code = runtime()?.block_on(grpo_node::launch::launch(&manifest, shutdown_signal()))?;
-        if code != 0 {
-            anyhow::bail!("the main process exited with {code}");
+    match cli.tool {
+        Some(Tool::Launch { manifest }) => {
+            let code = runtime()?.block_on(grpo_node::launch::launch(&manifest, shutdown_signal()))?;
+            if code != 0 {
+                anyhow::bail!("the main process exited with {code}");
+            }
+            return Ok(None);
         }
-        return Ok(None);
+        Some(Tool::Bench(cmd)) => {
+            grpo_node::bench::run(cmd)?;
+            return Ok(None);
+        }
+        None => {}
     }
     let Some(role) = cli.role else {
         anyhow::bail!("--role is required (learner or inference-sidecar), or a subcommand such as `launch`");

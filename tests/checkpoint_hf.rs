@@ -41,7 +41,7 @@ fn trained(dir: &Path) -> (ModelSpec, Trainer) {
     )
     .batch
     .expect("batch");
-    let m = trainer.train(&batch);
+    let m = trainer.train(&batch).expect("train step");
     assert!(m.grad_norm > 0.0);
     (spec, trainer)
 }

@@ -107,7 +107,7 @@ fn ours(dir: &Path, spec: &ModelSpec, groups: &[Value], loss: LossConfig) -> (f6
     let config = common::trainer_config(loss, 1e-3, 0, 1);
     let params = load_params(spec, dir, Device::Cpu).expect("load");
     let mut trainer = Trainer::new(spec, params, None, config).expect("trainer");
-    let m = trainer.train(&batch);
+    let m = trainer.train(&batch).expect("train step");
     (m.loss, m.grad_norm, m.tokens)
 }
 

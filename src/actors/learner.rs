@@ -197,7 +197,7 @@ impl LearnerState {
         } else {
             0.0
         };
-        let metrics = self.args.worker.train(batch).await?;
+        let metrics = self.args.worker.train(batch).await??;
         self.steps_done = metrics.step;
         self.args.batches_consumed = prepared.seq;
         self.args.credits.add_permits(1);

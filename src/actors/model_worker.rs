@@ -20,7 +20,7 @@ pub struct Snapshot {
 }
 
 enum Command {
-    Train(Box<TrainBatch>, oneshot::Sender<StepMetrics>),
+    Train(Box<TrainBatch>, oneshot::Sender<Result<StepMetrics, TrainError>>),
     Snapshot(oneshot::Sender<Snapshot>),
     Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
     Share(oneshot::Sender<(ParamStore, SharedWeights)>),
@@ -101,7 +101,7 @@ impl ModelWorker {
     }
 
     /// Trains one step.
-    pub async fn train(&self, batch: TrainBatch) -> Result<StepMetrics, WorkerGone> {
+    pub async fn train(&self, batch: TrainBatch) -> Result<Result<StepMetrics, TrainError>, WorkerGone> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Train(Box::new(batch), tx))?;
         rx.await.map_err(|_| WorkerGone)

@@ -5,7 +5,7 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::atropos::{EnvId, ScoredGroup};
-use crate::grpo::pack::{align_group, pack};
+use crate::grpo::pack::{align_group, pack_with, Packing};
 use crate::grpo::validate::validate;
 use crate::grpo::{Limits, RejectReason, Rejection};
 
@@ -20,8 +20,13 @@ pub struct PreprocessorArgs {
     pub learner: ActorRef<LearnerMsg>,
 }
 
-/// Parses, validates and packs one raw batch.
+/// Parses, validates and packs one raw batch (sorted by length).
 pub fn prepare(raw: RawBatch, limits: &Limits, micro_batch: usize) -> PreparedBatch {
+    prepare_with(raw, limits, micro_batch, Packing::Sorted)
+}
+
+/// [`prepare`] with a choice of packing.
+pub fn prepare_with(raw: RawBatch, limits: &Limits, micro_batch: usize, packing: Packing) -> PreparedBatch {
     let mut rejections = Vec::new();
     let mut sequences = Vec::new();
     for value in raw.groups {
@@ -44,7 +49,7 @@ pub fn prepare(raw: RawBatch, limits: &Limits, micro_batch: usize) -> PreparedBa
     }
     PreparedBatch {
         seq: raw.seq,
-        batch: (!sequences.is_empty()).then(|| pack(sequences, micro_batch)),
+        batch: (!sequences.is_empty()).then(|| pack_with(sequences, micro_batch, packing)),
         rejections,
         wait_time_s: raw.wait_time_s,
     }

@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::grpo::{ClipMode, LossAgg};
-use crate::train::{LayerSet, ScheduleKind};
+use crate::train::{LayerSet, Precision, ScheduleKind};
 
 use super::{ConfigError, DeviceSpec};
 
@@ -106,6 +106,21 @@ pub struct LearnerArgs {
     /// cpu, cuda or cuda:N [default: cpu].
     #[arg(long, env = "GRPO_DEVICE")]
     pub device: Option<String>,
+    /// Compute dtype of matmuls and attention; weights, gradients, optimizer state, logprobs and
+    /// ratios stay fp32 [default: bf16 on CUDA, fp32 on CPU].
+    #[arg(long, env = "GRPO_PRECISION", value_enum)]
+    pub precision: Option<Precision>,
+    /// Recompute each layer in the backward instead of storing its activations
+    /// [default: on for models of 100M parameters or more].
+    #[arg(long, env = "GRPO_GRADIENT_CHECKPOINTING", num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
+    /// Positions per chunk of the LM head and logprobs (each chunk holds tokens x vocab fp32
+    /// logits) [default: 4096].
+    #[arg(long, env = "GRPO_LOGPROB_CHUNK_TOKENS")]
+    pub logprob_chunk_tokens: Option<i64>,
+    /// libtorch's fused AdamW kernel; false runs the per-tensor loop [default: true].
+    #[arg(long, env = "GRPO_FUSED_ADAMW", num_args = 0..=1, default_missing_value = "true")]
+    pub fused_adamw: Option<bool>,
     /// Output directory: checkpoints, metrics.jsonl, the batch spool [default: trained_model_checkpoints].
     #[arg(long, env = "GRPO_SAVE_PATH")]
     pub save_path: Option<PathBuf>,
@@ -203,6 +218,10 @@ pub struct LearnerConfig {
     pub optimizer: OptimizerKind,
     pub train_layer_indices: Option<LayerSet>,
     pub device: DeviceSpec,
+    pub precision: Option<Precision>,
+    pub gradient_checkpointing: Option<bool>,
+    pub logprob_chunk_tokens: i64,
+    pub fused_adamw: bool,
     pub save_path: PathBuf,
     pub checkpoint_interval: u64,
     pub keep_checkpoints: Option<usize>,
@@ -282,6 +301,10 @@ impl LearnerArgs {
             optimizer,
             train_layer_indices,
             device,
+            precision,
+            gradient_checkpointing,
+            logprob_chunk_tokens,
+            fused_adamw,
             save_path,
             checkpoint_interval,
             keep_checkpoints,
@@ -391,6 +414,10 @@ impl LearnerArgs {
                 reason,
             })?;
         let device = DeviceSpec::resolve(args.device.as_deref())?;
+        let logprob_chunk_tokens = args.logprob_chunk_tokens.unwrap_or(4096);
+        check(logprob_chunk_tokens > 0, "logprob-chunk-tokens", || {
+            format!("must be positive (got {logprob_chunk_tokens})")
+        })?;
         let keep_checkpoints = args.keep_checkpoints;
         check(keep_checkpoints != Some(0), "keep-checkpoints", || {
             "must be at least 1".into()
@@ -465,6 +492,10 @@ impl LearnerArgs {
             optimizer: args.optimizer.unwrap_or(OptimizerKind::Adamw),
             train_layer_indices,
             device,
+            precision: args.precision,
+            gradient_checkpointing: args.gradient_checkpointing,
+            logprob_chunk_tokens,
+            fused_adamw: args.fused_adamw.unwrap_or(true),
             save_path: args
                 .save_path
                 .unwrap_or_else(|| PathBuf::from("trained_model_checkpoints")),

@@ -114,10 +114,6 @@ impl MicroTensors {
     }
 }
 
-fn scalar(t: &Tensor) -> f64 {
-    t.double_value(&[])
-}
-
 /// Log-probabilities `[B, T]` (fp32) of `labels` under `logits / temperature`; 0 at ignored
 /// positions. Uses gather + logsumexp so only the logits themselves are full-vocabulary.
 pub fn token_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Tensor {
@@ -131,12 +127,87 @@ pub fn token_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -
     (picked - lse) * mask.to_kind(Kind::Float)
 }
 
-/// The micro-batch's contribution to the step loss (a scalar to backpropagate) and its sums.
-pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, norm: StepNorm) -> (Tensor, LossStats) {
-    let logp = token_logprobs(logits, &mt.labels, &mt.temperatures);
-    let mask = mt.labels.ne(IGNORE).to_kind(Kind::Float);
+/// Per-token inputs of the loss, flattened to `[N]` (N = rows x positions of a micro-batch, or a
+/// chunk of them).
+pub struct TokenInputs {
+    pub labels: Tensor,
+    pub ref_logprobs: Tensor,
+    pub on_policy: Tensor,
+    pub advantages: Tensor,
+    pub temperatures: Tensor,
+    /// Each token's share of the step loss: `mask / scored(row) / sequences` for
+    /// seq-mean-token-mean, `mask / scored(step)` for token-mean; 0 where unscored.
+    pub weights: Tensor,
+}
+
+impl TokenInputs {
+    /// Flattens a micro-batch and computes each token's loss weight.
+    pub fn of_micro_batch(mt: &MicroTensors, cfg: &LossConfig, norm: StepNorm) -> Self {
+        let (b, t) = (mt.labels.size()[0], mt.labels.size()[1]);
+        let mask = mt.labels.ne(IGNORE).to_kind(Kind::Float);
+        let weights = match cfg.agg {
+            LossAgg::SeqMeanTokenMean => {
+                let per_row = mask
+                    .sum_dim_intlist([-1].as_slice(), true, Kind::Float)
+                    .clamp_min(1e-8);
+                &mask / per_row / norm.sequences
+            }
+            LossAgg::TokenMean => &mask / norm.scored_tokens.max(1.0),
+        };
+        let per_row = |x: &Tensor| x.view([b, 1]).expand([b, t], false).reshape([-1]);
+        Self {
+            labels: mt.labels.reshape([-1]),
+            ref_logprobs: mt.ref_logprobs.reshape([-1]),
+            on_policy: per_row(&mt.on_policy),
+            advantages: mt.advantages.reshape([-1]),
+            temperatures: per_row(&mt.temperatures.to_kind(Kind::Float)),
+            weights: weights.reshape([-1]),
+        }
+    }
+
+    /// Tokens `start..start + len`.
+    pub fn narrow(&self, start: i64, len: i64) -> Self {
+        let n = |x: &Tensor| x.narrow(0, start, len);
+        Self {
+            labels: n(&self.labels),
+            ref_logprobs: n(&self.ref_logprobs),
+            on_policy: n(&self.on_policy),
+            advantages: n(&self.advantages),
+            temperatures: n(&self.temperatures),
+            weights: n(&self.weights),
+        }
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Log-probabilities `[N]` (fp32) of `labels` under `logits [N, V] / temperature`; 0 at ignored
+/// positions.
+fn flat_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Tensor {
+    let t = temperatures.where_scalarother(&temperatures.gt(0.0), 1.0).unsqueeze(-1);
+    let scaled = logits.to_kind(Kind::Float) / t;
+    let mask = labels.ne(IGNORE);
+    let safe = labels.where_scalarother(&mask, 0);
+    let picked = scaled.gather(-1, &safe.unsqueeze(-1), false).squeeze_dim(-1);
+    let lse = scaled.logsumexp([-1].as_slice(), false);
+    (picked - lse) * mask.to_kind(Kind::Float)
+}
+
+/// The loss of a chunk of tokens (a scalar to backpropagate; the chunks of a step sum to the
+/// step loss) and its sums. `logits` is `[N, V]` in any dtype; everything after it is fp32.
+pub fn token_chunk_loss(logits: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tensor, LossStats) {
+    let logp = flat_logprobs(logits, &tok.labels, &tok.temperatures);
+    let mask = tok.labels.ne(IGNORE).to_kind(Kind::Float);
     // On-policy rows compare against the current policy itself: ratio 1, gradient of A*logp.
-    let ref_lp = logp.detach().where_self(&mt.on_policy, &mt.ref_logprobs);
+    let ref_lp = logp.detach().where_self(&tok.on_policy, &tok.ref_logprobs);
     let log_ratio = &logp - &ref_lp;
     let ratio = log_ratio.exp();
     let r = match cfg.is_cap {
@@ -145,7 +216,7 @@ pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, no
     };
     let (lo, hi) = (1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high);
     let clipped = r.clamp(lo, hi);
-    let a = &mt.advantages;
+    let a = &tok.advantages;
     let unclipped_obj = &r * a;
     let clipped_obj = &clipped * a;
     let surrogate = match cfg.clip_mode {
@@ -160,17 +231,7 @@ pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, no
     if cfg.kl_coef > 0.0 {
         per_tok = &per_tok + &kl * cfg.kl_coef;
     }
-    let masked = &per_tok * &mask;
-    let loss = match cfg.agg {
-        LossAgg::SeqMeanTokenMean => {
-            let per_seq = masked.sum_dim_intlist([-1].as_slice(), false, Kind::Float)
-                / mask
-                    .sum_dim_intlist([-1].as_slice(), false, Kind::Float)
-                    .clamp_min(1e-8);
-            per_seq.sum(Kind::Float) / norm.sequences
-        }
-        LossAgg::TokenMean => masked.sum(Kind::Float) / norm.scored_tokens.max(1.0),
-    };
+    let loss = (&per_tok * &tok.weights).sum(Kind::Float);
     let stats = tch::no_grad(|| {
         let r = r.detach();
         let clipped_now = match cfg.clip_mode {
@@ -184,28 +245,59 @@ pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, no
                 .logical_and(&r.gt(hi))
                 .logical_or(&a.lt(0.0).logical_and(&r.gt(hi))),
         };
-        let diff_mask = &mask * mt.on_policy.logical_not().to_kind(Kind::Float);
+        let diff_mask = &mask * tok.on_policy.logical_not().to_kind(Kind::Float);
         let diff = log_ratio.detach() * &diff_mask;
         let logp = logp.detach();
         let pos = a.gt(0.0).to_kind(Kind::Float) * &mask;
         let neg = a.lt(0.0).to_kind(Kind::Float) * &mask;
+        // One device-to-host copy for all the sums.
+        let sums = Tensor::stack(
+            &[
+                loss.detach(),
+                mask.sum(Kind::Float),
+                (&r * &mask).sum(Kind::Float),
+                (clipped_now.to_kind(Kind::Float) * &mask).sum(Kind::Float),
+                diff_mask.sum(Kind::Float),
+                diff.sum(Kind::Float),
+                diff.abs().sum(Kind::Float),
+                diff.abs().max(),
+                (kl.detach() * &mask).sum(Kind::Float),
+                (&logp * &pos).sum(Kind::Float),
+                pos.sum(Kind::Float),
+                (&logp * &neg).sum(Kind::Float),
+                neg.sum(Kind::Float),
+            ],
+            0,
+        )
+        .to_kind(Kind::Double)
+        .to_device(Device::Cpu);
+        let v = Vec::<f64>::try_from(&sums).unwrap_or_default();
+        let at = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
         LossStats {
-            loss: scalar(&loss.detach()),
-            tokens: scalar(&mask.sum(Kind::Float)),
-            ratio_sum: scalar(&(&r * &mask).sum(Kind::Float)),
-            clipped: scalar(&(clipped_now.to_kind(Kind::Float) * &mask).sum(Kind::Float)),
-            diff_tokens: scalar(&diff_mask.sum(Kind::Float)),
-            diff_sum: scalar(&diff.sum(Kind::Float)),
-            diff_abs_sum: scalar(&diff.abs().sum(Kind::Float)),
-            diff_max: scalar(&diff.abs().max()),
-            kl_sum: scalar(&(kl.detach() * &mask).sum(Kind::Float)),
-            pos_logp_sum: scalar(&(&logp * &pos).sum(Kind::Float)),
-            pos_tokens: scalar(&pos.sum(Kind::Float)),
-            neg_logp_sum: scalar(&(&logp * &neg).sum(Kind::Float)),
-            neg_tokens: scalar(&neg.sum(Kind::Float)),
+            loss: at(0),
+            tokens: at(1),
+            ratio_sum: at(2),
+            clipped: at(3),
+            diff_tokens: at(4),
+            diff_sum: at(5),
+            diff_abs_sum: at(6),
+            diff_max: at(7),
+            kl_sum: at(8),
+            pos_logp_sum: at(9),
+            pos_tokens: at(10),
+            neg_logp_sum: at(11),
+            neg_tokens: at(12),
         }
     });
     (loss, stats)
+}
+
+/// The micro-batch's contribution to the step loss (a scalar to backpropagate) and its sums,
+/// from full logits `[B, T, V]` (one chunk; the trainer chunks instead).
+pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, norm: StepNorm) -> (Tensor, LossStats) {
+    let tok = TokenInputs::of_micro_batch(mt, cfg, norm);
+    let v = logits.size()[2];
+    token_chunk_loss(&logits.reshape([-1, v]), &tok, cfg)
 }
 
 #[cfg(test)]

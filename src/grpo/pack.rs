@@ -87,17 +87,38 @@ fn padded_len(longest: usize) -> usize {
     longest.div_ceil(PAD_MULTIPLE).max(1) * PAD_MULTIPLE
 }
 
-/// Packs sequences into micro-batches of at most `micro_batch` rows (longest first, so rows of
-/// similar length share a micro-batch and padding stays small).
-pub fn pack(mut sequences: Vec<Sequence>, micro_batch: usize) -> TrainBatch {
+/// How sequences become micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Packing {
+    /// Longest first, each micro-batch padded to its own longest row: rows of similar length
+    /// share a micro-batch and padding stays small.
+    Sorted,
+    /// Arrival order, every micro-batch padded to the batch's longest row (the Atropos example
+    /// trainer's layout; kept for benchmarks).
+    Padded,
+}
+
+/// Packs sequences into micro-batches of at most `micro_batch` rows, sorted by length.
+pub fn pack(sequences: Vec<Sequence>, micro_batch: usize) -> TrainBatch {
+    pack_with(sequences, micro_batch, Packing::Sorted)
+}
+
+/// Packs sequences into micro-batches of at most `micro_batch` rows as `packing` says.
+pub fn pack_with(mut sequences: Vec<Sequence>, micro_batch: usize, packing: Packing) -> TrainBatch {
     let total = sequences.len();
     let scored_tokens = sequences.iter().map(Sequence::scored).sum();
     let score_sum = sequences.iter().map(|s| s.score).sum();
-    sequences.sort_by_key(|s| std::cmp::Reverse(s.input_ids.len()));
+    let longest = sequences.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+    if packing == Packing::Sorted {
+        sequences.sort_by_key(|s| std::cmp::Reverse(s.input_ids.len()));
+    }
     let micro_batches = sequences
         .chunks(micro_batch.max(1))
         .map(|chunk| {
-            let seq_len = padded_len(chunk.iter().map(|s| s.input_ids.len()).max().unwrap_or(0));
+            let seq_len = match packing {
+                Packing::Sorted => padded_len(chunk.iter().map(|s| s.input_ids.len()).max().unwrap_or(0)),
+                Packing::Padded => padded_len(longest),
+            };
             let rows = chunk.len();
             let mut mb = MicroBatch {
                 rows,

@@ -1,5 +1,9 @@
 //! The forward pass: embeddings, pre-norm decoder layers (GQA attention through libtorch's
 //! fused scaled-dot-product attention, SwiGLU MLP), final norm and LM head.
+//!
+//! The parameters stay in their own dtype (fp32 masters when training); with a bf16 compute
+//! kind every weight is cast on use, so matmuls and attention run in bf16 while gradients
+//! flow back through the cast into the fp32 masters.
 
 use tch::{Kind, Tensor};
 
@@ -14,7 +18,9 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let kind = x.kind();
+        let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
+        x.linear(&self.weight.to_kind(kind), bias.as_ref())
     }
 }
 
@@ -74,6 +80,7 @@ pub struct Transformer {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
+    compute: Kind,
 }
 
 /// HF's RMSNorm: normalise in fp32, then scale by the weight.
@@ -81,7 +88,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let xf = x.to_kind(Kind::Float);
     let variance = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
     let normed = (xf * (variance + eps).rsqrt()).to_kind(x.kind());
-    weight * normed
+    weight.to_kind(x.kind()) * normed
 }
 
 impl Transformer {
@@ -136,11 +143,48 @@ impl Transformer {
         };
         Ok(Self {
             spec: spec.clone(),
+            compute: embed.kind(),
             embed,
             layers,
             norm: get("model.norm.weight")?,
             lm_head,
         })
+    }
+
+    /// Runs matmuls and attention in `kind` (for example bf16 over fp32 parameters).
+    pub fn with_compute(mut self, kind: Kind) -> Self {
+        self.compute = kind;
+        self
+    }
+
+    /// The dtype activations are computed in.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// RoPE tables for positions `0..t`.
+    pub fn rope_tables(&self, t: i64, device: tch::Device) -> (Tensor, Tensor) {
+        rope::cos_sin(&self.spec.rope, self.spec.head_dim, t, device)
+    }
+
+    /// Token embeddings `[B, T, hidden]` in the compute dtype.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, ids, -1, false, false).to_kind(self.compute)
+    }
+
+    /// One decoder layer over `x` `[B, T, hidden]` (causal, full sequence).
+    pub fn layer(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        self.layer_step(i, x, cos, sin, None, None)
+    }
+
+    /// The final norm of hidden states.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.norm, self.spec.rms_norm_eps)
     }
 
     /// The model's shape.
@@ -180,51 +224,64 @@ impl Transformer {
         mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let spec = &self.spec;
-        let (b, t) = (ids.size()[0], ids.size()[1]);
-        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
-        let groups = spec.num_heads / spec.num_kv_heads;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, spec.rms_norm_eps);
-            let heads = |y: Tensor, n: i64| y.view([b, t, n, spec.head_dim]);
-            let mut q = heads(layer.q.forward(&h), spec.num_heads);
-            let mut k = heads(layer.k.forward(&h), spec.num_kv_heads);
-            let mut v = heads(layer.v.forward(&h), spec.num_kv_heads).transpose(1, 2);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, spec.rms_norm_eps);
-                k = rms_norm(&k, kn, spec.rms_norm_eps);
-            }
-            let q = rope::apply(&q.transpose(1, 2), cos, sin);
-            let mut k = rope::apply(&k.transpose(1, 2), cos, sin);
-            if let Some(cache) = cache.as_deref_mut() {
-                (k, v) = cache.append(i, k, v);
-            }
-            let (k, v) = if groups > 1 {
-                (
-                    k.repeat_interleave_self_int(groups, 1, None),
-                    v.repeat_interleave_self_int(groups, 1, None),
-                )
-            } else {
-                (k, v)
-            };
-            let attn = match mask {
-                Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
-                None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
-            };
-            let attn = attn.transpose(1, 2).reshape([b, t, spec.num_heads * spec.head_dim]);
-            x = &x + layer.o.forward(&attn);
-            let h = rms_norm(&x, &layer.post_norm, spec.rms_norm_eps);
-            let mlp = layer
-                .down
-                .forward(&(layer.gate.forward(&h).silu() * layer.up.forward(&h)));
-            x = &x + mlp;
+        let mut x = self.embed(ids);
+        for i in 0..self.layers.len() {
+            x = self.layer_step(i, &x, cos, sin, mask, cache.as_deref_mut());
         }
-        rms_norm(&x, &self.norm, spec.rms_norm_eps)
+        self.final_norm(&x)
     }
 
-    /// Logits `[B, T, vocab]` in the parameters' dtype.
+    fn layer_step(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let spec = &self.spec;
+        let layer = &self.layers[i];
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let groups = spec.num_heads / spec.num_kv_heads;
+        let h = rms_norm(x, &layer.input_norm, spec.rms_norm_eps);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, spec.head_dim]);
+        let mut q = heads(layer.q.forward(&h), spec.num_heads);
+        let mut k = heads(layer.k.forward(&h), spec.num_kv_heads);
+        let mut v = heads(layer.v.forward(&h), spec.num_kv_heads).transpose(1, 2);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, spec.rms_norm_eps);
+            k = rms_norm(&k, kn, spec.rms_norm_eps);
+        }
+        let q = rope::apply(&q.transpose(1, 2), cos, sin);
+        let mut k = rope::apply(&k.transpose(1, 2), cos, sin);
+        if let Some(cache) = cache {
+            (k, v) = cache.append(i, k, v);
+        }
+        let (k, v) = if groups > 1 {
+            (
+                k.repeat_interleave_self_int(groups, 1, None),
+                v.repeat_interleave_self_int(groups, 1, None),
+            )
+        } else {
+            (k, v)
+        };
+        let attn = match mask {
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
+        };
+        let attn = attn.transpose(1, 2).reshape([b, t, spec.num_heads * spec.head_dim]);
+        let x = x + layer.o.forward(&attn);
+        let h = rms_norm(&x, &layer.post_norm, spec.rms_norm_eps);
+        let mlp = layer
+            .down
+            .forward(&(layer.gate.forward(&h).silu() * layer.up.forward(&h)));
+        x + mlp
+    }
+
+    /// Logits `[..., vocab]` in the compute dtype.
     pub fn logits_of_hidden(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear(&self.lm_head, None::<Tensor>)
+        hidden.linear(&self.lm_head.to_kind(hidden.kind()), None::<Tensor>)
     }
 
     /// Logits `[B, T, vocab]` for token ids `[B, T]`.

@@ -32,7 +32,7 @@ use crate::rpc::learner_service::{serve, LearnerService};
 use crate::sync::auth::Token;
 use crate::sync::client::Deadlines;
 use crate::telemetry::metrics::MetricsFile;
-use crate::train::{AdamWConfig, LrSchedule, TrainError, Trainer, TrainerConfig};
+use crate::train::{AdamWConfig, ComputeConfig, LrSchedule, Precision, TrainError, Trainer, TrainerConfig};
 
 /// Why a learner could not run.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +59,28 @@ pub enum LearnerError {
     Engine(String),
 }
 
-fn trainer_config(cfg: &LearnerConfig, device: tch::Device) -> TrainerConfig {
+/// Models at least this large recompute layers in the backward unless told otherwise.
+const CHECKPOINTING_FROM_PARAMS: i64 = 100_000_000;
+
+fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &ModelSpec) -> TrainerConfig {
+    let params: i64 = crate::model::params::expected_shapes(spec)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<i64>())
+        .sum();
+    let precision = cfg.precision.unwrap_or(if device.is_cuda() {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    });
     TrainerConfig {
+        compute: ComputeConfig {
+            precision,
+            gradient_checkpointing: cfg
+                .gradient_checkpointing
+                .unwrap_or(params >= CHECKPOINTING_FROM_PARAMS),
+            logprob_chunk_tokens: cfg.logprob_chunk_tokens,
+            fused_adamw: cfg.fused_adamw,
+        },
         loss: LossConfig {
             clip_mode: cfg.clip_mode,
             clip_eps_low: cfg.clip_eps,
@@ -161,7 +181,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
 
     let weights_dir: PathBuf = resumed.as_ref().map_or(cfg.model_name.clone(), |(d, _)| d.clone());
-    let tcfg = trainer_config(&cfg, device);
+    let tcfg = trainer_config(&cfg, device, &spec);
     let layers = cfg.train_layer_indices.clone();
     let seed = cfg.seed;
     let init_spec = spec.clone();

@@ -5,9 +5,10 @@
 pub mod adamw;
 pub mod layers;
 pub mod schedule;
+pub mod step;
 pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use layers::LayerSet;
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{SharedWeights, StepMetrics, TrainError, Trainer, TrainerConfig};
+pub use trainer::{ComputeConfig, Precision, SharedWeights, StepMetrics, TrainError, Trainer, TrainerConfig};

@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::grpo::loss::{micro_batch_loss, LossStats, MicroTensors, StepNorm};
+use crate::grpo::loss::{LossStats, MicroTensors, StepNorm};
 use crate::grpo::{LossConfig, TrainBatch};
 use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
@@ -16,6 +16,49 @@ use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
 use super::adamw::{AdamW, AdamWConfig};
 use super::layers::LayerSet;
 use super::schedule::LrSchedule;
+use super::step::{forward_backward, StepPlan};
+
+/// The dtype matmuls and attention run in; parameters, gradients, optimizer state, logprobs
+/// and ratios stay fp32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The compute dtype.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// How the step computes, as opposed to what it computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ComputeConfig {
+    pub precision: Precision,
+    /// Recompute each layer in the backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Positions per chunk of the LM head and logprob computation.
+    pub logprob_chunk_tokens: i64,
+    /// libtorch's fused AdamW kernel instead of a per-tensor loop.
+    pub fused_adamw: bool,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            precision: Precision::Fp32,
+            gradient_checkpointing: false,
+            logprob_chunk_tokens: 4096,
+            fused_adamw: true,
+        }
+    }
+}
 
 /// Hyper-parameters of the step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,6 +69,7 @@ pub struct TrainerConfig {
     /// Gradients are rescaled so their global L2 norm is at most this.
     pub max_grad_norm: f64,
     pub device: Device,
+    pub compute: ComputeConfig,
 }
 
 /// What one step measured. `grad_norm` is taken before clipping.
@@ -63,6 +107,8 @@ pub enum TrainError {
     Layers(String),
     #[error("optimizer state: {0}")]
     OptimizerState(String),
+    #[error("optimizer step: {0}")]
+    Optimizer(String),
 }
 
 /// Shared-weights mode: an engine reads the same tensors; the optimizer step write-holds `gate`
@@ -114,8 +160,9 @@ impl Trainer {
             .into_iter()
             .filter_map(|n| params.get(&n).map(|t| (n, t)))
             .collect();
-        let model = Transformer::new(spec, &params)?;
-        let optimizer = AdamW::new(config.adamw, &trainable);
+        let model = Transformer::new(spec, &params)?.with_compute(config.compute.precision.kind());
+        let mut optimizer = AdamW::new(config.adamw, &trainable);
+        optimizer.fused = config.compute.fused_adamw;
         Ok(Self {
             shared: None,
             params,
@@ -182,7 +229,7 @@ impl Trainer {
     }
 
     /// Trains one optimizer step on `batch`.
-    pub fn train(&mut self, batch: &TrainBatch) -> StepMetrics {
+    pub fn train(&mut self, batch: &TrainBatch) -> Result<StepMetrics, TrainError> {
         let started = Instant::now();
         for (_, p) in &self.trainable {
             let mut p = p.shallow_clone();
@@ -194,11 +241,13 @@ impl Trainer {
         };
         let mut stats = LossStats::default();
         let mut padded = 0u64;
+        let plan = StepPlan {
+            checkpoint_layers: self.config.compute.gradient_checkpointing,
+            chunk_tokens: self.config.compute.logprob_chunk_tokens,
+        };
         for mb in &batch.micro_batches {
             let mt = MicroTensors::new(mb, self.config.device);
-            let logits = self.model.forward(&mt.input_ids);
-            let (loss, s) = micro_batch_loss(&logits, &mt, &self.config.loss, norm);
-            loss.backward();
+            let s = forward_backward(&self.model, &mt, &self.config.loss, norm, plan);
             stats.merge(&s);
             padded += (mb.rows * mb.seq_len) as u64;
         }
@@ -207,13 +256,15 @@ impl Trainer {
         {
             let gate = self.shared.as_ref().map(|s| s.gate.clone());
             let _exclusive = gate.as_ref().map(|g| g.write());
-            self.optimizer.step(&self.trainable, lr);
+            self.optimizer
+                .step(&self.trainable, lr)
+                .map_err(TrainError::Optimizer)?;
             self.steps_done += 1;
             if let Some(s) = &self.shared {
                 s.version.store(self.steps_done, Ordering::SeqCst);
             }
         }
-        StepMetrics {
+        Ok(StepMetrics {
             step: self.steps_done,
             loss: stats.loss,
             grad_norm,
@@ -231,7 +282,7 @@ impl Trainer {
             micro_batches: batch.micro_batches.len() as u64,
             padded_tokens: padded,
             compute_time_s: started.elapsed().as_secs_f64(),
-        }
+        })
     }
 
     /// Global L2 norm of the gradients before clipping; rescales them to `max_grad_norm`.

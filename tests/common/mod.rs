@@ -322,6 +322,7 @@ pub fn trainer_config(
         adamw: AdamWConfig::default(),
         max_grad_norm: 1.0,
         device: tch::Device::Cpu,
+        compute: grpo_node::train::ComputeConfig::default(),
     }
 }
 

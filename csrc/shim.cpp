@@ -1,0 +1,53 @@
+// libtorch operations that tch 0.24 does not generate bindings for. Tensors cross the boundary
+// as tch's `C_tensor` pointers (an `at::Tensor*`); errors come back as a message, never as a
+// C++ exception across the FFI boundary.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
+
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+
+void write_error(const char* what, char* err, size_t err_len) {
+  if (err_len == 0) return;
+  std::strncpy(err, what, err_len - 1);
+  err[err_len - 1] = '\0';
+}
+
+std::vector<at::Tensor> gather(void* const* tensors, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*static_cast<at::Tensor*>(tensors[i]));
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+// torch.optim.AdamW(fused=True) over `n` parameters: `_fused_adamw_` reads the step count from
+// `steps` (float32 tensors on the parameters' device, already incremented by the caller).
+// Returns 0 on success, 1 with a message in `err`.
+int grpo_fused_adamw(void* const* params, void* const* grads, void* const* exp_avgs,
+                     void* const* exp_avg_sqs, void* const* steps, size_t n, double lr,
+                     double beta1, double beta2, double weight_decay, double eps, char* err,
+                     size_t err_len) {
+  try {
+    auto p = gather(params, n);
+    auto g = gather(grads, n);
+    auto m = gather(exp_avgs, n);
+    auto v = gather(exp_avg_sqs, n);
+    auto s = gather(steps, n);
+    std::vector<at::Tensor> max_sq;
+    at::_fused_adamw_(p, g, m, v, max_sq, s, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,37 @@
+//! `grpo-node bench ...`: measurements that the scripts in `scripts/gpu/` run next to a
+//! reference in the same process tree and on the same GPU. Each prints one `RESULT {json}`
+//! line; the ratios are computed by `python/bench/report.py`.
+
+pub mod learner;
+pub mod shapes;
+
+use clap::Subcommand;
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput and peak memory of the learner's step on a batches file.
+    Learner(learner::LearnerBenchArgs),
+}
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("batches file: {0}")]
+    Batches(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error("--device: {0}")]
+    Device(String),
+}
+
+/// Runs one benchmark.
+pub fn run(cmd: BenchCommand) -> Result<(), BenchError> {
+    match cmd {
+        BenchCommand::Learner(args) => learner::run(&args),
+    }
+}

@@ -1,0 +1,132 @@
+//! libtorch operations that tch 0.24 does not bind, reached through the C++ shim in `csrc/`
+//! (compiled by `build.rs` against the same libtorch).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use tch::Tensor;
+
+extern "C" {
+    fn grpo_fused_adamw(
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        steps: *const *mut c_void,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Hyper-parameters of one fused AdamW call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedAdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One group of tensors for [`fused_adamw`]: parameters, gradients, moments and step counters
+/// (float32 scalars on the parameters' device, already incremented), all of equal length.
+pub struct AdamWGroup<'a> {
+    pub params: &'a [Tensor],
+    pub grads: &'a [Tensor],
+    pub exp_avgs: &'a [Tensor],
+    pub exp_avg_sqs: &'a [Tensor],
+    pub steps: &'a [Tensor],
+}
+
+fn raw(ts: &[Tensor]) -> Vec<*mut c_void> {
+    ts.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+}
+
+/// `torch._fused_adamw_`: the whole update of every tensor in a few kernel launches.
+pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String> {
+    let n = group.params.len();
+    let lens = [
+        group.grads.len(),
+        group.exp_avgs.len(),
+        group.exp_avg_sqs.len(),
+        group.steps.len(),
+    ];
+    if lens.iter().any(|&l| l != n) {
+        return Err(format!("fused AdamW: {n} parameters but lists of {lens:?}"));
+    }
+    let (p, g, m, v, s) = (
+        raw(group.params),
+        raw(group.grads),
+        raw(group.exp_avgs),
+        raw(group.exp_avg_sqs),
+        raw(group.steps),
+    );
+    let mut err = vec![0 as c_char; 512];
+    // SAFETY: every pointer is a live `at::Tensor*` owned by the slices above, which outlive
+    // the call; the shim catches C++ exceptions and reports them through `err`.
+    let rc = unsafe {
+        grpo_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n,
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.weight_decay,
+            hp.eps,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: the shim wrote a NUL-terminated string into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+        Err(format!("fused AdamW: {}", msg.to_string_lossy()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_mem {
+    extern "C" {
+        fn grpo_cuda_peak_allocated(device: std::ffi::c_int) -> i64;
+        fn grpo_cuda_reset_peak(device: std::ffi::c_int) -> std::ffi::c_int;
+    }
+
+    /// `torch.cuda.max_memory_allocated(device)`, if the allocator answers.
+    pub fn peak_allocated(device: usize) -> Option<u64> {
+        // SAFETY: plain integer call; the shim catches C++ exceptions.
+        let v = unsafe { grpo_cuda_peak_allocated(device as std::ffi::c_int) };
+        u64::try_from(v).ok()
+    }
+
+    /// `torch.cuda.reset_peak_memory_stats(device)`.
+    pub fn reset_peak(device: usize) -> bool {
+        // SAFETY: as above.
+        unsafe { grpo_cuda_reset_peak(device as std::ffi::c_int) == 0 }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda_mem {
+    /// Without the `cuda` feature there is no CUDA allocator to ask.
+    pub fn peak_allocated(_device: usize) -> Option<u64> {
+        None
+    }
+
+    /// Without the `cuda` feature there is nothing to reset.
+    pub fn reset_peak(_device: usize) -> bool {
+        false
+    }
+}
+
+pub use cuda_mem::{peak_allocated as cuda_peak_allocated, reset_peak as cuda_reset_peak};

@@ -1,0 +1,95 @@
+//! Forward and backward of one micro-batch, in three stages so that neither the layers'
+//! activations nor the full-vocabulary logits have to live at once:
+//!
+//! 1. the decoder layers, either with a full autograd graph or (activation checkpointing) under
+//!    `no_grad`, keeping only each layer's input;
+//! 2. the head (final norm, LM head, fp32 logprobs and the loss) on chunks of at most
+//!    `chunk_tokens` positions, each chunk backpropagated on its own into the final hidden
+//!    states;
+//! 3. the layers' backward: the graph of stage 1, or each layer recomputed from its saved input
+//!    and backpropagated with the gradient of its output, last layer first.
+//!
+//! The result equals one backward of the whole micro-batch's loss, up to summation order.
+
+use tch::{Kind, Tensor};
+
+use crate::grpo::loss::{token_chunk_loss, LossStats, MicroTensors, StepNorm, TokenInputs};
+use crate::grpo::LossConfig;
+use crate::model::Transformer;
+
+/// How a micro-batch is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Recompute each layer during the backward instead of storing its activations.
+    pub checkpoint_layers: bool,
+    /// Positions per chunk of the head (each chunk holds `chunk_tokens x vocab` fp32 logits).
+    pub chunk_tokens: i64,
+}
+
+/// Backpropagates `grad` (the gradient of some loss with respect to `y`) through `y`'s graph.
+fn backward_with(y: &Tensor, grad: &Tensor) {
+    (y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
+}
+
+/// Runs forward and backward of one micro-batch; gradients accumulate into the parameters.
+pub fn forward_backward(
+    model: &Transformer,
+    mt: &MicroTensors,
+    loss: &LossConfig,
+    norm: StepNorm,
+    plan: StepPlan,
+) -> LossStats {
+    let ids = &mt.input_ids;
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let (cos, sin) = model.rope_tables(t, ids.device());
+
+    // Stage 1: the layers.
+    let mut saved_inputs = Vec::new();
+    let last = if plan.checkpoint_layers {
+        tch::no_grad(|| {
+            let mut x = model.embed(ids);
+            for i in 0..model.num_layers() {
+                let next = model.layer(i, &x, &cos, &sin);
+                saved_inputs.push(x);
+                x = next;
+            }
+            x
+        })
+    } else {
+        let mut x = model.embed(ids);
+        for i in 0..model.num_layers() {
+            x = model.layer(i, &x, &cos, &sin);
+        }
+        x
+    };
+
+    // Stage 2: the head, chunk by chunk.
+    let hidden = last.detach().reshape([b * t, -1]).set_requires_grad(true);
+    let tokens = TokenInputs::of_micro_batch(mt, loss, norm);
+    let chunk = plan.chunk_tokens.max(1);
+    let mut stats = LossStats::default();
+    let mut start = 0;
+    while start < b * t {
+        let len = chunk.min(b * t - start);
+        let logits = model.logits_of_hidden(&model.final_norm(&hidden.narrow(0, start, len)));
+        let (chunk_loss, s) = token_chunk_loss(&logits, &tokens.narrow(start, len), loss);
+        chunk_loss.backward();
+        stats.merge(&s);
+        start += len;
+    }
+    let mut grad = hidden.grad().reshape([b, t, -1]);
+
+    // Stage 3: the layers' backward.
+    if plan.checkpoint_layers {
+        for (i, input) in saved_inputs.into_iter().enumerate().rev() {
+            let x = input.set_requires_grad(true);
+            let y = model.layer(i, &x, &cos, &sin);
+            backward_with(&y, &grad);
+            grad = x.grad();
+        }
+        backward_with(&model.embed(ids), &grad);
+    } else {
+        backward_with(&last, &grad);
+    }
+    stats
+}
