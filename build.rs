@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 /// Compiles `csrc/` (the libtorch operations tch does not bind) against the libtorch that
 /// torch-sys found.
-fn compile_shim(lib: &std::path::Path, cuda: bool) {
+fn compile_shim(lib: &std::path::Path) {
     let torch = lib.parent().map(PathBuf::from).unwrap_or_default();
     let mut build = cc::Build::new();
     build
@@ -20,13 +20,6 @@ fn compile_shim(lib: &std::path::Path, cuda: bool) {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
         .file("csrc/shim.cpp");
-    if cuda {
-        // The CUDA runtime headers come with the pip wheels beside torch.
-        if let Some(site) = torch.parent() {
-            build.include(site.join("nvidia/cu13/include"));
-        }
-        build.file("csrc/cuda_mem.cpp");
-    }
     build.compile("grpo_shim");
     println!("cargo:rerun-if-changed=csrc");
 }
@@ -47,13 +40,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
     if let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.to_string_lossy());
-        compile_shim(std::path::Path::new(&lib), cuda);
+        compile_shim(std::path::Path::new(&lib));
         println!("cargo:rustc-link-search=native={}", lib.to_string_lossy());
         println!("cargo:rustc-link-lib=dylib=torch_cpu");
         println!("cargo:rustc-link-lib=dylib=c10");
     }
     if cuda {
-        println!("cargo:rustc-link-lib=dylib=c10_cuda");
         // Rust links with --as-needed, which would drop libtorch_cuda and hide CUDA from tch.
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");

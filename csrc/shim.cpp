@@ -3,6 +3,7 @@
 // C++ exception across the FFI boundary.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstring>
 #include <exception>
@@ -46,6 +47,28 @@ int grpo_fused_adamw(void* const* params, void* const* grads, void* const* exp_a
     return 0;
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);
+    return 1;
+  }
+}
+
+// torch.cuda.max_memory_allocated(device): peak bytes allocated by the CUDA caching allocator
+// since the last reset, or -1 when there is no CUDA allocator (a CPU-only process).
+int64_t grpo_cuda_peak_allocated(int device) {
+  try {
+    auto* alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    auto stats = alloc->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    return stats.allocated_bytes[0].peak;  // StatType::AGGREGATE
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// torch.cuda.reset_peak_memory_stats(device); 0 on success.
+int grpo_cuda_reset_peak(int device) {
+  try {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (const std::exception&) {
     return 1;
   }
 }

@@ -95,38 +95,32 @@ pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String>
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda_mem {
-    extern "C" {
-        fn grpo_cuda_peak_allocated(device: std::ffi::c_int) -> i64;
-        fn grpo_cuda_reset_peak(device: std::ffi::c_int) -> std::ffi::c_int;
-    }
-
-    /// `torch.cuda.max_memory_allocated(device)`, if the allocator answers.
-    pub fn peak_allocated(device: usize) -> Option<u64> {
-        // SAFETY: plain integer call; the shim catches C++ exceptions.
-        let v = unsafe { grpo_cuda_peak_allocated(device as std::ffi::c_int) };
-        u64::try_from(v).ok()
-    }
-
-    /// `torch.cuda.reset_peak_memory_stats(device)`.
-    pub fn reset_peak(device: usize) -> bool {
-        // SAFETY: as above.
-        unsafe { grpo_cuda_reset_peak(device as std::ffi::c_int) == 0 }
-    }
+extern "C" {
+    fn grpo_cuda_peak_allocated(device: c_int) -> i64;
+    fn grpo_cuda_reset_peak(device: c_int) -> c_int;
 }
 
-#[cfg(not(feature = "cuda"))]
-mod cuda_mem {
-    /// Without the `cuda` feature there is no CUDA allocator to ask.
-    pub fn peak_allocated(_device: usize) -> Option<u64> {
-        None
-    }
-
-    /// Without the `cuda` feature there is nothing to reset.
-    pub fn reset_peak(_device: usize) -> bool {
-        false
-    }
+/// `torch.cuda.max_memory_allocated(device)`, if there is a CUDA allocator to ask.
+pub fn cuda_peak_allocated(device: usize) -> Option<u64> {
+    // SAFETY: plain integer call; the shim catches C++ exceptions.
+    let v = unsafe { grpo_cuda_peak_allocated(device as c_int) };
+    u64::try_from(v).ok()
 }
 
-pub use cuda_mem::{peak_allocated as cuda_peak_allocated, reset_peak as cuda_reset_peak};
+/// `torch.cuda.reset_peak_memory_stats(device)`; false when there is no CUDA allocator.
+pub fn cuda_reset_peak(device: usize) -> bool {
+    // SAFETY: as above.
+    unsafe { grpo_cuda_reset_peak(device as c_int) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A CPU-only process has no CUDA allocator: the shim says so instead of throwing.
+    #[test]
+    fn cuda_stats_without_cuda_are_absent() {
+        if !tch::Cuda::is_available() {
+            assert_eq!(super::cuda_peak_allocated(0), None);
+            assert!(!super::cuda_reset_peak(0));
+        }
+    }
+}
