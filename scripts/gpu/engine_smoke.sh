@@ -2,14 +2,14 @@
 # Runs on the GPU machine: the inference sidecar on cuda:0 serves /generate from a tiny model; the
 # greedy continuation and its logprobs must equal the CPU engine's (expected.json, made here).
 # Prepare here:
-#   cargo build --release --features cuda --bin grpo-node && cp target/release/grpo-node .gpu/grpo-node-cuda
+#   cargo build --release --features cuda --bin grpo-node && cp target/release/grpo-node .gpu/grpo-node
 #   cp -r <tiny model dir> .gpu/model && (run the same request on a CPU sidecar) > .gpu/expected.json
 set -euo pipefail
 S=/opt/torch/.venv/lib/python3.12/site-packages
 PY=/opt/torch/.venv/bin/python
 export LD_LIBRARY_PATH="$S/torch/lib"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-./.gpu/grpo-node-cuda --role inference-sidecar --device cuda:0 --model-name .gpu/model \
+./.gpu/grpo-node --role inference-sidecar --device cuda:0 --model-name .gpu/model \
   --listen 127.0.0.1:19001 --grpc-listen 127.0.0.1:19051 > "${OUT:-/tmp}/sidecar.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
