@@ -52,7 +52,7 @@ pub struct LearnerBenchArgs {
     #[arg(long, env = "GRPO_GRADIENT_CHECKPOINTING", default_value_t = true, action = clap::ArgAction::Set)]
     pub gradient_checkpointing: bool,
     /// Positions per logprob chunk.
-    #[arg(long, env = "GRPO_LOGPROB_CHUNK_TOKENS", default_value_t = 4096)]
+    #[arg(long, env = "GRPO_LOGPROB_CHUNK_TOKENS", default_value_t = 1024)]
     pub logprob_chunk_tokens: i64,
     /// Fused AdamW kernel.
     #[arg(long, env = "GRPO_FUSED_ADAMW", default_value_t = true, action = clap::ArgAction::Set)]

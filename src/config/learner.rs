@@ -414,7 +414,7 @@ impl LearnerArgs {
                 reason,
             })?;
         let device = DeviceSpec::resolve(args.device.as_deref())?;
-        let logprob_chunk_tokens = args.logprob_chunk_tokens.unwrap_or(4096);
+        let logprob_chunk_tokens = args.logprob_chunk_tokens.unwrap_or(1024);
         check(logprob_chunk_tokens > 0, "logprob-chunk-tokens", || {
             format!("must be positive (got {logprob_chunk_tokens})")
         })?;

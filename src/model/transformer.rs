@@ -83,12 +83,11 @@ pub struct Transformer {
     compute: Kind,
 }
 
-/// HF's RMSNorm: normalise in fp32, then scale by the weight.
+/// HF's RMSNorm (normalise in fp32, scale by the weight), as libtorch's `rms_norm`: one fused
+/// kernel on CUDA that computes in fp32 internally whatever the input dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let xf = x.to_kind(Kind::Float);
-    let variance = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    let normed = (xf * (variance + eps).rsqrt()).to_kind(x.kind());
-    weight.to_kind(x.kind()) * normed
+    let h = x.size().last().copied().unwrap_or(0);
+    x.rms_norm([h].as_slice(), Some(weight.to_kind(x.kind())), eps)
 }
 
 impl Transformer {
@@ -167,9 +166,10 @@ impl Transformer {
         self.layers.len()
     }
 
-    /// RoPE tables for positions `0..t`.
+    /// RoPE tables for positions `0..t`, in the compute dtype.
     pub fn rope_tables(&self, t: i64, device: tch::Device) -> (Tensor, Tensor) {
-        rope::cos_sin(&self.spec.rope, self.spec.head_dim, t, device)
+        let (cos, sin) = rope::cos_sin(&self.spec.rope, self.spec.head_dim, t, device);
+        (cos.to_kind(self.compute), sin.to_kind(self.compute))
     }
 
     /// Token embeddings `[B, T, hidden]` in the compute dtype.
@@ -195,8 +195,7 @@ impl Transformer {
     /// Final hidden states `[B, T, hidden]` for token ids `[B, T]` (causal, no padding mask:
     /// right padding never influences earlier positions).
     pub fn hidden_states(&self, ids: &Tensor) -> Tensor {
-        let t = ids.size()[1];
-        let (cos, sin) = rope::cos_sin(&self.spec.rope, self.spec.head_dim, t, ids.device());
+        let (cos, sin) = self.rope_tables(ids.size()[1], ids.device());
         self.run(ids, &cos, &sin, None, None)
     }
 
@@ -212,6 +211,7 @@ impl Transformer {
                 .index_select(0, &positions.reshape([-1]))
                 .view([b, 1, t, self.spec.head_dim])
         };
+        let (cos, sin) = (cos.to_kind(self.compute), sin.to_kind(self.compute));
         let hidden = self.run(ids, &pick(&cos), &pick(&sin), Some(mask), Some(cache));
         self.logits_of_hidden(&hidden)
     }

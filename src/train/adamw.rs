@@ -52,21 +52,25 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter that has a gradient.
-    pub fn step(&mut self, params: &[(String, Tensor)], lr: f64) -> Result<(), String> {
+    /// One update of every parameter whose gradient (`grads[i]`, aligned with `params`) is
+    /// defined.
+    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) -> Result<(), String> {
+        if grads.len() != params.len() {
+            return Err(format!("{} gradients for {} parameters", grads.len(), params.len()));
+        }
         if self.fused {
-            self.step_fused(params, lr)
+            self.step_fused(params, grads, lr)
         } else {
-            self.step_unfused(params, lr);
+            self.step_unfused(params, grads, lr);
             Ok(())
         }
     }
 
-    fn step_fused(&mut self, params: &[(String, Tensor)], lr: f64) -> Result<(), String> {
+    fn step_fused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) -> Result<(), String> {
         let c = self.config;
         let mut group: (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) = Default::default();
-        for (name, p) in params {
-            let grad = p.grad();
+        for ((name, p), grad) in params.iter().zip(grads) {
+            let grad = grad.shallow_clone();
             let Some((m, v)) = self.moments.get(name) else {
                 continue;
             };
@@ -105,15 +109,14 @@ impl AdamW {
         })
     }
 
-    fn step_unfused(&mut self, params: &[(String, Tensor)], lr: f64) {
+    fn step_unfused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) {
         self.steps += 1;
         let c = self.config;
         let t = self.steps as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         tch::no_grad(|| {
-            for (name, p) in params {
-                let grad = p.grad();
+            for ((name, p), grad) in params.iter().zip(grads) {
                 if !grad.defined() {
                     continue;
                 }
@@ -122,9 +125,9 @@ impl AdamW {
                 };
                 let mut p = p.shallow_clone();
                 let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                let _ = m.lerp_(&grad, 1.0 - c.beta1);
+                let _ = m.lerp_(grad, 1.0 - c.beta1);
                 let _ = v.g_mul_scalar_(c.beta2);
-                let _ = v.g_add_(&(&grad * &grad * (1.0 - c.beta2)));
+                let _ = v.g_add_(&(grad * grad * (1.0 - c.beta2)));
                 let denom = v.sqrt() / bias2_sqrt + c.eps;
                 let _ = p.g_add_(&(&*m / &denom * (-lr / bias1)));
             }
@@ -194,8 +197,9 @@ mod tests {
                     .fold(Tensor::from(0f32), |acc, x| acc + x);
                 loss.backward();
             }
-            fused.step(&pa, 1e-2).expect("fused step");
-            plain.step(&pb, 1e-2).expect("plain step");
+            let grads = |ps: &[(String, Tensor)]| ps.iter().map(|(_, p)| p.grad()).collect::<Vec<_>>();
+            fused.step(&pa, &grads(&pa), 1e-2).expect("fused step");
+            plain.step(&pb, &grads(&pb), 1e-2).expect("plain step");
         }
         for ((_, a), (_, b)) in pa.iter().zip(&pb) {
             let diff = (a - b).abs().max().double_value(&[]);

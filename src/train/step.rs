@@ -24,6 +24,31 @@ pub struct StepPlan {
     pub checkpoint_layers: bool,
     /// Positions per chunk of the head (each chunk holds `chunk_tokens x vocab` fp32 logits).
     pub chunk_tokens: i64,
+    /// Synchronize the device after each stage and log the stage times (`GRPO_PROFILE_STEP=1`);
+    /// slows the step down.
+    pub profile: bool,
+}
+
+/// Stage timer for [`StepPlan::profile`].
+struct StageClock {
+    on: bool,
+    device: tch::Device,
+    last: std::time::Instant,
+}
+
+impl StageClock {
+    fn lap(&mut self) -> f64 {
+        if !self.on {
+            return 0.0;
+        }
+        if let tch::Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        dt
+    }
 }
 
 /// Backpropagates `grad` (the gradient of some loss with respect to `y`) through `y`'s graph.
@@ -41,6 +66,12 @@ pub fn forward_backward(
 ) -> LossStats {
     let ids = &mt.input_ids;
     let (b, t) = (ids.size()[0], ids.size()[1]);
+    let mut clock = StageClock {
+        on: plan.profile,
+        device: ids.device(),
+        last: std::time::Instant::now(),
+    };
+    let _ = clock.lap();
     let (cos, sin) = model.rope_tables(t, ids.device());
 
     // Stage 1: the layers.
@@ -63,6 +94,7 @@ pub fn forward_backward(
         x
     };
 
+    let layers_s = clock.lap();
     // Stage 2: the head, chunk by chunk.
     let hidden = last.detach().reshape([b * t, -1]).set_requires_grad(true);
     let tokens = TokenInputs::of_micro_batch(mt, loss, norm);
@@ -78,6 +110,7 @@ pub fn forward_backward(
         start += len;
     }
     let mut grad = hidden.grad().reshape([b, t, -1]);
+    let head_s = clock.lap();
 
     // Stage 3: the layers' backward.
     if plan.checkpoint_layers {
@@ -90,6 +123,10 @@ pub fn forward_backward(
         backward_with(&model.embed(ids), &grad);
     } else {
         backward_with(&last, &grad);
+    }
+    if plan.profile {
+        let backward_s = clock.lap();
+        tracing::info!(rows = b, positions = t, layers_s, head_s, backward_s, "micro-batch stages");
     }
     stats
 }

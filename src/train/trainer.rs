@@ -54,7 +54,7 @@ impl Default for ComputeConfig {
         Self {
             precision: Precision::Fp32,
             gradient_checkpointing: false,
-            logprob_chunk_tokens: 4096,
+            logprob_chunk_tokens: 1024,
             fused_adamw: true,
         }
     }
@@ -120,9 +120,16 @@ pub struct SharedWeights {
 }
 
 /// The model, its optimizer and the step counter.
+///
+/// With fp32 compute the model runs on the master weights themselves. With bf16 compute it runs
+/// on a bf16 copy whose gradients accumulate over the step's micro-batches; at the step they
+/// are cast to fp32, clipped and applied to the fp32 masters by AdamW, and the copy is
+/// refreshed from the masters.
 pub struct Trainer {
     shared: Option<SharedWeights>,
     params: ParamStore,
+    /// The bf16 copy the model computes with, when the compute dtype is not the masters'.
+    compute_params: Option<ParamStore>,
     model: Transformer,
     trainable: Vec<(String, Tensor)>,
     optimizer: AdamW,
@@ -149,10 +156,24 @@ impl Trainer {
         if let Some(set) = layers {
             set.check(spec.num_layers).map_err(TrainError::Layers)?;
         }
-        let names = params.set_trainable(|name| match layers {
+        let selected = |name: &str| match layers {
             Some(set) => layer_of(name).is_some_and(|i| set.0.contains(&i)),
             None => true,
+        };
+        let kind = config.compute.precision.kind();
+        let copy_needed = params.iter().any(|(_, t)| t.kind() != kind);
+        let names = params.set_trainable(|name| !copy_needed && selected(name));
+        let compute_params = copy_needed.then(|| {
+            let mut copy = ParamStore::from_tensors(
+                tch::no_grad(|| params.iter().map(|(n, t)| (n.clone(), t.detach().to_kind(kind))).collect()),
+            );
+            let _ = copy.set_trainable(selected);
+            copy
         });
+        let names: Vec<String> = match &compute_params {
+            Some(_) => params.iter().map(|(n, _)| n.clone()).filter(|n| selected(n)).collect(),
+            None => names,
+        };
         if names.is_empty() {
             return Err(TrainError::Layers("no parameter is trainable".into()));
         }
@@ -160,12 +181,13 @@ impl Trainer {
             .into_iter()
             .filter_map(|n| params.get(&n).map(|t| (n, t)))
             .collect();
-        let model = Transformer::new(spec, &params)?.with_compute(config.compute.precision.kind());
+        let model = Transformer::new(spec, compute_params.as_ref().unwrap_or(&params))?.with_compute(kind);
         let mut optimizer = AdamW::new(config.adamw, &trainable);
         optimizer.fused = config.compute.fused_adamw;
         Ok(Self {
             shared: None,
             params,
+            compute_params,
             model,
             trainable,
             optimizer,
@@ -231,8 +253,8 @@ impl Trainer {
     /// Trains one optimizer step on `batch`.
     pub fn train(&mut self, batch: &TrainBatch) -> Result<StepMetrics, TrainError> {
         let started = Instant::now();
-        for (_, p) in &self.trainable {
-            let mut p = p.shallow_clone();
+        for p in self.grad_holders() {
+            let mut p = p;
             p.zero_grad();
         }
         let norm = StepNorm {
@@ -244,6 +266,7 @@ impl Trainer {
         let plan = StepPlan {
             checkpoint_layers: self.config.compute.gradient_checkpointing,
             chunk_tokens: self.config.compute.logprob_chunk_tokens,
+            profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
         };
         for mb in &batch.micro_batches {
             let mt = MicroTensors::new(mb, self.config.device);
@@ -251,18 +274,44 @@ impl Trainer {
             stats.merge(&s);
             padded += (mb.rows * mb.seq_len) as u64;
         }
-        let grad_norm = self.clip_gradients();
+        let backward_done = Instant::now();
+        let grads: Vec<Tensor> = tch::no_grad(|| {
+            self.grad_holders()
+                .iter()
+                .map(|h| {
+                    let g = h.grad();
+                    if g.defined() && g.kind() != Kind::Float {
+                        g.to_kind(Kind::Float)
+                    } else {
+                        g
+                    }
+                })
+                .collect()
+        });
+        let grad_norm = self.clip_gradients(&grads);
         let lr = self.config.schedule.lr_at(self.steps_done);
         {
             let gate = self.shared.as_ref().map(|s| s.gate.clone());
             let _exclusive = gate.as_ref().map(|g| g.write());
             self.optimizer
-                .step(&self.trainable, lr)
+                .step(&self.trainable, &grads, lr)
                 .map_err(TrainError::Optimizer)?;
+            drop(grads);
+            self.refresh_compute_copy();
             self.steps_done += 1;
             if let Some(s) = &self.shared {
                 s.version.store(self.steps_done, Ordering::SeqCst);
             }
+        }
+        if std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1") {
+            if let Device::Cuda(i) = self.config.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            tracing::info!(
+                micro_batches_s = backward_done.duration_since(started).as_secs_f64(),
+                clip_and_adamw_s = backward_done.elapsed().as_secs_f64(),
+                "step stages"
+            );
         }
         Ok(StepMetrics {
             step: self.steps_done,
@@ -285,15 +334,36 @@ impl Trainer {
         })
     }
 
-    /// Global L2 norm of the gradients before clipping; rescales them to `max_grad_norm`.
-    fn clip_gradients(&mut self) -> f64 {
+    /// The tensors whose `.grad` the backward fills, aligned with `trainable`: the masters
+    /// themselves, or their compute copies.
+    fn grad_holders(&self) -> Vec<Tensor> {
+        self.trainable
+            .iter()
+            .map(|(name, p)| match &self.compute_params {
+                Some(copy) => copy.get(name).unwrap_or_else(|| p.shallow_clone()),
+                None => p.shallow_clone(),
+            })
+            .collect()
+    }
+
+    /// Copies the updated masters into the compute copy.
+    fn refresh_compute_copy(&self) {
+        let Some(copy) = &self.compute_params else {
+            return;
+        };
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self
-                .trainable
-                .iter()
-                .map(|(_, p)| p.grad())
-                .filter(Tensor::defined)
-                .collect();
+            for (name, master) in &self.trainable {
+                if let Some(mut c) = copy.get(name) {
+                    let _ = c.copy_(master);
+                }
+            }
+        });
+    }
+
+    /// Global L2 norm of the gradients before clipping; rescales them to `max_grad_norm`.
+    fn clip_gradients(&self, grads: &[Tensor]) -> f64 {
+        tch::no_grad(|| {
+            let grads: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
             if grads.is_empty() {
                 return 0.0;
             }
