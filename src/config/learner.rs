@@ -115,7 +115,7 @@ pub struct LearnerArgs {
     #[arg(long, env = "GRPO_GRADIENT_CHECKPOINTING", num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
     /// Positions per chunk of the LM head and logprobs (each chunk holds tokens x vocab fp32
-    /// logits) [default: 4096].
+    /// logits) [default: 1024].
     #[arg(long, env = "GRPO_LOGPROB_CHUNK_TOKENS")]
     pub logprob_chunk_tokens: Option<i64>,
     /// libtorch's fused AdamW kernel; false runs the per-tensor loop [default: true].
