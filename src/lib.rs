@@ -19,6 +19,7 @@
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O |
 //! | [`train`] | AdamW (fused on libtorch's kernel), LR schedule, layer filters, the staged micro-batch step, one optimizer step |
+//! | [`comm`] | NCCL broadcast (feature `cuda`): non-blocking communicators, deadlines, abort |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
 //! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
@@ -31,6 +32,7 @@ pub mod actors;
 pub mod atropos;
 pub mod bench;
 pub mod checkpoint;
+pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod grpo;

@@ -4,6 +4,8 @@
 
 pub mod learner;
 pub mod shapes;
+#[cfg(feature = "cuda")]
+pub mod sync;
 
 use clap::Subcommand;
 
@@ -12,6 +14,9 @@ use clap::Subcommand;
 pub enum BenchCommand {
     /// Training throughput and peak memory of the learner's step on a batches file.
     Learner(learner::LearnerBenchArgs),
+    /// NCCL weight broadcast between two processes (feature `cuda`; run one per rank).
+    #[cfg(feature = "cuda")]
+    Sync(sync::SyncBenchArgs),
 }
 
 /// Errors of a benchmark run.
@@ -33,5 +38,7 @@ pub enum BenchError {
 pub fn run(cmd: BenchCommand) -> Result<(), BenchError> {
     match cmd {
         BenchCommand::Learner(args) => learner::run(&args),
+        #[cfg(feature = "cuda")]
+        BenchCommand::Sync(args) => sync::run(&args),
     }
 }

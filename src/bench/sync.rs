@@ -1,0 +1,190 @@
+//! `grpo-node bench sync` (feature `cuda`): NCCL weight broadcast between two processes, one
+//! per GPU, for a model shape's weights in bf16. Rank 0 plays the learner, rank 1 the sidecar.
+//! Measured on rank 0 in the same run: the raw broadcast of one flat buffer of the same bytes,
+//! and the publish (every tensor broadcast in place, grouped into `--sync-bucket-mb` buckets,
+//! then a GPU digest of the received weights checked against the sender's). The reference,
+//! `torch.distributed.broadcast`, is `python/bench/ref_broadcast.py` on the same two GPUs.
+//! `--fault peer-exits` makes rank 1 leave after joining: rank 0's broadcast must end with a
+//! deadline error and an aborted communicator, not a hang.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, UniqueId};
+use crate::comm::CommError;
+use crate::model::params::expected_shapes;
+
+use super::shapes::Shape;
+use super::BenchError;
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Rank 1 exits right after joining the communicator.
+    PeerExits,
+}
+
+/// Flags of `grpo-node bench sync`.
+#[derive(Debug, clap::Args)]
+pub struct SyncBenchArgs {
+    /// 0 (sender) or 1 (receiver).
+    #[arg(long, env = "GRPO_BENCH_RANK")]
+    pub rank: i32,
+    /// File through which rank 0 hands the NCCL unique id to rank 1.
+    #[arg(long, env = "GRPO_BENCH_ID_FILE")]
+    pub id_file: PathBuf,
+    /// CUDA device index of this rank.
+    #[arg(long, env = "GRPO_BENCH_GPU")]
+    pub gpu: usize,
+    /// Model shape whose weights are sent (random bf16).
+    #[arg(long, env = "GRPO_BENCH_SHAPE", value_enum)]
+    pub shape: Shape,
+    /// Bucket size: tensors are grouped into NCCL groups of about this many MiB.
+    #[arg(long, env = "GRPO_SYNC_BUCKET_MB", default_value_t = 512)]
+    pub sync_bucket_mb: u64,
+    /// Timed repetitions (after 2 warm-ups).
+    #[arg(long, env = "GRPO_BENCH_ITERS", default_value_t = 5)]
+    pub iters: usize,
+    /// Inject a fault instead of measuring.
+    #[arg(long, env = "GRPO_BENCH_FAULT", value_enum)]
+    pub fault: Option<Fault>,
+}
+
+fn comm_err(e: CommError) -> BenchError {
+    BenchError::Batches(format!("nccl: {e}"))
+}
+
+/// Order-sensitive content digest of bf16 tensors, exact on any GPU: integer sums (wrapping
+/// int64) of the 16-bit words, their squares and products of neighbours.
+fn digest(tensors: &[Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| {
+            let w = t.reshape([-1]).view_dtype(Kind::Int16).to_kind(Kind::Int64);
+            let next = w.roll([1].as_slice(), [0].as_slice());
+            Tensor::stack(&[w.sum(Kind::Int64), (&w * &w).sum(Kind::Int64), (&w * next).sum(Kind::Int64)], 0)
+        })
+        .collect();
+    Tensor::stack(&parts, 0).sum_dim_intlist([0].as_slice(), false, Kind::Int64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs one rank.
+pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
+    let device = Device::Cuda(args.gpu);
+    let spec = args.shape.spec(0).map_err(BenchError::Model)?;
+    let shapes = expected_shapes(&spec);
+    tch::manual_seed(1 + i64::from(args.rank));
+    let weights: Vec<Tensor> = shapes
+        .iter()
+        .map(|(_, s)| Tensor::randn(s.as_slice(), (Kind::BFloat16, device)))
+        .collect();
+    let bytes: u64 = weights.iter().map(|t| (t.numel() * 2) as u64).sum();
+    let id = if args.rank == 0 {
+        let id = new_unique_id().map_err(comm_err)?;
+        let tmp = args.id_file.with_extension("tmp");
+        std::fs::write(&tmp, id.to_hex()).map_err(|e| BenchError::Io(tmp.display().to_string(), e))?;
+        std::fs::rename(&tmp, &args.id_file).map_err(|e| BenchError::Io(args.id_file.display().to_string(), e))?;
+        id
+    } else {
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&args.id_file) {
+                break UniqueId::from_hex(&text).map_err(comm_err)?;
+            }
+            if Instant::now() > until {
+                return Err(BenchError::Batches("rank 0 never wrote the unique id".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut comm = Communicator::join(&id, args.rank, 2, args.gpu, Duration::from_secs(120)).map_err(comm_err)?;
+    let deadline = deadline_for(bytes, Duration::from_secs(10));
+
+    if args.fault == Some(Fault::PeerExits) {
+        if args.rank == 1 {
+            println!("rank 1 joined; exiting without taking part");
+            std::process::exit(0);
+        }
+        let started = Instant::now();
+        let outcome = comm.broadcast_group(&weights, 0, deadline);
+        let secs = started.elapsed().as_secs_f64();
+        let result = json!({
+            "bench": "sync-fault", "fault": "peer-exits", "bytes": bytes,
+            "deadline_s": deadline.as_secs_f64(), "returned_after_s": secs,
+            "error": outcome.as_ref().err().map(ToString::to_string),
+            "aborted": comm.is_aborted(),
+        });
+        println!("RESULT {result}");
+        return Ok(());
+    }
+
+    let flat = if args.rank == 0 {
+        Tensor::randint(256, [bytes as i64], (Kind::Uint8, device))
+    } else {
+        Tensor::zeros([bytes as i64], (Kind::Uint8, device))
+    };
+    let token = Tensor::ones([1], (Kind::Float, device));
+    let mut buckets: Vec<Vec<Tensor>> = vec![Vec::new()];
+    let mut in_bucket = 0u64;
+    for w in &weights {
+        let b = (w.numel() * 2) as u64;
+        if in_bucket > 0 && in_bucket + b > args.sync_bucket_mb << 20 {
+            buckets.push(Vec::new());
+            in_bucket = 0;
+        }
+        in_bucket += b;
+        if let Some(last) = buckets.last_mut() {
+            last.push(w.shallow_clone());
+        }
+    }
+    let barrier = |comm: &mut Communicator| comm.broadcast_group(std::slice::from_ref(&token), 0, Duration::from_secs(60));
+    let (mut raw_times, mut pub_times, mut data_times, mut digest_ok) = (Vec::new(), Vec::new(), Vec::new(), true);
+    for i in 0..args.iters + 2 {
+        barrier(&mut comm).map_err(comm_err)?;
+        let t0 = Instant::now();
+        comm.broadcast_group(std::slice::from_ref(&flat), 0, deadline).map_err(comm_err)?;
+        let raw = t0.elapsed().as_secs_f64();
+        barrier(&mut comm).map_err(comm_err)?;
+        let t0 = Instant::now();
+        for bucket in &buckets {
+            comm.broadcast_group(bucket, 0, deadline).map_err(comm_err)?;
+        }
+        let data = t0.elapsed().as_secs_f64();
+        let d = digest(&weights);
+        let sent = d.copy();
+        comm.broadcast_group(std::slice::from_ref(&sent), 0, Duration::from_secs(60))
+            .map_err(comm_err)?;
+        let same = bool::try_from(d.eq_tensor(&sent).all()).unwrap_or(false);
+        let publish = t0.elapsed().as_secs_f64();
+        digest_ok &= same;
+        if i >= 2 {
+            raw_times.push(raw);
+            pub_times.push(publish);
+            data_times.push(data);
+        }
+    }
+    let raw = median(raw_times);
+    let publish = median(pub_times);
+    let result = json!({
+        "bench": "sync", "impl": "grpo-node nccl", "rank": args.rank, "shape": args.shape.name(),
+        "bytes": bytes, "tensors": weights.len(), "buckets": buckets.len(),
+        "bucket_mb": args.sync_bucket_mb, "iters": args.iters,
+        "raw_median_s": raw, "raw_gb_per_s": bytes as f64 / 1e9 / raw,
+        "publish_median_s": publish, "publish_data_median_s": median(data_times),
+        "publish_gb_per_s": bytes as f64 / 1e9 / publish,
+        "publish_over_raw": publish / raw, "digest_ok": digest_ok,
+    });
+    println!("RESULT {result}");
+    if !digest_ok {
+        return Err(BenchError::Batches("the receiver's digest differs from the sender's".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! Collective transports for weight sync. [`nccl`] (feature `cuda`) broadcasts GPU tensors in
+//! place between processes, with non-blocking communicators, a deadline on every collective and
+//! `ncclCommAbort` when it passes. The gRPC stream in [`crate::sync`] is the fallback when NCCL
+//! is absent.
+
+#[cfg(feature = "cuda")]
+pub mod nccl;
+
+/// Errors of a collective transport.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error("NCCL or the CUDA driver library is not loadable in this process")]
+    Unavailable,
+    #[error("{call}: {message}")]
+    Nccl { call: &'static str, message: String },
+    #[error("{what} did not finish within {secs:.1}s; the communicator was aborted")]
+    Deadline { what: &'static str, secs: f64 },
+    #[error("unique id: {0}")]
+    BadId(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}

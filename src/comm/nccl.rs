@@ -1,0 +1,280 @@
+//! NCCL through cudarc's raw bindings, made unable to hang: communicators are created
+//! non-blocking (`blocking = 0`), every call is polled with `ncclCommGetAsyncError` and
+//! `cuStreamQuery` until a deadline, and a deadline or an asynchronous error aborts the
+//! communicator (`ncclCommAbort`), which releases the GPU kernels waiting on a dead peer.
+//! Work is enqueued on the legacy default stream, the one tch's operations use, so tensors
+//! written by tch are complete before NCCL reads them.
+
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys as cu;
+use cudarc::nccl::sys as nc;
+use tch::Tensor;
+
+use super::CommError;
+
+/// A communicator's 128-byte unique id, passed from rank 0 to the others (hex on the wire).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UniqueId(pub [u8; 128]);
+
+impl UniqueId {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`UniqueId::to_hex`].
+    pub fn from_hex(s: &str) -> Result<Self, CommError> {
+        let s = s.trim();
+        if s.len() != 256 {
+            return Err(CommError::BadId(format!("{} hex digits, expected 256", s.len())));
+        }
+        let mut out = [0u8; 128];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| CommError::BadId(e.to_string()))?;
+        }
+        Ok(Self(out))
+    }
+}
+
+/// Whether this process can load libnccl and libcuda (cudarc panics on a missing library, so
+/// every entry point checks this first).
+pub fn available() -> bool {
+    // SAFETY: only probes for the shared libraries.
+    unsafe { nc::is_culib_present() && cu::is_culib_present() }
+}
+
+fn check(call: &'static str, r: nc::ncclResult_t) -> Result<(), CommError> {
+    match r {
+        nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress => Ok(()),
+        other => Err(CommError::Nccl {
+            call,
+            message: error_string(other),
+        }),
+    }
+}
+
+fn error_string(r: nc::ncclResult_t) -> String {
+    // SAFETY: NCCL returns a static NUL-terminated string.
+    let msg = unsafe { std::ffi::CStr::from_ptr(nc::ncclGetErrorString(r)) };
+    format!("{r:?}: {}", msg.to_string_lossy())
+}
+
+/// A new unique id (rank 0 makes it).
+pub fn new_unique_id() -> Result<UniqueId, CommError> {
+    if !available() {
+        return Err(CommError::Unavailable);
+    }
+    let mut id = nc::ncclUniqueId { internal: [0; 128] };
+    // SAFETY: `id` is a valid out-pointer.
+    check("ncclGetUniqueId", unsafe { nc::ncclGetUniqueId(&mut id) })?;
+    let mut out = [0u8; 128];
+    for (o, i) in out.iter_mut().zip(id.internal.iter()) {
+        *o = *i as u8;
+    }
+    Ok(UniqueId(out))
+}
+
+/// One rank's membership of a communicator.
+pub struct Communicator {
+    comm: nc::ncclComm_t,
+    pub rank: i32,
+    pub world: i32,
+    aborted: bool,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls are not concurrent;
+// `Communicator` methods take `&mut self`.
+unsafe impl Send for Communicator {}
+
+impl Communicator {
+    /// Joins communicator `id` as `rank` of `world` on CUDA device `device`, waiting at most
+    /// `deadline` for every rank to arrive.
+    pub fn join(id: &UniqueId, rank: i32, world: i32, device: usize, deadline: Duration) -> Result<Self, CommError> {
+        if !available() {
+            return Err(CommError::Unavailable);
+        }
+        let ctx = cudarc::driver::CudaContext::new(device).map_err(|e| CommError::Cuda(e.to_string()))?;
+        ctx.bind_to_thread().map_err(|e| CommError::Cuda(e.to_string()))?;
+        let mut raw = nc::ncclUniqueId { internal: [0; 128] };
+        for (r, b) in raw.internal.iter_mut().zip(id.0.iter()) {
+            *r = *b as std::ffi::c_char;
+        }
+        const UNDEF: std::ffi::c_int = i32::MIN; // NCCL_CONFIG_UNDEF_INT
+        let mut config = nc::ncclConfig_t {
+            size: std::mem::size_of::<nc::ncclConfig_t>(),
+            magic: 0xcafe_beef,
+            version: 22809, // NCCL_VERSION(2, 28, 9)
+            blocking: 0,
+            cgaClusterSize: UNDEF,
+            minCTAs: UNDEF,
+            maxCTAs: UNDEF,
+            netName: std::ptr::null(),
+            splitShare: UNDEF,
+            trafficClass: UNDEF,
+            commName: std::ptr::null(),
+            collnetEnable: UNDEF,
+            CTAPolicy: UNDEF,
+            shrinkShare: UNDEF,
+            nvlsCTAs: UNDEF,
+            nChannelsPerNetPeer: UNDEF,
+            nvlinkCentricSched: UNDEF,
+        };
+        let mut comm: nc::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: out-pointer and config are valid for the call.
+        let r = unsafe { nc::ncclCommInitRankConfig(&mut comm, world, raw, rank, &mut config) };
+        check("ncclCommInitRankConfig", r)?;
+        let mut me = Self {
+            comm,
+            rank,
+            world,
+            aborted: false,
+        };
+        me.wait_ready("ncclCommInitRankConfig", Instant::now() + deadline)?;
+        Ok(me)
+    }
+
+    /// Polls the communicator until its pending call completed; aborts it at `until`.
+    fn wait_ready(&mut self, what: &'static str, until: Instant) -> Result<(), CommError> {
+        let started = Instant::now();
+        loop {
+            let mut state = nc::ncclResult_t::ncclSuccess;
+            // SAFETY: valid communicator and out-pointer.
+            check("ncclCommGetAsyncError", unsafe {
+                nc::ncclCommGetAsyncError(self.comm, &mut state)
+            })?;
+            match state {
+                nc::ncclResult_t::ncclSuccess => return Ok(()),
+                nc::ncclResult_t::ncclInProgress => {}
+                other => {
+                    self.abort();
+                    return Err(CommError::Nccl {
+                        call: what,
+                        message: error_string(other),
+                    });
+                }
+            }
+            if Instant::now() >= until {
+                self.abort();
+                return Err(CommError::Deadline {
+                    what,
+                    secs: started.elapsed().as_secs_f64(),
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits for the legacy default stream (where the collectives were enqueued), watching for
+    /// asynchronous errors; aborts at `until`.
+    fn wait_stream(&mut self, what: &'static str, until: Instant) -> Result<(), CommError> {
+        let started = Instant::now();
+        loop {
+            // SAFETY: querying the legacy default stream of the current context.
+            let q = unsafe { cu::cuStreamQuery(std::ptr::null_mut()) };
+            match q {
+                cu::cudaError_enum::CUDA_SUCCESS => return Ok(()),
+                cu::cudaError_enum::CUDA_ERROR_NOT_READY => {}
+                other => return Err(CommError::Cuda(format!("cuStreamQuery: {other:?}"))),
+            }
+            let mut state = nc::ncclResult_t::ncclSuccess;
+            // SAFETY: valid communicator and out-pointer.
+            check("ncclCommGetAsyncError", unsafe {
+                nc::ncclCommGetAsyncError(self.comm, &mut state)
+            })?;
+            if !matches!(state, nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress) {
+                self.abort();
+                return Err(CommError::Nccl {
+                    call: what,
+                    message: error_string(state),
+                });
+            }
+            if Instant::now() >= until {
+                self.abort();
+                return Err(CommError::Deadline {
+                    what,
+                    secs: started.elapsed().as_secs_f64(),
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Broadcasts `tensors` (contiguous, on this rank's GPU, same shapes on every rank) from
+    /// `root` in place, as one NCCL group, and waits for completion until `deadline` passes.
+    pub fn broadcast_group(&mut self, tensors: &[Tensor], root: i32, deadline: Duration) -> Result<(), CommError> {
+        if self.aborted {
+            return Err(CommError::Nccl {
+                call: "broadcast",
+                message: "the communicator was aborted".into(),
+            });
+        }
+        let until = Instant::now() + deadline;
+        // SAFETY: group calls bracket the broadcasts; pointers are live tensors' storage.
+        unsafe {
+            check("ncclGroupStart", nc::ncclGroupStart())?;
+            for t in tensors {
+                let bytes = t.numel() * t.kind().elt_size_in_bytes();
+                let ptr = t.data_ptr();
+                let r = nc::ncclBroadcast(
+                    ptr,
+                    ptr,
+                    bytes,
+                    nc::ncclDataType_t::ncclUint8,
+                    root,
+                    self.comm,
+                    std::ptr::null_mut(),
+                );
+                if let Err(e) = check("ncclBroadcast", r) {
+                    let _ = nc::ncclGroupEnd();
+                    return Err(e);
+                }
+            }
+            check("ncclGroupEnd", nc::ncclGroupEnd())?;
+        }
+        self.wait_ready("broadcast", until)?;
+        self.wait_stream("broadcast", until)
+    }
+
+    /// Aborts the communicator: pending kernels return, resources are freed. Idempotent.
+    pub fn abort(&mut self) {
+        if !self.aborted {
+            // SAFETY: valid communicator, aborted once.
+            let _ = unsafe { nc::ncclCommAbort(self.comm) };
+            self.aborted = true;
+        }
+    }
+
+    /// Whether the communicator was aborted (after a deadline or a peer failure).
+    pub fn is_aborted(&self) -> bool {
+        self.aborted
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Deadline for moving `bytes`: at a pessimistic 1 GB/s plus `slack` (init, launch, a slow
+/// first call). A healthy NVLink transfer runs 100x faster; a dead peer never finishes.
+pub fn deadline_for(bytes: u64, slack: Duration) -> Duration {
+    slack + Duration::from_secs_f64(bytes as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_id_round_trips_through_hex() {
+        let mut raw = [0u8; 128];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = (i * 7 % 256) as u8;
+        }
+        let id = UniqueId(raw);
+        assert!(UniqueId::from_hex(&id.to_hex()).is_ok_and(|back| back == id));
+        assert!(UniqueId::from_hex("zz").is_err());
+    }
+}
