@@ -2,7 +2,8 @@
 //! per GPU, for a model shape's weights in bf16. Rank 0 plays the learner, rank 1 the sidecar.
 //! Measured on rank 0 in the same run: the raw broadcast of one flat buffer of the same bytes,
 //! and the publish (every tensor broadcast in place, grouped into `--sync-bucket-mb` buckets,
-//! then a GPU digest of the received weights checked against the sender's). The reference,
+//! each bucket digested on the GPU while the next one is on the wire, then the receiver's
+//! digest checked against the sender's). The reference,
 //! `torch.distributed.broadcast`, is `python/bench/ref_broadcast.py` on the same two GPUs.
 //! `--fault peer-exits` makes rank 1 leave after joining: rank 0's broadcast must end with a
 //! deadline error and an aborted communicator, not a hang.
@@ -16,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, UniqueId};
 use crate::comm::CommError;
 use crate::model::params::expected_shapes;
+use crate::sync::gpu_digest::GpuDigest;
 
 use super::shapes::Shape;
 use super::BenchError;
@@ -55,20 +57,6 @@ pub struct SyncBenchArgs {
 
 fn comm_err(e: CommError) -> BenchError {
     BenchError::Batches(format!("nccl: {e}"))
-}
-
-/// Order-sensitive content digest of bf16 tensors, exact on any GPU: integer sums (wrapping
-/// int64) of the 16-bit words, their squares and products of neighbours.
-fn digest(tensors: &[Tensor]) -> Tensor {
-    let parts: Vec<Tensor> = tensors
-        .iter()
-        .map(|t| {
-            let w = t.reshape([-1]).view_dtype(Kind::Int16).to_kind(Kind::Int64);
-            let next = w.roll([1].as_slice(), [0].as_slice());
-            Tensor::stack(&[w.sum(Kind::Int64), (&w * &w).sum(Kind::Int64), (&w * next).sum(Kind::Int64)], 0)
-        })
-        .collect();
-    Tensor::stack(&parts, 0).sum_dim_intlist([0].as_slice(), false, Kind::Int64)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -154,11 +142,15 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         let raw = t0.elapsed().as_secs_f64();
         barrier(&mut comm).map_err(comm_err)?;
         let t0 = Instant::now();
-        for bucket in &buckets {
-            comm.broadcast_group(bucket, 0, deadline).map_err(comm_err)?;
-        }
+        let mut acc = GpuDigest::default();
+        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| {
+            for t in bucket {
+                acc.add(t);
+            }
+        })
+        .map_err(comm_err)?;
         let data = t0.elapsed().as_secs_f64();
-        let d = digest(&weights);
+        let d = acc.finish_tensor(device);
         let sent = d.copy();
         comm.broadcast_group(std::slice::from_ref(&sent), 0, Duration::from_secs(60))
             .map_err(comm_err)?;

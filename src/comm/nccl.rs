@@ -2,11 +2,14 @@
 //! non-blocking (`blocking = 0`), every call is polled with `ncclCommGetAsyncError` and
 //! `cuStreamQuery` until a deadline, and a deadline or an asynchronous error aborts the
 //! communicator (`ncclCommAbort`), which releases the GPU kernels waiting on a dead peer.
-//! Work is enqueued on the legacy default stream, the one tch's operations use, so tensors
-//! written by tch are complete before NCCL reads them.
+//! Collectives run on the communicator's own non-blocking stream, ordered against tch's work
+//! (the legacy default stream) with events both ways, so a digest of bucket k can run while
+//! bucket k+1 is on the wire.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use cudarc::driver::sys as cu;
 use cudarc::nccl::sys as nc;
 use tch::Tensor;
@@ -78,6 +81,8 @@ pub fn new_unique_id() -> Result<UniqueId, CommError> {
 /// One rank's membership of a communicator.
 pub struct Communicator {
     comm: nc::ncclComm_t,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     pub rank: i32,
     pub world: i32,
     aborted: bool,
@@ -94,8 +99,9 @@ impl Communicator {
         if !available() {
             return Err(CommError::Unavailable);
         }
-        let ctx = cudarc::driver::CudaContext::new(device).map_err(|e| CommError::Cuda(e.to_string()))?;
+        let ctx = CudaContext::new(device).map_err(|e| CommError::Cuda(e.to_string()))?;
         ctx.bind_to_thread().map_err(|e| CommError::Cuda(e.to_string()))?;
+        let stream = ctx.new_stream().map_err(|e| CommError::Cuda(e.to_string()))?;
         let mut raw = nc::ncclUniqueId { internal: [0; 128] };
         for (r, b) in raw.internal.iter_mut().zip(id.0.iter()) {
             *r = *b as std::ffi::c_char;
@@ -126,6 +132,8 @@ impl Communicator {
         check("ncclCommInitRankConfig", r)?;
         let mut me = Self {
             comm,
+            ctx,
+            stream,
             rank,
             world,
             aborted: false,
@@ -165,13 +173,12 @@ impl Communicator {
         }
     }
 
-    /// Waits for the legacy default stream (where the collectives were enqueued), watching for
-    /// asynchronous errors; aborts at `until`.
+    /// Waits for the communicator's stream, watching for asynchronous errors; aborts at `until`.
     fn wait_stream(&mut self, what: &'static str, until: Instant) -> Result<(), CommError> {
         let started = Instant::now();
         loop {
-            // SAFETY: querying the legacy default stream of the current context.
-            let q = unsafe { cu::cuStreamQuery(std::ptr::null_mut()) };
+            // SAFETY: querying a live stream of this context.
+            let q = unsafe { cu::cuStreamQuery(self.stream.cu_stream()) };
             match q {
                 cu::cudaError_enum::CUDA_SUCCESS => return Ok(()),
                 cu::cudaError_enum::CUDA_ERROR_NOT_READY => {}
@@ -203,6 +210,22 @@ impl Communicator {
     /// Broadcasts `tensors` (contiguous, on this rank's GPU, same shapes on every rank) from
     /// `root` in place, as one NCCL group, and waits for completion until `deadline` passes.
     pub fn broadcast_group(&mut self, tensors: &[Tensor], root: i32, deadline: Duration) -> Result<(), CommError> {
+        let bucket: Vec<Tensor> = tensors.iter().map(Tensor::shallow_clone).collect();
+        self.broadcast_buckets(std::slice::from_ref(&bucket), root, deadline, |_, _| {})
+    }
+
+    /// Broadcasts each bucket of tensors in place as one NCCL group, in order. After bucket k
+    /// is enqueued, tch's stream is made to wait for it and `after(k, bucket)` runs, so work
+    /// it queues with tch (a digest, a copy into the engine) sees the bucket's data and
+    /// overlaps the next bucket's transfer. Returns when every transfer finished; aborts the
+    /// communicator and fails at `deadline`.
+    pub fn broadcast_buckets(
+        &mut self,
+        buckets: &[Vec<Tensor>],
+        root: i32,
+        deadline: Duration,
+        mut after: impl FnMut(usize, &[Tensor]),
+    ) -> Result<(), CommError> {
         if self.aborted {
             return Err(CommError::Nccl {
                 call: "broadcast",
@@ -210,29 +233,47 @@ impl Communicator {
             });
         }
         let until = Instant::now() + deadline;
-        // SAFETY: group calls bracket the broadcasts; pointers are live tensors' storage.
-        unsafe {
-            check("ncclGroupStart", nc::ncclGroupStart())?;
-            for t in tensors {
-                let bytes = t.numel() * t.kind().elt_size_in_bytes();
-                let ptr = t.data_ptr();
-                let r = nc::ncclBroadcast(
-                    ptr,
-                    ptr,
-                    bytes,
-                    nc::ncclDataType_t::ncclUint8,
-                    root,
-                    self.comm,
-                    std::ptr::null_mut(),
-                );
-                if let Err(e) = check("ncclBroadcast", r) {
-                    let _ = nc::ncclGroupEnd();
-                    return Err(e);
+        let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
+        // The collectives wait for everything tch queued so far (the weights being sent).
+        let ready = self.ctx.new_event(None).map_err(cuda)?;
+        // SAFETY: recording a live event on the legacy default stream.
+        unsafe { cu::cuEventRecord(ready.cu_event(), std::ptr::null_mut()) }
+            .result()
+            .map_err(cuda)?;
+        self.stream.wait(&ready).map_err(cuda)?;
+        let mut done: Vec<CudaEvent> = Vec::with_capacity(buckets.len());
+        for (k, bucket) in buckets.iter().enumerate() {
+            // SAFETY: group calls bracket the broadcasts; pointers are live tensors' storage.
+            unsafe {
+                check("ncclGroupStart", nc::ncclGroupStart())?;
+                for t in bucket {
+                    let bytes = t.numel() * t.kind().elt_size_in_bytes();
+                    let ptr = t.data_ptr();
+                    let r = nc::ncclBroadcast(
+                        ptr,
+                        ptr,
+                        bytes,
+                        nc::ncclDataType_t::ncclUint8,
+                        root,
+                        self.comm,
+                        self.stream.cu_stream() as nc::cudaStream_t,
+                    );
+                    if let Err(e) = check("ncclBroadcast", r) {
+                        let _ = nc::ncclGroupEnd();
+                        return Err(e);
+                    }
                 }
+                check("ncclGroupEnd", nc::ncclGroupEnd())?;
             }
-            check("ncclGroupEnd", nc::ncclGroupEnd())?;
+            self.wait_ready("broadcast", until)?;
+            let ev = self.stream.record_event(None).map_err(cuda)?;
+            // SAFETY: the legacy default stream waits on a live event.
+            unsafe { cu::cuStreamWaitEvent(std::ptr::null_mut(), ev.cu_event(), 0) }
+                .result()
+                .map_err(cuda)?;
+            done.push(ev);
+            after(k, bucket);
         }
-        self.wait_ready("broadcast", until)?;
         self.wait_stream("broadcast", until)
     }
 

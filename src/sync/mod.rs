@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod gpu_digest;
 pub mod plan;
 pub mod receiver;
 pub mod service;
