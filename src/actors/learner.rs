@@ -28,10 +28,26 @@ pub struct SyncHook {
     pub slot: LatestSlot,
     pub broadcaster: ActorRef<BroadcasterMsg>,
     pub stats: Arc<Mutex<SyncStats>>,
+    /// The learner's CUDA device when full weights go over NCCL.
+    pub nccl_gpu: Option<usize>,
 }
 
-/// Puts the current weights in the slot and tells the broadcaster (broadcast mode).
+/// Puts the current weights in the slot and tells the broadcaster (broadcast mode): copies on
+/// the GPU for NCCL, or the gRPC stream's packing.
 pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<(), ActorProcessingErr> {
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = hook.nccl_gpu {
+        let (step, weights) = worker.device_weights().await?;
+        let job = PublishJob {
+            version: PolicyVersion(step),
+            payload: Payload::Device(Arc::new(crate::sync::nccl_publish::DeviceWeights::new(weights, gpu))),
+        };
+        if let Ok(mut slot) = hook.slot.lock() {
+            *slot = Some(Arc::new(job));
+        }
+        hook.broadcaster.cast(BroadcasterMsg::Publish)?;
+        return Ok(());
+    }
     let (step, weights) = worker.weights().await?;
     let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
     let job = PublishJob {

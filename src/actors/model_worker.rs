@@ -23,6 +23,7 @@ enum Command {
     Train(Box<TrainBatch>, oneshot::Sender<Result<StepMetrics, TrainError>>),
     Snapshot(oneshot::Sender<Snapshot>),
     Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
+    DeviceWeights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
     Share(oneshot::Sender<(ParamStore, SharedWeights)>),
 }
 
@@ -75,6 +76,16 @@ impl ModelWorker {
                         Command::Weights(reply) => {
                             let _ = reply.send((trainer.steps_done(), trainer.params().snapshot()));
                         }
+                        Command::DeviceWeights(reply) => {
+                            let copies = tch::no_grad(|| {
+                                trainer
+                                    .params()
+                                    .iter()
+                                    .map(|(n, t)| (n.clone(), t.detach().copy()))
+                                    .collect()
+                            });
+                            let _ = reply.send((trainer.steps_done(), copies));
+                        }
                         Command::Share(reply) => {
                             let _ = reply.send(trainer.share());
                         }
@@ -111,6 +122,13 @@ impl ModelWorker {
     pub async fn weights(&self) -> Result<(u64, Vec<(String, Tensor)>), WorkerGone> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Weights(tx))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+
+    /// Copies of the weights on the training device (for NCCL), with their step.
+    pub async fn device_weights(&self) -> Result<(u64, Vec<(String, Tensor)>), WorkerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::DeviceWeights(tx))?;
         rx.await.map_err(|_| WorkerGone)
     }
 

@@ -20,6 +20,10 @@ pub enum Payload {
     Weights(Arc<WeightSet>),
     /// An HF checkpoint directory the sidecar reloads from (checkpoint mode).
     Checkpoint(String),
+    /// Weights on the learner's GPU, broadcast over NCCL (the gRPC stream for sidecars
+    /// without NCCL).
+    #[cfg(feature = "cuda")]
+    Device(Arc<crate::sync::nccl_publish::DeviceWeights>),
 }
 
 /// One version to publish.
@@ -68,6 +72,18 @@ struct Entry {
     client: SidecarClient,
     status: Status,
     failures: u64,
+    link: Link,
+}
+
+/// How weights reach one sidecar.
+#[derive(Default)]
+struct Link {
+    /// The sidecar said it has no NCCL: always the gRPC stream.
+    #[cfg(feature = "cuda")]
+    grpc_only: bool,
+    /// The live communicator with this sidecar, if any.
+    #[cfg(feature = "cuda")]
+    comm: Option<crate::comm::nccl::Communicator>,
 }
 
 pub struct WeightBroadcaster;
@@ -78,6 +94,8 @@ pub struct BroadcasterArgs {
     pub token: Token,
     pub deadlines: Deadlines,
     pub bucket_bytes: u64,
+    /// NCCL buckets (groups of whole tensors).
+    pub nccl_bucket_bytes: u64,
     pub slot: LatestSlot,
     pub stats: Arc<Mutex<SyncStats>>,
     pub health_every: Duration,
@@ -89,10 +107,35 @@ pub struct BroadcasterState {
     latest: Option<Arc<PublishJob>>,
 }
 
-async fn send(client: SidecarClient, job: Arc<PublishJob>, bucket_bytes: u64) -> Result<Published, SyncError> {
+async fn send(
+    client: SidecarClient,
+    job: Arc<PublishJob>,
+    bucket_bytes: u64,
+    link: Link,
+) -> (Result<Published, String>, Link) {
+    let text = |r: Result<Published, SyncError>| r.map_err(|e| e.to_string());
     match &job.payload {
-        Payload::Weights(set) => client.publish(set.clone(), job.version, bucket_bytes).await,
-        Payload::Checkpoint(path) => client.load_checkpoint(path, job.version).await,
+        Payload::Weights(set) => (text(client.publish(set.clone(), job.version, bucket_bytes).await), link),
+        Payload::Checkpoint(path) => (text(client.load_checkpoint(path, job.version).await), link),
+        #[cfg(feature = "cuda")]
+        Payload::Device(weights) => {
+            use crate::sync::nccl_publish::{publish, NcclPublishError};
+            if link.grpc_only {
+                let set = weights.cpu_set();
+                return (text(client.publish(set, job.version, bucket_bytes).await), link);
+            }
+            let (result, comm) = publish(&client, link.comm, weights.clone(), job.version, bucket_bytes).await;
+            match result {
+                Ok(p) => (Ok(p), Link { grpc_only: false, comm }),
+                Err(NcclPublishError::Unsupported(why)) => {
+                    tracing::info!(sidecar = %client.addr, reason = %why, "sidecar has no NCCL: using the gRPC stream");
+                    let set = weights.cpu_set();
+                    let r = text(client.publish(set, job.version, bucket_bytes).await);
+                    (r, Link { grpc_only: true, comm: None })
+                }
+                Err(e) => (Err(format!("nccl: {e}")), Link { grpc_only: false, comm }),
+            }
+        }
     }
 }
 
@@ -107,6 +150,7 @@ impl BroadcasterState {
                     client,
                     status: Status::New,
                     failures: 0,
+                    link: Link::default(),
                 },
             );
         }
@@ -120,18 +164,28 @@ impl BroadcasterState {
         }
         let mut tasks = tokio::task::JoinSet::new();
         for addr in &targets {
-            if let Some(e) = self.sidecars.get(addr) {
-                let (client, job, bytes) = (e.client.clone(), job.clone(), self.args.bucket_bytes);
+            if let Some(e) = self.sidecars.get_mut(addr) {
+                let bytes = match &job.payload {
+                    #[cfg(feature = "cuda")]
+                    Payload::Device(_) if !e.link.grpc_only => self.args.nccl_bucket_bytes,
+                    _ => self.args.bucket_bytes,
+                };
+                let (client, job) = (e.client.clone(), job.clone());
+                let link = std::mem::take(&mut e.link);
                 let addr = addr.clone();
-                tasks.spawn(async move { (addr, send(client, job, bytes).await) });
+                tasks.spawn(async move {
+                    let (result, link) = send(client, job, bytes, link).await;
+                    (addr, result, link)
+                });
             }
         }
         let (mut seconds, mut bytes) = (0f64, 0u64);
         while let Some(done) = tasks.join_next().await {
-            let Ok((addr, result)) = done else { continue };
+            let Ok((addr, result, link)) = done else { continue };
             let Some(entry) = self.sidecars.get_mut(&addr) else {
                 continue;
             };
+            entry.link = link;
             match result {
                 Ok(p) => {
                     seconds = seconds.max(p.seconds);

@@ -89,8 +89,10 @@ pub struct Communicator {
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls are not concurrent;
-// `Communicator` methods take `&mut self`.
+// every method that calls NCCL or CUDA takes `&mut self`, and the `&self` methods only read a
+// flag, so shared references cannot race.
 unsafe impl Send for Communicator {}
+unsafe impl Sync for Communicator {}
 
 impl Communicator {
     /// Joins communicator `id` as `rank` of `world` on CUDA device `device`, waiting at most
@@ -234,6 +236,8 @@ impl Communicator {
         }
         let until = Instant::now() + deadline;
         let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
+        // This may run on another thread than the join did.
+        self.ctx.bind_to_thread().map_err(cuda)?;
         // The collectives wait for everything tch queued so far (the weights being sent).
         let ready = self.ctx.new_event(None).map_err(cuda)?;
         // SAFETY: recording a live event on the legacy default stream.

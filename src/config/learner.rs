@@ -178,9 +178,15 @@ pub struct LearnerArgs {
     /// Checkpoint mode: reload the sidecars' engines from a fresh checkpoint every N steps [default: 3].
     #[arg(long, env = "GRPO_VLLM_RESTART_INTERVAL")]
     pub vllm_restart_interval: Option<u64>,
-    /// Bucket size of the weight stream, MiB [default: 16].
+    /// Bucket size of a weight sync, MiB: the gRPC stream's message size (capped at 128) and
+    /// NCCL's group of whole tensors [default: 16 for the gRPC stream, 512 for NCCL].
     #[arg(long, env = "GRPO_SYNC_BUCKET_MB")]
     pub sync_bucket_mb: Option<u64>,
+    /// How full weights reach sidecars: nccl (GPU to GPU; needs --device cuda and a `cuda`
+    /// build), grpc (the byte stream), or auto (nccl when possible; a sidecar without NCCL gets
+    /// the gRPC stream either way) [default: auto].
+    #[arg(long, env = "GRPO_SYNC_TRANSPORT", value_enum)]
+    pub sync_transport: Option<SyncTransport>,
     /// Per-RPC allowance of a weight sync, seconds; streams add bytes at 20 MB/s [default: 10].
     #[arg(long, env = "GRPO_SYNC_DEADLINE_S")]
     pub sync_deadline_s: Option<u64>,
@@ -241,13 +247,26 @@ pub struct LearnerConfig {
 }
 
 /// Weight-sync settings of a learner.
+/// `--sync-transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncTransport {
+    Auto,
+    Grpc,
+    Nccl,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncConfig {
     pub mode: BridgeMode,
     pub sidecars: Vec<String>,
     pub every: u64,
     pub restart_interval: u64,
+    /// gRPC stream bucket size.
     pub bucket_bytes: u64,
+    /// NCCL bucket size (groups of whole tensors).
+    pub nccl_bucket_bytes: u64,
+    pub transport: SyncTransport,
     pub deadline_s: u64,
     pub auth_token: Option<String>,
     /// Shared mode: where the colocated engine serves HTTP.
@@ -325,6 +344,7 @@ impl LearnerArgs {
             sync_every,
             vllm_restart_interval,
             sync_bucket_mb,
+            sync_transport,
             sync_deadline_s,
             auth_token,
             colocate_engine,
@@ -451,10 +471,19 @@ impl LearnerArgs {
         check(restart_interval > 0, "vllm-restart-interval", || {
             "must be at least 1".into()
         })?;
-        let bucket_mb = args.sync_bucket_mb.unwrap_or(16);
-        check((1..=128).contains(&bucket_mb), "sync-bucket-mb", || {
-            format!("must be in 1..=128 (got {bucket_mb})")
-        })?;
+        if let Some(mb) = args.sync_bucket_mb {
+            check((1..=4096).contains(&mb), "sync-bucket-mb", || {
+                format!("must be in 1..=4096 (got {mb})")
+            })?;
+        }
+        let bucket_mb = args.sync_bucket_mb.map_or(16, |mb| mb.min(128));
+        let nccl_bucket_mb = args.sync_bucket_mb.unwrap_or(512);
+        let transport = args.sync_transport.unwrap_or(SyncTransport::Auto);
+        check(
+            transport != SyncTransport::Nccl || (cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_))),
+            "sync-transport",
+            || "nccl needs --device cuda:N and a build with --features cuda".into(),
+        )?;
         let deadline_s = args.sync_deadline_s.unwrap_or(10);
         check(deadline_s > 0, "sync-deadline-s", || "must be at least 1".into())?;
         let sync = SyncConfig {
@@ -463,6 +492,8 @@ impl LearnerArgs {
             every: sync_every,
             restart_interval,
             bucket_bytes: bucket_mb << 20,
+            nccl_bucket_bytes: nccl_bucket_mb << 20,
+            transport,
             deadline_s,
             auth_token: args.auth_token.filter(|t| !t.is_empty()),
             engine_listen: colocate.then(|| {

@@ -99,6 +99,8 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     pub tokenizer: Arc<Tokenizer>,
     pub vocab_size: i64,
+    /// Where the engine's weights live.
+    pub device: Device,
 }
 
 impl EngineHandle {
@@ -107,6 +109,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let tokenizer = model.tokenizer.clone();
         let vocab_size = model.spec.vocab_size;
+        let device = model.device;
         std::thread::Builder::new()
             .name("grpo-engine".into())
             .spawn(move || Engine::new(model, batch).map(|e| e.run(rx)))
@@ -115,6 +118,7 @@ impl EngineHandle {
             tx,
             tokenizer,
             vocab_size,
+            device,
         })
     }
 

@@ -22,6 +22,7 @@ use crate::actors::weight_broadcaster::{
 };
 use crate::atropos::{AtroposClient, AtroposError, Registration};
 use crate::checkpoint::{latest_resumable, BatchSeq, CheckpointError, Spool, TrainingState};
+use crate::config::learner::SyncTransport;
 use crate::config::BridgeMode;
 use crate::config::LearnerConfig;
 use crate::engine::{http as engine_http, BatchConfig, EngineHandle, PolicyVersion};
@@ -57,6 +58,24 @@ pub enum LearnerError {
     Device(String),
     #[error("colocated engine: {0}")]
     Engine(String),
+}
+
+/// The learner's GPU when `--sync-transport` (auto or nccl) sends weights over NCCL.
+fn nccl_device(cfg: &LearnerConfig) -> Option<usize> {
+    let crate::config::DeviceSpec::Cuda(gpu) = cfg.device else {
+        return None;
+    };
+    match cfg.sync.transport {
+        SyncTransport::Grpc => None,
+        #[cfg(feature = "cuda")]
+        SyncTransport::Auto | SyncTransport::Nccl if crate::comm::nccl::available() => Some(gpu),
+        SyncTransport::Auto | SyncTransport::Nccl => {
+            if cfg.sync.transport == SyncTransport::Nccl {
+                tracing::warn!(gpu, "--sync-transport nccl: NCCL does not load here; using the gRPC stream");
+            }
+            None
+        }
+    }
 }
 
 /// Models at least this large recompute layers in the backward unless told otherwise.
@@ -248,6 +267,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 min_bytes_per_s: 20e6,
             },
             bucket_bytes: cfg.sync.bucket_bytes,
+            nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
             slot: slot.clone(),
             stats: stats.clone(),
             health_every: Duration::from_secs(1),
@@ -259,12 +279,17 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     } else {
         None
     };
+    let nccl_gpu = nccl_device(&cfg);
+    if let Some(gpu) = nccl_gpu {
+        tracing::info!(gpu, "full weights go to sidecars over NCCL (the gRPC stream for sidecars without it)");
+    }
     let sync_hook = broadcaster.clone().map(|b| SyncHook {
         mode: cfg.sync.mode,
         every: cfg.sync.every,
         slot: slot.clone(),
         broadcaster: b,
         stats: stats.clone(),
+        nccl_gpu,
     });
     if let Some(hook) = &sync_hook {
         match cfg.sync.mode {

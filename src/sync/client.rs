@@ -154,6 +154,7 @@ impl SidecarClient {
         let commit = pb::CommitUpdateRequest {
             version: pbv,
             digest: set.digest().to_string(),
+            transport: pb::Transport::GrpcStream as i32,
         };
         self.within("commit", self.deadlines.rpc * 4, raw.commit_update(commit))
             .await?;
@@ -162,6 +163,42 @@ impl SidecarClient {
             bytes: plan.total_bytes,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// NCCL: asks the sidecar to join communicator `unique_id` as `rank` of `world`. An
+    /// `Unimplemented` status means the sidecar has no NCCL (use the gRPC stream).
+    pub async fn join_nccl(&self, unique_id: String, rank: i32, world: i32) -> Result<(), SyncError> {
+        let mut raw = self.raw.clone();
+        let req = pb::JoinNcclRequest { unique_id, rank, world };
+        self.within("join_nccl", self.deadlines.rpc, raw.join_nccl(req)).await?;
+        Ok(())
+    }
+
+    /// NCCL: announces `version` as `plan`; the sidecar starts receiving.
+    pub async fn begin_nccl(&self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), SyncError> {
+        let mut raw = self.raw.clone();
+        let req = pb::BeginUpdateRequest {
+            version: Some(pb::PolicyVersion { step: version.0 }),
+            plan: Some(plan),
+            transport: pb::Transport::Nccl as i32,
+        };
+        // The sidecar may first wait for its side of the communicator's creation.
+        self.within("begin", self.deadlines.rpc * 4 + Duration::from_secs(120), raw.begin_update(req))
+            .await?;
+        Ok(())
+    }
+
+    /// NCCL: the sidecar waits for its receive (at most `wait`), checks `digest` and swaps.
+    pub async fn commit_nccl(&self, version: PolicyVersion, digest: String, wait: Duration) -> Result<(), SyncError> {
+        let mut raw = self.raw.clone();
+        let req = pb::CommitUpdateRequest {
+            version: Some(pb::PolicyVersion { step: version.0 }),
+            digest,
+            transport: pb::Transport::Nccl as i32,
+        };
+        self.within("commit", self.deadlines.rpc * 4 + wait, raw.commit_update(req))
+            .await?;
+        Ok(())
     }
 
     /// Checkpoint mode: has the sidecar reload its engine from `path`.

@@ -84,8 +84,8 @@ mod tests {
         assert_eq!(base, digest(&[a.copy(), b.copy()]), "deterministic");
         assert_ne!(base, digest(&[b.copy(), a.copy()]), "tensor order");
         let swapped = a.copy();
-        let _ = swapped.get(0).copy_(&a.get(1));
-        let _ = swapped.get(1).copy_(&a.get(0));
+        swapped.get(0).copy_(&a.get(1));
+        swapped.get(1).copy_(&a.get(0));
         assert_ne!(base, digest(&[swapped, b.copy()]), "positions inside a tensor");
         let bumped = b.copy();
         let _ = bumped.get(3).fill_(123.0);

@@ -4,6 +4,10 @@
 pub mod auth;
 pub mod client;
 pub mod gpu_digest;
+pub mod nccl_receiver;
+#[cfg(feature = "cuda")]
+pub mod nccl_publish;
+pub mod nccl_sync;
 pub mod plan;
 pub mod receiver;
 pub mod service;

@@ -13,6 +13,7 @@ use crate::model::safetensors_io::load_params;
 use crate::model::ModelSpec;
 use crate::rpc::pb;
 
+use super::nccl_receiver::NcclReceiver;
 use super::plan::{check_plan, digest_bytes, unpack, Digest};
 
 /// WeightReceiver's mailbox.
@@ -23,6 +24,12 @@ pub enum ReceiverMsg {
     LoadCheckpoint(PolicyVersion, PathBuf, RpcReplyPort<Result<(), String>>),
     /// Served version and whether an update is staged.
     Health(RpcReplyPort<(PolicyVersion, bool)>),
+    /// NCCL: join the learner's communicator (unique id hex, rank, world).
+    JoinNccl(String, i32, i32, RpcReplyPort<Result<(), String>>),
+    /// NCCL: receive this version as the plan says.
+    BeginNccl(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
+    /// NCCL: check the learner's GPU digest and swap the received weights in.
+    CommitNccl(PolicyVersion, String, RpcReplyPort<Result<f64, String>>),
 }
 
 struct Staging {
@@ -38,6 +45,7 @@ pub struct ReceiverState {
     engine: EngineHandle,
     version: PolicyVersion,
     staging: Option<Staging>,
+    nccl: NcclReceiver,
 }
 
 impl ReceiverState {
@@ -111,6 +119,14 @@ impl ReceiverState {
         Ok(started.elapsed().as_secs_f64())
     }
 
+    async fn commit_nccl(&mut self, version: PolicyVersion, digest: &str) -> Result<f64, String> {
+        let (weights, _) = self.nccl.finish(version, digest).await?;
+        let started = Instant::now();
+        self.engine.swap(weights, version).await.map_err(|e| e.to_string())??;
+        self.version = version;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
     async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
         let spec = ModelSpec::from_dir(&path).map_err(|e| e.to_string())?;
         let params = load_params(&spec, &path, Device::Cpu).map_err(|e| e.to_string())?;
@@ -132,10 +148,12 @@ impl Actor for WeightReceiver {
         engine: EngineHandle,
     ) -> Result<ReceiverState, ActorProcessingErr> {
         let version = engine.info().await?.version;
+        let nccl = NcclReceiver::new(engine.device);
         Ok(ReceiverState {
             engine,
             version,
             staging: None,
+            nccl,
         })
     }
 
@@ -168,7 +186,21 @@ impl Actor for WeightReceiver {
                 let _ = reply.send(result);
             }
             ReceiverMsg::Health(reply) => {
-                let _ = reply.send((state.version, state.staging.is_some()));
+                let _ = reply.send((state.version, state.staging.is_some() || state.nccl.busy()));
+            }
+            ReceiverMsg::JoinNccl(id, rank, world, reply) => {
+                let _ = reply.send(state.nccl.join(&id, rank, world));
+            }
+            ReceiverMsg::BeginNccl(v, plan, reply) => {
+                let _ = reply.send(state.nccl.begin(v, plan).await);
+            }
+            ReceiverMsg::CommitNccl(v, digest, reply) => {
+                let result = state.commit_nccl(v, &digest).await;
+                match &result {
+                    Ok(secs) => tracing::info!(version = v.0, apply_s = secs, transport = "nccl", "weights updated"),
+                    Err(e) => tracing::warn!(version = v.0, error = %e, transport = "nccl", "update rejected"),
+                }
+                let _ = reply.send(result);
             }
         }
         Ok(())

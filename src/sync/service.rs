@@ -65,15 +65,18 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::BeginUpdateResponse>, Status> {
         let req = req.into_inner();
         let version = version_of(req.version)?;
-        if req.transport != pb::Transport::GrpcStream as i32 {
-            return Err(Status::unimplemented(
-                "only the gRPC stream transport is available in this build",
-            ));
-        }
         let plan = req.plan.ok_or_else(|| Status::invalid_argument("missing plan"))?;
-        ractor::call!(self.receiver, ReceiverMsg::Begin, version, plan)
-            .map_err(internal)?
-            .map_err(Status::failed_precondition)?;
+        if req.transport == pb::Transport::Nccl as i32 {
+            ractor::call!(self.receiver, ReceiverMsg::BeginNccl, version, plan)
+                .map_err(internal)?
+                .map_err(Status::failed_precondition)?;
+        } else if req.transport == pb::Transport::GrpcStream as i32 {
+            ractor::call!(self.receiver, ReceiverMsg::Begin, version, plan)
+                .map_err(internal)?
+                .map_err(Status::failed_precondition)?;
+        } else {
+            return Err(Status::invalid_argument("unknown transport"));
+        }
         Ok(Response::new(pb::BeginUpdateResponse {}))
     }
 
@@ -100,14 +103,28 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
         let req = req.into_inner();
         let version = version_of(req.version)?;
-        let digest: Digest = req.digest.parse().map_err(Status::invalid_argument)?;
-        let apply_seconds = ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
-            .map_err(internal)?
-            .map_err(Status::data_loss)?;
+        let apply_seconds = if req.transport == pb::Transport::Nccl as i32 {
+            ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest)
+                .map_err(internal)?
+                .map_err(Status::data_loss)?
+        } else {
+            let digest: Digest = req.digest.parse().map_err(Status::invalid_argument)?;
+            ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
+                .map_err(internal)?
+                .map_err(Status::data_loss)?
+        };
         Ok(Response::new(pb::CommitUpdateResponse {
             version: pv(version),
             apply_seconds,
         }))
+    }
+
+    async fn join_nccl(&self, req: Request<pb::JoinNcclRequest>) -> Result<Response<pb::JoinNcclResponse>, Status> {
+        let req = req.into_inner();
+        ractor::call!(self.receiver, ReceiverMsg::JoinNccl, req.unique_id, req.rank, req.world)
+            .map_err(internal)?
+            .map_err(Status::unimplemented)?;
+        Ok(Response::new(pb::JoinNcclResponse {}))
     }
 
     async fn load_checkpoint(

@@ -354,7 +354,7 @@ impl Trainer {
         tch::no_grad(|| {
             for (name, master) in &self.trainable {
                 if let Some(mut c) = copy.get(name) {
-                    let _ = c.copy_(master);
+                    c.copy_(master);
                 }
             }
         });

@@ -1,0 +1,192 @@
+//! The sidecar's half of NCCL weight sync, owned by the WeightReceiver: joins the learner's
+//! communicator in the background, receives a version on a blocking thread under a deadline,
+//! and hands the received tensors and their digest to the commit. A failed or timed-out
+//! transfer drops (aborts) the communicator; the learner makes a new one for its next try.
+//! Builds without the `cuda` feature answer every call with an error, and the learner falls
+//! back to the gRPC stream.
+
+/// What a finished receive produced: the tensors in plan order and their GPU digest.
+pub type Received = (Vec<(String, tch::Tensor)>, String);
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use tch::Device;
+    use tokio::sync::oneshot;
+
+    use super::Received;
+    use crate::comm::nccl::{deadline_for, Communicator, UniqueId};
+    use crate::engine::PolicyVersion;
+    use crate::rpc::pb;
+    use crate::sync::plan::check_plan;
+
+    type Slot = Arc<Mutex<Option<Communicator>>>;
+
+    /// A receive in flight: its version, deadline, and where its result arrives.
+    struct Pending {
+        version: PolicyVersion,
+        deadline: Duration,
+        result: oneshot::Receiver<Result<Received, String>>,
+    }
+
+    /// NCCL state of one sidecar.
+    pub struct NcclReceiver {
+        device: Device,
+        comm: Slot,
+        /// A join in progress: its result arrives here.
+        joining: Option<oneshot::Receiver<Result<(), String>>>,
+        pending: Option<Pending>,
+    }
+
+    impl NcclReceiver {
+        pub fn new(device: Device) -> Self {
+            Self {
+                device,
+                comm: Arc::new(Mutex::new(None)),
+                joining: None,
+                pending: None,
+            }
+        }
+
+        /// Starts joining the learner's communicator; returns at once.
+        pub fn join(&mut self, id_hex: &str, rank: i32, world: i32) -> Result<(), String> {
+            let Device::Cuda(gpu) = self.device else {
+                return Err("the engine is not on a CUDA device; use the gRPC stream".into());
+            };
+            if !crate::comm::nccl::available() {
+                return Err("NCCL is not loadable here; use the gRPC stream".into());
+            }
+            let id = UniqueId::from_hex(id_hex).map_err(|e| e.to_string())?;
+            let slot = self.comm.clone();
+            if let Ok(mut old) = slot.lock() {
+                // A new communicator replaces the old one (aborted on drop).
+                *old = None;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.joining = Some(rx);
+            tokio::task::spawn_blocking(move || {
+                let outcome = Communicator::join(&id, rank, world, gpu, Duration::from_secs(120))
+                    .map(|c| {
+                        if let Ok(mut s) = slot.lock() {
+                            *s = Some(c);
+                        }
+                    })
+                    .map_err(|e| e.to_string());
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, "joining the learner's NCCL communicator failed");
+                } else {
+                    tracing::info!(rank, world, gpu, "joined the learner's NCCL communicator");
+                }
+                let _ = tx.send(outcome);
+            });
+            Ok(())
+        }
+
+        /// Starts receiving `version` as `plan` describes; returns once the receive is queued.
+        pub async fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
+            check_plan(&plan)?;
+            if let Some(joining) = self.joining.take() {
+                tokio::time::timeout(Duration::from_secs(120), joining)
+                    .await
+                    .map_err(|_| "the NCCL join did not finish".to_string())?
+                    .map_err(|_| "the NCCL join was abandoned".to_string())??;
+            }
+            let slot = self.comm.clone();
+            if slot.lock().map(|s| s.is_none()).unwrap_or(true) {
+                return Err("no NCCL communicator (JoinNccl first)".into());
+            }
+            let deadline = deadline_for(plan.total_bytes, Duration::from_secs(10));
+            let device = self.device;
+            let (tx, rx) = oneshot::channel();
+            tokio::task::spawn_blocking(move || {
+                let result = match slot.lock() {
+                    Ok(mut guard) => match guard.as_mut() {
+                        Some(comm) => {
+                            let r = crate::sync::nccl_sync::receive(comm, &plan, device, deadline);
+                            if r.is_err() {
+                                // Aborted or broken: the learner will make a new one.
+                                *guard = None;
+                            }
+                            r.map_err(|e| e.to_string())
+                        }
+                        None => Err("the communicator went away".to_string()),
+                    },
+                    Err(_) => Err("communicator lock poisoned".to_string()),
+                };
+                let _ = tx.send(result);
+            });
+            self.pending = Some(Pending {
+                version,
+                deadline,
+                result: rx,
+            });
+            Ok(())
+        }
+
+        /// Waits for the receive of `version` and checks the learner's digest.
+        pub async fn finish(&mut self, version: PolicyVersion, digest: &str) -> Result<Received, String> {
+            let Pending {
+                version: v,
+                deadline,
+                result: rx,
+            } = self.pending.take().ok_or("no NCCL update in progress")?;
+            if v != version {
+                return Err(format!("commit of version {} during the update to {}", version.0, v.0));
+            }
+            let started = Instant::now();
+            let (tensors, got) = tokio::time::timeout(deadline + Duration::from_secs(5), rx)
+                .await
+                .map_err(|_| format!("the receive did not finish in {:.1}s", started.elapsed().as_secs_f64()))?
+                .map_err(|_| "the receive was abandoned".to_string())??;
+            if got != digest {
+                return Err(format!("GPU digest mismatch: received {got}, learner sent {digest}"));
+            }
+            Ok((tensors, got))
+        }
+
+        /// Whether an update is staged.
+        pub fn busy(&self) -> bool {
+            self.pending.is_some()
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use tch::Device;
+
+    use super::Received;
+    use crate::engine::PolicyVersion;
+    use crate::rpc::pb;
+
+    const ABSENT: &str = "this sidecar was built without the `cuda` feature (no NCCL); use the gRPC stream";
+
+    /// Without CUDA there is no NCCL: every call says so.
+    pub struct NcclReceiver;
+
+    impl NcclReceiver {
+        pub fn new(_device: Device) -> Self {
+            Self
+        }
+
+        pub fn join(&mut self, _id_hex: &str, _rank: i32, _world: i32) -> Result<(), String> {
+            Err(ABSENT.into())
+        }
+
+        pub async fn begin(&mut self, _version: PolicyVersion, _plan: pb::BucketPlan) -> Result<(), String> {
+            Err(ABSENT.into())
+        }
+
+        pub async fn finish(&mut self, _version: PolicyVersion, _digest: &str) -> Result<Received, String> {
+            Err(ABSENT.into())
+        }
+
+        pub fn busy(&self) -> bool {
+            false
+        }
+    }
+}
+
+pub use imp::NcclReceiver;
