@@ -3,6 +3,8 @@
 //! line; the ratios are computed by `python/bench/report.py`.
 
 pub mod learner;
+#[cfg(feature = "cuda")]
+pub mod publish;
 pub mod shapes;
 #[cfg(feature = "cuda")]
 pub mod sync;
@@ -17,6 +19,9 @@ pub enum BenchCommand {
     /// NCCL weight broadcast between two processes (feature `cuda`; run one per rank).
     #[cfg(feature = "cuda")]
     Sync(sync::SyncBenchArgs),
+    /// Fault drill: a stand-in learner publishing every step to real sidecars (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Publish(publish::PublishBenchArgs),
 }
 
 /// Errors of a benchmark run.
@@ -40,5 +45,11 @@ pub fn run(cmd: BenchCommand) -> Result<(), BenchError> {
         BenchCommand::Learner(args) => learner::run(&args),
         #[cfg(feature = "cuda")]
         BenchCommand::Sync(args) => sync::run(&args),
+        #[cfg(feature = "cuda")]
+        BenchCommand::Publish(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::Io("runtime".into(), e))?
+            .block_on(publish::run(&args)),
     }
 }
