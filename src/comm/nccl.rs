@@ -245,8 +245,10 @@ impl Communicator {
             .result()
             .map_err(cuda)?;
         self.stream.wait(&ready).map_err(cuda)?;
+        // Every bucket goes on the wire first, back to back; then tch's stream waits for each
+        // bucket in turn and `after` queues its work, which overlaps the later transfers.
         let mut done: Vec<CudaEvent> = Vec::with_capacity(buckets.len());
-        for (k, bucket) in buckets.iter().enumerate() {
+        for bucket in buckets {
             // SAFETY: group calls bracket the broadcasts; pointers are live tensors' storage.
             unsafe {
                 check("ncclGroupStart", nc::ncclGroupStart())?;
@@ -270,12 +272,13 @@ impl Communicator {
                 check("ncclGroupEnd", nc::ncclGroupEnd())?;
             }
             self.wait_ready("broadcast", until)?;
-            let ev = self.stream.record_event(None).map_err(cuda)?;
+            done.push(self.stream.record_event(None).map_err(cuda)?);
+        }
+        for (k, (bucket, ev)) in buckets.iter().zip(&done).enumerate() {
             // SAFETY: the legacy default stream waits on a live event.
             unsafe { cu::cuStreamWaitEvent(std::ptr::null_mut(), ev.cu_event(), 0) }
                 .result()
                 .map_err(cuda)?;
-            done.push(ev);
             after(k, bucket);
         }
         self.wait_stream("broadcast", until)

@@ -1,7 +1,10 @@
 //! A digest of tensors computed where they live (on the GPU for NCCL transfers), exact and
-//! identical on any device: wrapping integer sums over the raw 32-bit (or 16-bit) words, one
-//! plain and one weighted by a repeating position pattern, so swapped or shifted data changes
-//! it. Two or three kernels per tensor and no copy to the host until the end.
+//! identical on any device. Each tensor's raw 32-bit words are summed (wrapping int64) per
+//! position modulo 64: one reduction kernel per tensor, no copy to the host until the end. The
+//! 64 partial sums of every tensor are then combined with weights that depend on the tensor's
+//! place in the sequence and on the residue, so a changed word, a shift inside a tensor or a
+//! reordering of tensors changes the digest (barring cancellations inside one residue class).
+//! It guards a transfer's integrity; it is not a cryptographic hash.
 
 use tch::{Kind, Tensor};
 
@@ -11,42 +14,38 @@ pub struct GpuDigest {
     parts: Vec<Tensor>,
 }
 
-/// Words per row of the position pattern.
-const PATTERN: i64 = 64;
+/// Residue classes.
+const LANES: i64 = 64;
 
 impl GpuDigest {
     /// Adds one tensor (any dtype; its bytes are what counts).
     pub fn add(&mut self, t: &Tensor) {
         let bytes = t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        let flat = t.reshape([-1]);
-        let words = if bytes % 4 == 0 && t.kind().elt_size_in_bytes() <= 4 {
-            flat.view_dtype(Kind::Uint8).view_dtype(Kind::Int)
-        } else if bytes % 2 == 0 {
-            flat.view_dtype(Kind::Uint8).view_dtype(Kind::Int16)
+        let raw = t.reshape([-1]).view_dtype(Kind::Uint8);
+        let words = if bytes % 4 == 0 {
+            raw.view_dtype(Kind::Int)
         } else {
-            flat.view_dtype(Kind::Uint8)
+            raw.to_kind(Kind::Int)
         };
         let n = words.size()[0];
-        let plain = words.sum(Kind::Int64);
-        let weighted = if n % PATTERN == 0 && n > 0 {
-            let pattern = Tensor::arange_start(1, PATTERN + 1, (words.kind(), words.device()));
-            (words.view([-1, PATTERN]) * pattern).sum(Kind::Int64)
+        let words = if n % LANES == 0 {
+            words
         } else {
-            let pattern = Tensor::arange_start(1, n + 1, (Kind::Int64, words.device()));
-            (words.to_kind(Kind::Int64) * pattern).sum(Kind::Int64)
+            words.constant_pad_nd([0, LANES - n % LANES])
         };
-        self.parts.push(Tensor::stack(&[plain, weighted], 0));
+        self.parts
+            .push(words.view([-1, LANES]).sum_dim_intlist([0].as_slice(), false, Kind::Int64));
     }
 
-    /// The digest as `[2]` int64 on the tensors' device (zeros for no tensors).
+    /// The digest as `[2]` int64 (plain and weighted totals) on `device` (zeros for none).
     pub fn finish_tensor(&self, device: tch::Device) -> Tensor {
         if self.parts.is_empty() {
             return Tensor::zeros([2], (Kind::Int64, device));
         }
-        // Position of each tensor in the sequence matters too.
         let stacked = Tensor::stack(&self.parts, 0);
-        let order = Tensor::arange_start(1, self.parts.len() as i64 + 1, (Kind::Int64, stacked.device())).unsqueeze(1);
-        (stacked * order).sum_dim_intlist([0].as_slice(), false, Kind::Int64)
+        let count = self.parts.len() as i64;
+        let weights = Tensor::arange_start(1, count * LANES + 1, (Kind::Int64, stacked.device())).view([count, LANES]);
+        Tensor::stack(&[stacked.sum(Kind::Int64), (&stacked * weights).sum(Kind::Int64)], 0)
     }
 
     /// The digest as 32 hex digits (copies 16 bytes to the host).
