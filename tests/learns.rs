@@ -69,7 +69,9 @@ fn positive_completions_gain_probability() {
             &limits,
             4,
         );
-        let m = trainer.train(&prepared.batch.expect("valid batch")).expect("train step");
+        let m = trainer
+            .train(&prepared.batch.expect("valid batch"))
+            .expect("train step");
         assert!((m.mean_ratio - 1.0).abs() < 1e-6, "on-policy ratio is exactly 1");
         pos.push(m.pos_logp_mean);
         neg.push(m.neg_logp_mean);

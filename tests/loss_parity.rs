@@ -192,8 +192,14 @@ fn case(arch: &str, extra: &[&str]) {
             };
             let (l, g, _) = ours(dir.path(), &spec, &groups, loss, bf16);
             println!("{arch} bf16: loss {l:.6} vs {rl:.6}, grad norm {g:.5} vs {rg:.5}");
-            assert!((l - rl).abs() <= 5e-3 * rl.abs().max(1.0), "bf16 loss {l} vs reference {rl}");
-            assert!((g - rg).abs() <= 5e-2 * rg.abs(), "bf16 grad norm {g} vs reference {rg}");
+            assert!(
+                (l - rl).abs() <= 5e-3 * rl.abs().max(1.0),
+                "bf16 loss {l} vs reference {rl}"
+            );
+            assert!(
+                (g - rg).abs() <= 5e-2 * rg.abs(),
+                "bf16 grad norm {g} vs reference {rg}"
+            );
         }
     }
     assert!(

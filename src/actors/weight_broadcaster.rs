@@ -131,7 +131,13 @@ async fn send(
                     tracing::info!(sidecar = %client.addr, reason = %why, "sidecar has no NCCL: using the gRPC stream");
                     let set = weights.cpu_set();
                     let r = text(client.publish(set, job.version, bucket_bytes).await);
-                    (r, Link { grpc_only: true, comm: None })
+                    (
+                        r,
+                        Link {
+                            grpc_only: true,
+                            comm: None,
+                        },
+                    )
                 }
                 Err(e) => (Err(format!("nccl: {e}")), Link { grpc_only: false, comm }),
             }

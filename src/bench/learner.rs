@@ -17,9 +17,7 @@ use crate::grpo::pack::Packing;
 use crate::grpo::{ClipMode, Limits, LossAgg, LossConfig};
 use crate::model::params::expected_shapes;
 use crate::model::ParamStore;
-use crate::train::{
-    AdamWConfig, ComputeConfig, LrSchedule, Precision, ScheduleKind, Trainer, TrainerConfig,
-};
+use crate::train::{AdamWConfig, ComputeConfig, LrSchedule, Precision, ScheduleKind, Trainer, TrainerConfig};
 
 use super::shapes::Shape;
 use super::BenchError;
@@ -88,8 +86,8 @@ fn model_flops(matmul_params: f64, layers: f64, attn_width: f64, lens: &[usize])
 
 /// Runs the benchmark and prints `RESULT {json}`.
 pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
-    let text = std::fs::read_to_string(&args.batches)
-        .map_err(|e| BenchError::Io(args.batches.display().to_string(), e))?;
+    let text =
+        std::fs::read_to_string(&args.batches).map_err(|e| BenchError::Io(args.batches.display().to_string(), e))?;
     let file: BatchesFile = serde_json::from_str(&text).map_err(|e| BenchError::Batches(e.to_string()))?;
     let device = DeviceSpec::resolve(Some(&args.device))
         .and_then(|d| {
@@ -189,7 +187,13 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         losses.push(m.loss);
         grad_norms.push(m.grad_norm);
         step_times.push(step_s);
-        tracing::info!(step = i + 1, step_s, loss = m.loss, padded = m.padded_tokens, "bench step");
+        tracing::info!(
+            step = i + 1,
+            step_s,
+            loss = m.loss,
+            padded = m.padded_tokens,
+            "bench step"
+        );
         if i >= args.warmup_steps {
             let flops = model_flops(
                 matmul_params as f64,

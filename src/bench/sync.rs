@@ -133,12 +133,14 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
             last.push(w.shallow_clone());
         }
     }
-    let barrier = |comm: &mut Communicator| comm.broadcast_group(std::slice::from_ref(&token), 0, Duration::from_secs(60));
+    let barrier =
+        |comm: &mut Communicator| comm.broadcast_group(std::slice::from_ref(&token), 0, Duration::from_secs(60));
     let (mut raw_times, mut pub_times, mut data_times, mut digest_ok) = (Vec::new(), Vec::new(), Vec::new(), true);
     for i in 0..args.iters + 2 {
         barrier(&mut comm).map_err(comm_err)?;
         let t0 = Instant::now();
-        comm.broadcast_group(std::slice::from_ref(&flat), 0, deadline).map_err(comm_err)?;
+        comm.broadcast_group(std::slice::from_ref(&flat), 0, deadline)
+            .map_err(comm_err)?;
         let raw = t0.elapsed().as_secs_f64();
         barrier(&mut comm).map_err(comm_err)?;
         let t0 = Instant::now();
@@ -176,7 +178,9 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
     });
     println!("RESULT {result}");
     if !digest_ok {
-        return Err(BenchError::Batches("the receiver's digest differs from the sender's".into()));
+        return Err(BenchError::Batches(
+            "the receiver's digest differs from the sender's".into(),
+        ));
     }
     Ok(())
 }

@@ -147,9 +147,7 @@ impl TokenInputs {
         let mask = mt.labels.ne(IGNORE).to_kind(Kind::Float);
         let weights = match cfg.agg {
             LossAgg::SeqMeanTokenMean => {
-                let per_row = mask
-                    .sum_dim_intlist([-1].as_slice(), true, Kind::Float)
-                    .clamp_min(1e-8);
+                let per_row = mask.sum_dim_intlist([-1].as_slice(), true, Kind::Float).clamp_min(1e-8);
                 &mask / per_row / norm.sequences
             }
             LossAgg::TokenMean => &mask / norm.scored_tokens.max(1.0),

@@ -71,7 +71,10 @@ fn nccl_device(cfg: &LearnerConfig) -> Option<usize> {
         SyncTransport::Auto | SyncTransport::Nccl if crate::comm::nccl::available() => Some(gpu),
         SyncTransport::Auto | SyncTransport::Nccl => {
             if cfg.sync.transport == SyncTransport::Nccl {
-                tracing::warn!(gpu, "--sync-transport nccl: NCCL does not load here; using the gRPC stream");
+                tracing::warn!(
+                    gpu,
+                    "--sync-transport nccl: NCCL does not load here; using the gRPC stream"
+                );
             }
             None
         }
@@ -281,7 +284,10 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
     let nccl_gpu = nccl_device(&cfg);
     if let Some(gpu) = nccl_gpu {
-        tracing::info!(gpu, "full weights go to sidecars over NCCL (the gRPC stream for sidecars without it)");
+        tracing::info!(
+            gpu,
+            "full weights go to sidecars over NCCL (the gRPC stream for sidecars without it)"
+        );
     }
     let sync_hook = broadcaster.clone().map(|b| SyncHook {
         mode: cfg.sync.mode,

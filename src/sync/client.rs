@@ -183,8 +183,12 @@ impl SidecarClient {
             transport: pb::Transport::Nccl as i32,
         };
         // The sidecar may first wait for its side of the communicator's creation.
-        self.within("begin", self.deadlines.rpc * 4 + Duration::from_secs(120), raw.begin_update(req))
-            .await?;
+        self.within(
+            "begin",
+            self.deadlines.rpc * 4 + Duration::from_secs(120),
+            raw.begin_update(req),
+        )
+        .await?;
         Ok(())
     }
 

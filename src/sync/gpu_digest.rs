@@ -33,8 +33,11 @@ impl GpuDigest {
         } else {
             words.constant_pad_nd([0, LANES - n % LANES])
         };
-        self.parts
-            .push(words.view([-1, LANES]).sum_dim_intlist([0].as_slice(), false, Kind::Int64));
+        self.parts.push(
+            words
+                .view([-1, LANES])
+                .sum_dim_intlist([0].as_slice(), false, Kind::Int64),
+        );
     }
 
     /// The digest as `[2]` int64 (plain and weighted totals) on `device` (zeros for none).

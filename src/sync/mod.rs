@@ -4,9 +4,9 @@
 pub mod auth;
 pub mod client;
 pub mod gpu_digest;
-pub mod nccl_receiver;
 #[cfg(feature = "cuda")]
 pub mod nccl_publish;
+pub mod nccl_receiver;
 pub mod nccl_sync;
 pub mod plan;
 pub mod receiver;

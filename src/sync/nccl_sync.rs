@@ -133,7 +133,10 @@ mod tests {
 
     #[test]
     fn tensors_group_into_buckets_in_order() {
-        assert_eq!(group_tensors(&[4, 4, 4, 10, 1, 1], 8), vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        assert_eq!(
+            group_tensors(&[4, 4, 4, 10, 1, 1], 8),
+            vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]
+        );
         assert_eq!(group_tensors(&[], 8), Vec::<Vec<usize>>::new());
         assert_eq!(group_tensors(&[3, 3, 3], 100), vec![vec![0, 1, 2]]);
     }

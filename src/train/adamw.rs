@@ -177,8 +177,14 @@ mod tests {
         let make = || {
             tch::manual_seed(7);
             vec![
-                ("a".to_string(), Tensor::randn([3, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true)),
-                ("b".to_string(), Tensor::randn([7], (Kind::Float, Device::Cpu)).set_requires_grad(true)),
+                (
+                    "a".to_string(),
+                    Tensor::randn([3, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+                ),
+                (
+                    "b".to_string(),
+                    Tensor::randn([7], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+                ),
             ]
         };
         let (pa, pb) = (make(), make());

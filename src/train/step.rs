@@ -126,7 +126,14 @@ pub fn forward_backward(
     }
     if plan.profile {
         let backward_s = clock.lap();
-        tracing::info!(rows = b, positions = t, layers_s, head_s, backward_s, "micro-batch stages");
+        tracing::info!(
+            rows = b,
+            positions = t,
+            layers_s,
+            head_s,
+            backward_s,
+            "micro-batch stages"
+        );
     }
     stats
 }

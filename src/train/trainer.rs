@@ -164,9 +164,12 @@ impl Trainer {
         let copy_needed = params.iter().any(|(_, t)| t.kind() != kind);
         let names = params.set_trainable(|name| !copy_needed && selected(name));
         let compute_params = copy_needed.then(|| {
-            let mut copy = ParamStore::from_tensors(
-                tch::no_grad(|| params.iter().map(|(n, t)| (n.clone(), t.detach().to_kind(kind))).collect()),
-            );
+            let mut copy = ParamStore::from_tensors(tch::no_grad(|| {
+                params
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.detach().to_kind(kind)))
+                    .collect()
+            }));
             let _ = copy.set_trainable(selected);
             copy
         });
