@@ -2,8 +2,9 @@
 //! rank 0 and creates the unique id; the sidecar gets it over gRPC and joins), announce the
 //! plan, broadcast the weights in buckets from the GPU, and commit with the GPU digest. Any
 //! failure or missed deadline drops the communicator (aborting it); the next full sync makes a
-//! new one. A sidecar without NCCL answers JoinNccl with `Unimplemented`: it is then served
-//! over the gRPC stream.
+//! new one. A sidecar without NCCL answers JoinNccl with `Unimplemented`, and a pair NCCL
+//! refuses to connect (both ranks on one GPU) fails its join with an NCCL error: such a sidecar
+//! is then served over the gRPC stream.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -130,8 +131,16 @@ async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator, Ncc
         }
         Err(e) => return Err(e.into()),
     }
-    tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, Duration::from_secs(120)))
+    let joined = tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, Duration::from_secs(120)))
         .await
-        .map_err(|e| NcclPublishError::Thread(e.to_string()))?
-        .map_err(NcclPublishError::from)
+        .map_err(|e| NcclPublishError::Thread(e.to_string()))?;
+    match joined {
+        Ok(c) => Ok(c),
+        // Both ends answered but NCCL refused (for example both ranks on one GPU): this pair
+        // cannot use NCCL, so the sidecar gets the gRPC stream from now on.
+        Err(CommError::Nccl { call, message }) => Err(NcclPublishError::Unsupported(format!(
+            "NCCL could not connect ({call}: {message})"
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
