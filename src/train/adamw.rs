@@ -27,6 +27,20 @@ impl Default for AdamWConfig {
     }
 }
 
+/// `fp32(grad) * scale`, without a copy when there is nothing to do.
+fn scaled_fp32(grad: &Tensor, scale: f64) -> Tensor {
+    let g = if grad.kind() == Kind::Float {
+        grad.shallow_clone()
+    } else {
+        grad.to_kind(Kind::Float)
+    };
+    if scale == 1.0 {
+        g
+    } else {
+        g * scale
+    }
+}
+
 /// Optimizer state: first and second moments per parameter name, and the step count.
 pub struct AdamW {
     pub config: AdamWConfig,
@@ -53,63 +67,62 @@ impl AdamW {
     }
 
     /// One update of every parameter whose gradient (`grads[i]`, aligned with `params`) is
-    /// defined.
-    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) -> Result<(), String> {
+    /// defined. Gradients may be in any float dtype: each is used as `fp32(grad) * grad_scale`
+    /// (the clip coefficient), converted a group of tensors at a time so that fp32 copies of
+    /// all gradients never exist at once.
+    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
         if grads.len() != params.len() {
             return Err(format!("{} gradients for {} parameters", grads.len(), params.len()));
         }
         if self.fused {
-            self.step_fused(params, grads, lr)
+            self.step_fused(params, grads, lr, grad_scale)
         } else {
-            self.step_unfused(params, grads, lr);
+            self.step_unfused(params, grads, lr, grad_scale);
             Ok(())
         }
     }
 
-    fn step_fused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) -> Result<(), String> {
+    fn step_fused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+        /// Parameters per fused call.
+        const GROUP: usize = 32;
         let c = self.config;
-        let mut group: (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) = Default::default();
-        for ((name, p), grad) in params.iter().zip(grads) {
-            let grad = grad.shallow_clone();
-            let Some((m, v)) = self.moments.get(name) else {
-                continue;
-            };
-            if !grad.defined() {
-                continue;
-            }
-            group.0.push(p.detach());
-            group.1.push(grad);
-            group.2.push(m.shallow_clone());
-            group.3.push(v.shallow_clone());
-        }
         self.steps += 1;
-        let Some(first) = group.0.first() else {
+        let live: Vec<(&Tensor, &Tensor, &(Tensor, Tensor))> = params
+            .iter()
+            .zip(grads)
+            .filter(|(_, g)| g.defined())
+            .filter_map(|((name, p), g)| self.moments.get(name).map(|mv| (p, g, mv)))
+            .collect();
+        let Some(first) = live.first() else {
             return Ok(());
         };
         // The kernel only reads the step count, so every parameter can share one counter.
-        let step = Tensor::from(self.steps as f32).to_device(first.device());
-        let steps: Vec<Tensor> = group.0.iter().map(|_| step.shallow_clone()).collect();
+        let step = Tensor::from(self.steps as f32).to_device(first.0.device());
         tch::no_grad(|| {
-            crate::torch_ext::fused_adamw(
-                &crate::torch_ext::AdamWGroup {
-                    params: &group.0,
-                    grads: &group.1,
-                    exp_avgs: &group.2,
-                    exp_avg_sqs: &group.3,
-                    steps: &steps,
-                },
-                crate::torch_ext::FusedAdamW {
-                    lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    weight_decay: c.weight_decay,
-                    eps: c.eps,
-                },
-            )
+            for chunk in live.chunks(GROUP) {
+                let grads: Vec<Tensor> = chunk.iter().map(|(_, g, _)| scaled_fp32(g, grad_scale)).collect();
+                crate::torch_ext::fused_adamw(
+                    &crate::torch_ext::AdamWGroup {
+                        params: &chunk.iter().map(|(p, _, _)| p.detach()).collect::<Vec<_>>(),
+                        grads: &grads,
+                        exp_avgs: &chunk.iter().map(|(_, _, mv)| mv.0.shallow_clone()).collect::<Vec<_>>(),
+                        exp_avg_sqs: &chunk.iter().map(|(_, _, mv)| mv.1.shallow_clone()).collect::<Vec<_>>(),
+                        steps: &chunk.iter().map(|_| step.shallow_clone()).collect::<Vec<_>>(),
+                    },
+                    crate::torch_ext::FusedAdamW {
+                        lr,
+                        beta1: c.beta1,
+                        beta2: c.beta2,
+                        weight_decay: c.weight_decay,
+                        eps: c.eps,
+                    },
+                )?;
+            }
+            Ok(())
         })
     }
 
-    fn step_unfused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) {
+    fn step_unfused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64, grad_scale: f64) {
         self.steps += 1;
         let c = self.config;
         let t = self.steps as i32;
@@ -123,6 +136,7 @@ impl AdamW {
                 let Some((m, v)) = self.moments.get_mut(name) else {
                     continue;
                 };
+                let grad = &scaled_fp32(grad, grad_scale);
                 let mut p = p.shallow_clone();
                 let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 let _ = m.lerp_(grad, 1.0 - c.beta1);
@@ -204,8 +218,8 @@ mod tests {
                 loss.backward();
             }
             let grads = |ps: &[(String, Tensor)]| ps.iter().map(|(_, p)| p.grad()).collect::<Vec<_>>();
-            fused.step(&pa, &grads(&pa), 1e-2).expect("fused step");
-            plain.step(&pb, &grads(&pb), 1e-2).expect("plain step");
+            fused.step(&pa, &grads(&pa), 1e-2, 0.5).expect("fused step");
+            plain.step(&pb, &grads(&pb), 1e-2, 0.5).expect("plain step");
         }
         for ((_, a), (_, b)) in pa.iter().zip(&pb) {
             let diff = (a - b).abs().max().double_value(&[]);

@@ -278,26 +278,16 @@ impl Trainer {
             padded += (mb.rows * mb.seq_len) as u64;
         }
         let backward_done = Instant::now();
-        let grads: Vec<Tensor> = tch::no_grad(|| {
-            self.grad_holders()
-                .iter()
-                .map(|h| {
-                    let g = h.grad();
-                    if g.defined() && g.kind() != Kind::Float {
-                        g.to_kind(Kind::Float)
-                    } else {
-                        g
-                    }
-                })
-                .collect()
-        });
-        let grad_norm = self.clip_gradients(&grads);
+        // Gradients as the backward left them (bf16 on the compute copy, or fp32 on the
+        // masters); AdamW casts and scales them a group at a time.
+        let grads: Vec<Tensor> = self.grad_holders().iter().map(Tensor::grad).collect();
+        let (grad_norm, grad_scale) = self.clip_coefficient(&grads);
         let lr = self.config.schedule.lr_at(self.steps_done);
         {
             let gate = self.shared.as_ref().map(|s| s.gate.clone());
             let _exclusive = gate.as_ref().map(|g| g.write());
             self.optimizer
-                .step(&self.trainable, &grads, lr)
+                .step(&self.trainable, &grads, lr, grad_scale)
                 .map_err(TrainError::Optimizer)?;
             drop(grads);
             self.refresh_compute_copy();
@@ -363,22 +353,21 @@ impl Trainer {
         });
     }
 
-    /// Global L2 norm of the gradients before clipping; rescales them to `max_grad_norm`.
-    fn clip_gradients(&self, grads: &[Tensor]) -> f64 {
+    /// Global L2 norm of the gradients before clipping (accumulated in fp32 whatever their
+    /// dtype), and the factor that clips them to `max_grad_norm` (torch's `clip_grad_norm_`).
+    fn clip_coefficient(&self, grads: &[Tensor]) -> (f64, f64) {
         tch::no_grad(|| {
-            let grads: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
-            if grads.is_empty() {
-                return 0.0;
+            let sq: Vec<Tensor> = grads
+                .iter()
+                .filter(|g| g.defined())
+                .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
+                .collect();
+            if sq.is_empty() {
+                return (0.0, 1.0);
             }
-            let sq: Vec<Tensor> = grads.iter().map(|g| g.pow_tensor_scalar(2).sum(Kind::Float)).collect();
             let total = Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[]);
             let coef = self.config.max_grad_norm / (total + 1e-6);
-            if coef < 1.0 {
-                for g in &grads {
-                    let _ = g.shallow_clone().g_mul_scalar_(coef);
-                }
-            }
-            total
+            (total, coef.min(1.0))
         })
     }
 }
