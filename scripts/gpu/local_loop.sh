@@ -23,9 +23,10 @@ export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled
 python3 -c "import atroposlib.envs.base, fastapi, uvicorn, openai, wandb; print('python imports ok')" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 start=$(date +%s.%N)
-timeout "${LIMIT_S:-480}" ./.gpu/grpo-node launch cluster/local-gpu.toml > "$OUT/launch.log" 2>&1
+MANIFEST=${MANIFEST:-cluster/local-gpu.toml}
+timeout "${LIMIT_S:-480}" ./.gpu/grpo-node launch "$MANIFEST" > "$OUT/launch.log" 2>&1
 echo "launch exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
-RUN=$(ls -td runs/local-gpu-* 2>/dev/null | head -1)
+RUN=$(ls -td runs/"$(basename "$MANIFEST" .toml)"-* 2>/dev/null | head -1)
 cp "$RUN/checkpoints/metrics.jsonl" "$OUT/" 2>/dev/null; cp "$RUN/reward.png" "$OUT/" 2>/dev/null
 for f in "$RUN"/logs/*.log; do tail -3 "$f" > "$OUT/tail_$(basename "$f")"; done
 python3 - "$OUT/metrics.jsonl" <<'PY'
@@ -43,3 +44,5 @@ print(f"| steps | wall s | steps/min | learner compute share | waiting for batch
 print("|---|---|---|---|---|---|---|")
 print(f"| {len(rows)} | {wall:.1f} | {60*len(rows)/wall:.1f} | {compute/wall:.1%} | {wait/wall:.1%} | {sync/wall:.1%} | {sum(rew[:k])/k:.3f} -> {sum(rew[-k:])/k:.3f} |")
 PY
+echo "sidecar updates: $(grep -c 'weights updated' "$RUN/logs/sidecar.log" 2>/dev/null), over NCCL: $(grep 'weights updated' "$RUN/logs/sidecar.log" 2>/dev/null | grep -c 'nccl')"
+grep -hE "NCCL|nccl" "$RUN"/logs/learner.log "$RUN"/logs/sidecar.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | grep -v "weights updated" | cut -c1-220 | head -5
