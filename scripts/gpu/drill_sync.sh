@@ -2,9 +2,9 @@
 # Runs on nvidia-h200-x2 (device tool): the NCCL weight-sync fault drill. A stand-in learner
 # (`grpo-node bench publish`, the real WeightBroadcaster) on GPU 0 publishes a 1.6B-parameter
 # fp32 model every step to a real sidecar (`--role inference-sidecar`) on GPU 1 over NCCL. The
-# sidecar is killed with SIGKILL while versions are in flight, the learner keeps stepping with
-# the sidecar stale, then the sidecar is restarted and must get a full resync on a new
-# communicator.
+# sidecar is killed with SIGKILL while versions are in flight (CYCLES times, at varying
+# offsets), the learner keeps stepping with the sidecar stale, then the sidecar is restarted and
+# must get a full resync on a new communicator.
 # Build first, here:
 #   cargo build --release --features cuda --bin grpo-node && mkdir -p .gpu && cp target/release/grpo-node .gpu/
 # Then: run(command="bash scripts/gpu/drill_sync.sh", carry=[".gpu"], kind="nvidia-h200-x2")
@@ -26,14 +26,20 @@ sidecar() {
 healthy() { for _ in $(seq 1 300); do curl -sf http://127.0.0.1:19001/health > /dev/null && return 0; sleep 0.1; done; return 1; }
 SC=$(sidecar 1); healthy || { echo "sidecar 1 never healthy"; tail -5 "$OUT/sidecar_1.log"; }
 ./.gpu/grpo-node bench publish --model-name "$M" --gpu 0 --sidecar http://127.0.0.1:19051 \
-  --steps "${STEPS:-400}" --step-ms "${STEP_MS:-20}" > "$OUT/drill.log" 2>&1 &
+  --steps "${STEPS:-1500}" --step-ms "${STEP_MS:-20}" > "$OUT/drill.log" 2>&1 &
 DRILL=$!
-for _ in $(seq 1 600); do
-  grep -q '"engine_version":[1-9][0-9]' "$OUT/drill.log" && break; sleep 0.05; done
-echo "kill -9 sidecar at drill step $(grep -c '^STEP' "$OUT/drill.log")"
-kill -9 "$SC"; sleep "${OUTAGE_S:-4}"
-echo "restart sidecar at drill step $(grep -c '^STEP' "$OUT/drill.log")"
-SC=$(sidecar 2); healthy || echo "sidecar 2 never healthy"
+synced_count() { grep -c '"synced":1' "$OUT/drill.log"; }
+# CYCLES times: wait until the sidecar follows again, let a few more versions go by, then kill
+# it at a varying offset so that the kill lands in different phases of a publication.
+for cycle in $(seq 1 "${CYCLES:-3}"); do
+  base=$(synced_count)
+  for _ in $(seq 1 1200); do [ "$(synced_count)" -ge $((base + 5)) ] && break; sleep 0.05; done
+  sleep "0.0$((cycle * 3))"
+  echo "cycle $cycle: kill -9 sidecar at drill step $(grep -c '^STEP' "$OUT/drill.log")"
+  kill -9 "$SC"; sleep "${OUTAGE_S:-3}"
+  echo "cycle $cycle: restart sidecar at drill step $(grep -c '^STEP' "$OUT/drill.log")"
+  SC=$(sidecar "$((cycle + 1))"); healthy || echo "sidecar $((cycle + 1)) never healthy"
+done
 wait "$DRILL"; echo "drill exit $?"
 kill "$SC" 2>/dev/null; wait 2>/dev/null
 python3 - "$OUT/drill.log" <<'PY'
@@ -48,5 +54,5 @@ for s in steps:
         prev = state
 print("final:", steps[-1] if steps else None)
 PY
-grep -E "WARN|sync failed|full sync|NCCL|nccl" "$OUT/drill.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-260 | head -12
-grep -E "weights updated|joined|rejected" "$OUT/sidecar_2.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | head -4
+grep -E "sync failed|full sync" "$OUT/drill.log" | sed 's/\x1b\[[0-9;]*m//g' | sed -E 's/.*(sync failed|full sync)/\1/' | cut -c1-230
+for f in "$OUT"/sidecar_*.log; do echo "$(basename "$f"): $(grep -c 'weights updated' "$f") updates, $(grep -c 'joined the learner' "$f") joins"; done
