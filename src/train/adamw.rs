@@ -70,7 +70,13 @@ impl AdamW {
     /// defined. Gradients may be in any float dtype: each is used as `fp32(grad) * grad_scale`
     /// (the clip coefficient), converted a group of tensors at a time so that fp32 copies of
     /// all gradients never exist at once.
-    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+    pub fn step(
+        &mut self,
+        params: &[(String, Tensor)],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), String> {
         if grads.len() != params.len() {
             return Err(format!("{} gradients for {} parameters", grads.len(), params.len()));
         }
@@ -82,7 +88,13 @@ impl AdamW {
         }
     }
 
-    fn step_fused(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+    fn step_fused(
+        &mut self,
+        params: &[(String, Tensor)],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), String> {
         /// Parameters per fused call.
         const GROUP: usize = 32;
         let c = self.config;
