@@ -85,11 +85,7 @@ mod transfer {
         let device = tensors.first().map_or(Device::Cpu, Tensor::device);
         let buckets = buckets_of(tensors, sizes, bucket_bytes);
         let mut digest = GpuDigest::default();
-        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| {
-            for t in bucket {
-                digest.add(t);
-            }
-        })?;
+        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| digest.add_many(bucket))?;
         Ok(digest.finish_hex(device))
     }
 
