@@ -145,7 +145,7 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         barrier(&mut comm).map_err(comm_err)?;
         let t0 = Instant::now();
         let mut acc = GpuDigest::default();
-        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| acc.add_many(bucket))
+        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| acc.add_bucket(bucket))
             .map_err(comm_err)?;
         let data = t0.elapsed().as_secs_f64();
         let d = acc.finish_tensor(device);

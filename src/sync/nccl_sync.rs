@@ -85,7 +85,7 @@ mod transfer {
         let device = tensors.first().map_or(Device::Cpu, Tensor::device);
         let buckets = buckets_of(tensors, sizes, bucket_bytes);
         let mut digest = GpuDigest::default();
-        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| digest.add_many(bucket))?;
+        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| digest.add_bucket(bucket))?;
         Ok(digest.finish_hex(device))
     }
 
