@@ -9,10 +9,7 @@
 # Env: SHAPES (default "qwen2.5-0.5b qwen2.5-1.5b"), STEPS (default 4, the first is warm-up),
 # BATCH_SIZE (rows per micro-batch, default 4).
 set -uo pipefail
-S=/opt/torch/.venv/lib/python3.12/site-packages
-mkdir -p /tmp/nccl && ln -sf "$S/nvidia/nccl/lib/libnccl.so.2" /tmp/nccl/libnccl.so
-export LD_LIBRARY_PATH="$S/torch/lib:/tmp/nccl"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 SHAPES=${SHAPES:-"qwen2.5-0.5b qwen2.5-1.5b"}; STEPS=${STEPS:-4}; BATCH_SIZE=${BATCH_SIZE:-4}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -7,10 +7,7 @@
 #   cargo build --release --features cuda --bin grpo-node && mkdir -p .gpu && cp target/release/grpo-node .gpu/
 # Then: run(command="bash scripts/gpu/bench_sync.sh", carry=[".gpu"], kind="nvidia-h200-x2")
 set -uo pipefail
-S=/opt/torch/.venv/lib/python3.12/site-packages
-mkdir -p /tmp/nccl && ln -sf "$S/nvidia/nccl/lib/libnccl.so.2" /tmp/nccl/libnccl.so
-export LD_LIBRARY_PATH="$S/torch/lib:/tmp/nccl"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1 || true

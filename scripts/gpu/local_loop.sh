@@ -12,10 +12,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/wheels atroposlib==0.4.0
 # Then: run(command="bash scripts/gpu/local_loop.sh", carry=[".gpu"])
 set -uo pipefail
-S=/opt/torch/.venv/lib/python3.12/site-packages
-mkdir -p /tmp/nccl && ln -sf "$S/nvidia/nccl/lib/libnccl.so.2" /tmp/nccl/libnccl.so
-export LD_LIBRARY_PATH="$S/torch/lib:/tmp/nccl"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/loop_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 \
   || { tail -5 "$OUT/pip.log"; exit 1; }

@@ -35,24 +35,22 @@ pub struct SyncHook {
 /// Puts the current weights in the slot and tells the broadcaster (broadcast mode): copies on
 /// the GPU for NCCL, or the gRPC stream's packing.
 pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<(), ActorProcessingErr> {
-    #[cfg(feature = "cuda")]
-    if let Some(gpu) = hook.nccl_gpu {
-        let (step, weights) = worker.device_weights().await?;
-        let job = PublishJob {
-            version: PolicyVersion(step),
-            payload: Payload::Device(Arc::new(crate::sync::nccl_publish::DeviceWeights::new(weights, gpu))),
-        };
-        if let Ok(mut slot) = hook.slot.lock() {
-            *slot = Some(Arc::new(job));
+    let (step, payload) = match hook.nccl_gpu {
+        #[cfg(feature = "cuda")]
+        Some(gpu) => {
+            let (step, weights) = worker.device_weights().await?;
+            let weights = crate::sync::nccl_publish::DeviceWeights::new(weights, gpu);
+            (step, Payload::Device(Arc::new(weights)))
         }
-        hook.broadcaster.cast(BroadcasterMsg::Publish)?;
-        return Ok(());
-    }
-    let (step, weights) = worker.weights().await?;
-    let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
+        _ => {
+            let (step, weights) = worker.weights().await?;
+            let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
+            (step, Payload::Weights(Arc::new(set)))
+        }
+    };
     let job = PublishJob {
         version: PolicyVersion(step),
-        payload: Payload::Weights(Arc::new(set)),
+        payload,
     };
     if let Ok(mut slot) = hook.slot.lock() {
         *slot = Some(Arc::new(job));

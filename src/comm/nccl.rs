@@ -144,35 +144,42 @@ impl Communicator {
         Ok(me)
     }
 
+    /// One look at the communicator: `Ok(true)` when its pending call completed, `Ok(false)`
+    /// while it is in progress; an asynchronous error or a passed deadline aborts it.
+    fn poll(&mut self, what: &'static str, started: Instant, until: Instant) -> Result<bool, CommError> {
+        let mut state = nc::ncclResult_t::ncclSuccess;
+        // SAFETY: valid communicator and out-pointer.
+        check("ncclCommGetAsyncError", unsafe {
+            nc::ncclCommGetAsyncError(self.comm, &mut state)
+        })?;
+        match state {
+            nc::ncclResult_t::ncclSuccess => return Ok(true),
+            nc::ncclResult_t::ncclInProgress => {}
+            other => {
+                self.abort();
+                return Err(CommError::Nccl {
+                    call: what,
+                    message: error_string(other),
+                });
+            }
+        }
+        if Instant::now() >= until {
+            self.abort();
+            return Err(CommError::Deadline {
+                what,
+                secs: started.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(false)
+    }
+
     /// Polls the communicator until its pending call completed; aborts it at `until`.
     fn wait_ready(&mut self, what: &'static str, until: Instant) -> Result<(), CommError> {
         let started = Instant::now();
-        loop {
-            let mut state = nc::ncclResult_t::ncclSuccess;
-            // SAFETY: valid communicator and out-pointer.
-            check("ncclCommGetAsyncError", unsafe {
-                nc::ncclCommGetAsyncError(self.comm, &mut state)
-            })?;
-            match state {
-                nc::ncclResult_t::ncclSuccess => return Ok(()),
-                nc::ncclResult_t::ncclInProgress => {}
-                other => {
-                    self.abort();
-                    return Err(CommError::Nccl {
-                        call: what,
-                        message: error_string(other),
-                    });
-                }
-            }
-            if Instant::now() >= until {
-                self.abort();
-                return Err(CommError::Deadline {
-                    what,
-                    secs: started.elapsed().as_secs_f64(),
-                });
-            }
+        while !self.poll(what, started, until)? {
             std::thread::yield_now();
         }
+        Ok(())
     }
 
     /// Waits for the communicator's stream, watching for asynchronous errors; aborts at `until`.
@@ -186,25 +193,9 @@ impl Communicator {
                 cu::cudaError_enum::CUDA_ERROR_NOT_READY => {}
                 other => return Err(CommError::Cuda(format!("cuStreamQuery: {other:?}"))),
             }
-            let mut state = nc::ncclResult_t::ncclSuccess;
-            // SAFETY: valid communicator and out-pointer.
-            check("ncclCommGetAsyncError", unsafe {
-                nc::ncclCommGetAsyncError(self.comm, &mut state)
-            })?;
-            if !matches!(state, nc::ncclResult_t::ncclSuccess | nc::ncclResult_t::ncclInProgress) {
-                self.abort();
-                return Err(CommError::Nccl {
-                    call: what,
-                    message: error_string(state),
-                });
-            }
-            if Instant::now() >= until {
-                self.abort();
-                return Err(CommError::Deadline {
-                    what,
-                    secs: started.elapsed().as_secs_f64(),
-                });
-            }
+            // The communicator being idle says nothing about the stream: only errors and the
+            // deadline end this wait.
+            let _idle = self.poll(what, started, until)?;
             std::thread::yield_now();
         }
     }

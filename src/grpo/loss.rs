@@ -117,14 +117,13 @@ impl MicroTensors {
 /// Log-probabilities `[B, T]` (fp32) of `labels` under `logits / temperature`; 0 at ignored
 /// positions. Uses gather + logsumexp so only the logits themselves are full-vocabulary.
 pub fn token_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Tensor {
-    let t = temperatures.to_kind(Kind::Float);
-    let t = t.where_scalarother(&t.gt(0.0), 1.0).view([-1, 1, 1]);
-    let scaled = logits.to_kind(Kind::Float) / t;
-    let mask = labels.ne(IGNORE);
-    let safe = labels.where_scalarother(&mask, 0);
-    let picked = scaled.gather(-1, &safe.unsqueeze(-1), false).squeeze_dim(-1);
-    let lse = scaled.logsumexp([-1].as_slice(), false);
-    (picked - lse) * mask.to_kind(Kind::Float)
+    let (b, t, v) = (logits.size()[0], logits.size()[1], logits.size()[2]);
+    let temps = temperatures
+        .to_kind(Kind::Float)
+        .view([-1, 1])
+        .expand([b, t], false)
+        .reshape([-1]);
+    flat_logprobs(&logits.reshape([-1, v]), &labels.reshape([-1]), &temps).view([b, t])
 }
 
 /// Per-token inputs of the loss, flattened to `[N]` (N = rows x positions of a micro-batch, or a

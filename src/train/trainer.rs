@@ -135,6 +135,8 @@ pub struct Trainer {
     optimizer: AdamW,
     config: TrainerConfig,
     steps_done: u64,
+    /// `GRPO_PROFILE_STEP=1`: log stage times (synchronizes the device; slows steps down).
+    profile: bool,
 }
 
 fn ratio(num: f64, den: f64) -> f64 {
@@ -196,6 +198,7 @@ impl Trainer {
             optimizer,
             config,
             steps_done: 0,
+            profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
         })
     }
 
@@ -269,7 +272,7 @@ impl Trainer {
         let plan = StepPlan {
             checkpoint_layers: self.config.compute.gradient_checkpointing,
             chunk_tokens: self.config.compute.logprob_chunk_tokens,
-            profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
+            profile: self.profile,
         };
         for mb in &batch.micro_batches {
             let mt = MicroTensors::new(mb, self.config.device);
@@ -296,7 +299,7 @@ impl Trainer {
                 s.version.store(self.steps_done, Ordering::SeqCst);
             }
         }
-        if std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1") {
+        if self.profile {
             if let Device::Cuda(i) = self.config.device {
                 tch::Cuda::synchronize(i as i64);
             }
