@@ -138,12 +138,14 @@ fn main() -> ExitCode {
         gradient_checkpointing: false,
         logprob_chunk_tokens: 1 << 20,
         fused_adamw: false,
+        exp_avg: Precision::Fp32,
     };
     let staged = ComputeConfig {
         precision: Precision::Fp32,
         gradient_checkpointing: true,
         logprob_chunk_tokens: 37,
         fused_adamw: true,
+        exp_avg: Precision::Fp32,
     };
     let mut variants = vec![Variant {
         name: "cpu fp32 ckpt+chunk37+fused",
@@ -166,6 +168,7 @@ fn main() -> ExitCode {
             device: Device::Cuda(0),
             compute: ComputeConfig {
                 precision: Precision::Bf16,
+                exp_avg: Precision::Bf16,
                 ..staged
             },
         });

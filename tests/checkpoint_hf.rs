@@ -71,7 +71,7 @@ fn roundtrip(arch: &str, extra: &[&str], max_shard_bytes: u64) {
     };
     let job = CheckpointJob {
         kind: CheckpointKind::Step(1),
-        weights: trainer.params().snapshot(),
+        weights: trainer.master_snapshot(),
         optimizer,
         state: state.clone(),
     };
@@ -85,7 +85,7 @@ fn roundtrip(arch: &str, extra: &[&str], max_shard_bytes: u64) {
     }
 
     // transformers loads it and gives our logits.
-    let model = Transformer::new(&spec, trainer.params()).expect("bind");
+    let model = Transformer::new(&spec, trainer.compute_params()).expect("bind");
     let ids: Vec<i64> = (0..20).map(|i| (i * 37 + 11) % spec.vocab_size).collect();
     let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).view([1, 20])));
     let ours = out.join("ours.safetensors");

@@ -188,6 +188,7 @@ fn case(arch: &str, extra: &[&str]) {
             // bf16 compute over fp32 masters: within bf16's resolution of the fp32 reference.
             let bf16 = ComputeConfig {
                 precision: Precision::Bf16,
+                exp_avg: Precision::Bf16,
                 ..staged
             };
             let (l, g, _) = ours(dir.path(), &spec, &groups, loss, bf16);

@@ -67,21 +67,21 @@ impl ModelWorker {
                         Command::Snapshot(reply) => {
                             let (optimizer, optimizer_steps) = trainer.optimizer_state();
                             let _ = reply.send(Snapshot {
-                                weights: trainer.params().snapshot(),
+                                weights: trainer.master_snapshot(),
                                 optimizer,
                                 optimizer_steps,
                                 steps_done: trainer.steps_done(),
                             });
                         }
                         Command::Weights(reply) => {
-                            let _ = reply.send((trainer.steps_done(), trainer.params().snapshot()));
+                            let _ = reply.send((trainer.steps_done(), trainer.master_snapshot()));
                         }
                         Command::DeviceWeights(reply) => {
                             let copies = tch::no_grad(|| {
                                 trainer
-                                    .params()
-                                    .iter()
-                                    .map(|(n, t)| (n.clone(), t.detach().copy()))
+                                    .master_weights()
+                                    .into_iter()
+                                    .map(|(n, t)| (n, t.copy()))
                                     .collect()
                             });
                             let _ = reply.send((trainer.steps_done(), copies));

@@ -55,6 +55,9 @@ pub struct LearnerBenchArgs {
     /// Fused AdamW kernel.
     #[arg(long, env = "GRPO_FUSED_ADAMW", default_value_t = true, action = clap::ArgAction::Set)]
     pub fused_adamw: bool,
+    /// dtype of AdamW's first moment (the second stays fp32).
+    #[arg(long, env = "GRPO_EXP_AVG_DTYPE", value_enum, default_value = "bf16")]
+    pub exp_avg_dtype: Precision,
     /// Learning rate (constant).
     #[arg(long, env = "GRPO_LR", default_value_t = 1e-6)]
     pub lr: f64,
@@ -134,6 +137,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
             gradient_checkpointing: args.gradient_checkpointing,
             logprob_chunk_tokens: args.logprob_chunk_tokens,
             fused_adamw: args.fused_adamw,
+            exp_avg: args.exp_avg_dtype,
         },
     };
     let store = ParamStore::random(&spec, 0, device);
@@ -223,6 +227,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         "gradient_checkpointing": args.gradient_checkpointing,
         "logprob_chunk_tokens": args.logprob_chunk_tokens,
         "fused_adamw": args.fused_adamw,
+        "exp_avg_dtype": format!("{:?}", args.exp_avg_dtype).to_lowercase(),
         "steps_total": file.steps.len(),
         "steps_timed": timed.len(),
         "step_s": step_s,

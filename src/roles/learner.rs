@@ -102,6 +102,7 @@ fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &ModelSpec) ->
                 .unwrap_or(params >= CHECKPOINTING_FROM_PARAMS),
             logprob_chunk_tokens: cfg.logprob_chunk_tokens,
             fused_adamw: cfg.fused_adamw,
+            exp_avg: cfg.exp_avg_dtype.unwrap_or(precision),
         },
         loss: LossConfig {
             clip_mode: cfg.clip_mode,
@@ -215,7 +216,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         if let Some((state, opt)) = restore {
             trainer.restore(opt, state.optimizer_steps, state.step)?;
         }
-        tracing::info!(params = trainer.params().numel(), trainable = trainer.trainable_names().len(),
+        tracing::info!(params = trainer.param_count(), trainable = trainer.trainable_names().len(),
             step = trainer.steps_done(), device = ?device, "model ready");
         Ok(trainer)
     })

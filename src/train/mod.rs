@@ -1,14 +1,16 @@
-//! The training step: model + AdamW over fp32 master weights, gradient accumulation over
+//! The training step: model + AdamW over fp32 master weights (plain, or split into a bf16
+//! compute half and an int16 low half), gradient accumulation over
 //! micro-batches, grad-norm clipping, and the learning-rate schedule. Runs on whatever thread
 //! owns it (the learner gives it a dedicated OS thread).
 
 pub mod adamw;
 pub mod layers;
 pub mod schedule;
+pub mod split;
 pub mod step;
 pub mod trainer;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, MasterParam};
 pub use layers::LayerSet;
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{ComputeConfig, Precision, SharedWeights, StepMetrics, TrainError, Trainer, TrainerConfig};

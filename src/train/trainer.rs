@@ -1,6 +1,7 @@
 //! One optimizer step over a [`TrainBatch`]: forward and backward per micro-batch (gradients
 //! accumulate), global grad-norm clipping, AdamW at the scheduled learning rate.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -13,13 +14,15 @@ use crate::grpo::{LossConfig, TrainBatch};
 use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
 
-use super::adamw::{AdamW, AdamWConfig};
+use super::adamw::{slice_groups, AdamW, AdamWConfig, MasterParam, SLICE_ELEMENTS};
 use super::layers::LayerSet;
 use super::schedule::LrSchedule;
+use super::split;
 use super::step::{forward_backward, StepPlan};
 
-/// The dtype matmuls and attention run in; parameters, gradients, optimizer state, logprobs
-/// and ratios stay fp32 either way.
+/// A floating-point dtype choice: what matmuls and attention run in (`--precision`), or what
+/// AdamW's first moment is stored in (`--exp-avg-dtype`). Master weights, the second moment,
+/// logprobs and ratios stay fp32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {
@@ -47,6 +50,8 @@ pub struct ComputeConfig {
     pub logprob_chunk_tokens: i64,
     /// libtorch's fused AdamW kernel instead of a per-tensor loop.
     pub fused_adamw: bool,
+    /// dtype of AdamW's first moment.
+    pub exp_avg: Precision,
 }
 
 impl Default for ComputeConfig {
@@ -56,6 +61,7 @@ impl Default for ComputeConfig {
             gradient_checkpointing: false,
             logprob_chunk_tokens: 1024,
             fused_adamw: true,
+            exp_avg: Precision::Fp32,
         }
     }
 }
@@ -121,17 +127,19 @@ pub struct SharedWeights {
 
 /// The model, its optimizer and the step counter.
 ///
-/// With fp32 compute the model runs on the master weights themselves. With bf16 compute it runs
-/// on a bf16 copy whose gradients accumulate over the step's micro-batches; at the step they
-/// are cast to fp32, clipped and applied to the fp32 masters by AdamW, and the copy is
-/// refreshed from the masters.
+/// The master weights are fp32. With fp32 compute the model runs on them directly. With bf16
+/// compute each master is held split (see [`split`]): the model runs on the bf16 high halves,
+/// whose gradients accumulate over the step's micro-batches; at the step AdamW joins each
+/// master from its halves a slice at a time, applies the clipped fp32 gradient and splits the
+/// result back, so the compute weights are always the masters rounded to bf16.
 pub struct Trainer {
     shared: Option<SharedWeights>,
+    /// What the model computes with: the fp32 masters, or their bf16 high halves.
     params: ParamStore,
-    /// The bf16 copy the model computes with, when the compute dtype is not the masters'.
-    compute_params: Option<ParamStore>,
+    /// The int16 low halves of every parameter, when the masters are split.
+    low: Option<BTreeMap<String, Tensor>>,
     model: Transformer,
-    trainable: Vec<(String, Tensor)>,
+    trainable: Vec<MasterParam>,
     optimizer: AdamW,
     config: TrainerConfig,
     steps_done: u64,
@@ -149,9 +157,10 @@ fn ratio(num: f64, den: f64) -> f64 {
 
 impl Trainer {
     /// Builds the trainer; with `layers`, only parameters inside those decoder layers train.
+    /// `params` are the masters (converted to fp32 if they are not).
     pub fn new(
         spec: &ModelSpec,
-        mut params: ParamStore,
+        params: ParamStore,
         layers: Option<&LayerSet>,
         config: TrainerConfig,
     ) -> Result<Self, TrainError> {
@@ -162,37 +171,43 @@ impl Trainer {
             Some(set) => layer_of(name).is_some_and(|i| set.0.contains(&i)),
             None => true,
         };
-        let kind = config.compute.precision.kind();
-        let copy_needed = params.iter().any(|(_, t)| t.kind() != kind);
-        let names = params.set_trainable(|name| !copy_needed && selected(name));
-        let compute_params = copy_needed.then(|| {
-            let mut copy = ParamStore::from_tensors(tch::no_grad(|| {
-                params
-                    .iter()
-                    .map(|(n, t)| (n.clone(), t.detach().to_kind(kind)))
-                    .collect()
-            }));
-            let _ = copy.set_trainable(selected);
-            copy
+        let split_masters = config.compute.precision == Precision::Bf16;
+        let (params, low) = tch::no_grad(|| {
+            let mut compute = BTreeMap::new();
+            let mut low = BTreeMap::new();
+            for (name, t) in params.iter() {
+                let master = t.detach().to_kind(Kind::Float);
+                if split_masters {
+                    let (hi, lo) = split::split(&master);
+                    compute.insert(name.clone(), hi);
+                    low.insert(name.clone(), lo);
+                } else {
+                    compute.insert(name.clone(), master);
+                }
+            }
+            (ParamStore::from_tensors(compute), split_masters.then_some(low))
         });
-        let names: Vec<String> = match &compute_params {
-            Some(_) => params.iter().map(|(n, _)| n.clone()).filter(|n| selected(n)).collect(),
-            None => names,
-        };
+        let mut params = params;
+        let names = params.set_trainable(selected);
         if names.is_empty() {
             return Err(TrainError::Layers("no parameter is trainable".into()));
         }
-        let trainable: Vec<(String, Tensor)> = names
+        let trainable: Vec<MasterParam> = names
             .into_iter()
-            .filter_map(|n| params.get(&n).map(|t| (n, t)))
+            .filter_map(|name| {
+                let value = params.get(&name)?;
+                let low = low.as_ref().and_then(|l| l.get(&name)).map(Tensor::shallow_clone);
+                Some(MasterParam { name, value, low })
+            })
             .collect();
-        let model = Transformer::new(spec, compute_params.as_ref().unwrap_or(&params))?.with_compute(kind);
-        let mut optimizer = AdamW::new(config.adamw, &trainable);
+        let kind = config.compute.precision.kind();
+        let model = Transformer::new(spec, &params)?.with_compute(kind);
+        let mut optimizer = AdamW::new(config.adamw, &trainable, config.compute.exp_avg.kind());
         optimizer.fused = config.compute.fused_adamw;
         Ok(Self {
             shared: None,
             params,
-            compute_params,
+            low,
             model,
             trainable,
             optimizer,
@@ -212,14 +227,53 @@ impl Trainer {
         &self.model
     }
 
-    /// The parameters.
-    pub fn params(&self) -> &ParamStore {
+    /// What the model computes with: the fp32 masters, or their bf16 high halves.
+    pub fn compute_params(&self) -> &ParamStore {
         &self.params
+    }
+
+    /// Number of scalar parameters.
+    pub fn param_count(&self) -> i64 {
+        self.params.numel()
+    }
+
+    /// The fp32 master weights on the training device, detached: the tensors themselves with
+    /// fp32 compute, joined copies when the masters are split.
+    pub fn master_weights(&self) -> Vec<(String, Tensor)> {
+        tch::no_grad(|| {
+            self.params
+                .iter()
+                .map(|(name, t)| {
+                    let master = match self.low.as_ref().and_then(|l| l.get(name)) {
+                        Some(lo) => split::join(&t.detach(), lo),
+                        None => t.detach(),
+                    };
+                    (name.clone(), master)
+                })
+                .collect()
+        })
+    }
+
+    /// Copies of the fp32 master weights on the CPU (for checkpoints and the gRPC stream),
+    /// joined one tensor at a time so that no second copy of the model exists on the device.
+    pub fn master_snapshot(&self) -> Vec<(String, Tensor)> {
+        tch::no_grad(|| {
+            self.params
+                .iter()
+                .map(|(name, t)| {
+                    let master = match self.low.as_ref().and_then(|l| l.get(name)) {
+                        Some(lo) => split::join(&t.detach(), lo).to_device(Device::Cpu),
+                        None => t.detach().to_device(Device::Cpu).copy(),
+                    };
+                    (name.clone(), master)
+                })
+                .collect()
+        })
     }
 
     /// Names of the trainable parameters.
     pub fn trainable_names(&self) -> Vec<String> {
-        self.trainable.iter().map(|(n, _)| n.clone()).collect()
+        self.trainable.iter().map(|p| p.name.clone()).collect()
     }
 
     /// Shares the parameters with an engine: returns handles on the same tensors and the gate
@@ -259,9 +313,9 @@ impl Trainer {
     /// Trains one optimizer step on `batch`.
     pub fn train(&mut self, batch: &TrainBatch) -> Result<StepMetrics, TrainError> {
         let started = Instant::now();
-        for p in self.grad_holders() {
-            let mut p = p;
-            p.zero_grad();
+        for p in &self.trainable {
+            let mut v = p.value.shallow_clone();
+            v.zero_grad();
         }
         let norm = StepNorm {
             sequences: batch.sequences as f64,
@@ -281,9 +335,9 @@ impl Trainer {
             padded += (mb.rows * mb.seq_len) as u64;
         }
         let backward_done = Instant::now();
-        // Gradients as the backward left them (bf16 on the compute copy, or fp32 on the
-        // masters); AdamW casts and scales them a group at a time.
-        let grads: Vec<Tensor> = self.grad_holders().iter().map(Tensor::grad).collect();
+        // Gradients as the backward left them (bf16 on the high halves, or fp32 on the
+        // masters); AdamW casts and scales them a slice at a time.
+        let grads: Vec<Tensor> = self.trainable.iter().map(|p| p.value.grad()).collect();
         let (grad_norm, grad_scale) = self.clip_coefficient(&grads);
         let lr = self.config.schedule.lr_at(self.steps_done);
         {
@@ -293,7 +347,6 @@ impl Trainer {
                 .step(&self.trainable, &grads, lr, grad_scale)
                 .map_err(TrainError::Optimizer)?;
             drop(grads);
-            self.refresh_compute_copy();
             self.steps_done += 1;
             if let Some(s) = &self.shared {
                 s.version.store(self.steps_done, Ordering::SeqCst);
@@ -330,40 +383,20 @@ impl Trainer {
         })
     }
 
-    /// The tensors whose `.grad` the backward fills, aligned with `trainable`: the masters
-    /// themselves, or their compute copies.
-    fn grad_holders(&self) -> Vec<Tensor> {
-        self.trainable
-            .iter()
-            .map(|(name, p)| match &self.compute_params {
-                Some(copy) => copy.get(name).unwrap_or_else(|| p.shallow_clone()),
-                None => p.shallow_clone(),
-            })
-            .collect()
-    }
-
-    /// Copies the updated masters into the compute copy.
-    fn refresh_compute_copy(&self) {
-        let Some(copy) = &self.compute_params else {
-            return;
-        };
-        tch::no_grad(|| {
-            for (name, master) in &self.trainable {
-                if let Some(mut c) = copy.get(name) {
-                    c.copy_(master);
-                }
-            }
-        });
-    }
-
     /// Global L2 norm of the gradients before clipping (accumulated in fp32 whatever their
-    /// dtype), and the factor that clips them to `max_grad_norm` (torch's `clip_grad_norm_`).
+    /// dtype, a slice at a time so that no fp32 copy of a large gradient exists), and the
+    /// factor that clips them to `max_grad_norm` (torch's `clip_grad_norm_`).
     fn clip_coefficient(&self, grads: &[Tensor]) -> (f64, f64) {
         tch::no_grad(|| {
-            let sq: Vec<Tensor> = grads
-                .iter()
-                .filter(|g| g.defined())
-                .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
+            let live: Vec<Tensor> = grads.iter().filter(|g| g.defined()).map(|g| g.reshape([-1])).collect();
+            let numels: Vec<i64> = live.iter().map(|g| g.numel() as i64).collect();
+            let sq: Vec<Tensor> = slice_groups(&numels, SLICE_ELEMENTS, usize::MAX)
+                .into_iter()
+                .flatten()
+                .map(|(i, off, len)| {
+                    let g = live[i].narrow(0, off, len).to_kind(Kind::Float);
+                    g.dot(&g)
+                })
                 .collect();
             if sq.is_empty() {
                 return (0.0, 1.0);
