@@ -30,17 +30,32 @@ pub struct SyncHook {
     pub stats: Arc<Mutex<SyncStats>>,
     /// The learner's CUDA device when full weights go over NCCL.
     pub nccl_gpu: Option<usize>,
+    /// NCCL bucket size (`--sync-bucket-mb`).
+    pub nccl_bucket_bytes: u64,
 }
 
-/// Puts the current weights in the slot and tells the broadcaster (broadcast mode): copies on
-/// the GPU for NCCL, or the gRPC stream's packing.
+/// Puts the current weights in the slot and tells the broadcaster (broadcast mode): packed on
+/// the GPU in NCCL's buckets (the compute weights: the fp32 masters, or their bf16 halves), or
+/// the gRPC stream's packing of the fp32 masters.
 pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<(), ActorProcessingErr> {
     let (step, payload) = match hook.nccl_gpu {
         #[cfg(feature = "cuda")]
         Some(gpu) => {
-            let (step, weights) = worker.device_weights().await?;
-            let weights = crate::sync::nccl_publish::DeviceWeights::new(weights, gpu);
-            (step, Payload::Device(Arc::new(weights)))
+            let bucket_bytes = hook.nccl_bucket_bytes;
+            let (step, packed) = worker
+                .with_trainer(move |t| {
+                    let weights: Vec<(String, tch::Tensor)> = t
+                        .compute_params()
+                        .iter()
+                        .map(|(n, w)| (n.clone(), w.shallow_clone()))
+                        .collect();
+                    (
+                        t.steps_done(),
+                        crate::sync::nccl_publish::PackedWeights::pack(&weights, gpu, bucket_bytes),
+                    )
+                })
+                .await?;
+            (step, Payload::Device(Arc::new(packed?)))
         }
         _ => {
             let (step, weights) = worker.weights().await?;

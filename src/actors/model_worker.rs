@@ -23,7 +23,8 @@ enum Command {
     Train(Box<TrainBatch>, oneshot::Sender<Result<StepMetrics, TrainError>>),
     Snapshot(oneshot::Sender<Snapshot>),
     Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
-    DeviceWeights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
+    /// Runs on the model thread with the trainer (between steps).
+    With(Box<dyn FnOnce(&Trainer) + Send>),
     Share(oneshot::Sender<(ParamStore, SharedWeights)>),
 }
 
@@ -76,16 +77,7 @@ impl ModelWorker {
                         Command::Weights(reply) => {
                             let _ = reply.send((trainer.steps_done(), trainer.master_snapshot()));
                         }
-                        Command::DeviceWeights(reply) => {
-                            let copies = tch::no_grad(|| {
-                                trainer
-                                    .master_weights()
-                                    .into_iter()
-                                    .map(|(n, t)| (n, t.copy()))
-                                    .collect()
-                            });
-                            let _ = reply.send((trainer.steps_done(), copies));
-                        }
+                        Command::With(job) => job(&trainer),
                         Command::Share(reply) => {
                             let _ = reply.send(trainer.share());
                         }
@@ -125,10 +117,17 @@ impl ModelWorker {
         rx.await.map_err(|_| WorkerGone)
     }
 
-    /// Copies of the weights on the training device (for NCCL), with their step.
-    pub async fn device_weights(&self) -> Result<(u64, Vec<(String, Tensor)>), WorkerGone> {
+    /// Runs `job` on the model thread between two steps and returns its result (for work
+    /// that must be ordered against the optimizer's updates, like packing weights on the GPU).
+    pub async fn with_trainer<T, F>(&self, job: F) -> Result<T, WorkerGone>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Trainer) -> T + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::DeviceWeights(tx))?;
+        self.send(Command::With(Box::new(move |t: &Trainer| {
+            let _ = tx.send(job(t));
+        })))?;
         rx.await.map_err(|_| WorkerGone)
     }
 

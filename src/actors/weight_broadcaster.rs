@@ -20,10 +20,10 @@ pub enum Payload {
     Weights(Arc<WeightSet>),
     /// An HF checkpoint directory the sidecar reloads from (checkpoint mode).
     Checkpoint(String),
-    /// Weights on the learner's GPU, broadcast over NCCL (the gRPC stream for sidecars
+    /// Weights packed on the learner's GPU, broadcast over NCCL (the gRPC stream for sidecars
     /// without NCCL).
     #[cfg(feature = "cuda")]
-    Device(Arc<crate::sync::nccl_publish::DeviceWeights>),
+    Device(Arc<crate::sync::nccl_publish::PackedWeights>),
 }
 
 /// One version to publish.
@@ -124,7 +124,7 @@ async fn send(
                 let set = weights.cpu_set();
                 return (text(client.publish(set, job.version, bucket_bytes).await), link);
             }
-            let (result, comm) = publish(&client, link.comm, weights.clone(), job.version, bucket_bytes).await;
+            let (result, comm) = publish(&client, link.comm, weights.clone(), job.version).await;
             match result {
                 Ok(p) => (Ok(p), Link { grpc_only: false, comm }),
                 Err(NcclPublishError::Unsupported(why)) => {

@@ -23,7 +23,7 @@ use crate::model::safetensors_io::load_params;
 use crate::model::ModelSpec;
 use crate::sync::auth::Token;
 use crate::sync::client::Deadlines;
-use crate::sync::nccl_publish::DeviceWeights;
+use crate::sync::nccl_publish::PackedWeights;
 
 use super::BenchError;
 
@@ -79,17 +79,18 @@ pub async fn run(args: &PublishBenchArgs) -> Result<(), BenchError> {
     .map_err(|e| BenchError::Batches(format!("broadcaster: {e}")))?;
     let started = Instant::now();
     for step in 1..=args.steps {
-        let copies = tch::no_grad(|| {
+        tch::no_grad(|| {
             for (_, w) in &weights {
                 let mut w = w.shallow_clone();
                 let _ = w.g_add_(&(w.randn_like() * 1e-4));
             }
-            weights.iter().map(|(n, w)| (n.clone(), w.copy())).collect::<Vec<_>>()
         });
+        let packed = PackedWeights::pack(&weights, args.gpu, args.sync_bucket_mb << 20)
+            .map_err(|e| BenchError::Batches(format!("packing: {e}")))?;
         if let Ok(mut s) = slot.lock() {
             *s = Some(Arc::new(PublishJob {
                 version: PolicyVersion(step),
-                payload: Payload::Device(Arc::new(DeviceWeights::new(copies, args.gpu))),
+                payload: Payload::Device(Arc::new(packed)),
             }));
         }
         broadcaster

@@ -1,9 +1,10 @@
 //! `grpo-node bench sync` (feature `cuda`): NCCL weight broadcast between two processes, one
 //! per GPU, for a model shape's weights in bf16. Rank 0 plays the learner, rank 1 the sidecar.
 //! Measured on rank 0 in the same run: the raw broadcast of one flat buffer of the same bytes,
-//! and the publish (every tensor broadcast in place, grouped into `--sync-bucket-mb` buckets,
-//! each bucket digested on the GPU while the next one is on the wire, then the receiver's
-//! digest checked against the sender's). The reference,
+//! and the publish as the learner and sidecar run it (rank 0 packs the weights into
+//! `--sync-bucket-mb` buckets and sends each as soon as it is packed; rank 1 receives into one
+//! flat buffer; both digest every bucket on the GPU while later ones are on the wire; then the
+//! digests are compared). The reference,
 //! `torch.distributed.broadcast`, is `python/bench/ref_broadcast.py` on the same two GPUs.
 //! `--fault peer-exits` makes rank 1 leave after joining: rank 0's broadcast must end with a
 //! deadline error and an aborted communicator, not a hang.
@@ -17,7 +18,9 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, UniqueId};
 use crate::comm::CommError;
 use crate::model::params::expected_shapes;
-use crate::sync::gpu_digest::GpuDigest;
+use crate::sync::nccl_publish::PackedWeights;
+use crate::sync::nccl_sync::{device_plan, receive};
+use crate::sync::packing::PackLayout;
 
 use super::shapes::Shape;
 use super::BenchError;
@@ -57,6 +60,18 @@ pub struct SyncBenchArgs {
 
 fn comm_err(e: CommError) -> BenchError {
     BenchError::Batches(format!("nccl: {e}"))
+}
+
+/// A digest's 32 hex digits as a `[4]` int64 tensor on `device` (to broadcast and compare).
+fn digest_tensor(hex: &str, device: Device) -> Tensor {
+    let words: Vec<i64> = (0..4)
+        .map(|i| {
+            hex.get(8 * i..8 * i + 8)
+                .and_then(|w| i64::from_str_radix(w, 16).ok())
+                .unwrap_or(-1)
+        })
+        .collect();
+    Tensor::from_slice(&words).to_device(device)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -120,19 +135,18 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         Tensor::zeros([bytes as i64], (Kind::Uint8, device))
     };
     let token = Tensor::ones([1], (Kind::Float, device));
-    let mut buckets: Vec<Vec<Tensor>> = vec![Vec::new()];
-    let mut in_bucket = 0u64;
-    for w in &weights {
-        let b = (w.numel() * 2) as u64;
-        if in_bucket > 0 && in_bucket + b > args.sync_bucket_mb << 20 {
-            buckets.push(Vec::new());
-            in_bucket = 0;
-        }
-        in_bucket += b;
-        if let Some(last) = buckets.last_mut() {
-            last.push(w.shallow_clone());
-        }
-    }
+    let named: Vec<(String, Tensor)> = shapes
+        .iter()
+        .map(|(n, _)| n.clone())
+        .zip(weights.iter().map(Tensor::shallow_clone))
+        .collect();
+    let numels: Vec<i64> = weights.iter().map(|w| w.numel() as i64).collect();
+    let layout = PackLayout::new(&numels, 2, args.sync_bucket_mb << 20);
+    let plan = device_plan(
+        &named.iter().map(|(n, t)| (n.clone(), t.size())).collect::<Vec<_>>(),
+        Kind::BFloat16,
+        &layout,
+    );
     let barrier =
         |comm: &mut Communicator| comm.broadcast_group(std::slice::from_ref(&token), 0, Duration::from_secs(60));
     let (mut raw_times, mut pub_times, mut data_times, mut digest_ok) = (Vec::new(), Vec::new(), Vec::new(), true);
@@ -143,16 +157,22 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
             .map_err(comm_err)?;
         let raw = t0.elapsed().as_secs_f64();
         barrier(&mut comm).map_err(comm_err)?;
+        // The publish as the learner and the sidecar run it: pack into buckets (rank 0) and
+        // send each as soon as it is packed / receive into one flat buffer (rank 1), digest
+        // every bucket on the GPU, then the commit compares the digests.
         let t0 = Instant::now();
-        let mut acc = GpuDigest::default();
-        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| acc.add_bucket(bucket))
-            .map_err(comm_err)?;
+        let hex = if args.rank == 0 {
+            let packed = PackedWeights::pack(&named, args.gpu, args.sync_bucket_mb << 20).map_err(comm_err)?;
+            packed.broadcast(&mut comm, deadline).map_err(comm_err)?
+        } else {
+            receive(&mut comm, &plan, device, deadline).map_err(comm_err)?.1
+        };
         let data = t0.elapsed().as_secs_f64();
-        let d = acc.finish_tensor(device);
-        let sent = d.copy();
+        let mine = digest_tensor(&hex, device);
+        let sent = mine.copy();
         comm.broadcast_group(std::slice::from_ref(&sent), 0, Duration::from_secs(60))
             .map_err(comm_err)?;
-        let same = bool::try_from(d.eq_tensor(&sent).all()).unwrap_or(false);
+        let same = bool::try_from(mine.eq_tensor(&sent).all()).unwrap_or(false);
         let publish = t0.elapsed().as_secs_f64();
         digest_ok &= same;
         if i >= 2 {
@@ -165,7 +185,7 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
     let publish = median(pub_times);
     let result = json!({
         "bench": "sync", "impl": "grpo-node nccl", "rank": args.rank, "shape": args.shape.name(),
-        "bytes": bytes, "tensors": weights.len(), "buckets": buckets.len(),
+        "bytes": bytes, "tensors": weights.len(), "buckets": layout.bucket_count(),
         "bucket_mb": args.sync_bucket_mb, "iters": args.iters,
         "raw_median_s": raw, "raw_gb_per_s": bytes as f64 / 1e9 / raw,
         "publish_median_s": publish, "publish_data_median_s": median(data_times),

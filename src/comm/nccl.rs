@@ -16,6 +16,38 @@ use tch::Tensor;
 
 use super::CommError;
 
+/// When the buckets of a broadcast may go.
+#[derive(Clone, Copy)]
+enum Readiness<'a> {
+    /// Once everything tch queued before the call has run.
+    AllQueued,
+    /// Bucket k once event k has passed.
+    PerBucket(&'a [CudaEvent]),
+}
+
+/// Records an event on tch's stream (the legacy default stream of `ctx`'s device): it passes
+/// once everything queued there so far has run.
+pub fn mark_torch_stream(ctx: &Arc<CudaContext>) -> Result<CudaEvent, CommError> {
+    let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
+    ctx.bind_to_thread().map_err(cuda)?;
+    let ev = ctx
+        .new_event(Some(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(cuda)?;
+    // SAFETY: recording a live event on the legacy default stream of the bound context.
+    unsafe { cu::cuEventRecord(ev.cu_event(), std::ptr::null_mut()) }
+        .result()
+        .map_err(cuda)?;
+    Ok(ev)
+}
+
+/// The CUDA context (the device's primary one, which libtorch uses too) of device `gpu`.
+pub fn device_context(gpu: usize) -> Result<Arc<CudaContext>, CommError> {
+    if !available() {
+        return Err(CommError::Unavailable);
+    }
+    CudaContext::new(gpu).map_err(|e| CommError::Cuda(e.to_string()))
+}
+
 /// A communicator's 128-byte unique id, passed from rank 0 to the others (hex on the wire).
 #[derive(Clone, PartialEq, Eq)]
 pub struct UniqueId(pub [u8; 128]);
@@ -207,17 +239,55 @@ impl Communicator {
         self.broadcast_buckets(std::slice::from_ref(&bucket), root, deadline, |_, _| {})
     }
 
-    /// Broadcasts each bucket of tensors in place as one NCCL group, in order. After bucket k
-    /// is enqueued, tch's stream is made to wait for it and `after(k, bucket)` runs, so work
-    /// it queues with tch (a digest, a copy into the engine) sees the bucket's data and
-    /// overlaps the next bucket's transfer. Returns when every transfer finished; aborts the
-    /// communicator and fails at `deadline`.
+    /// Broadcasts each bucket of tensors in place as one NCCL group, in order, after
+    /// everything tch queued so far. After bucket k is enqueued, tch's stream is made to wait
+    /// for it and `landed(k, bucket)` runs, so work it queues with tch (a digest) sees the
+    /// bucket's data and overlaps the next bucket's transfer. Returns when every transfer
+    /// finished; aborts the communicator and fails at `deadline`.
     pub fn broadcast_buckets(
         &mut self,
         buckets: &[Vec<Tensor>],
         root: i32,
         deadline: Duration,
-        mut after: impl FnMut(usize, &[Tensor]),
+        landed: impl FnMut(usize, &[Tensor]),
+    ) -> Result<(), CommError> {
+        self.pipeline(buckets, root, deadline, Readiness::AllQueued, Some(landed))
+    }
+
+    /// Root only: broadcasts `buckets` (one tensor each), bucket k as soon as `ready[k]` (an
+    /// event tch's stream recorded once the bucket was packed) has passed, so later buckets
+    /// can still be packing while earlier ones are on the wire. tch's stream never waits for
+    /// the transfers. Returns when every transfer finished; aborts at `deadline`.
+    pub fn send_when_ready(
+        &mut self,
+        buckets: &[Tensor],
+        ready: &[CudaEvent],
+        deadline: Duration,
+    ) -> Result<(), CommError> {
+        if ready.len() != buckets.len() {
+            return Err(CommError::Cuda(format!(
+                "{} ready events for {} buckets",
+                ready.len(),
+                buckets.len()
+            )));
+        }
+        let buckets: Vec<Vec<Tensor>> = buckets.iter().map(|t| vec![t.shallow_clone()]).collect();
+        self.pipeline(
+            &buckets,
+            0,
+            deadline,
+            Readiness::PerBucket(ready),
+            None::<fn(usize, &[Tensor])>,
+        )
+    }
+
+    fn pipeline(
+        &mut self,
+        buckets: &[Vec<Tensor>],
+        root: i32,
+        deadline: Duration,
+        readiness: Readiness<'_>,
+        mut landed: Option<impl FnMut(usize, &[Tensor])>,
     ) -> Result<(), CommError> {
         if self.aborted {
             return Err(CommError::Nccl {
@@ -229,17 +299,18 @@ impl Communicator {
         let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
         // This may run on another thread than the join did.
         self.ctx.bind_to_thread().map_err(cuda)?;
-        // The collectives wait for everything tch queued so far (the weights being sent).
-        let ready = self.ctx.new_event(None).map_err(cuda)?;
-        // SAFETY: recording a live event on the legacy default stream.
-        unsafe { cu::cuEventRecord(ready.cu_event(), std::ptr::null_mut()) }
-            .result()
-            .map_err(cuda)?;
-        self.stream.wait(&ready).map_err(cuda)?;
-        // Every bucket goes on the wire first, back to back; then tch's stream waits for each
-        // bucket in turn and `after` queues its work, which overlaps the later transfers.
+        if let Readiness::AllQueued = readiness {
+            // The collectives wait for everything tch queued so far (the tensors being sent).
+            let ready = mark_torch_stream(&self.ctx)?;
+            self.stream.wait(&ready).map_err(cuda)?;
+        }
+        // Every bucket goes on the wire back to back; then tch's stream waits for each bucket
+        // in turn and `landed` queues its work, which overlaps the later transfers.
         let mut done: Vec<CudaEvent> = Vec::with_capacity(buckets.len());
-        for bucket in buckets {
+        for (k, bucket) in buckets.iter().enumerate() {
+            if let Readiness::PerBucket(ready) = readiness {
+                self.stream.wait(&ready[k]).map_err(cuda)?;
+            }
             // SAFETY: group calls bracket the broadcasts; pointers are live tensors' storage.
             unsafe {
                 check("ncclGroupStart", nc::ncclGroupStart())?;
@@ -263,14 +334,18 @@ impl Communicator {
                 check("ncclGroupEnd", nc::ncclGroupEnd())?;
             }
             self.wait_ready("broadcast", until)?;
-            done.push(self.stream.record_event(None).map_err(cuda)?);
+            if landed.is_some() {
+                done.push(self.stream.record_event(None).map_err(cuda)?);
+            }
         }
-        for (k, (bucket, ev)) in buckets.iter().zip(&done).enumerate() {
-            // SAFETY: the legacy default stream waits on a live event.
-            unsafe { cu::cuStreamWaitEvent(std::ptr::null_mut(), ev.cu_event(), 0) }
-                .result()
-                .map_err(cuda)?;
-            after(k, bucket);
+        if let Some(landed) = landed.as_mut() {
+            for (k, (bucket, ev)) in buckets.iter().zip(&done).enumerate() {
+                // SAFETY: the legacy default stream waits on a live event.
+                unsafe { cu::cuStreamWaitEvent(std::ptr::null_mut(), ev.cu_event(), 0) }
+                    .result()
+                    .map_err(cuda)?;
+                landed(k, bucket);
+            }
         }
         self.wait_stream("broadcast", until)
     }

@@ -297,6 +297,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         broadcaster: b,
         stats: stats.clone(),
         nccl_gpu,
+        nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
     });
     if let Some(hook) = &sync_hook {
         match cfg.sync.mode {

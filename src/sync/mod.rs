@@ -8,6 +8,7 @@ pub mod gpu_digest;
 pub mod nccl_publish;
 pub mod nccl_receiver;
 pub mod nccl_sync;
+pub mod packing;
 pub mod plan;
 pub mod receiver;
 pub mod service;

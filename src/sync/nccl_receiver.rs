@@ -20,7 +20,7 @@ mod imp {
     use crate::comm::nccl::{deadline_for, Communicator, UniqueId};
     use crate::engine::PolicyVersion;
     use crate::rpc::pb;
-    use crate::sync::plan::check_plan;
+    use crate::sync::nccl_sync::plan_layout;
 
     type Slot = Arc<Mutex<Option<Communicator>>>;
 
@@ -86,7 +86,7 @@ mod imp {
 
         /// Starts receiving `version` as `plan` describes; returns once the receive is queued.
         pub async fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
-            check_plan(&plan)?;
+            plan_layout(&plan)?;
             if let Some(joining) = self.joining.take() {
                 tokio::time::timeout(Duration::from_secs(120), joining)
                     .await

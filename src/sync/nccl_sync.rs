@@ -1,122 +1,125 @@
-//! Weight sync over NCCL, both ends. The learner (rank 0) broadcasts its fp32 weights in place
-//! from its GPU; the sidecar receives into tensors it allocated from the plan on its GPU. Both
-//! group the plan's tensors into the same buckets (whole tensors, at most `bucket_bytes` each
-//! unless one tensor is larger), digest each bucket on the GPU while the next is in flight,
-//! and the sidecar checks the learner's digest at commit.
+//! Weight sync over NCCL, both ends, in the packed layout of [`super::packing`]: the learner
+//! packs its weights (cast to the wire dtype) into one flat buffer on its GPU, recording an
+//! event as each fixed-size bucket is complete, and broadcasts bucket k as soon as its event
+//! has passed, so packing the later buckets overlaps sending the earlier ones. The sidecar
+//! receives every bucket into one flat buffer on its GPU, whose views become the new weights.
+//! Both ends digest each bucket on the GPU while later buckets are on the wire, and the sidecar
+//! checks the learner's digest at commit.
 
-use tch::Tensor;
+use tch::Kind;
 
 use crate::rpc::pb;
 
-/// Groups tensor sizes, in order, into buckets of at most `bucket_bytes` (a larger tensor is a
-/// bucket of its own).
-pub fn group_tensors(sizes: &[u64], bucket_bytes: u64) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut filled = 0u64;
-    for (i, &size) in sizes.iter().enumerate() {
-        match out.last_mut() {
-            Some(last) if filled + size <= bucket_bytes => {
-                last.push(i);
-                filled += size;
-            }
-            _ => {
-                out.push(vec![i]);
-                filled = size;
-            }
-        }
-    }
-    out
-}
+use super::packing::{dtype_kind, dtype_name, PackLayout, BUCKET_ALIGN};
 
-/// The plan announcing fp32 `tensors` (the learner's weights, in order).
-pub fn device_plan(tensors: &[(String, Tensor)], bucket_bytes: u64) -> pb::BucketPlan {
-    let bucket_bytes = bucket_bytes.max(1);
-    let specs: Vec<pb::TensorSpec> = tensors
-        .iter()
-        .map(|(n, t)| pb::TensorSpec {
-            name: n.clone(),
-            dtype: "f32".into(),
-            shape: t.size(),
-        })
-        .collect();
-    let total: u64 = tensors.iter().map(|(_, t)| t.numel() as u64 * 4).sum();
+/// The plan announcing tensors `(name, shape)` in the wire dtype `wire`, cut as `layout`.
+pub fn device_plan(tensors: &[(String, Vec<i64>)], wire: Kind, layout: &PackLayout) -> pb::BucketPlan {
+    let elt = wire.elt_size_in_bytes() as u64;
+    let name = dtype_name(wire).unwrap_or("f32");
     pb::BucketPlan {
-        tensors: specs,
-        bucket_bytes,
-        total_bytes: total,
-        bucket_count: total.div_ceil(bucket_bytes) as u32,
+        tensors: tensors
+            .iter()
+            .map(|(n, shape)| pb::TensorSpec {
+                name: n.clone(),
+                dtype: name.into(),
+                shape: shape.clone(),
+            })
+            .collect(),
+        bucket_bytes: layout.bucket_elems as u64 * elt,
+        total_bytes: layout.total as u64 * elt,
+        bucket_count: layout.bucket_count() as u32,
     }
 }
 
-/// Sizes in bytes of a plan's tensors.
-pub fn plan_sizes(plan: &pb::BucketPlan) -> Vec<u64> {
-    plan.tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<i64>().max(0) as u64 * 4)
-        .collect()
+/// Checks a plan the learner announced and derives its layout and wire dtype.
+pub fn plan_layout(plan: &pb::BucketPlan) -> Result<(PackLayout, Kind), String> {
+    let first = plan.tensors.first().map_or("f32", |t| t.dtype.as_str());
+    let wire = dtype_kind(first).ok_or_else(|| format!("wire dtype {first} unsupported"))?;
+    let mut numels = Vec::with_capacity(plan.tensors.len());
+    for t in &plan.tensors {
+        if t.dtype != first {
+            return Err(format!(
+                "{}: dtype {}, the plan's other tensors are {first}",
+                t.name, t.dtype
+            ));
+        }
+        if t.shape.iter().any(|&d| d < 0) {
+            return Err(format!("{}: negative dimension", t.name));
+        }
+        numels.push(t.shape.iter().product::<i64>());
+    }
+    let elt = wire.elt_size_in_bytes() as u64;
+    if plan.bucket_bytes == 0 || plan.bucket_bytes % BUCKET_ALIGN != 0 {
+        return Err(format!(
+            "bucket size {} is not a multiple of {BUCKET_ALIGN}",
+            plan.bucket_bytes
+        ));
+    }
+    let layout = PackLayout::new(&numels, elt, plan.bucket_bytes);
+    if layout.total as u64 * elt != plan.total_bytes {
+        return Err(format!(
+            "tensors need {} bytes, the plan says {}",
+            layout.total as u64 * elt,
+            plan.total_bytes
+        ));
+    }
+    if layout.bucket_count() != plan.bucket_count as usize {
+        return Err("bucket count does not match the sizes".into());
+    }
+    Ok((layout, wire))
 }
 
 #[cfg(feature = "cuda")]
 mod transfer {
     use std::time::Duration;
 
-    use tch::{Device, Kind, Tensor};
+    use cudarc::driver::CudaEvent;
+    use tch::{Device, Tensor};
 
-    use super::{group_tensors, plan_sizes};
+    use super::plan_layout;
     use crate::comm::nccl::Communicator;
     use crate::comm::CommError;
     use crate::rpc::pb;
     use crate::sync::gpu_digest::GpuDigest;
 
-    fn buckets_of(tensors: &[Tensor], sizes: &[u64], bucket_bytes: u64) -> Vec<Vec<Tensor>> {
-        group_tensors(sizes, bucket_bytes)
-            .into_iter()
-            .map(|idx| idx.into_iter().map(|i| tensors[i].shallow_clone()).collect())
-            .collect()
-    }
-
-    fn run(
+    /// Learner: broadcasts the buckets of a packed buffer, bucket k once `ready[k]` passed, and
+    /// returns their digest (computed on tch's stream right behind the packing).
+    pub fn send(
         comm: &mut Communicator,
-        tensors: &[Tensor],
-        sizes: &[u64],
-        bucket_bytes: u64,
+        buckets: &[Tensor],
+        ready: &[CudaEvent],
         deadline: Duration,
     ) -> Result<String, CommError> {
-        let device = tensors.first().map_or(Device::Cpu, Tensor::device);
-        let buckets = buckets_of(tensors, sizes, bucket_bytes);
+        let device = buckets.first().map_or(Device::Cpu, Tensor::device);
         let mut digest = GpuDigest::default();
-        comm.broadcast_buckets(&buckets, 0, deadline, |_, bucket| digest.add_bucket(bucket))?;
+        for b in buckets {
+            digest.add(b);
+        }
+        comm.send_when_ready(buckets, ready, deadline)?;
         Ok(digest.finish_hex(device))
     }
 
-    /// Learner: broadcasts `tensors` (contiguous fp32 on the learner's GPU, plan order) and
-    /// returns their digest.
-    pub fn send(
-        comm: &mut Communicator,
-        tensors: &[Tensor],
-        bucket_bytes: u64,
-        deadline: Duration,
-    ) -> Result<String, CommError> {
-        let sizes: Vec<u64> = tensors.iter().map(|t| t.numel() as u64 * 4).collect();
-        run(comm, tensors, &sizes, bucket_bytes, deadline)
-    }
-
-    /// Sidecar: allocates the plan's tensors on `device`, receives them and returns them with
-    /// their digest.
+    /// Sidecar: receives a plan's buckets into one new flat buffer on `device`; returns views of
+    /// it as the named tensors, and their digest.
     pub fn receive(
         comm: &mut Communicator,
         plan: &pb::BucketPlan,
         device: Device,
         deadline: Duration,
     ) -> Result<(Vec<(String, Tensor)>, String), CommError> {
-        let tensors: Vec<Tensor> = plan
-            .tensors
-            .iter()
-            .map(|t| Tensor::empty(t.shape.as_slice(), (Kind::Float, device)))
-            .collect();
-        let digest = run(comm, &tensors, &plan_sizes(plan), plan.bucket_bytes, deadline)?;
-        let named = plan.tensors.iter().map(|t| t.name.clone()).zip(tensors).collect();
-        Ok((named, digest))
+        let (layout, wire) = plan_layout(plan).map_err(|message| CommError::Nccl { call: "plan", message })?;
+        let flat = Tensor::empty([layout.total], (wire, device));
+        let buckets: Vec<Vec<Tensor>> = layout.bucket_views(&flat).into_iter().map(|b| vec![b]).collect();
+        let mut digest = GpuDigest::default();
+        comm.broadcast_buckets(&buckets, 0, deadline, |_, b| {
+            for t in b {
+                digest.add(t);
+            }
+        })?;
+        let shapes: Vec<Vec<i64>> = plan.tensors.iter().map(|t| t.shape.clone()).collect();
+        let views = layout.tensor_views(&flat, &shapes);
+        let named = plan.tensors.iter().map(|t| t.name.clone()).zip(views).collect();
+        Ok((named, digest.finish_hex(device)))
     }
 }
 
@@ -128,12 +131,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tensors_group_into_buckets_in_order() {
-        assert_eq!(
-            group_tensors(&[4, 4, 4, 10, 1, 1], 8),
-            vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]
-        );
-        assert_eq!(group_tensors(&[], 8), Vec::<Vec<usize>>::new());
-        assert_eq!(group_tensors(&[3, 3, 3], 100), vec![vec![0, 1, 2]]);
+    fn plans_round_trip_and_bad_plans_are_refused() {
+        let tensors = vec![("a".to_string(), vec![3, 5]), ("b".to_string(), vec![1000])];
+        let layout = PackLayout::new(&[15, 1000], 2, 1000);
+        let plan = device_plan(&tensors, Kind::BFloat16, &layout);
+        assert_eq!(plan.bucket_bytes, 768);
+        assert_eq!(plan.total_bytes, 2030);
+        let (back, wire) = plan_layout(&plan).expect("valid plan");
+        assert_eq!(back, layout);
+        assert_eq!(wire, Kind::BFloat16);
+        let mut bad = plan.clone();
+        bad.total_bytes += 2;
+        assert!(plan_layout(&bad).is_err());
+        let mut bad = plan.clone();
+        bad.tensors[1].dtype = "f32".into();
+        assert!(plan_layout(&bad).is_err());
+        let mut bad = plan.clone();
+        bad.bucket_bytes = 700;
+        assert!(plan_layout(&bad).is_err());
+        let mut bad = plan;
+        bad.tensors[0].dtype = "f8".into();
+        assert!(plan_layout(&bad).is_err());
     }
 }

@@ -232,7 +232,13 @@ impl AdamW {
         let t = self.steps as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        for (((p, g), m), v) in ops.params.iter().zip(&ops.grads).zip(&ops.exp_avgs).zip(&ops.exp_avg_sqs) {
+        for (((p, g), m), v) in ops
+            .params
+            .iter()
+            .zip(&ops.grads)
+            .zip(&ops.exp_avgs)
+            .zip(&ops.exp_avg_sqs)
+        {
             let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
             let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
             let _ = m.lerp_(g, 1.0 - c.beta1);
@@ -310,7 +316,10 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
+        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[])
     }
 
     #[test]
@@ -403,8 +412,16 @@ mod tests {
             opt_a.step(&split_fp32_m, &g, 1e-2, 0.7).expect("split step");
             opt_b.step(&split_bf16_m, &g, 1e-2, 0.7).expect("split bf16-m step");
         }
-        for ((r, a), b) in masters(&reference).iter().zip(masters(&split_fp32_m)).zip(masters(&split_bf16_m)) {
-            assert_eq!(max_diff(r, &a), 0.0, "split fp32 masters are the fp32 masters, bit for bit");
+        for ((r, a), b) in masters(&reference)
+            .iter()
+            .zip(masters(&split_fp32_m))
+            .zip(masters(&split_bf16_m))
+        {
+            assert_eq!(
+                max_diff(r, &a),
+                0.0,
+                "split fp32 masters are the fp32 masters, bit for bit"
+            );
             let d = max_diff(r, &b);
             // Five steps of lr 1e-2 move each weight by at most 5e-2; bf16 first moments
             // perturb each update by about 2^-9 of itself.

@@ -77,7 +77,10 @@ mod tests {
         let ours = hi.to_kind(Kind::Float);
         let finite = x.abs().lt(1e38);
         let rel = ((&ours - &nearest).abs() / nearest.abs().clamp_min(1e-38)).masked_select(&finite);
-        assert!(rel.max().double_value(&[]) <= 2f64.powi(-7), "high half is not the nearest bf16");
+        assert!(
+            rel.max().double_value(&[]) <= 2f64.powi(-7),
+            "high half is not the nearest bf16"
+        );
     }
 
     /// Writing into slices of larger tensors (what the optimizer does) leaves the rest alone.
