@@ -14,12 +14,15 @@ nvidia-smi topo -m > "$OUT/topo.txt" 2>&1 || true
 # The same bytes as the two shapes in bf16: 1,543,714,304 and 7,615,616,512 parameters.
 python3 python/bench/ref_broadcast.py --gib 2.875426 14.185 --iters 5 --out "$OUT/ref_broadcast.json" \
   > "$OUT/ref_broadcast.log" 2>&1; grep '^RESULT' "$OUT/ref_broadcast.log" || tail -5 "$OUT/ref_broadcast.log"
+# BUCKETS: --sync-bucket-mb values to measure (default: the learner's default, 512).
 for shape in qwen2.5-1.5b qwen2.5-7b; do
-  rm -f /tmp/nccl_id
-  timeout 300 ./.gpu/grpo-node bench sync --rank 1 --gpu 1 --id-file /tmp/nccl_id --shape "$shape" > "$OUT/sync_r1_$shape.log" 2>&1 &
-  timeout 300 ./.gpu/grpo-node bench sync --rank 0 --gpu 0 --id-file /tmp/nccl_id --shape "$shape" > "$OUT/sync_r0_$shape.log" 2>&1
-  wait
-  grep -h '^RESULT' "$OUT/sync_r0_$shape.log" "$OUT/sync_r1_$shape.log" || tail -5 "$OUT/sync_r0_$shape.log" "$OUT/sync_r1_$shape.log"
+  for mb in ${BUCKETS:-512}; do
+    rm -f /tmp/nccl_id; tag="${shape}_$mb"
+    timeout 300 ./.gpu/grpo-node bench sync --rank 1 --gpu 1 --id-file /tmp/nccl_id --shape "$shape" --sync-bucket-mb "$mb" > "$OUT/sync_r1_$tag.log" 2>&1 &
+    timeout 300 ./.gpu/grpo-node bench sync --rank 0 --gpu 0 --id-file /tmp/nccl_id --shape "$shape" --sync-bucket-mb "$mb" > "$OUT/sync_r0_$tag.log" 2>&1
+    wait
+    grep -h '^RESULT' "$OUT/sync_r0_$tag.log" || tail -5 "$OUT/sync_r0_$tag.log" "$OUT/sync_r1_$tag.log"
+  done
 done
 rm -f /tmp/nccl_id
 timeout 120 ./.gpu/grpo-node bench sync --rank 1 --gpu 1 --id-file /tmp/nccl_id --shape qwen2.5-1.5b --fault peer-exits > "$OUT/fault_r1.log" 2>&1 &

@@ -248,6 +248,8 @@ impl LearnerState {
                 .as_ref()
                 .filter(|s| s.engine_version.is_some())
                 .map(|s| s.sync_bytes),
+            sidecars_synced: stats.as_ref().map(|s| s.synced_sidecars as u64),
+            sidecars_stale: stats.as_ref().map(|s| s.stale_sidecars as u64),
             train: metrics,
             rejected_groups: by_reason.values().sum(),
             rejected_by_reason: by_reason,

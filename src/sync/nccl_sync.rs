@@ -111,11 +111,16 @@ mod transfer {
         let flat = Tensor::empty([layout.total], (wire, device));
         let buckets: Vec<Vec<Tensor>> = layout.bucket_views(&flat).into_iter().map(|b| vec![b]).collect();
         let mut digest = GpuDigest::default();
-        comm.broadcast_buckets(&buckets, 0, deadline, |_, b| {
+        let mut add = |_: usize, b: &[Tensor]| {
             for t in b {
                 digest.add(t);
             }
-        })?;
+        };
+        if super::fault::kill_due() && buckets.len() > 1 {
+            comm.broadcast_buckets(&buckets[..1], 0, deadline, &mut add)?;
+            super::fault::kill_now("after the first bucket of an NCCL receive");
+        }
+        comm.broadcast_buckets(&buckets, 0, deadline, add)?;
         let shapes: Vec<Vec<i64>> = plan.tensors.iter().map(|t| t.shape.clone()).collect();
         let views = layout.tensor_views(&flat, &shapes);
         let named = plan.tensors.iter().map(|t| t.name.clone()).zip(views).collect();
@@ -125,6 +130,36 @@ mod transfer {
 
 #[cfg(feature = "cuda")]
 pub use transfer::{receive, send};
+
+/// Fault injection for the GPU drills, never set in production: with
+/// `GRPO_FAULT_KILL_IN_RECEIVE=N` the sidecar SIGKILLs itself during its N-th NCCL receive
+/// (counting from 1), once the first bucket has landed and before it posts the others, so the
+/// learner's broadcast is cut in the middle. It stands for a sidecar killed mid-broadcast, which
+/// an outside `kill -9` cannot hit reliably when a transfer lasts milliseconds.
+#[cfg(feature = "cuda")]
+mod fault {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static RECEIVES: AtomicU64 = AtomicU64::new(0);
+
+    /// Whether this receive is the one to die in (counts receives).
+    pub fn kill_due() -> bool {
+        let n = RECEIVES.fetch_add(1, Ordering::SeqCst) + 1;
+        std::env::var("GRPO_FAULT_KILL_IN_RECEIVE")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|due| due == n)
+    }
+
+    /// SIGKILLs this process.
+    pub fn kill_now(when: &str) {
+        eprintln!("GRPO_FAULT_KILL_IN_RECEIVE: SIGKILL {when}");
+        // SAFETY: sends a signal to this very process; it does not return.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

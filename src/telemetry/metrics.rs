@@ -30,6 +30,10 @@ pub struct StepRecord {
     /// Duration and size of the newest completed weight publication.
     pub sync_time_s: Option<f64>,
     pub sync_bytes: Option<u64>,
+    /// Sidecars holding a published version, and sidecars marked stale (null without weight
+    /// sync).
+    pub sidecars_synced: Option<u64>,
+    pub sidecars_stale: Option<u64>,
 }
 
 /// Appends records to `metrics.jsonl`.
