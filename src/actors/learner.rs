@@ -41,21 +41,44 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
     let (step, payload) = match hook.nccl_gpu {
         #[cfg(feature = "cuda")]
         Some(gpu) => {
+            // The model thread allocates the packed buffer, hands it over, then queues the
+            // packing copies; the broadcaster sends each bucket as soon as it is packed.
             let bucket_bytes = hook.nccl_bucket_bytes;
-            let (step, packed) = worker
-                .with_trainer(move |t| {
-                    let weights: Vec<(String, tch::Tensor)> = t
-                        .compute_params()
-                        .iter()
-                        .map(|(n, w)| (n.clone(), w.shallow_clone()))
-                        .collect();
-                    (
-                        t.steps_done(),
-                        crate::sync::nccl_publish::PackedWeights::pack(&weights, gpu, bucket_bytes),
-                    )
-                })
-                .await?;
-            (step, Payload::Device(Arc::new(packed?)))
+            let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
+            let packing = worker.with_trainer(move |t| {
+                let weights: Vec<(String, tch::Tensor)> = t
+                    .compute_params()
+                    .iter()
+                    .map(|(n, w)| (n.clone(), w.shallow_clone()))
+                    .collect();
+                let packed = Arc::new(crate::sync::nccl_publish::PackedWeights::new(&weights, gpu, bucket_bytes));
+                let _ = handed_tx.send((t.steps_done(), packed.clone()));
+                let values: Vec<tch::Tensor> = weights.into_iter().map(|(_, w)| w).collect();
+                packed.pack_from(&values)
+            });
+            tokio::pin!(packing);
+            let handed = tokio::select! {
+                biased;
+                handed = handed_rx => handed.ok(),
+                done = &mut packing => {
+                    // The model thread returned before handing the buffer over: an error.
+                    done??;
+                    None
+                }
+            };
+            let Some((step, packed)) = handed else {
+                return Err("the model thread did not hand over the packed weights".into());
+            };
+            let job = PublishJob {
+                version: PolicyVersion(step),
+                payload: Payload::Device(packed),
+            };
+            if let Ok(mut slot) = hook.slot.lock() {
+                *slot = Some(Arc::new(job));
+            }
+            hook.broadcaster.cast(BroadcasterMsg::Publish)?;
+            packing.await??;
+            return Ok(());
         }
         _ => {
             let (step, weights) = worker.weights().await?;

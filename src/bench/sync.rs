@@ -162,8 +162,19 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         // every bucket on the GPU, then the commit compares the digests.
         let t0 = Instant::now();
         let hex = if args.rank == 0 {
-            let packed = PackedWeights::pack(&named, args.gpu, args.sync_bucket_mb << 20).map_err(comm_err)?;
-            packed.broadcast(&mut comm, deadline).map_err(comm_err)?
+            // As the learner does it: the model thread packs while the broadcaster sends.
+            let packed = PackedWeights::new(&named, args.gpu, args.sync_bucket_mb << 20);
+            let values: Vec<Tensor> = weights.iter().map(Tensor::shallow_clone).collect();
+            std::thread::scope(|scope| {
+                let packed = &packed;
+                let packer = scope.spawn(move || packed.pack_from(&values));
+                let sent = packed.broadcast(&mut comm, deadline);
+                let packing = packer
+                    .join()
+                    .unwrap_or_else(|_| Err(CommError::Cuda("the packing thread panicked".into())));
+                packing.and(sent)
+            })
+            .map_err(comm_err)?
         } else {
             receive(&mut comm, &plan, device, deadline).map_err(comm_err)?.1
         };

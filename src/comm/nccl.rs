@@ -16,14 +16,9 @@ use tch::Tensor;
 
 use super::CommError;
 
-/// When the buckets of a broadcast may go.
-#[derive(Clone, Copy)]
-enum Readiness<'a> {
-    /// Once everything tch queued before the call has run.
-    AllQueued,
-    /// Bucket k once event k has passed.
-    PerBucket(&'a [CudaEvent]),
-}
+/// Waits (on the host, until the given instant) until bucket k may be sent, and returns the
+/// event after which its data is ready on the GPU.
+pub type ReadyFn<'a> = dyn FnMut(usize, Instant) -> Result<cu::CUevent, CommError> + 'a;
 
 /// Records an event on tch's stream (the legacy default stream of `ctx`'s device): it passes
 /// once everything queued there so far has run.
@@ -251,34 +246,17 @@ impl Communicator {
         deadline: Duration,
         landed: impl FnMut(usize, &[Tensor]),
     ) -> Result<(), CommError> {
-        self.pipeline(buckets, root, deadline, Readiness::AllQueued, Some(landed))
+        self.pipeline(buckets, root, deadline, None, Some(landed))
     }
 
-    /// Root only: broadcasts `buckets` (one tensor each), bucket k as soon as `ready[k]` (an
-    /// event tch's stream recorded once the bucket was packed) has passed, so later buckets
-    /// can still be packing while earlier ones are on the wire. tch's stream never waits for
-    /// the transfers. Returns when every transfer finished; aborts at `deadline`.
-    pub fn send_when_ready(
-        &mut self,
-        buckets: &[Tensor],
-        ready: &[CudaEvent],
-        deadline: Duration,
-    ) -> Result<(), CommError> {
-        if ready.len() != buckets.len() {
-            return Err(CommError::Cuda(format!(
-                "{} ready events for {} buckets",
-                ready.len(),
-                buckets.len()
-            )));
-        }
+    /// Root only: broadcasts `buckets` (one tensor each), bucket k once the event that
+    /// `ready(k, until)` returns has passed on the GPU. `ready` may block until bucket k's
+    /// packing has been queued (by another thread), so later buckets can still be packing while
+    /// earlier ones are on the wire. tch's stream never waits for the transfers. Returns when
+    /// every transfer finished; aborts at `deadline`.
+    pub fn send_when_ready(&mut self, buckets: &[Tensor], deadline: Duration, ready: &mut ReadyFn<'_>) -> Result<(), CommError> {
         let buckets: Vec<Vec<Tensor>> = buckets.iter().map(|t| vec![t.shallow_clone()]).collect();
-        self.pipeline(
-            &buckets,
-            0,
-            deadline,
-            Readiness::PerBucket(ready),
-            None::<fn(usize, &[Tensor])>,
-        )
+        self.pipeline(&buckets, 0, deadline, Some(ready), None::<fn(usize, &[Tensor])>)
     }
 
     fn pipeline(
@@ -286,7 +264,7 @@ impl Communicator {
         buckets: &[Vec<Tensor>],
         root: i32,
         deadline: Duration,
-        readiness: Readiness<'_>,
+        mut ready: Option<&mut ReadyFn<'_>>,
         mut landed: Option<impl FnMut(usize, &[Tensor])>,
     ) -> Result<(), CommError> {
         if self.aborted {
@@ -299,7 +277,7 @@ impl Communicator {
         let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
         // This may run on another thread than the join did.
         self.ctx.bind_to_thread().map_err(cuda)?;
-        if let Readiness::AllQueued = readiness {
+        if ready.is_none() {
             // The collectives wait for everything tch queued so far (the tensors being sent).
             let ready = mark_torch_stream(&self.ctx)?;
             self.stream.wait(&ready).map_err(cuda)?;
@@ -308,8 +286,19 @@ impl Communicator {
         // in turn and `landed` queues its work, which overlaps the later transfers.
         let mut done: Vec<CudaEvent> = Vec::with_capacity(buckets.len());
         for (k, bucket) in buckets.iter().enumerate() {
-            if let Readiness::PerBucket(ready) = readiness {
-                self.stream.wait(&ready[k]).map_err(cuda)?;
+            if let Some(ready) = ready.as_mut() {
+                let ev = match ready(k, until) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        // Buckets already queued would wait for a peer that gives up: abort.
+                        self.abort();
+                        return Err(e);
+                    }
+                };
+                // SAFETY: the communicator's stream waits on an event the caller keeps alive.
+                unsafe { cu::cuStreamWaitEvent(self.stream.cu_stream(), ev, 0) }
+                    .result()
+                    .map_err(cuda)?;
             }
             // SAFETY: group calls bracket the broadcasts; pointers are live tensors' storage.
             unsafe {

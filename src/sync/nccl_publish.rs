@@ -7,7 +7,7 @@
 //! refuses to connect (both ranks on one GPU) fails its join with an NCCL error: such a sidecar
 //! is then served over the gRPC stream.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::CudaEvent;
@@ -19,62 +19,122 @@ use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 
 use super::client::{Published, SidecarClient, SyncError};
-use super::nccl_sync::{device_plan, send};
-use super::packing::{pack, PackLayout};
+use super::gpu_digest::GpuDigest;
+use super::nccl_sync::device_plan;
+use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;
 
-/// The flat buffer and its per-bucket ready events.
-struct Packed {
-    flat: Tensor,
+/// How far the packing got: an event per packed bucket, or why it stopped.
+#[derive(Default)]
+struct Progress {
     ready: Vec<CudaEvent>,
+    failed: Option<String>,
 }
 
-/// One version's weights packed on the learner's GPU for NCCL (see
-/// [`super::nccl_sync`]), with a CPU packing made on demand for sidecars served over the gRPC
-/// stream.
+/// One version's weights packed on the learner's GPU for NCCL (see [`super::nccl_sync`]).
+/// The buffer is allocated first; [`PackedWeights::pack_from`] then queues the packing copies
+/// and marks each bucket ready as its copies are queued, while a sender on another thread
+/// already broadcasts the buckets that are ready. A CPU packing for sidecars served over the
+/// gRPC stream is made on demand.
 pub struct PackedWeights {
     names: Vec<(String, Vec<i64>)>,
     layout: PackLayout,
     wire: Kind,
-    packed: Mutex<Packed>,
+    flat: Mutex<Tensor>,
+    progress: Mutex<Progress>,
+    packed: Condvar,
     cpu: OnceLock<Arc<WeightSet>>,
     /// The learner's CUDA device index.
     pub gpu: usize,
 }
 
 impl PackedWeights {
-    /// Packs `tensors` (on CUDA device `gpu`) into buckets of about `bucket_bytes`, in their
-    /// own dtype when it is bf16 or fp32 (bf16 otherwise). Call it on the thread whose CUDA
-    /// work changes the tensors (the model thread): the packing copies are queued on tch's
-    /// stream before any later update, so they see this version whatever runs next.
-    pub fn pack(tensors: &[(String, Tensor)], gpu: usize, bucket_bytes: u64) -> Result<Self, CommError> {
+    /// Allocates the packed buffer for `tensors` (on CUDA device `gpu`) in buckets of about
+    /// `bucket_bytes`, in their dtype when it is bf16 or fp32 (bf16 otherwise).
+    pub fn new(tensors: &[(String, Tensor)], gpu: usize, bucket_bytes: u64) -> Self {
         let wire = match tensors.first().map(|(_, t)| t.kind()) {
             Some(Kind::Float) => Kind::Float,
             _ => Kind::BFloat16,
         };
         let numels: Vec<i64> = tensors.iter().map(|(_, t)| t.numel() as i64).collect();
         let layout = PackLayout::new(&numels, wire.elt_size_in_bytes() as u64, bucket_bytes);
-        let ctx = device_context(gpu)?;
-        let values: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let mut ready = Vec::with_capacity(layout.bucket_count());
-        let mut failed = None;
-        let flat = pack(&values, &layout, wire, Device::Cuda(gpu), |_| {
-            match mark_torch_stream(&ctx) {
-                Ok(ev) => ready.push(ev),
-                Err(e) => failed = Some(e),
-            }
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        Ok(Self {
+        let flat = flat_buffer(&layout, wire, Device::Cuda(gpu));
+        Self {
             names: tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect(),
             layout,
             wire,
-            packed: Mutex::new(Packed { flat, ready }),
+            flat: Mutex::new(flat),
+            progress: Mutex::new(Progress::default()),
+            packed: Condvar::new(),
             cpu: OnceLock::new(),
             gpu,
-        })
+        }
+    }
+
+    /// Queues the copies of `tensors` (the same ones, in order, as given to `new`) into the
+    /// buffer on tch's stream. Call it on the thread whose CUDA work changes the tensors (the
+    /// model thread): the copies are queued before any later update, so they see this version.
+    pub fn pack_from(&self, tensors: &[Tensor]) -> Result<(), CommError> {
+        let outcome = self.pack_inner(tensors);
+        if let Err(e) = &outcome {
+            if let Ok(mut p) = self.progress.lock() {
+                p.failed = Some(e.to_string());
+            }
+            self.packed.notify_all();
+        }
+        outcome
+    }
+
+    fn pack_inner(&self, tensors: &[Tensor]) -> Result<(), CommError> {
+        if tensors.len() != self.names.len() {
+            return Err(CommError::Cuda(format!(
+                "{} tensors to pack, the plan has {}",
+                tensors.len(),
+                self.names.len()
+            )));
+        }
+        let ctx = device_context(self.gpu)?;
+        let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
+        let mut failed = None;
+        pack_into(tensors, &self.layout, &flat, |_| match mark_torch_stream(&ctx) {
+            Ok(ev) => {
+                if let Ok(mut p) = self.progress.lock() {
+                    p.ready.push(ev);
+                }
+                self.packed.notify_all();
+            }
+            Err(e) => failed = Some(e),
+        });
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Allocates and packs in one go (on the thread that owns the tensors).
+    pub fn pack(tensors: &[(String, Tensor)], gpu: usize, bucket_bytes: u64) -> Result<Self, CommError> {
+        let me = Self::new(tensors, gpu, bucket_bytes);
+        let values: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
+        me.pack_from(&values)?;
+        Ok(me)
+    }
+
+    /// Waits until bucket k is packed (queued), at most until `until`; returns its event.
+    fn wait_bucket(&self, k: usize, until: Instant) -> Result<cudarc::driver::sys::CUevent, CommError> {
+        let mut p = self.progress.lock().map_err(|_| poisoned())?;
+        loop {
+            if let Some(ev) = p.ready.get(k) {
+                return Ok(ev.cu_event());
+            }
+            if let Some(why) = &p.failed {
+                return Err(CommError::Cuda(format!("packing failed: {why}")));
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(CommError::Deadline {
+                    what: "packing",
+                    secs: 0.0,
+                });
+            }
+            p = self.packed.wait_timeout(p, until - now).map_err(|_| poisoned())?.0;
+        }
     }
 
     /// The plan announcing these weights.
@@ -82,13 +142,15 @@ impl PackedWeights {
         device_plan(&self.names, self.wire, &self.layout)
     }
 
-    /// The gRPC stream's packing of the same weights (fp32 on the CPU).
+    /// The gRPC stream's packing of the same weights (fp32 on the CPU), once packed.
     pub fn cpu_set(&self) -> Arc<WeightSet> {
         self.cpu
             .get_or_init(|| {
-                let tensors = self.packed.lock().map(|p| {
+                let until = Instant::now() + Duration::from_secs(60);
+                let all_packed = (0..self.layout.bucket_count()).all(|k| self.wait_bucket(k, until).is_ok());
+                let tensors = self.flat.lock().ok().filter(|_| all_packed).map(|flat| {
                     let shapes: Vec<Vec<i64>> = self.names.iter().map(|(_, s)| s.clone()).collect();
-                    let views = self.layout.tensor_views(&p.flat, &shapes);
+                    let views = self.layout.tensor_views(&flat, &shapes);
                     let named: Vec<(String, Tensor)> = self
                         .names
                         .iter()
@@ -97,18 +159,31 @@ impl PackedWeights {
                         .collect();
                     WeightSet::pack(&named)
                 });
-                Arc::new(tensors.unwrap_or_else(|_| WeightSet::pack(&[])))
+                Arc::new(tensors.unwrap_or_else(|| WeightSet::pack(&[])))
             })
             .clone()
     }
 
-    /// Broadcasts the buckets over `comm` (as rank 0); returns their digest.
+    /// Broadcasts the buckets over `comm` (as rank 0), each as soon as it is packed; returns
+    /// their digest (each bucket digested on tch's stream right behind its packing).
     pub fn broadcast(&self, comm: &mut Communicator, deadline: Duration) -> Result<String, CommError> {
-        let p = self.packed.lock().map_err(|_| CommError::Nccl {
-            call: "send",
-            message: "packed weights lock poisoned".into(),
-        })?;
-        send(comm, &self.layout.bucket_views(&p.flat), &p.ready, deadline)
+        let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
+        let buckets = self.layout.bucket_views(&flat);
+        let mut digest = GpuDigest::default();
+        let mut ready = |k: usize, until: Instant| {
+            let ev = self.wait_bucket(k, until)?;
+            digest.add(&buckets[k]);
+            Ok(ev)
+        };
+        comm.send_when_ready(&buckets, deadline, &mut ready)?;
+        Ok(digest.finish_hex(flat.device()))
+    }
+}
+
+fn poisoned() -> CommError {
+    CommError::Nccl {
+        call: "packing",
+        message: "a lock was poisoned".into(),
     }
 }
 

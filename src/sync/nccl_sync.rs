@@ -73,7 +73,6 @@ pub fn plan_layout(plan: &pb::BucketPlan) -> Result<(PackLayout, Kind), String> 
 mod transfer {
     use std::time::Duration;
 
-    use cudarc::driver::CudaEvent;
     use tch::{Device, Tensor};
 
     use super::plan_layout;
@@ -81,23 +80,6 @@ mod transfer {
     use crate::comm::CommError;
     use crate::rpc::pb;
     use crate::sync::gpu_digest::GpuDigest;
-
-    /// Learner: broadcasts the buckets of a packed buffer, bucket k once `ready[k]` passed, and
-    /// returns their digest (computed on tch's stream right behind the packing).
-    pub fn send(
-        comm: &mut Communicator,
-        buckets: &[Tensor],
-        ready: &[CudaEvent],
-        deadline: Duration,
-    ) -> Result<String, CommError> {
-        let device = buckets.first().map_or(Device::Cpu, Tensor::device);
-        let mut digest = GpuDigest::default();
-        for b in buckets {
-            digest.add(b);
-        }
-        comm.send_when_ready(buckets, ready, deadline)?;
-        Ok(digest.finish_hex(device))
-    }
 
     /// Sidecar: receives a plan's buckets into one new flat buffer on `device`; returns views of
     /// it as the named tensors, and their digest.
@@ -129,7 +111,7 @@ mod transfer {
 }
 
 #[cfg(feature = "cuda")]
-pub use transfer::{receive, send};
+pub use transfer::receive;
 
 /// Fault injection for the GPU drills, never set in production: with
 /// `GRPO_FAULT_KILL_IN_RECEIVE=N` the sidecar SIGKILLs itself during its N-th NCCL receive

@@ -104,16 +104,14 @@ impl PackLayout {
     }
 }
 
-/// Packs `tensors` (any float dtype, on `device`) into a new flat buffer of `wire` dtype,
+/// A new flat buffer for `layout` in the `wire` dtype on `device`.
+pub fn flat_buffer(layout: &PackLayout, wire: Kind, device: Device) -> Tensor {
+    Tensor::empty([layout.total], (wire, device))
+}
+
+/// Packs `tensors` (any float dtype, on `flat`'s device) into `flat` (see [`flat_buffer`]),
 /// calling `bucket_done(k)` right after queueing the copy that completes bucket k.
-pub fn pack(
-    tensors: &[Tensor],
-    layout: &PackLayout,
-    wire: Kind,
-    device: Device,
-    mut bucket_done: impl FnMut(usize),
-) -> Tensor {
-    let flat = Tensor::empty([layout.total], (wire, device));
+pub fn pack_into(tensors: &[Tensor], layout: &PackLayout, flat: &Tensor, mut bucket_done: impl FnMut(usize)) {
     tch::no_grad(|| {
         for (i, t) in tensors.iter().enumerate() {
             let mut dst = flat.narrow(0, layout.offsets[i], layout.numels[i]);
@@ -123,7 +121,6 @@ pub fn pack(
             }
         }
     });
-    flat
 }
 
 #[cfg(test)]
