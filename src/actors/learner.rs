@@ -51,10 +51,19 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                     .iter()
                     .map(|(n, w)| (n.clone(), w.shallow_clone()))
                     .collect();
-                let packed = Arc::new(crate::sync::nccl_publish::PackedWeights::new(&weights, gpu, bucket_bytes));
+                let packed = Arc::new(crate::sync::nccl_publish::PackedWeights::new(
+                    &weights,
+                    gpu,
+                    bucket_bytes,
+                ));
                 let _ = handed_tx.send((t.steps_done(), packed.clone()));
-                let values: Vec<tch::Tensor> = weights.into_iter().map(|(_, w)| w).collect();
-                packed.pack_from(&values)
+                match t.flat_compute() {
+                    Some(flat) => packed.pack_from_flat(&flat),
+                    None => {
+                        let values: Vec<tch::Tensor> = weights.into_iter().map(|(_, w)| w).collect();
+                        packed.pack_from(&values)
+                    }
+                }
             });
             tokio::pin!(packing);
             let handed = tokio::select! {

@@ -85,9 +85,17 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
     let spec = args.shape.spec(0).map_err(BenchError::Model)?;
     let shapes = expected_shapes(&spec);
     tch::manual_seed(1 + i64::from(args.rank));
+    // As the learner holds bf16 weights: views of one flat buffer, tensor after tensor.
+    let total: i64 = shapes.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+    let live = Tensor::randn([total], (Kind::BFloat16, device));
+    let mut offset = 0;
     let weights: Vec<Tensor> = shapes
         .iter()
-        .map(|(_, s)| Tensor::randn(s.as_slice(), (Kind::BFloat16, device)))
+        .map(|(_, s)| {
+            let n: i64 = s.iter().product();
+            offset += n;
+            live.narrow(0, offset - n, n).view(s.as_slice())
+        })
         .collect();
     let bytes: u64 = weights.iter().map(|t| (t.numel() * 2) as u64).sum();
     let id = if args.rank == 0 {
@@ -164,10 +172,10 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         let hex = if args.rank == 0 {
             // As the learner does it: the model thread packs while the broadcaster sends.
             let packed = PackedWeights::new(&named, args.gpu, args.sync_bucket_mb << 20);
-            let values: Vec<Tensor> = weights.iter().map(Tensor::shallow_clone).collect();
+            let source = live.shallow_clone();
             std::thread::scope(|scope| {
                 let packed = &packed;
-                let packer = scope.spawn(move || packed.pack_from(&values));
+                let packer = scope.spawn(move || packed.pack_from_flat(&source));
                 let sent = packed.broadcast(&mut comm, deadline);
                 let packing = packer
                     .join()

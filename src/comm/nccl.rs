@@ -183,6 +183,7 @@ impl Communicator {
             nc::ncclResult_t::ncclSuccess => return Ok(true),
             nc::ncclResult_t::ncclInProgress => {}
             other => {
+                tracing::warn!(rank = self.rank, what, state = ?other, "NCCL reported an asynchronous error; aborting the communicator");
                 self.abort();
                 return Err(CommError::Nccl {
                     call: what,
@@ -191,6 +192,12 @@ impl Communicator {
             }
         }
         if Instant::now() >= until {
+            tracing::warn!(
+                rank = self.rank,
+                what,
+                seconds = started.elapsed().as_secs_f64(),
+                "NCCL deadline passed; aborting the communicator"
+            );
             self.abort();
             return Err(CommError::Deadline {
                 what,
@@ -254,7 +261,12 @@ impl Communicator {
     /// packing has been queued (by another thread), so later buckets can still be packing while
     /// earlier ones are on the wire. tch's stream never waits for the transfers. Returns when
     /// every transfer finished; aborts at `deadline`.
-    pub fn send_when_ready(&mut self, buckets: &[Tensor], deadline: Duration, ready: &mut ReadyFn<'_>) -> Result<(), CommError> {
+    pub fn send_when_ready(
+        &mut self,
+        buckets: &[Tensor],
+        deadline: Duration,
+        ready: &mut ReadyFn<'_>,
+    ) -> Result<(), CommError> {
         let buckets: Vec<Vec<Tensor>> = buckets.iter().map(|t| vec![t.shallow_clone()]).collect();
         self.pipeline(&buckets, 0, deadline, Some(ready), None::<fn(usize, &[Tensor])>)
     }
@@ -342,9 +354,11 @@ impl Communicator {
     /// Aborts the communicator: pending kernels return, resources are freed. Idempotent.
     pub fn abort(&mut self) {
         if !self.aborted {
+            let started = Instant::now();
             // SAFETY: valid communicator, aborted once.
-            let _ = unsafe { nc::ncclCommAbort(self.comm) };
+            let r = unsafe { nc::ncclCommAbort(self.comm) };
             self.aborted = true;
+            tracing::debug!(rank = self.rank, result = ?r, seconds = started.elapsed().as_secs_f64(), "NCCL communicator aborted");
         }
     }
 

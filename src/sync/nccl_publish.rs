@@ -85,6 +85,44 @@ impl PackedWeights {
         outcome
     }
 
+    /// Like [`PackedWeights::pack_from`] for weights that already live back to back in one
+    /// flat buffer of the wire dtype, in plan order: one copy per bucket.
+    pub fn pack_from_flat(&self, source: &Tensor) -> Result<(), CommError> {
+        let outcome = self.pack_flat_inner(source);
+        if let Err(e) = &outcome {
+            if let Ok(mut p) = self.progress.lock() {
+                p.failed = Some(e.to_string());
+            }
+            self.packed.notify_all();
+        }
+        outcome
+    }
+
+    fn pack_flat_inner(&self, source: &Tensor) -> Result<(), CommError> {
+        if source.numel() as i64 != self.layout.total || source.kind() != self.wire {
+            return Err(CommError::Cuda(format!(
+                "flat source of {} {:?} elements for a plan of {} {:?}",
+                source.numel(),
+                source.kind(),
+                self.layout.total,
+                self.wire
+            )));
+        }
+        let ctx = device_context(self.gpu)?;
+        let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
+        let (dst, src) = (self.layout.bucket_views(&flat), self.layout.bucket_views(source));
+        for (d, s) in dst.iter().zip(&src) {
+            let mut d = d.shallow_clone();
+            tch::no_grad(|| d.copy_(s));
+            let ev = mark_torch_stream(&ctx)?;
+            if let Ok(mut p) = self.progress.lock() {
+                p.ready.push(ev);
+            }
+            self.packed.notify_all();
+        }
+        Ok(())
+    }
+
     fn pack_inner(&self, tensors: &[Tensor]) -> Result<(), CommError> {
         if tensors.len() != self.names.len() {
             return Err(CommError::Cuda(format!(
@@ -223,12 +261,30 @@ pub async fn publish(
     }
     let deadline = deadline_for(bytes, Duration::from_secs(10));
     let w = weights.clone();
-    let sent = tokio::task::spawn_blocking(move || {
+    let sending = tokio::task::spawn_blocking(move || {
         let mut comm = comm;
         let result = w.broadcast(&mut comm, deadline);
         (result, comm)
-    })
-    .await;
+    });
+    // The blocking thread polls its own deadline and aborts the communicator; this watchdog
+    // is the last line: should NCCL or the driver block that thread anyway, the broadcaster
+    // gives up on it (the thread and its communicator are abandoned) and training and the
+    // other sidecars go on.
+    let watchdog = deadline + Duration::from_secs(5);
+    let sent = match tokio::time::timeout(watchdog, sending).await {
+        Ok(joined) => joined,
+        Err(_) => {
+            tracing::error!(sidecar = %client.addr, seconds = watchdog.as_secs_f64(),
+                "the NCCL send thread did not return; abandoning it and its communicator");
+            return (
+                Err(NcclPublishError::Comm(CommError::Deadline {
+                    what: "the NCCL send thread",
+                    secs: watchdog.as_secs_f64(),
+                })),
+                None,
+            );
+        }
+    };
     let (digest, comm) = match sent {
         Ok((Ok(d), comm)) => (d, comm),
         Ok((Err(e), _)) => return (Err(e.into()), None),

@@ -153,13 +153,8 @@ mod tests {
         let c = Tensor::randn([2, 2, 2], (Kind::Float, Device::Cpu));
         let layout = PackLayout::new(&[15, 70, 8], 2, 64);
         let mut done = Vec::new();
-        let flat = pack(
-            &[a.copy(), b.copy(), c.copy()],
-            &layout,
-            Kind::BFloat16,
-            Device::Cpu,
-            |k| done.push(k),
-        );
+        let flat = flat_buffer(&layout, Kind::BFloat16, Device::Cpu);
+        pack_into(&[a.copy(), b.copy(), c.copy()], &layout, &flat, |k| done.push(k));
         assert_eq!(done, (0..layout.bucket_count()).collect::<Vec<_>>());
         let views = layout.tensor_views(&flat, &[vec![3, 5], vec![70], vec![2, 2, 2]]);
         for (orig, back) in [a, b, c].iter().zip(&views) {

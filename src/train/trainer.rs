@@ -138,6 +138,8 @@ pub struct Trainer {
     params: ParamStore,
     /// The int16 low halves of every parameter, when the masters are split.
     low: Option<BTreeMap<String, Tensor>>,
+    /// When the masters are split: the flat buffer the high halves are views of, in name order.
+    flat_compute: Option<Tensor>,
     model: Transformer,
     trainable: Vec<MasterParam>,
     optimizer: AdamW,
@@ -172,20 +174,44 @@ impl Trainer {
             None => true,
         };
         let split_masters = config.compute.precision == Precision::Bf16;
-        let (params, low) = tch::no_grad(|| {
+        let (params, low, flat_compute) = tch::no_grad(|| {
             let mut compute = BTreeMap::new();
             let mut low = BTreeMap::new();
+            // Split halves live in two flat buffers, tensor after tensor in name order: the
+            // high halves are then already packed for weight sync (one copy per bucket).
+            let total: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+            let device = params.iter().next().map_or(config.device, |(_, t)| t.device());
+            let flats = split_masters.then(|| {
+                (
+                    Tensor::empty([total], (Kind::BFloat16, device)),
+                    Tensor::empty([total], (Kind::Int16, device)),
+                )
+            });
+            let mut offset = 0i64;
             for (name, t) in params.iter() {
                 let master = t.detach().to_kind(Kind::Float);
-                if split_masters {
-                    let (hi, lo) = split::split(&master);
-                    compute.insert(name.clone(), hi);
-                    low.insert(name.clone(), lo);
-                } else {
-                    compute.insert(name.clone(), master);
+                match &flats {
+                    Some((hi_flat, lo_flat)) => {
+                        let n = master.numel() as i64;
+                        let shape = master.size();
+                        let hi = hi_flat.narrow(0, offset, n).view(shape.as_slice());
+                        let lo = lo_flat.narrow(0, offset, n).view(shape.as_slice());
+                        split::split_into(&master, &hi, &lo);
+                        compute.insert(name.clone(), hi);
+                        low.insert(name.clone(), lo);
+                        offset += n;
+                    }
+                    None => {
+                        compute.insert(name.clone(), master);
+                    }
                 }
             }
-            (ParamStore::from_tensors(compute), split_masters.then_some(low))
+            let flat_compute = flats.map(|(hi, _)| hi);
+            (
+                ParamStore::from_tensors(compute),
+                split_masters.then_some(low),
+                flat_compute,
+            )
         });
         let mut params = params;
         let names = params.set_trainable(selected);
@@ -208,6 +234,7 @@ impl Trainer {
             shared: None,
             params,
             low,
+            flat_compute,
             model,
             trainable,
             optimizer,
@@ -230,6 +257,12 @@ impl Trainer {
     /// What the model computes with: the fp32 masters, or their bf16 high halves.
     pub fn compute_params(&self) -> &ParamStore {
         &self.params
+    }
+
+    /// The flat buffer holding every compute weight back to back in name order (the bf16 high
+    /// halves of split masters), when there is one.
+    pub fn flat_compute(&self) -> Option<Tensor> {
+        self.flat_compute.as_ref().map(Tensor::shallow_clone)
     }
 
     /// Number of scalar parameters.
