@@ -71,12 +71,23 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                 handed = handed_rx => handed.ok(),
                 done = &mut packing => {
                     // The model thread returned before handing the buffer over: an error.
-                    done??;
+                    if let Ok(Err(e)) = &done {
+                        tracing::error!(error = %e, "packing the weights for NCCL failed");
+                    }
+                    let _ = done?;
                     None
                 }
             };
             let Some((step, packed)) = handed else {
-                return Err("the model thread did not hand over the packed weights".into());
+                // Publishing failed; training goes on and the sidecars keep their version until
+                // the next publication (a dead model thread fails the next step anyway).
+                let why = match packing.await {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "no buffer handed over".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %why, "packing the weights for NCCL failed; this version is not published");
+                return Ok(());
             };
             let job = PublishJob {
                 version: PolicyVersion(step),
@@ -86,7 +97,10 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                 *slot = Some(Arc::new(job));
             }
             hook.broadcaster.cast(BroadcasterMsg::Publish)?;
-            packing.await??;
+            if let Err(e) = packing.await? {
+                // The sender sees the failure too and fails this version's publication.
+                tracing::error!(error = %e, "packing the weights for NCCL failed");
+            }
             return Ok(());
         }
         _ => {

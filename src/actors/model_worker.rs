@@ -77,7 +77,19 @@ impl ModelWorker {
                         Command::Weights(reply) => {
                             let _ = reply.send((trainer.steps_done(), trainer.master_snapshot()));
                         }
-                        Command::With(job) => job(&trainer),
+                        Command::With(job) => {
+                            // A job only reads the trainer: a panic in it is reported and the
+                            // thread goes on (the job's caller sees its reply channel close).
+                            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&trainer)));
+                            if let Err(panic) = ran {
+                                let what = panic
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_default();
+                                tracing::error!(panic = %what, "a job on the model thread panicked");
+                            }
+                        }
                         Command::Share(reply) => {
                             let _ = reply.send(trainer.share());
                         }

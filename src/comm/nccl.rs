@@ -219,6 +219,7 @@ impl Communicator {
     /// Waits for the communicator's stream, watching for asynchronous errors; aborts at `until`.
     fn wait_stream(&mut self, what: &'static str, until: Instant) -> Result<(), CommError> {
         let started = Instant::now();
+        tracing::trace!(rank = self.rank, what, "waiting for the stream");
         loop {
             // SAFETY: querying a live stream of this context.
             let q = unsafe { cu::cuStreamQuery(self.stream.cu_stream()) };
@@ -298,6 +299,7 @@ impl Communicator {
         // in turn and `landed` queues its work, which overlaps the later transfers.
         let mut done: Vec<CudaEvent> = Vec::with_capacity(buckets.len());
         for (k, bucket) in buckets.iter().enumerate() {
+            tracing::trace!(rank = self.rank, bucket = k, "bucket next");
             if let Some(ready) = ready.as_mut() {
                 let ev = match ready(k, until) {
                     Ok(ev) => ev,
@@ -335,6 +337,7 @@ impl Communicator {
                 check("ncclGroupEnd", nc::ncclGroupEnd())?;
             }
             self.wait_ready("broadcast", until)?;
+            tracing::trace!(rank = self.rank, bucket = k, "bucket queued");
             if landed.is_some() {
                 done.push(self.stream.record_event(None).map_err(cuda)?);
             }
