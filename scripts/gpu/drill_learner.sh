@@ -33,7 +33,7 @@ healthy() { for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$1/health" > /d
 for _ in $(seq 1 300); do curl -sf http://127.0.0.1:18000/ > /dev/null && break; sleep 0.1; done
 A=$(sidecar a 19001 19051); B=$(sidecar b 19002 19052 "$KILL_AT")
 healthy 19001 && healthy 19002 || { echo "sidecars never healthy"; tail -3 "$OUT"/sidecar_*.log; }
-RUST_LOG=info,grpo_node::comm=trace ./.gpu/grpo-node --role learner --model-name "$RUN/model" --atropos-url http://127.0.0.1:18000 \
+RUST_LOG=info,grpo_node::comm=debug ./.gpu/grpo-node --role learner --model-name "$RUN/model" --atropos-url http://127.0.0.1:18000 \
   --sidecar http://127.0.0.1:19051,http://127.0.0.1:19052 --batch-size 32 --gradient-accumulation-steps 4 \
   --seq-len 64 --lr 1e-3 --warmup-steps 2 --training-steps "$STEPS" --checkpoint-interval 100 \
   --save-path "$RUN/checkpoints" --device cuda:0 --sync-transport nccl --sync-bucket-mb 1 > "$OUT/learner.log" 2>&1 &

@@ -139,6 +139,17 @@ async fn send(
                         },
                     )
                 }
+                Err(e @ NcclPublishError::Wedged(_)) => {
+                    tracing::error!(sidecar = %client.addr, error = %e,
+                        "NCCL with this sidecar is wedged; it gets the gRPC stream from now on");
+                    (
+                        Err(format!("nccl: {e}")),
+                        Link {
+                            grpc_only: true,
+                            comm: None,
+                        },
+                    )
+                }
                 Err(e) => (Err(format!("nccl: {e}")), Link { grpc_only: false, comm }),
             }
         }

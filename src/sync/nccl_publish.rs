@@ -236,6 +236,11 @@ pub enum NcclPublishError {
     Comm(#[from] CommError),
     #[error("the NCCL thread stopped: {0}")]
     Thread(String),
+    /// The send thread outlived its deadline inside NCCL or the driver and was abandoned (seen
+    /// when the peer process died mid-transfer over NVLink): NCCL with this sidecar is not
+    /// trusted again.
+    #[error("the NCCL send thread did not return within {0:.1}s and was abandoned")]
+    Wedged(f64),
 }
 
 /// Publishes `weights` as `version` over NCCL to one sidecar; returns the outcome and the
@@ -276,13 +281,7 @@ pub async fn publish(
         Err(_) => {
             tracing::error!(sidecar = %client.addr, seconds = watchdog.as_secs_f64(),
                 "the NCCL send thread did not return; abandoning it and its communicator");
-            return (
-                Err(NcclPublishError::Comm(CommError::Deadline {
-                    what: "the NCCL send thread",
-                    secs: watchdog.as_secs_f64(),
-                })),
-                None,
-            );
+            return (Err(NcclPublishError::Wedged(watchdog.as_secs_f64())), None);
         }
     };
     let (digest, comm) = match sent {
