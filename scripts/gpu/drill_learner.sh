@@ -5,8 +5,10 @@
 # generation, sidecar B only follows the weights. B is started with the fault injector
 # GRPO_FAULT_KILL_IN_RECEIVE=N (see src/sync/nccl_sync.rs): it SIGKILLs itself in its N-th NCCL
 # receive, after the first bucket landed, so the learner's broadcast is cut mid-transfer. The
-# script restarts B after OUTAGE_S seconds, CYCLES times; the learner must keep stepping, mark
-# B stale, abort the broken communicator, and give B a full resync on a new one.
+# script restarts B after OUTAGE_S seconds, CYCLES times. The learner must keep stepping, mark B
+# stale and give it a full resync once it is back. On 2x H200 the send thread to a peer killed
+# mid-transfer wedges inside NCCL or the driver: the broadcaster's watchdog abandons it and B is
+# served over the gRPC stream from then on (README, "Kill mid-broadcast").
 # Build and gather first, here (the wheels as in local_loop.sh):
 #   cargo build --release --features cuda --bin grpo-node && mkdir -p .gpu && cp target/release/grpo-node .gpu/
 # Then: run(command="bash scripts/gpu/drill_learner.sh", carry=[".gpu"], kind="nvidia-h200-x2")
