@@ -75,20 +75,17 @@ impl PackedWeights {
     /// buffer on tch's stream. Call it on the thread whose CUDA work changes the tensors (the
     /// model thread): the copies are queued before any later update, so they see this version.
     pub fn pack_from(&self, tensors: &[Tensor]) -> Result<(), CommError> {
-        let outcome = self.pack_inner(tensors);
-        if let Err(e) = &outcome {
-            if let Ok(mut p) = self.progress.lock() {
-                p.failed = Some(e.to_string());
-            }
-            self.packed.notify_all();
-        }
-        outcome
+        self.settle(self.pack_inner(tensors))
     }
 
     /// Like [`PackedWeights::pack_from`] for weights that already live back to back in one
     /// flat buffer of the wire dtype, in plan order: one copy per bucket.
     pub fn pack_from_flat(&self, source: &Tensor) -> Result<(), CommError> {
-        let outcome = self.pack_flat_inner(source);
+        self.settle(self.pack_flat_inner(source))
+    }
+
+    /// Records a failed packing, so that a sender waiting for a bucket stops waiting.
+    fn settle(&self, outcome: Result<(), CommError>) -> Result<(), CommError> {
         if let Err(e) = &outcome {
             if let Ok(mut p) = self.progress.lock() {
                 p.failed = Some(e.to_string());
@@ -114,12 +111,18 @@ impl PackedWeights {
         for (d, s) in dst.iter().zip(&src) {
             let mut d = d.shallow_clone();
             tch::no_grad(|| d.copy_(s));
-            let ev = mark_torch_stream(&ctx)?;
-            if let Ok(mut p) = self.progress.lock() {
-                p.ready.push(ev);
-            }
-            self.packed.notify_all();
+            self.mark_ready(&ctx)?;
         }
+        Ok(())
+    }
+
+    /// Records that the next bucket's packing is queued on tch's stream, and wakes the senders.
+    fn mark_ready(&self, ctx: &Arc<cudarc::driver::CudaContext>) -> Result<(), CommError> {
+        let ev = mark_torch_stream(ctx)?;
+        if let Ok(mut p) = self.progress.lock() {
+            p.ready.push(ev);
+        }
+        self.packed.notify_all();
         Ok(())
     }
 
@@ -134,14 +137,10 @@ impl PackedWeights {
         let ctx = device_context(self.gpu)?;
         let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
         let mut failed = None;
-        pack_into(tensors, &self.layout, &flat, |_| match mark_torch_stream(&ctx) {
-            Ok(ev) => {
-                if let Ok(mut p) = self.progress.lock() {
-                    p.ready.push(ev);
-                }
-                self.packed.notify_all();
+        pack_into(tensors, &self.layout, &flat, |_| {
+            if let Err(e) = self.mark_ready(&ctx) {
+                failed.get_or_insert(e);
             }
-            Err(e) => failed = Some(e),
         });
         failed.map_or(Ok(()), Err)
     }

@@ -270,23 +270,6 @@ impl Trainer {
         self.params.numel()
     }
 
-    /// The fp32 master weights on the training device, detached: the tensors themselves with
-    /// fp32 compute, joined copies when the masters are split.
-    pub fn master_weights(&self) -> Vec<(String, Tensor)> {
-        tch::no_grad(|| {
-            self.params
-                .iter()
-                .map(|(name, t)| {
-                    let master = match self.low.as_ref().and_then(|l| l.get(name)) {
-                        Some(lo) => split::join(&t.detach(), lo),
-                        None => t.detach(),
-                    };
-                    (name.clone(), master)
-                })
-                .collect()
-        })
-    }
-
     /// Copies of the fp32 master weights on the CPU (for checkpoints and the gRPC stream),
     /// joined one tensor at a time so that no second copy of the model exists on the device.
     pub fn master_snapshot(&self) -> Vec<(String, Tensor)> {
