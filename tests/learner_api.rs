@@ -181,7 +181,7 @@ fn survives_an_api_restart() {
     api.kill();
     std::thread::sleep(Duration::from_millis(600)); // let the learner meet the dead API
     let api = RunApi::start_on(port);
-    api.wait_registered(4); // the learner noticed "not registered" and registered again
+    api.wait_registered_by(4, &learner); // the learner noticed "not registered" and registered again
     wait_until(Duration::from_secs(30), "env registration", || {
         api.post(
             "/register-env",

@@ -211,6 +211,28 @@ impl AtroposClient {
         Err(self.wedged(&info, reg))
     }
 
+    /// Waits for the API and registers, retrying transient failures with capped backoff. The
+    /// API may die between `/register` and the `/info` check (a restart): that is retried too,
+    /// so only an answer that cannot change by waiting (the wedge, a malformed reply) is an error.
+    pub async fn register_when_up(&self, reg: &Registration, reset: bool) -> Result<TrainerUuid, AtroposError> {
+        let mut delay = Duration::from_millis(100);
+        let mut tries = 0u64;
+        loop {
+            match self.register_checked(reg, reset).await {
+                Ok(uuid) => return Ok(uuid),
+                Err(e) if e.is_transient() => {
+                    tries += 1;
+                    if tries == 1 || tries % 10 == 0 {
+                        tracing::info!(url = %self.base, tries, error = %e, "waiting for the Atropos API");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
     fn wedged(&self, info: &Info, reg: &Registration) -> AtroposError {
         AtroposError::Wedged {
             url: self.base.clone(),
@@ -265,7 +287,71 @@ fn parse_uuid(body: &str) -> Option<TrainerUuid> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Test double for an API that dies between `/register` and `/info` (a fault the real
+    /// run-api shows only by timing): it drops the first `/info` connection unanswered, then
+    /// answers like a registered run-api.
+    async fn api_dying_after_register(listener: tokio::net::TcpListener, registers: Arc<AtomicUsize>) {
+        let mut infos = 0;
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let body = if head.starts_with("POST /register") {
+                registers.fetch_add(1, Ordering::SeqCst);
+                r#"{"uuid": 7}"#.to_string()
+            } else if head.starts_with("GET /info") {
+                infos += 1;
+                if infos == 1 {
+                    continue; // dropped: the connection closes with no answer
+                }
+                r#"{"batch_size": 4, "max_token_len": 64}"#.to_string()
+            } else {
+                continue;
+            };
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(reply.as_bytes()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_survives_an_api_that_dies_before_the_check() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let registers = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(api_dying_after_register(listener, registers.clone()));
+        let client = AtroposClient::new(&url, Duration::from_secs(5)).expect("client");
+        let reg = Registration {
+            wandb_group: String::new(),
+            wandb_project: String::new(),
+            batch_size: 4,
+            max_token_len: 64,
+            checkpoint_dir: String::new(),
+            save_checkpoint_interval: 1,
+            starting_step: 0,
+            num_steps: 1,
+        };
+        // One failed check is an error for the single attempt ...
+        assert!(client
+            .register_checked(&reg, false)
+            .await
+            .is_err_and(|e| e.is_transient()));
+        // ... and the retrying registration goes on to register again and succeed.
+        let uuid = client.register_when_up(&reg, false).await.expect("registered");
+        assert_eq!(uuid, TrainerUuid(7));
+        assert_eq!(registers.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn uuid_wider_than_u64() {

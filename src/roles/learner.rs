@@ -145,25 +145,6 @@ fn remove_partial_checkpoints(save: &std::path::Path) -> Result<(), LearnerError
     Ok(())
 }
 
-/// Waits until `GET /info` answers, backing off up to 5 s between tries.
-async fn wait_for_api(client: &AtroposClient) {
-    let mut delay = Duration::from_millis(100);
-    let mut tries = 0u64;
-    loop {
-        match client.info().await {
-            Ok(_) => return,
-            Err(e) => {
-                tries += 1;
-                if tries == 1 || tries % 10 == 0 {
-                    tracing::info!(url = %client.base(), error = %e, "waiting for the Atropos API");
-                }
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// Runs a learner until it completes, fails, or `shutdown` resolves (then drains and saves).
 pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
     let cfg = Arc::new(cfg);
@@ -248,11 +229,10 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         num_steps: cfg.training_steps,
     };
     tokio::pin!(shutdown);
-    tokio::select! {
-        _ = wait_for_api(&client) => {}
+    let uuid = tokio::select! {
+        registered = client.register_when_up(&registration, cfg.reset_api) => registered?,
         _ = &mut shutdown => return Ok(RunOutcome::Interrupted { steps: steps_done }),
-    }
-    let uuid = client.register_checked(&registration, cfg.reset_api).await?;
+    };
     tracing::info!(uuid = %uuid.0, batch_size = registration.batch_size, url = %client.base(), "registered with the Atropos API");
 
     // Weight sync: a broadcaster for sidecars (given, or registering over gRPC), or the

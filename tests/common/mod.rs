@@ -63,14 +63,33 @@ pub fn wait_until_fast(limit: Duration, what: &str, ready: impl FnMut() -> bool)
     poll_until(limit, what, Duration::from_millis(5), ready)
 }
 
-fn poll_until(limit: Duration, what: &str, max_delay: Duration, mut ready: impl FnMut() -> bool) {
+fn poll_until(limit: Duration, what: &str, max_delay: Duration, ready: impl FnMut() -> bool) {
+    if let Err(e) = try_poll_until(limit, what, max_delay, ready) {
+        panic!("{e}");
+    }
+}
+
+/// Like [`wait_until`], but a timeout is an `Err` so the caller can attach a log to it.
+pub fn try_wait_until(limit: Duration, what: &str, ready: impl FnMut() -> bool) -> Result<(), String> {
+    try_poll_until(limit, what, Duration::from_millis(500), ready)
+}
+
+fn try_poll_until(
+    limit: Duration,
+    what: &str,
+    max_delay: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), String> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(5).min(max_delay);
     while !ready() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        if start.elapsed() >= limit {
+            return Err(format!("timed out after {limit:?} waiting for {what}"));
+        }
         std::thread::sleep(delay);
         delay = (delay * 2).min(max_delay);
     }
+    Ok(())
 }
 
 /// A real Atropos API server (`run-api` from PyPI atroposlib) on 127.0.0.1; killed on drop.
@@ -98,8 +117,14 @@ impl RunApi {
             .stderr(Stdio::null())
             .spawn()
             .expect("start run-api");
-        let api = Self { port, child };
+        let mut api = Self { port, child };
         wait_until(Duration::from_secs(60), "run-api", || api.get("/").is_ok());
+        // Something answered; make sure it is ours and not another process that took the port.
+        let exited = api.child.try_wait().expect("try_wait run-api");
+        assert!(
+            exited.is_none(),
+            "run-api on port {port} exited ({exited:?}): port taken?"
+        );
         api
     }
 
@@ -122,6 +147,16 @@ impl RunApi {
         wait_until(Duration::from_secs(120), "learner registration", || {
             self.get("/info").ok().and_then(|v| v["batch_size"].as_i64()) == Some(batch_size)
         });
+    }
+
+    /// [`Self::wait_registered`], with `learner`'s log in the failure message.
+    pub fn wait_registered_by(&self, batch_size: i64, learner: &Learner) {
+        let waited = try_wait_until(Duration::from_secs(120), "learner registration", || {
+            self.get("/info").ok().and_then(|v| v["batch_size"].as_i64()) == Some(batch_size)
+        });
+        if let Err(e) = waited {
+            panic!("{e}; learner log:\n{}", learner.log());
+        }
     }
 
     pub fn kill(&mut self) {
