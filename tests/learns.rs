@@ -90,3 +90,60 @@ fn positive_completions_gain_probability() {
         "mostly monotone: {pos:?}"
     );
 }
+
+/// Weights lent to a sync (sent without a copy) hold the next optimizer update: a lease given
+/// back costs nothing, one never given back costs its limit once and then voids that version.
+#[test]
+fn a_lent_version_holds_the_optimizer_until_given_back() {
+    use grpo_node::sync::lease::Lease;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let dir = common::tiny_model("llama", &[]);
+    let spec = ModelSpec::from_dir(dir.path()).expect("spec");
+    let params = load_params(&spec, dir.path(), Device::Cpu).expect("load");
+    let config = common::trainer_config(common::ppo_loss(), 3e-3, 2, 4);
+    let mut trainer = Trainer::new(&spec, params, None, config).expect("trainer");
+    let limits = Limits {
+        vocab_size: spec.vocab_size,
+        seq_len: 64,
+        truncate_long: false,
+        allow_missing_logprobs: true,
+    };
+    let batch = || {
+        prepare(
+            RawBatch {
+                seq: BatchSeq(1),
+                groups: groups(),
+                wait_time_s: 0.0,
+            },
+            &limits,
+            4,
+        )
+        .batch
+        .expect("valid batch")
+    };
+    let returned = Arc::new(Lease::new(Duration::from_secs(60)));
+    trainer.lend(returned.clone());
+    returned.give_back();
+    let m = trainer.train(&batch()).expect("step");
+    assert!(
+        m.sync_hold_s < 1.0,
+        "a returned lease does not hold the step: {}",
+        m.sync_hold_s
+    );
+
+    let wedged = Arc::new(Lease::new(Duration::from_millis(300)));
+    trainer.lend(wedged.clone());
+    let before = trainer.master_snapshot();
+    let m = trainer.train(&batch()).expect("step");
+    assert!(m.sync_hold_s >= 0.3, "the step waited out the limit: {}", m.sync_hold_s);
+    assert!(!wedged.is_out(), "after the limit the lent version is void");
+    let changed = before
+        .iter()
+        .zip(trainer.master_snapshot())
+        .any(|((_, a), (_, b))| !a.equal(&b));
+    assert!(changed, "the step went on after the limit");
+    let m = trainer.train(&batch()).expect("step");
+    assert!(m.sync_hold_s < 1.0, "a lease holds one step only: {}", m.sync_hold_s);
+}

@@ -300,6 +300,44 @@ fn a_sidecar_killed_mid_stream_is_marked_stale_then_fully_resynced() {
     assert_eq!(metrics(&save).len(), 4, "training never waited for the dead sidecar");
 }
 
+/// A sidecar that hangs (SIGSTOP: its sockets accept, nothing answers) under a long deadline
+/// must not hold back the other sidecar or training; once it runs again it catches up to the
+/// newest version.
+#[test]
+fn a_frozen_sidecar_does_not_hold_back_the_others() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let a = Sidecar::start(model.path(), &work.path().join("a"));
+    let b = Sidecar::start(model.path(), &work.path().join("b"));
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let both = format!("{},{}", a.url(), b.url());
+    let args = synced_to(&both, &["--training-steps", "6", "--sync-deadline-s", "600"]);
+    let learner = Learner::spawn(model.path(), &api, &save, &args);
+    api.wait_registered(4);
+    api.post("/scored_data_list", &json!([group(1), group(2)]));
+    wait_until(Duration::from_secs(60), "version 1 on both sidecars", || {
+        a.health().map(|h| h.0) == Some(1) && b.health().map(|h| h.0) == Some(1)
+    });
+    b.proc.signal("-STOP");
+    api.post("/scored_data_list", &json!((3..13).map(group).collect::<Vec<_>>()));
+    // Under the old all-sidecars round, A would wait out B's 600 s deadline here.
+    let frozen = common::try_wait_until(Duration::from_secs(90), "version 6 on A while B is frozen", || {
+        a.health().map(|h| h.0) == Some(6)
+    });
+    b.proc.signal("-CONT");
+    frozen.unwrap_or_else(|e| panic!("{e}\n{}", learner.log()));
+    assert_eq!(metrics(&save).len(), 6, "training went on");
+    wait_until(Duration::from_secs(60), "B catches up to version 6", || {
+        b.health().map(|h| h.0) == Some(6)
+    });
+    let (code, log) = learner.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    let final_digest = digest_of_dir(&save.join("final_model"));
+    assert_eq!(a.digest().1, final_digest);
+    assert_eq!(b.digest().1, final_digest);
+}
+
 #[test]
 fn a_resumed_learner_republishes_its_weights() {
     let model = common::tiny_model("llama", &[]);

@@ -6,9 +6,11 @@
 # GRPO_FAULT_KILL_IN_RECEIVE=N (see src/sync/nccl_sync.rs): it SIGKILLs itself in its N-th NCCL
 # receive, after the first bucket landed, so the learner's broadcast is cut mid-transfer. The
 # script restarts B after OUTAGE_S seconds, CYCLES times. The learner must keep stepping, mark B
-# stale and give it a full resync once it is back. On 2x H200 the send thread to a peer killed
-# mid-transfer wedges inside NCCL or the driver: the broadcaster's watchdog abandons it and B is
-# served over the gRPC stream from then on (README, "Kill mid-broadcast").
+# stale and give it a full resync once it is back. The learner sends straight from its live
+# weights, holding its next optimizer update until the sends end: a send to the killed B is
+# abandoned once B fails its gRPC health checks (about a second), so A and training go on. When
+# B is back the learner makes a new communicator (or, if that join misses its deadline, serves
+# B over the gRPC stream) (README, "Kill mid-broadcast").
 # Build and gather first, here (the wheels as in local_loop.sh):
 #   cargo build --release --features cuda --bin grpo-node && mkdir -p .gpu && cp target/release/grpo-node .gpu/
 # Then: run(command="bash scripts/gpu/drill_learner.sh", carry=[".gpu"], kind="nvidia-h200-x2")
@@ -65,8 +67,11 @@ for r in rows:
     if state != prev:
         print(f"step {r['step']:4d}: synced={state[0]} stale={state[1]} engine_version={r.get('engine_version')} step_time_s={r['step_time_s']:.3f}")
         prev = state
+holds = [r.get("sync_hold_s", 0.0) for r in rows]
+if holds:
+    print(f"optimizer held for syncs: median {sorted(holds)[len(holds)//2]*1e3:.2f} ms, max {max(holds):.3f} s; steps held > 0.5 s: {[r['step'] for r in rows if r.get('sync_hold_s', 0) > 0.5]}")
 k = min(10, len(rows))
 print(f"reward first {k} -> last {k}: {sum(r['reward_mean'] for r in rows[:k])/k:.3f} -> {sum(r['reward_mean'] for r in rows[-k:])/k:.3f}")
 PY
-sed 's/\x1b\[[0-9;]*m//g' "$OUT/learner.log" | grep -E "sync failed|full sync|sidecar has no NCCL" | sed -E 's/^.*(WARN|INFO) //' | cut -c1-260
+sed 's/\x1b\[[0-9;]*m//g' "$OUT/learner.log" | grep -E "sync failed|full sync|no NCCL with|died during|abandon|communicator made" | sed -E 's/^.*(WARN|INFO) //' | cut -c1-260
 for s in a b; do echo "sidecar $s: $(grep -c 'weights updated' "$OUT/sidecar_$s.log") updates, $(grep -c 'joined the learner' "$OUT/sidecar_$s.log") NCCL joins, $(grep -c 'GRPO_FAULT' "$OUT/sidecar_$s.log") fault kills"; done

@@ -41,29 +41,33 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
     let (step, payload) = match hook.nccl_gpu {
         #[cfg(feature = "cuda")]
         Some(gpu) => {
-            // The model thread allocates the packed buffer, hands it over, then queues the
-            // packing copies; the broadcaster sends each bucket as soon as it is packed.
+            // Split masters keep the bf16 weights in one flat buffer that already is the wire
+            // layout: it is lent to the broadcaster (no copy) and the next optimizer update
+            // waits until the sends are done. Otherwise the model thread allocates a packed
+            // buffer, hands it over, then queues the packing copies; the broadcaster sends
+            // each bucket as soon as it is packed.
             let bucket_bytes = hook.nccl_bucket_bytes;
             let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
             let packing = worker.with_trainer(move |t| {
+                use crate::sync::nccl_publish::PackedWeights;
                 let weights: Vec<(String, tch::Tensor)> = t
                     .compute_params()
                     .iter()
                     .map(|(n, w)| (n.clone(), w.shallow_clone()))
                     .collect();
-                let packed = Arc::new(crate::sync::nccl_publish::PackedWeights::new(
-                    &weights,
-                    gpu,
-                    bucket_bytes,
-                ));
-                let _ = handed_tx.send((t.steps_done(), packed.clone()));
-                match t.flat_compute() {
-                    Some(flat) => packed.pack_from_flat(&flat),
-                    None => {
-                        let values: Vec<tch::Tensor> = weights.into_iter().map(|(_, w)| w).collect();
-                        packed.pack_from(&values)
-                    }
+                if let Some(flat) = t.flat_compute() {
+                    let bytes = (flat.numel() * flat.kind().elt_size_in_bytes()) as u64;
+                    let limit = crate::comm::nccl::deadline_for(bytes, std::time::Duration::from_secs(20));
+                    let lease = Arc::new(crate::sync::lease::Lease::new(limit));
+                    let lent = PackedWeights::lend(&weights, &flat, gpu, bucket_bytes, lease.clone())?;
+                    t.lend(lease);
+                    let _ = handed_tx.send((t.steps_done(), Arc::new(lent)));
+                    return Ok(());
                 }
+                let packed = Arc::new(PackedWeights::new(&weights, gpu, bucket_bytes));
+                let _ = handed_tx.send((t.steps_done(), packed.clone()));
+                let values: Vec<tch::Tensor> = weights.into_iter().map(|(_, w)| w).collect();
+                packed.pack_from(&values)
             });
             tokio::pin!(packing);
             let handed = tokio::select! {

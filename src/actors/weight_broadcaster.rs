@@ -1,10 +1,12 @@
 //! WeightBroadcaster (learner): keeps a registry of sidecars and publishes each new policy
-//! version to all of them concurrently, each under its own deadline. A sidecar that fails or
-//! misses a deadline is marked stale and never blocks training; a periodic health check gives
-//! it a full sync of the newest version once it answers again.
+//! version to all of them concurrently, each send in its own task under its own deadline. A
+//! sidecar still busy with an older version skips to the newest when it is done, so a slow or
+//! dead sidecar never delays the others; one that fails or misses a deadline is marked stale
+//! and never blocks training; a periodic health check gives it a full sync of the newest
+//! version once it answers again (or the next version, when the newest was lent and is gone).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -32,6 +34,44 @@ pub struct PublishJob {
     pub payload: Payload,
 }
 
+impl PublishJob {
+    /// Whether the payload can still be sent (lent GPU weights are void once their lease ended).
+    pub fn is_current(&self) -> bool {
+        match &self.payload {
+            #[cfg(feature = "cuda")]
+            Payload::Device(w) => w.is_current(),
+            _ => true,
+        }
+    }
+
+    /// Every send of lent weights is done: give the lease back.
+    fn release(&self) {
+        #[cfg(feature = "cuda")]
+        if let Payload::Device(w) = &self.payload {
+            w.release();
+        }
+    }
+}
+
+/// Keeps a version's lent weights lent while a send reads them; the last clone to drop gives
+/// the lease back, so the optimizer waits for the slowest healthy send and no longer.
+pub struct Hold(Arc<PublishJob>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// How one send to one sidecar ended.
+pub enum Outcome {
+    Published(Published),
+    /// A communicator was made, but the lent weights were gone by then: the sidecar gets the
+    /// next version.
+    Connected,
+    Failed(String),
+}
+
 /// The newest job, overwritten by the learner; a slow sync therefore skips stale versions.
 pub type LatestSlot = Arc<Mutex<Option<Arc<PublishJob>>>>;
 
@@ -54,8 +94,12 @@ pub enum BroadcasterMsg {
     AddSidecar(String, Option<RpcReplyPort<u64>>),
     /// Periodic: retry stale sidecars.
     Tick,
-    /// Replies once everything queued before it is published (used at shutdown).
+    /// Replies once every send in flight has ended (used at shutdown).
     Flush(RpcReplyPort<()>),
+    /// A send task ended (internal).
+    Sent(String, Outcome, Link),
+    /// A stale sidecar's health check ended: whether it answered (internal).
+    Checked(String, bool),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,12 +116,15 @@ struct Entry {
     client: SidecarClient,
     status: Status,
     failures: u64,
-    link: Link,
+    /// How weights reach it; `None` while a send task owns it.
+    link: Option<Link>,
+    /// A health check of it is running.
+    checking: bool,
 }
 
 /// How weights reach one sidecar.
 #[derive(Default)]
-struct Link {
+pub struct Link {
     /// The sidecar said it has no NCCL: always the gRPC stream.
     #[cfg(feature = "cuda")]
     grpc_only: bool,
@@ -105,6 +152,9 @@ pub struct BroadcasterState {
     args: BroadcasterArgs,
     sidecars: BTreeMap<String, Entry>,
     latest: Option<Arc<PublishJob>>,
+    /// The newest version's hold, while sends of it run.
+    hold: Weak<Hold>,
+    flushes: Vec<RpcReplyPort<()>>,
 }
 
 async fn send(
@@ -112,45 +162,72 @@ async fn send(
     job: Arc<PublishJob>,
     bucket_bytes: u64,
     link: Link,
-) -> (Result<Published, String>, Link) {
-    let text = |r: Result<Published, SyncError>| r.map_err(|e| e.to_string());
+    hold: Arc<Hold>,
+) -> (Outcome, Link) {
+    let text = |r: Result<Published, SyncError>| match r {
+        Ok(p) => Outcome::Published(p),
+        Err(e) => Outcome::Failed(e.to_string()),
+    };
     match &job.payload {
-        Payload::Weights(set) => (text(client.publish(set.clone(), job.version, bucket_bytes).await), link),
-        Payload::Checkpoint(path) => (text(client.load_checkpoint(path, job.version).await), link),
+        // Only lent GPU weights need the hold.
+        Payload::Weights(set) => {
+            drop(hold);
+            (text(client.publish(set.clone(), job.version, bucket_bytes).await), link)
+        }
+        Payload::Checkpoint(path) => {
+            drop(hold);
+            (text(client.load_checkpoint(path, job.version).await), link)
+        }
         #[cfg(feature = "cuda")]
         Payload::Device(weights) => {
-            use crate::sync::nccl_publish::{publish, NcclPublishError};
+            use crate::sync::nccl_publish::{connect, publish, NcclPublishError};
+            let mut link = link;
+            if !link.grpc_only && link.comm.is_none() {
+                // Making a communicator may take long: the lent weights are not held meanwhile.
+                let weak = Arc::downgrade(&hold);
+                drop(hold);
+                let joined = connect(&client, weights.gpu).await;
+                let hold = weak.upgrade();
+                match joined {
+                    Ok(comm) => link.comm = Some(comm),
+                    Err(NcclPublishError::Unsupported(why)) => {
+                        tracing::info!(sidecar = %client.addr, reason = %why, "no NCCL with this sidecar: using the gRPC stream");
+                        link.grpc_only = true;
+                    }
+                    Err(e) => return (Outcome::Failed(format!("nccl: {e}")), link),
+                }
+                let Some(hold) = hold else {
+                    return (Outcome::Connected, link);
+                };
+                return Box::pin(send(client, job.clone(), bucket_bytes, link, hold)).await;
+            }
             if link.grpc_only {
                 let set = weights.cpu_set();
-                return (text(client.publish(set, job.version, bucket_bytes).await), link);
+                drop(hold);
+                return match set {
+                    Ok(set) => (text(client.publish(set, job.version, bucket_bytes).await), link),
+                    Err(e) => (
+                        Outcome::Failed(format!("copying the weights for the gRPC stream: {e}")),
+                        link,
+                    ),
+                };
             }
-            let (result, comm) = publish(&client, link.comm, weights.clone(), job.version).await;
+            let (result, comm) = publish(&client, link.comm.take(), weights.clone(), job.version).await;
+            drop(hold);
             match result {
-                Ok(p) => (Ok(p), Link { grpc_only: false, comm }),
-                Err(NcclPublishError::Unsupported(why)) => {
-                    tracing::info!(sidecar = %client.addr, reason = %why, "sidecar has no NCCL: using the gRPC stream");
-                    let set = weights.cpu_set();
-                    let r = text(client.publish(set, job.version, bucket_bytes).await);
-                    (
-                        r,
-                        Link {
-                            grpc_only: true,
-                            comm: None,
-                        },
-                    )
-                }
-                Err(e @ NcclPublishError::Wedged(_)) => {
+                Ok(p) => (Outcome::Published(p), Link { grpc_only: false, comm }),
+                Err(e @ (NcclPublishError::Wedged(_) | NcclPublishError::PeerDead)) => {
                     tracing::error!(sidecar = %client.addr, error = %e,
-                        "NCCL with this sidecar is wedged; it gets the gRPC stream from now on");
+                        "NCCL send abandoned; a new communicator is made when the sidecar answers again");
                     (
-                        Err(format!("nccl: {e}")),
+                        Outcome::Failed(format!("nccl: {e}")),
                         Link {
-                            grpc_only: true,
+                            grpc_only: false,
                             comm: None,
                         },
                     )
                 }
-                Err(e) => (Err(format!("nccl: {e}")), Link { grpc_only: false, comm }),
+                Err(e) => (Outcome::Failed(format!("nccl: {e}")), Link { grpc_only: false, comm }),
             }
         }
     }
@@ -167,60 +244,124 @@ impl BroadcasterState {
                     client,
                     status: Status::New,
                     failures: 0,
-                    link: Link::default(),
+                    link: Some(Link::default()),
+                    checking: false,
                 },
             );
         }
         Ok(())
     }
 
-    /// Publishes `job` to the named sidecars concurrently and records the outcome.
-    async fn publish_to(&mut self, job: Arc<PublishJob>, targets: Vec<String>) {
+    /// The hold for `job`: the running one when sends of it are in flight, a new one when it
+    /// can still be sent, none when its lent weights are gone.
+    fn hold_for(&mut self, job: &Arc<PublishJob>) -> Option<Arc<Hold>> {
+        if let Some(h) = self.hold.upgrade().filter(|h| Arc::ptr_eq(&h.0, job)) {
+            return Some(h);
+        }
+        if !job.is_current() {
+            return None;
+        }
+        let h = Arc::new(Hold(job.clone()));
+        self.hold = Arc::downgrade(&h);
+        Some(h)
+    }
+
+    /// Starts a send of `job` to each named sidecar that is not busy (a busy one catches up
+    /// when its send ends). Returns without waiting for them.
+    async fn dispatch(&mut self, job: Arc<PublishJob>, targets: Vec<String>, myself: &ActorRef<BroadcasterMsg>) {
+        let targets: Vec<String> = targets
+            .into_iter()
+            .filter(|a| self.sidecars.get(a).is_some_and(|e| e.link.is_some()))
+            .collect();
         if targets.is_empty() {
             return;
         }
-        let mut tasks = tokio::task::JoinSet::new();
-        for addr in &targets {
-            if let Some(e) = self.sidecars.get_mut(addr) {
-                let bytes = match &job.payload {
-                    #[cfg(feature = "cuda")]
-                    Payload::Device(_) if !e.link.grpc_only => self.args.nccl_bucket_bytes,
-                    _ => self.args.bucket_bytes,
-                };
-                let (client, job) = (e.client.clone(), job.clone());
-                let link = std::mem::take(&mut e.link);
-                let addr = addr.clone();
-                tasks.spawn(async move {
-                    let (result, link) = send(client, job, bytes, link).await;
-                    (addr, result, link)
-                });
+        let Some(hold) = self.hold_for(&job) else {
+            // Lent weights already changed: these sidecars get the next version.
+            for a in &targets {
+                if let Some(e) = self.sidecars.get_mut(a) {
+                    e.status = Status::New;
+                }
+            }
+            return;
+        };
+        #[cfg(feature = "cuda")]
+        if let Payload::Device(w) = &job.payload {
+            // The gRPC stream's CPU copy of lent weights is taken while they are held.
+            let grpc = targets.iter().any(|a| {
+                self.sidecars
+                    .get(a)
+                    .and_then(|e| e.link.as_ref())
+                    .is_some_and(|l| l.grpc_only)
+            });
+            if grpc {
+                let w = w.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || w.cpu_set().map(|_| ())).await {
+                    tracing::warn!(error = %e, "cannot copy the weights for the gRPC stream");
+                }
             }
         }
-        let (mut seconds, mut bytes) = (0f64, 0u64);
-        while let Some(done) = tasks.join_next().await {
-            let Ok((addr, result, link)) = done else { continue };
-            let Some(entry) = self.sidecars.get_mut(&addr) else {
+        for addr in targets {
+            let Some(e) = self.sidecars.get_mut(&addr) else {
                 continue;
             };
-            entry.link = link;
-            match result {
-                Ok(p) => {
-                    seconds = seconds.max(p.seconds);
-                    bytes += p.bytes;
-                    entry.status = Status::Synced(p.version);
-                    entry.failures = 0;
-                    tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds, "weights published");
+            let Some(link) = e.link.take() else { continue };
+            let bytes = match &job.payload {
+                #[cfg(feature = "cuda")]
+                Payload::Device(_) if !link.grpc_only => self.args.nccl_bucket_bytes,
+                _ => self.args.bucket_bytes,
+            };
+            let (client, job, hold, me) = (e.client.clone(), job.clone(), hold.clone(), myself.clone());
+            tokio::spawn(async move {
+                let (outcome, link) = send(client, job, bytes, link, hold).await;
+                if me.cast(BroadcasterMsg::Sent(addr.clone(), outcome, link)).is_err() {
+                    tracing::debug!(sidecar = %addr, "broadcaster stopped before a send ended");
                 }
-                Err(e) => {
-                    entry.failures += 1;
-                    if entry.status != Status::Stale || entry.failures == 1 {
-                        tracing::warn!(sidecar = %addr, error = %e, "sync failed; sidecar marked stale, training goes on");
-                    }
-                    entry.status = Status::Stale;
+            });
+        }
+    }
+
+    /// Records how a send ended; a sidecar that is behind gets the newest version.
+    async fn sent(&mut self, addr: String, outcome: Outcome, link: Link, myself: &ActorRef<BroadcasterMsg>) {
+        let Some(entry) = self.sidecars.get_mut(&addr) else {
+            return;
+        };
+        entry.link = Some(link);
+        let (seconds, bytes) = match outcome {
+            Outcome::Published(p) => {
+                entry.status = Status::Synced(p.version);
+                entry.failures = 0;
+                tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds, "weights published");
+                (p.seconds, p.bytes)
+            }
+            Outcome::Connected => {
+                entry.status = Status::New;
+                tracing::info!(sidecar = %addr, "communicator made; weights follow with the next version");
+                (0.0, 0)
+            }
+            Outcome::Failed(e) => {
+                entry.failures += 1;
+                if entry.status != Status::Stale || entry.failures == 1 {
+                    tracing::warn!(sidecar = %addr, error = %e, "sync failed; sidecar marked stale, training goes on");
                 }
+                entry.status = Status::Stale;
+                (0.0, 0)
+            }
+        };
+        let behind = match (entry.status, &self.latest) {
+            (Status::Synced(v), Some(job)) => job.version > v,
+            (Status::New, Some(_)) => true,
+            _ => false,
+        };
+        self.record(seconds, bytes);
+        if let (true, Some(job)) = (behind, self.latest.clone()) {
+            self.dispatch(job, vec![addr], myself).await;
+        }
+        if self.sidecars.values().all(|e| e.link.is_some()) {
+            for reply in self.flushes.drain(..) {
+                let _ = reply.send(());
             }
         }
-        self.record(seconds, bytes);
     }
 
     fn record(&self, seconds: f64, bytes: u64) {
@@ -259,6 +400,8 @@ impl Actor for WeightBroadcaster {
             args,
             sidecars: BTreeMap::new(),
             latest: None,
+            hold: Weak::new(),
+            flushes: Vec::new(),
         };
         for addr in initial {
             state.add(addr)?;
@@ -269,7 +412,7 @@ impl Actor for WeightBroadcaster {
 
     async fn handle(
         &self,
-        _myself: ActorRef<BroadcasterMsg>,
+        myself: ActorRef<BroadcasterMsg>,
         msg: BroadcasterMsg,
         state: &mut BroadcasterState,
     ) -> Result<(), ActorProcessingErr> {
@@ -284,7 +427,9 @@ impl Actor for WeightBroadcaster {
                     .filter(|(_, e)| e.status != Status::Stale)
                     .map(|(a, _)| a.clone())
                     .collect();
-                state.publish_to(job, targets).await;
+                state.dispatch(job.clone(), targets, &myself).await;
+                // With no send running, lent weights go straight back to the optimizer.
+                drop(state.hold_for(&job));
             }
             BroadcasterMsg::AddSidecar(addr, reply) => {
                 if let Err(e) = state.add(addr.clone()) {
@@ -296,25 +441,46 @@ impl Actor for WeightBroadcaster {
                 // A newcomer gets the newest version right away.
                 if let Some(job) = state.latest.clone() {
                     if state.sidecars.get(&addr).is_some_and(|e| e.status == Status::New) {
-                        state.publish_to(job, vec![addr]).await;
+                        state.dispatch(job, vec![addr], &myself).await;
                     }
                 }
             }
             BroadcasterMsg::Flush(reply) => {
-                let _ = reply.send(());
+                if state.sidecars.values().all(|e| e.link.is_some()) {
+                    let _ = reply.send(());
+                } else {
+                    state.flushes.push(reply);
+                }
             }
+            BroadcasterMsg::Sent(addr, outcome, link) => state.sent(addr, outcome, link, &myself).await,
             BroadcasterMsg::Tick => {
-                let Some(job) = state.latest.clone() else { return Ok(()) };
-                let mut healthy = Vec::new();
-                for (addr, e) in &state.sidecars {
-                    if e.status == Status::Stale && e.client.health().await.is_ok() {
-                        healthy.push(addr.clone());
+                if state.latest.is_none() {
+                    return Ok(());
+                }
+                // Each check runs in its own task: a sidecar that hangs instead of refusing
+                // costs its own RPC deadline and delays nothing else.
+                for (addr, e) in state.sidecars.iter_mut() {
+                    if e.status == Status::Stale && e.link.is_some() && !e.checking {
+                        e.checking = true;
+                        let (client, addr, me) = (e.client.clone(), addr.clone(), myself.clone());
+                        tokio::spawn(async move {
+                            let ok = client.health().await.is_ok();
+                            let _ = me.cast(BroadcasterMsg::Checked(addr, ok));
+                        });
                     }
                 }
-                for addr in &healthy {
-                    tracing::info!(sidecar = %addr, version = job.version.0, "sidecar answers again: full sync");
+            }
+            BroadcasterMsg::Checked(addr, ok) => {
+                let Some(e) = state.sidecars.get_mut(&addr) else {
+                    return Ok(());
+                };
+                e.checking = false;
+                if !ok || e.status != Status::Stale {
+                    return Ok(());
                 }
-                state.publish_to(job, healthy).await;
+                let Some(job) = state.latest.clone() else { return Ok(()) };
+                tracing::info!(sidecar = %addr, version = job.version.0, "sidecar answers again: full sync");
+                state.dispatch(job, vec![addr], &myself).await;
             }
         }
         Ok(())

@@ -1,10 +1,12 @@
 //! `grpo-node bench sync` (feature `cuda`): NCCL weight broadcast between two processes, one
 //! per GPU, for a model shape's weights in bf16. Rank 0 plays the learner, rank 1 the sidecar.
 //! Measured on rank 0 in the same run: the raw broadcast of one flat buffer of the same bytes,
-//! and the publish as the learner and sidecar run it (rank 0 packs the weights into
-//! `--sync-bucket-mb` buckets and sends each as soon as it is packed; rank 1 receives into one
-//! flat buffer; both digest every bucket on the GPU while later ones are on the wire; then the
-//! digests are compared). The reference,
+//! and the publish as the learner and sidecar run it, two ways: `lent` (rank 0 sends the
+//! `--sync-bucket-mb` buckets straight from the live flat weights, as a learner with split
+//! masters does, holding its next update) and `packed` (rank 0 packs the weights into a new
+//! buffer and sends each bucket once packed, as a learner with fp32 masters does). Rank 1
+//! receives into one flat buffer; both digest every bucket on the GPU while later ones are on
+//! the wire; then the digests are compared. The reference,
 //! `torch.distributed.broadcast`, is `python/bench/ref_broadcast.py` on the same two GPUs.
 //! `--fault peer-exits` makes rank 1 leave after joining: rank 0's broadcast must end with a
 //! deadline error and an aborted communicator, not a hang.
@@ -18,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, UniqueId};
 use crate::comm::CommError;
 use crate::model::params::expected_shapes;
+use crate::sync::lease::Lease;
 use crate::sync::nccl_publish::PackedWeights;
 use crate::sync::nccl_sync::{device_plan, receive};
 use crate::sync::packing::PackLayout;
@@ -77,6 +80,81 @@ fn digest_tensor(hex: &str, device: Device) -> Tensor {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Where rank 0 sends from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The live flat weights, lent (what a learner with split masters does).
+    Lent,
+    /// A packed copy, each bucket sent once packed (a learner with fp32 masters).
+    Packed,
+}
+
+/// Per-iteration times of one way of publishing.
+struct Timings {
+    publish: Vec<f64>,
+    data: Vec<f64>,
+    digest_ok: bool,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            publish: Vec::new(),
+            data: Vec::new(),
+            digest_ok: true,
+        }
+    }
+}
+
+impl Timings {
+    fn summary(self, bytes: u64, raw: f64) -> serde_json::Value {
+        let publish = median(self.publish);
+        json!({
+            "publish_median_s": publish, "publish_data_median_s": median(self.data),
+            "publish_gb_per_s": bytes as f64 / 1e9 / publish, "publish_over_raw": publish / raw,
+            "digest_ok": self.digest_ok,
+        })
+    }
+}
+
+/// Rank 0's half of one publish; returns its digest.
+fn send(
+    how: Source,
+    named: &[(String, Tensor)],
+    live: &Tensor,
+    args: &SyncBenchArgs,
+    comm: &mut Communicator,
+    deadline: Duration,
+) -> Result<String, BenchError> {
+    let bucket_bytes = args.sync_bucket_mb << 20;
+    match how {
+        Source::Lent => {
+            let lease = std::sync::Arc::new(Lease::new(deadline));
+            let lent = PackedWeights::lend(named, live, args.gpu, bucket_bytes, lease.clone()).map_err(comm_err)?;
+            let hex = lent.broadcast(comm, deadline).map_err(comm_err);
+            lent.release();
+            // What the trainer's next update does first.
+            let _ = lease.end();
+            hex
+        }
+        Source::Packed => {
+            // As the learner does it: the model thread packs while the broadcaster sends.
+            let packed = PackedWeights::new(named, args.gpu, bucket_bytes);
+            let source = live.shallow_clone();
+            std::thread::scope(|scope| {
+                let packed = &packed;
+                let packer = scope.spawn(move || packed.pack_from_flat(&source));
+                let sent = packed.broadcast(comm, deadline);
+                let packing = packer
+                    .join()
+                    .unwrap_or_else(|_| Err(CommError::Cuda("the packing thread panicked".into())));
+                packing.and(sent)
+            })
+            .map_err(comm_err)
+        }
+    }
 }
 
 /// Runs one rank.
@@ -157,59 +235,52 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
     );
     let barrier =
         |comm: &mut Communicator| comm.broadcast_group(std::slice::from_ref(&token), 0, Duration::from_secs(60));
-    let (mut raw_times, mut pub_times, mut data_times, mut digest_ok) = (Vec::new(), Vec::new(), Vec::new(), true);
+    let mut raw_times = Vec::new();
+    let mut lent = Timings::default();
+    let mut packed = Timings::default();
     for i in 0..args.iters + 2 {
         barrier(&mut comm).map_err(comm_err)?;
         let t0 = Instant::now();
         comm.broadcast_group(std::slice::from_ref(&flat), 0, deadline)
             .map_err(comm_err)?;
         let raw = t0.elapsed().as_secs_f64();
-        barrier(&mut comm).map_err(comm_err)?;
-        // The publish as the learner and the sidecar run it: pack into buckets (rank 0) and
-        // send each as soon as it is packed / receive into one flat buffer (rank 1), digest
-        // every bucket on the GPU, then the commit compares the digests.
-        let t0 = Instant::now();
-        let hex = if args.rank == 0 {
-            // As the learner does it: the model thread packs while the broadcaster sends.
-            let packed = PackedWeights::new(&named, args.gpu, args.sync_bucket_mb << 20);
-            let source = live.shallow_clone();
-            std::thread::scope(|scope| {
-                let packed = &packed;
-                let packer = scope.spawn(move || packed.pack_from_flat(&source));
-                let sent = packed.broadcast(&mut comm, deadline);
-                let packing = packer
-                    .join()
-                    .unwrap_or_else(|_| Err(CommError::Cuda("the packing thread panicked".into())));
-                packing.and(sent)
-            })
-            .map_err(comm_err)?
-        } else {
-            receive(&mut comm, &plan, device, deadline).map_err(comm_err)?.1
-        };
-        let data = t0.elapsed().as_secs_f64();
-        let mine = digest_tensor(&hex, device);
-        let sent = mine.copy();
-        comm.broadcast_group(std::slice::from_ref(&sent), 0, Duration::from_secs(60))
-            .map_err(comm_err)?;
-        let same = bool::try_from(mine.eq_tensor(&sent).all()).unwrap_or(false);
-        let publish = t0.elapsed().as_secs_f64();
-        digest_ok &= same;
         if i >= 2 {
             raw_times.push(raw);
-            pub_times.push(publish);
-            data_times.push(data);
+        }
+        for (how, times) in [(Source::Lent, &mut lent), (Source::Packed, &mut packed)] {
+            barrier(&mut comm).map_err(comm_err)?;
+            // The publish as the learner and the sidecar run it: rank 0 sends the buckets
+            // (straight from the live weights, or packed into a new buffer while earlier
+            // buckets are sent), rank 1 receives into one flat buffer, both digest every
+            // bucket on the GPU, then the commit compares the digests.
+            let t0 = Instant::now();
+            let hex = if args.rank == 0 {
+                send(how, &named, &live, args, &mut comm, deadline)?
+            } else {
+                receive(&mut comm, &plan, device, deadline).map_err(comm_err)?.1
+            };
+            let data = t0.elapsed().as_secs_f64();
+            let mine = digest_tensor(&hex, device);
+            let sent = mine.copy();
+            comm.broadcast_group(std::slice::from_ref(&sent), 0, Duration::from_secs(60))
+                .map_err(comm_err)?;
+            let same = bool::try_from(mine.eq_tensor(&sent).all()).unwrap_or(false);
+            times.digest_ok &= same;
+            if i >= 2 {
+                times.publish.push(t0.elapsed().as_secs_f64());
+                times.data.push(data);
+            }
         }
     }
     let raw = median(raw_times);
-    let publish = median(pub_times);
+    let digest_ok = lent.digest_ok && packed.digest_ok;
+    let (lent, packed) = (lent.summary(bytes, raw), packed.summary(bytes, raw));
     let result = json!({
         "bench": "sync", "impl": "grpo-node nccl", "rank": args.rank, "shape": args.shape.name(),
         "bytes": bytes, "tensors": weights.len(), "buckets": layout.bucket_count(),
         "bucket_mb": args.sync_bucket_mb, "iters": args.iters,
         "raw_median_s": raw, "raw_gb_per_s": bytes as f64 / 1e9 / raw,
-        "publish_median_s": publish, "publish_data_median_s": median(data_times),
-        "publish_gb_per_s": bytes as f64 / 1e9 / publish,
-        "publish_over_raw": publish / raw, "digest_ok": digest_ok,
+        "lent": lent, "packed": packed, "digest_ok": digest_ok,
     });
     println!("RESULT {result}");
     if !digest_ok {

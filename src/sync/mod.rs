@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 pub mod gpu_digest;
+pub mod lease;
 #[cfg(feature = "cuda")]
 pub mod nccl_publish;
 pub mod nccl_receiver;

@@ -20,6 +20,7 @@ use crate::rpc::pb;
 
 use super::client::{Published, SidecarClient, SyncError};
 use super::gpu_digest::GpuDigest;
+use super::lease::Lease;
 use super::nccl_sync::device_plan;
 use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;
@@ -28,14 +29,22 @@ use super::plan::WeightSet;
 #[derive(Default)]
 struct Progress {
     ready: Vec<CudaEvent>,
+    /// The last event in `ready` covers every bucket (lent weights: nothing to pack).
+    whole: bool,
     failed: Option<String>,
 }
 
-/// One version's weights packed on the learner's GPU for NCCL (see [`super::nccl_sync`]).
-/// The buffer is allocated first; [`PackedWeights::pack_from`] then queues the packing copies
-/// and marks each bucket ready as its copies are queued, while a sender on another thread
-/// already broadcasts the buckets that are ready. A CPU packing for sidecars served over the
-/// gRPC stream is made on demand.
+/// One version's weights on the learner's GPU for NCCL (see [`super::nccl_sync`]), in one of
+/// two ways:
+/// - packed: a buffer is allocated first; [`PackedWeights::pack_from`] then queues the packing
+///   copies and marks each bucket ready as its copies are queued, while a sender on another
+///   thread already broadcasts the buckets that are ready;
+/// - lent ([`PackedWeights::lend`]): the learner's live flat buffer already is the packed
+///   layout, so the buckets are sent from it without a copy, under a [`Lease`] that holds the
+///   next optimizer update until [`PackedWeights::release`]. Once the lease ended these
+///   weights are void: sending or a CPU copy is refused.
+///
+/// A CPU packing for sidecars served over the gRPC stream is made on demand.
 pub struct PackedWeights {
     names: Vec<(String, Vec<i64>)>,
     layout: PackLayout,
@@ -44,6 +53,7 @@ pub struct PackedWeights {
     progress: Mutex<Progress>,
     packed: Condvar,
     cpu: OnceLock<Arc<WeightSet>>,
+    lease: Option<Arc<Lease>>,
     /// The learner's CUDA device index.
     pub gpu: usize,
 }
@@ -67,8 +77,71 @@ impl PackedWeights {
             progress: Mutex::new(Progress::default()),
             packed: Condvar::new(),
             cpu: OnceLock::new(),
+            lease: None,
             gpu,
         }
+    }
+
+    /// The live weights, lent: `flat` holds `tensors` back to back in plan order, in a wire
+    /// dtype (the bf16 high halves of split masters). Nothing is copied; the buckets are views
+    /// of `flat`, ready once the work tch queued so far (the update that made this version)
+    /// has run. The caller hands `lease` to the writer of `flat` (the trainer), whose next
+    /// update waits for it.
+    pub fn lend(
+        tensors: &[(String, Tensor)],
+        flat: &Tensor,
+        gpu: usize,
+        bucket_bytes: u64,
+        lease: Arc<Lease>,
+    ) -> Result<Self, CommError> {
+        let wire = flat.kind();
+        let numels: Vec<i64> = tensors.iter().map(|(_, t)| t.numel() as i64).collect();
+        let layout = PackLayout::new(&numels, wire.elt_size_in_bytes() as u64, bucket_bytes);
+        if !matches!(wire, Kind::BFloat16 | Kind::Float)
+            || flat.numel() as i64 != layout.total
+            || flat.device() != Device::Cuda(gpu)
+        {
+            return Err(CommError::Cuda(format!(
+                "cannot lend a flat buffer of {} {wire:?} elements on {:?} for {} elements on cuda:{gpu}",
+                flat.numel(),
+                flat.device(),
+                layout.total
+            )));
+        }
+        let ctx = device_context(gpu)?;
+        let ready = mark_torch_stream(&ctx)?;
+        Ok(Self {
+            names: tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect(),
+            layout,
+            wire,
+            flat: Mutex::new(flat.shallow_clone()),
+            progress: Mutex::new(Progress {
+                ready: vec![ready],
+                whole: true,
+                failed: None,
+            }),
+            packed: Condvar::new(),
+            cpu: OnceLock::new(),
+            lease: Some(lease),
+            gpu,
+        })
+    }
+
+    /// Whether these weights may still be read: always for a packed copy; for lent weights,
+    /// until the lease ended.
+    pub fn is_current(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.is_out())
+    }
+
+    /// Lent weights: every send that reads them has finished; the optimizer may go on.
+    pub fn release(&self) {
+        if let Some(l) = &self.lease {
+            l.give_back();
+        }
+    }
+
+    fn void() -> CommError {
+        CommError::Cuda("the lent weights changed (a newer version exists); this version is void".into())
     }
 
     /// Queues the copies of `tensors` (the same ones, in order, as given to `new`) into the
@@ -155,9 +228,13 @@ impl PackedWeights {
 
     /// Waits until bucket k is packed (queued), at most until `until`; returns its event.
     fn wait_bucket(&self, k: usize, until: Instant) -> Result<cudarc::driver::sys::CUevent, CommError> {
+        if !self.is_current() {
+            return Err(Self::void());
+        }
         let mut p = self.progress.lock().map_err(|_| poisoned())?;
         loop {
-            if let Some(ev) = p.ready.get(k) {
+            let covered = if p.whole { p.ready.last() } else { p.ready.get(k) };
+            if let Some(ev) = covered {
                 return Ok(ev.cu_event());
             }
             if let Some(why) = &p.failed {
@@ -179,26 +256,29 @@ impl PackedWeights {
         device_plan(&self.names, self.wire, &self.layout)
     }
 
-    /// The gRPC stream's packing of the same weights (fp32 on the CPU), once packed.
-    pub fn cpu_set(&self) -> Arc<WeightSet> {
-        self.cpu
-            .get_or_init(|| {
-                let until = Instant::now() + Duration::from_secs(60);
-                let all_packed = (0..self.layout.bucket_count()).all(|k| self.wait_bucket(k, until).is_ok());
-                let tensors = self.flat.lock().ok().filter(|_| all_packed).map(|flat| {
-                    let shapes: Vec<Vec<i64>> = self.names.iter().map(|(_, s)| s.clone()).collect();
-                    let views = self.layout.tensor_views(&flat, &shapes);
-                    let named: Vec<(String, Tensor)> = self
-                        .names
-                        .iter()
-                        .zip(views)
-                        .map(|((n, _), v)| (n.clone(), v.to_device(Device::Cpu).to_kind(Kind::Float)))
-                        .collect();
-                    WeightSet::pack(&named)
-                });
-                Arc::new(tensors.unwrap_or_else(|| WeightSet::pack(&[])))
-            })
-            .clone()
+    /// The gRPC stream's packing of the same weights (fp32 on the CPU), once packed. Lent
+    /// weights must be copied while the lease is out.
+    pub fn cpu_set(&self) -> Result<Arc<WeightSet>, CommError> {
+        if let Some(set) = self.cpu.get() {
+            return Ok(set.clone());
+        }
+        let until = Instant::now() + Duration::from_secs(60);
+        for k in 0..self.layout.bucket_count() {
+            self.wait_bucket(k, until)?;
+        }
+        let flat = self.flat.lock().map_err(|_| poisoned())?;
+        let shapes: Vec<Vec<i64>> = self.names.iter().map(|(_, s)| s.clone()).collect();
+        let views = self.layout.tensor_views(&flat, &shapes);
+        let named: Vec<(String, Tensor)> = self
+            .names
+            .iter()
+            .zip(views)
+            .map(|((n, _), v)| (n.clone(), v.to_device(Device::Cpu).to_kind(Kind::Float)))
+            .collect();
+        if !self.is_current() {
+            return Err(Self::void());
+        }
+        Ok(self.cpu.get_or_init(|| Arc::new(WeightSet::pack(&named))).clone())
     }
 
     /// Broadcasts the buckets over `comm` (as rank 0), each as soon as it is packed; returns
@@ -240,10 +320,35 @@ pub enum NcclPublishError {
     /// trusted again.
     #[error("the NCCL send thread did not return within {0:.1}s and was abandoned")]
     Wedged(f64),
+    /// The sidecar stopped answering its gRPC health check during the transfer (its process
+    /// died): the send is abandoned at once rather than at the deadline.
+    #[error("the sidecar stopped answering health checks during the transfer; send abandoned")]
+    PeerDead,
 }
 
-/// Publishes `weights` as `version` over NCCL to one sidecar; returns the outcome and the
-/// communicator to keep (none after a failure).
+/// How often the sidecar's health is checked during a transfer, and how many failures in a
+/// row mean it is dead.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+const HEALTH_MISSES: u32 = 2;
+
+/// Resolves once the sidecar failed [`HEALTH_MISSES`] health checks in a row.
+async fn until_dead(client: &SidecarClient) {
+    let mut misses = 0;
+    loop {
+        tokio::time::sleep(HEALTH_EVERY).await;
+        if client.health().await.is_ok() {
+            misses = 0;
+        } else {
+            misses += 1;
+            if misses >= HEALTH_MISSES {
+                return;
+            }
+        }
+    }
+}
+
+/// Publishes `weights` as `version` over NCCL to one sidecar on `comm` (see [`connect`]);
+/// returns the outcome and the communicator to keep (none after a failure).
 pub async fn publish(
     client: &SidecarClient,
     comm: Option<Communicator>,
@@ -270,17 +375,24 @@ pub async fn publish(
         let result = w.broadcast(&mut comm, deadline);
         (result, comm)
     });
-    // The blocking thread polls its own deadline and aborts the communicator; this watchdog
-    // is the last line: should NCCL or the driver block that thread anyway, the broadcaster
-    // gives up on it (the thread and its communicator are abandoned) and training and the
-    // other sidecars go on.
+    // The blocking thread polls its own deadline and aborts the communicator. Two watchers
+    // stand behind it: a dead sidecar (failed health checks) ends the wait at once, and should
+    // NCCL or the driver block that thread anyway, the deadline plus 5 s does. Either way the
+    // thread and its communicator are abandoned, and training and the other sidecars go on.
     let watchdog = deadline + Duration::from_secs(5);
-    let sent = match tokio::time::timeout(watchdog, sending).await {
-        Ok(joined) => joined,
-        Err(_) => {
-            tracing::error!(sidecar = %client.addr, seconds = watchdog.as_secs_f64(),
-                "the NCCL send thread did not return; abandoning it and its communicator");
-            return (Err(NcclPublishError::Wedged(watchdog.as_secs_f64())), None);
+    let sent = tokio::select! {
+        joined = tokio::time::timeout(watchdog, sending) => match joined {
+            Ok(joined) => joined,
+            Err(_) => {
+                tracing::error!(sidecar = %client.addr, seconds = watchdog.as_secs_f64(),
+                    "the NCCL send thread did not return; abandoning it and its communicator");
+                return (Err(NcclPublishError::Wedged(watchdog.as_secs_f64())), None);
+            }
+        },
+        _ = until_dead(client) => {
+            tracing::error!(sidecar = %client.addr, seconds = started.elapsed().as_secs_f64(),
+                "the sidecar died during the NCCL transfer; abandoning the send and its communicator");
+            return (Err(NcclPublishError::PeerDead), None);
         }
     };
     let (digest, comm) = match sent {
@@ -301,8 +413,12 @@ pub async fn publish(
     )
 }
 
+/// How long our own join may take once the sidecar accepted JoinNccl. A join that misses it
+/// (seen after a peer died mid-transfer) means NCCL with this sidecar is not to be trusted.
+const JOIN_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Creates a communicator with the sidecar: a new unique id, JoinNccl, and our own join.
-async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator, NcclPublishError> {
+pub async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator, NcclPublishError> {
     let id = new_unique_id()?;
     match client.join_nccl(id.to_hex(), 1, 2).await {
         Ok(()) => {}
@@ -311,11 +427,14 @@ async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator, Ncc
         }
         Err(e) => return Err(e.into()),
     }
-    let joined = tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, Duration::from_secs(120)))
+    let joined = tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, JOIN_DEADLINE))
         .await
         .map_err(|e| NcclPublishError::Thread(e.to_string()))?;
     match joined {
         Ok(c) => Ok(c),
+        Err(CommError::Deadline { secs, .. }) => Err(NcclPublishError::Unsupported(format!(
+            "the NCCL join did not complete in {secs:.1}s"
+        ))),
         // Both ends answered but NCCL refused (for example both ranks on one GPU): this pair
         // cannot use NCCL, so the sidecar gets the gRPC stream from now on.
         Err(CommError::Nccl { call, message }) => Err(NcclPublishError::Unsupported(format!(

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -13,6 +13,7 @@ use crate::grpo::loss::{LossStats, MicroTensors, StepNorm};
 use crate::grpo::{LossConfig, TrainBatch};
 use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
+use crate::sync::lease::{Lease, LeaseEnd};
 
 use super::adamw::{slice_groups, AdamW, AdamWConfig, MasterParam, SLICE_ELEMENTS};
 use super::layers::LayerSet;
@@ -102,6 +103,9 @@ pub struct StepMetrics {
     /// Positions computed, padding included.
     pub padded_tokens: u64,
     pub compute_time_s: f64,
+    /// Seconds this step's optimizer update waited for a weight sync sending straight from the
+    /// live weights (see [`crate::sync::lease`]).
+    pub sync_hold_s: f64,
 }
 
 /// Errors building a trainer.
@@ -140,6 +144,8 @@ pub struct Trainer {
     low: Option<BTreeMap<String, Tensor>>,
     /// When the masters are split: the flat buffer the high halves are views of, in name order.
     flat_compute: Option<Tensor>,
+    /// Leases on the live weights taken by syncs; the next optimizer step ends them first.
+    lent: Mutex<Vec<Arc<Lease>>>,
     model: Transformer,
     trainable: Vec<MasterParam>,
     optimizer: AdamW,
@@ -235,6 +241,7 @@ impl Trainer {
             params,
             low,
             flat_compute,
+            lent: Mutex::new(Vec::new()),
             model,
             trainable,
             optimizer,
@@ -263,6 +270,29 @@ impl Trainer {
     /// halves of split masters), when there is one.
     pub fn flat_compute(&self) -> Option<Tensor> {
         self.flat_compute.as_ref().map(Tensor::shallow_clone)
+    }
+
+    /// Lends the live weights to a sync that reads them without a copy: the next optimizer
+    /// step waits until `lease` is given back (at most its limit) before changing them.
+    pub fn lend(&self, lease: Arc<Lease>) {
+        self.lent.lock().unwrap_or_else(|p| p.into_inner()).push(lease);
+    }
+
+    /// Ends every lease before the weights change; returns the seconds waited.
+    fn end_leases(&self) -> f64 {
+        let leases: Vec<Arc<Lease>> = std::mem::take(&mut *self.lent.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut waited = 0.0;
+        for lease in leases {
+            let end = lease.end();
+            waited += end.waited().as_secs_f64();
+            if let LeaseEnd::TimedOut(d) = end {
+                tracing::warn!(
+                    seconds = d.as_secs_f64(),
+                    "a weight sync kept the live weights past its limit; the optimizer step goes on and that sync's version is void"
+                );
+            }
+        }
+        waited
     }
 
     /// Number of scalar parameters.
@@ -356,6 +386,7 @@ impl Trainer {
         let grads: Vec<Tensor> = self.trainable.iter().map(|p| p.value.grad()).collect();
         let (grad_norm, grad_scale) = self.clip_coefficient(&grads);
         let lr = self.config.schedule.lr_at(self.steps_done);
+        let sync_hold_s = self.end_leases();
         {
             let gate = self.shared.as_ref().map(|s| s.gate.clone());
             let _exclusive = gate.as_ref().map(|g| g.write());
@@ -396,6 +427,7 @@ impl Trainer {
             micro_batches: batch.micro_batches.len() as u64,
             padded_tokens: padded,
             compute_time_s: started.elapsed().as_secs_f64(),
+            sync_hold_s,
         })
     }
 
