@@ -36,11 +36,21 @@ pub fn mark_torch_stream(ctx: &Arc<CudaContext>) -> Result<CudaEvent, CommError>
 }
 
 /// The CUDA context (the device's primary one, which libtorch uses too) of device `gpu`.
+///
+/// cudarc's event tracking is turned off: it orders cudarc's own buffers across streams, which
+/// we do not use, and with it on, the first stream made on a context handle synchronizes the
+/// whole device (`cuCtxSynchronize`). That waits for every kernel of the process, so one NCCL
+/// kernel stuck on a peer that died mid-transfer would block every later communicator's join
+/// for good.
 pub fn device_context(gpu: usize) -> Result<Arc<CudaContext>, CommError> {
     if !available() {
         return Err(CommError::Unavailable);
     }
-    CudaContext::new(gpu).map_err(|e| CommError::Cuda(e.to_string()))
+    let ctx = CudaContext::new(gpu).map_err(|e| CommError::Cuda(e.to_string()))?;
+    // SAFETY: no cudarc-managed buffer (CudaSlice) is made on this handle; our streams are
+    // ordered with explicit events.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
 }
 
 /// A communicator's 128-byte unique id, passed from rank 0 to the others (hex on the wire).
@@ -128,7 +138,7 @@ impl Communicator {
         if !available() {
             return Err(CommError::Unavailable);
         }
-        let ctx = CudaContext::new(device).map_err(|e| CommError::Cuda(e.to_string()))?;
+        let ctx = device_context(device)?;
         ctx.bind_to_thread().map_err(|e| CommError::Cuda(e.to_string()))?;
         let stream = ctx.new_stream().map_err(|e| CommError::Cuda(e.to_string()))?;
         let mut raw = nc::ncclUniqueId { internal: [0; 128] };

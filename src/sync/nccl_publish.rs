@@ -427,9 +427,18 @@ pub async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator,
         }
         Err(e) => return Err(e.into()),
     }
-    let joined = tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, JOIN_DEADLINE))
-        .await
-        .map_err(|e| NcclPublishError::Thread(e.to_string()))?;
+    let joining = tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, JOIN_DEADLINE));
+    // The join polls its own deadline; should CUDA or NCCL block the thread before it can,
+    // the thread is abandoned a little later.
+    let joined = match tokio::time::timeout(JOIN_DEADLINE + Duration::from_secs(10), joining).await {
+        Ok(joined) => joined.map_err(|e| NcclPublishError::Thread(e.to_string()))?,
+        Err(_) => {
+            return Err(NcclPublishError::Unsupported(format!(
+                "the NCCL join blocked past {:.0}s",
+                JOIN_DEADLINE.as_secs_f64() + 10.0
+            )))
+        }
+    };
     match joined {
         Ok(c) => Ok(c),
         Err(CommError::Deadline { secs, .. }) => Err(NcclPublishError::Unsupported(format!(
