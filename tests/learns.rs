@@ -6,7 +6,7 @@ mod common;
 use grpo_node::actors::messages::RawBatch;
 use grpo_node::actors::preprocessor::prepare;
 use grpo_node::checkpoint::BatchSeq;
-use grpo_node::grpo::Limits;
+use grpo_node::grpo::{Limits, TrainBatch};
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::ModelSpec;
 use grpo_node::train::Trainer;
@@ -42,36 +42,39 @@ fn groups() -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn positive_completions_gain_probability() {
-    let dir = common::tiny_model("llama", &[]);
-    let spec = ModelSpec::from_dir(dir.path()).expect("spec");
-    let params = load_params(&spec, dir.path(), Device::Cpu).expect("load");
-    let steps = 12;
+/// A trainer for the tiny llama in `dir`, and one batch builder over [`groups`] (no rollout
+/// logprobs: on-policy training, ratio 1, as with --allow-missing-logprobs).
+fn trainer_and_batches(dir: &std::path::Path, steps: u64) -> (Trainer, impl Fn(u64) -> TrainBatch) {
+    let spec = ModelSpec::from_dir(dir).expect("spec");
+    let params = load_params(&spec, dir, Device::Cpu).expect("load");
     let config = common::trainer_config(common::ppo_loss(), 3e-3, 2, steps);
-    let mut trainer = Trainer::new(&spec, params, None, config).expect("trainer");
-    // No rollout logprobs: on-policy training (ratio 1), as with --allow-missing-logprobs.
+    let trainer = Trainer::new(&spec, params, None, config).expect("trainer");
     let limits = Limits {
         vocab_size: spec.vocab_size,
         seq_len: 64,
         truncate_long: false,
         allow_missing_logprobs: true,
     };
+    let batch = move |seq: u64| {
+        let raw = RawBatch {
+            seq: BatchSeq(seq),
+            groups: groups(),
+            wait_time_s: 0.0,
+        };
+        prepare(raw, &limits, 4).batch.expect("valid batch")
+    };
+    (trainer, batch)
+}
+
+#[test]
+fn positive_completions_gain_probability() {
+    let dir = common::tiny_model("llama", &[]);
+    let steps = 12;
+    let (mut trainer, batch) = trainer_and_batches(dir.path(), steps);
     let mut pos = Vec::new();
     let mut neg = Vec::new();
     for step in 0..steps {
-        let prepared = prepare(
-            RawBatch {
-                seq: BatchSeq(step + 1),
-                groups: groups(),
-                wait_time_s: 0.0,
-            },
-            &limits,
-            4,
-        );
-        let m = trainer
-            .train(&prepared.batch.expect("valid batch"))
-            .expect("train step");
+        let m = trainer.train(&batch(step + 1)).expect("train step");
         assert!((m.mean_ratio - 1.0).abs() < 1e-6, "on-policy ratio is exactly 1");
         pos.push(m.pos_logp_mean);
         neg.push(m.neg_logp_mean);
@@ -100,33 +103,11 @@ fn a_lent_version_holds_the_optimizer_until_given_back() {
     use std::time::Duration;
 
     let dir = common::tiny_model("llama", &[]);
-    let spec = ModelSpec::from_dir(dir.path()).expect("spec");
-    let params = load_params(&spec, dir.path(), Device::Cpu).expect("load");
-    let config = common::trainer_config(common::ppo_loss(), 3e-3, 2, 4);
-    let mut trainer = Trainer::new(&spec, params, None, config).expect("trainer");
-    let limits = Limits {
-        vocab_size: spec.vocab_size,
-        seq_len: 64,
-        truncate_long: false,
-        allow_missing_logprobs: true,
-    };
-    let batch = || {
-        prepare(
-            RawBatch {
-                seq: BatchSeq(1),
-                groups: groups(),
-                wait_time_s: 0.0,
-            },
-            &limits,
-            4,
-        )
-        .batch
-        .expect("valid batch")
-    };
+    let (mut trainer, batch) = trainer_and_batches(dir.path(), 4);
     let returned = Arc::new(Lease::new(Duration::from_secs(60)));
     trainer.lend(returned.clone());
     returned.give_back();
-    let m = trainer.train(&batch()).expect("step");
+    let m = trainer.train(&batch(1)).expect("step");
     assert!(
         m.sync_hold_s < 1.0,
         "a returned lease does not hold the step: {}",
@@ -136,7 +117,7 @@ fn a_lent_version_holds_the_optimizer_until_given_back() {
     let wedged = Arc::new(Lease::new(Duration::from_millis(300)));
     trainer.lend(wedged.clone());
     let before = trainer.master_snapshot();
-    let m = trainer.train(&batch()).expect("step");
+    let m = trainer.train(&batch(1)).expect("step");
     assert!(m.sync_hold_s >= 0.3, "the step waited out the limit: {}", m.sync_hold_s);
     assert!(!wedged.is_out(), "after the limit the lent version is void");
     let changed = before
@@ -144,6 +125,6 @@ fn a_lent_version_holds_the_optimizer_until_given_back() {
         .zip(trainer.master_snapshot())
         .any(|((_, a), (_, b))| !a.equal(&b));
     assert!(changed, "the step went on after the limit");
-    let m = trainer.train(&batch()).expect("step");
+    let m = trainer.train(&batch(1)).expect("step");
     assert!(m.sync_hold_s < 1.0, "a lease holds one step only: {}", m.sync_hold_s);
 }

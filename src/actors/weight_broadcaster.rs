@@ -182,13 +182,11 @@ async fn send(
         Payload::Device(weights) => {
             use crate::sync::nccl_publish::{connect, publish, NcclPublishError};
             let mut link = link;
+            let mut hold = Some(hold);
             if !link.grpc_only && link.comm.is_none() {
                 // Making a communicator may take long: the lent weights are not held meanwhile.
-                let weak = Arc::downgrade(&hold);
-                drop(hold);
-                let joined = connect(&client, weights.gpu).await;
-                let hold = weak.upgrade();
-                match joined {
+                let weak = hold.take().map(|h| Arc::downgrade(&h));
+                match connect(&client, weights.gpu).await {
                     Ok(comm) => link.comm = Some(comm),
                     Err(NcclPublishError::Unsupported(why)) => {
                         tracing::info!(sidecar = %client.addr, reason = %why, "no NCCL with this sidecar: using the gRPC stream");
@@ -196,10 +194,10 @@ async fn send(
                     }
                     Err(e) => return (Outcome::Failed(format!("nccl: {e}")), link),
                 }
-                let Some(hold) = hold else {
+                hold = weak.and_then(|w| w.upgrade());
+                if hold.is_none() {
                     return (Outcome::Connected, link);
-                };
-                return Box::pin(send(client, job.clone(), bucket_bytes, link, hold)).await;
+                }
             }
             if link.grpc_only {
                 let set = weights.cpu_set();
@@ -212,7 +210,10 @@ async fn send(
                     ),
                 };
             }
-            let (result, comm) = publish(&client, link.comm.take(), weights.clone(), job.version).await;
+            let Some(comm) = link.comm.take() else {
+                return (Outcome::Failed("no NCCL communicator".into()), link);
+            };
+            let (result, comm) = publish(&client, comm, weights.clone(), job.version).await;
             drop(hold);
             match result {
                 Ok(p) => (Outcome::Published(p), Link { grpc_only: false, comm }),

@@ -66,11 +66,10 @@ impl PackedWeights {
             Some(Kind::Float) => Kind::Float,
             _ => Kind::BFloat16,
         };
-        let numels: Vec<i64> = tensors.iter().map(|(_, t)| t.numel() as i64).collect();
-        let layout = PackLayout::new(&numels, wire.elt_size_in_bytes() as u64, bucket_bytes);
+        let (names, layout) = plan_of(tensors, wire, bucket_bytes);
         let flat = flat_buffer(&layout, wire, Device::Cuda(gpu));
         Self {
-            names: tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect(),
+            names,
             layout,
             wire,
             flat: Mutex::new(flat),
@@ -95,8 +94,7 @@ impl PackedWeights {
         lease: Arc<Lease>,
     ) -> Result<Self, CommError> {
         let wire = flat.kind();
-        let numels: Vec<i64> = tensors.iter().map(|(_, t)| t.numel() as i64).collect();
-        let layout = PackLayout::new(&numels, wire.elt_size_in_bytes() as u64, bucket_bytes);
+        let (names, layout) = plan_of(tensors, wire, bucket_bytes);
         if !matches!(wire, Kind::BFloat16 | Kind::Float)
             || flat.numel() as i64 != layout.total
             || flat.device() != Device::Cuda(gpu)
@@ -111,7 +109,7 @@ impl PackedWeights {
         let ctx = device_context(gpu)?;
         let ready = mark_torch_stream(&ctx)?;
         Ok(Self {
-            names: tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect(),
+            names,
             layout,
             wire,
             flat: Mutex::new(flat.shallow_clone()),
@@ -297,6 +295,14 @@ impl PackedWeights {
     }
 }
 
+/// Names and shapes of `tensors`, and their layout back to back in `wire` in buckets of about
+/// `bucket_bytes`.
+fn plan_of(tensors: &[(String, Tensor)], wire: Kind, bucket_bytes: u64) -> (Vec<(String, Vec<i64>)>, PackLayout) {
+    let numels: Vec<i64> = tensors.iter().map(|(_, t)| t.numel() as i64).collect();
+    let layout = PackLayout::new(&numels, wire.elt_size_in_bytes() as u64, bucket_bytes);
+    (tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect(), layout)
+}
+
 fn poisoned() -> CommError {
     CommError::Nccl {
         call: "packing",
@@ -347,22 +353,15 @@ async fn until_dead(client: &SidecarClient) {
     }
 }
 
-/// Publishes `weights` as `version` over NCCL to one sidecar on `comm` (see [`connect`]);
+/// Publishes `weights` as `version` over NCCL to one sidecar on `comm` (made by [`connect`]);
 /// returns the outcome and the communicator to keep (none after a failure).
 pub async fn publish(
     client: &SidecarClient,
-    comm: Option<Communicator>,
+    comm: Communicator,
     weights: Arc<PackedWeights>,
     version: PolicyVersion,
 ) -> (Result<Published, NcclPublishError>, Option<Communicator>) {
     let started = Instant::now();
-    let comm = match comm {
-        Some(c) => c,
-        None => match connect(client, weights.gpu).await {
-            Ok(c) => c,
-            Err(e) => return (Err(e), None),
-        },
-    };
     let plan = weights.plan();
     let bytes = plan.total_bytes;
     if let Err(e) = client.begin_nccl(version, plan).await {
