@@ -26,6 +26,7 @@
 //! | [`actors`] | the learner node's ractor actors and their messages |
 //! | [`roles`] | each `--role`: builds its supervision tree and runs it |
 //! | [`rpc`] | gRPC (`proto/grpo/v1`): the learner status service |
+//! | [`runtime`] | the async runtime, and leaving it past threads stuck inside NCCL or the driver |
 //! | [`telemetry`] | logging, `metrics.jsonl`, the per-step stderr line |
 
 pub mod actors;
@@ -40,6 +41,7 @@ pub mod launch;
 pub mod model;
 pub mod roles;
 pub mod rpc;
+pub mod runtime;
 pub mod sync;
 pub mod telemetry;
 pub mod torch_ext;

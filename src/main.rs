@@ -1,7 +1,5 @@
 //! `grpo-node`: parse, set up logging and the runtime, dispatch to a role.
 
-use std::process::ExitCode;
-
 use anyhow::Context;
 use std::path::PathBuf;
 
@@ -70,17 +68,15 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+/// Runs `fut` on the async runtime (see [`grpo_node::runtime::block_on`]).
+fn block_on<F: std::future::Future>(fut: F) -> anyhow::Result<F::Output> {
+    grpo_node::runtime::block_on(fut).context("starting the async runtime")
 }
 
 fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
     match cli.tool {
         Some(Tool::Launch { manifest }) => {
-            let code = runtime()?.block_on(grpo_node::launch::launch(&manifest, shutdown_signal()))?;
+            let code = block_on(grpo_node::launch::launch(&manifest, shutdown_signal()))??;
             if code != 0 {
                 anyhow::bail!("the main process exited with {code}");
             }
@@ -98,36 +94,37 @@ fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
     match role {
         Role::Learner => {
             let cfg = cli.learner.resolve()?;
-            Ok(Some(runtime()?.block_on(roles::learner::run(cfg, shutdown_signal()))?))
+            Ok(Some(block_on(roles::learner::run(cfg, shutdown_signal()))??))
         }
         Role::InferenceSidecar => {
             let cfg = cli.sidecar.resolve(cli.learner)?;
-            runtime()?.block_on(roles::sidecar::run(cfg, shutdown_signal()))?;
+            block_on(roles::sidecar::run(cfg, shutdown_signal()))??;
             Ok(None)
         }
     }
 }
 
-fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
     telemetry::init_logging();
-    match run(cli) {
-        Ok(None) => ExitCode::SUCCESS,
+    let code = match run(cli) {
+        Ok(None) => 0,
         Ok(Some(RunOutcome::Completed { steps })) => {
             tracing::info!(steps, "training complete");
-            ExitCode::SUCCESS
+            0
         }
         Ok(Some(RunOutcome::Interrupted { steps })) => {
             tracing::info!(steps, "stopped by signal; rerun with --resume to continue");
-            ExitCode::SUCCESS
+            0
         }
         Ok(Some(RunOutcome::Failed(reason))) => {
             eprintln!("error: {reason}");
-            ExitCode::FAILURE
+            1
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            2
         }
-    }
+    };
+    grpo_node::runtime::exit(code)
 }

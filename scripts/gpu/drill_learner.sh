@@ -54,7 +54,18 @@ for cycle in $(seq 1 "$CYCLES"); do
   if [ "$cycle" -lt "$CYCLES" ]; then B=$(sidecar b 19002 19052 "$KILL_AT"); else B=$(sidecar b 19002 19052); fi
   echo "cycle $cycle: sidecar B restarted at learner step $(steps)"
 done
-wait "$LEARNER"; echo "learner exit $?"
+# The learner must also exit once done, even with send threads abandoned inside NCCL.
+while kill -0 "$LEARNER" 2>/dev/null && ! grep -q "final_model" "$OUT/learner.log"; do sleep 0.2; done
+for _ in $(seq 1 300); do kill -0 "$LEARNER" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$LEARNER" 2>/dev/null; then
+  echo "learner still running 30 s after its final checkpoint: its threads follow; killing it"
+  { command -v gdb > /dev/null && gdb -p "$LEARNER" -batch -ex "thread apply all bt" 2>&1 \
+      || for t in /proc/"$LEARNER"/task/*; do echo "$t $(cat "$t/comm") $(cat "$t/wchan" 2>/dev/null)"; done; } \
+    > "$OUT/learner_stacks.txt" 2>&1
+  grep -E "^Thread|nccl|cu[A-Z]" "$OUT/learner_stacks.txt" | head -40
+  kill -9 "$LEARNER"
+fi
+wait "$LEARNER"; echo "learner exit $? ($(grep -c 'exiting without exit handlers' "$OUT/learner.log") exits past stuck NCCL threads logged)"
 kill "$ENV" "$A" "$B" "$API" 2>/dev/null; wait 2>/dev/null
 cp "$RUN/checkpoints/metrics.jsonl" "$OUT/" 2>/dev/null
 python3 - "$OUT/metrics.jsonl" <<'PY'

@@ -43,3 +43,4 @@ print(f"| {len(rows)} | {wall:.1f} | {60*len(rows)/wall:.1f} | {compute/wall:.1%
 PY
 echo "sidecar updates: $(grep -c 'weights updated' "$RUN/logs/sidecar.log" 2>/dev/null), over NCCL: $(grep 'weights updated' "$RUN/logs/sidecar.log" 2>/dev/null | grep -c 'nccl')"
 grep -hE "NCCL|nccl" "$RUN"/logs/learner.log "$RUN"/logs/sidecar.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | grep -v "weights updated" | cut -c1-220 | head -5
+true

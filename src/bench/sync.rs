@@ -4,7 +4,9 @@
 //! and the publish as the learner and sidecar run it, two ways: `lent` (rank 0 sends the
 //! `--sync-bucket-mb` buckets straight from the live flat weights, as a learner with split
 //! masters does, holding its next update) and `packed` (rank 0 packs the weights into a new
-//! buffer and sends each bucket once packed, as a learner with fp32 masters does). Rank 1
+//! buffer and sends each bucket once packed, as a learner with fp32 masters does). The lent
+//! publish is measured again with the communicator's stream at the default priority instead
+//! of the greatest (`lent_default_priority`), to show what the priority buys. Rank 1
 //! receives into one flat buffer; both digest every bucket on the GPU while later ones are on
 //! the wire; then the digests are compared. The reference,
 //! `torch.distributed.broadcast`, is `python/bench/ref_broadcast.py` on the same two GPUs.
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, UniqueId};
+use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, StreamPriority, UniqueId};
 use crate::comm::CommError;
 use crate::model::params::expected_shapes;
 use crate::sync::lease::Lease;
@@ -111,8 +113,9 @@ impl Default for Timings {
 impl Timings {
     fn summary(self, bytes: u64, raw: f64) -> serde_json::Value {
         let publish = median(self.publish);
+        let data = median(self.data);
         json!({
-            "publish_median_s": publish, "publish_data_median_s": median(self.data),
+            "publish_median_s": publish, "publish_data_median_s": data, "data_over_raw": data / raw,
             "publish_gb_per_s": bytes as f64 / 1e9 / publish, "publish_over_raw": publish / raw,
             "digest_ok": self.digest_ok,
         })
@@ -237,8 +240,10 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         |comm: &mut Communicator| comm.broadcast_group(std::slice::from_ref(&token), 0, Duration::from_secs(60));
     let mut raw_times = Vec::new();
     let mut lent = Timings::default();
+    let mut lent_default = Timings::default();
     let mut packed = Timings::default();
     for i in 0..args.iters + 2 {
+        comm.set_stream_priority(StreamPriority::Greatest).map_err(comm_err)?;
         barrier(&mut comm).map_err(comm_err)?;
         let t0 = Instant::now();
         comm.broadcast_group(std::slice::from_ref(&flat), 0, deadline)
@@ -247,7 +252,14 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         if i >= 2 {
             raw_times.push(raw);
         }
-        for (how, times) in [(Source::Lent, &mut lent), (Source::Packed, &mut packed)] {
+        // The lent publish twice: on the stream priority the node uses (the greatest), and on
+        // the default one, to show what the priority buys against the digest's kernels.
+        for (how, priority, times) in [
+            (Source::Lent, StreamPriority::Greatest, &mut lent),
+            (Source::Lent, StreamPriority::Default, &mut lent_default),
+            (Source::Packed, StreamPriority::Greatest, &mut packed),
+        ] {
+            comm.set_stream_priority(priority).map_err(comm_err)?;
             barrier(&mut comm).map_err(comm_err)?;
             // The publish as the learner and the sidecar run it: rank 0 sends the buckets
             // (straight from the live weights, or packed into a new buffer while earlier
@@ -273,14 +285,19 @@ pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
         }
     }
     let raw = median(raw_times);
-    let digest_ok = lent.digest_ok && packed.digest_ok;
-    let (lent, packed) = (lent.summary(bytes, raw), packed.summary(bytes, raw));
+    let digest_ok = lent.digest_ok && lent_default.digest_ok && packed.digest_ok;
+    let (lent, lent_default, packed) = (
+        lent.summary(bytes, raw),
+        lent_default.summary(bytes, raw),
+        packed.summary(bytes, raw),
+    );
     let result = json!({
         "bench": "sync", "impl": "grpo-node nccl", "rank": args.rank, "shape": args.shape.name(),
         "bytes": bytes, "tensors": weights.len(), "buckets": layout.bucket_count(),
         "bucket_mb": args.sync_bucket_mb, "iters": args.iters,
         "raw_median_s": raw, "raw_gb_per_s": bytes as f64 / 1e9 / raw,
-        "lent": lent, "packed": packed, "digest_ok": digest_ok,
+        "lent": lent, "lent_default_priority": lent_default, "packed": packed,
+        "digest_ok": digest_ok,
     });
     println!("RESULT {result}");
     if !digest_ok {

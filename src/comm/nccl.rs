@@ -115,6 +115,28 @@ pub fn new_unique_id() -> Result<UniqueId, CommError> {
     Ok(UniqueId(out))
 }
 
+/// The scheduling priority of a communicator's stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamPriority {
+    /// The device's highest: blocks of a transfer are scheduled before those of kernels queued
+    /// meanwhile on other streams (the digest, the next training step). What `join` makes.
+    Greatest,
+    /// The device's default.
+    Default,
+}
+
+fn new_stream(ctx: &Arc<CudaContext>, priority: StreamPriority) -> Result<Arc<CudaStream>, CommError> {
+    let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
+    match priority {
+        StreamPriority::Default => ctx.new_stream().map_err(cuda),
+        StreamPriority::Greatest => {
+            ctx.bind_to_thread().map_err(cuda)?;
+            let (_least, greatest) = cudarc::driver::result::stream::get_priority_range().map_err(cuda)?;
+            ctx.new_stream_with_priority(greatest).map_err(cuda)
+        }
+    }
+}
+
 /// One rank's membership of a communicator.
 pub struct Communicator {
     comm: nc::ncclComm_t,
@@ -140,7 +162,7 @@ impl Communicator {
         }
         let ctx = device_context(device)?;
         ctx.bind_to_thread().map_err(|e| CommError::Cuda(e.to_string()))?;
-        let stream = ctx.new_stream().map_err(|e| CommError::Cuda(e.to_string()))?;
+        let stream = new_stream(&ctx, StreamPriority::Greatest)?;
         let mut raw = nc::ncclUniqueId { internal: [0; 128] };
         for (r, b) in raw.internal.iter_mut().zip(id.0.iter()) {
             *r = *b as std::ffi::c_char;
@@ -179,6 +201,13 @@ impl Communicator {
         };
         me.wait_ready("ncclCommInitRankConfig", Instant::now() + deadline)?;
         Ok(me)
+    }
+
+    /// Runs later collectives on a new stream of `priority` (call between collectives; every
+    /// collective here returns only once its stream is idle).
+    pub fn set_stream_priority(&mut self, priority: StreamPriority) -> Result<(), CommError> {
+        self.stream = new_stream(&self.ctx, priority)?;
+        Ok(())
     }
 
     /// One look at the communicator: `Ok(true)` when its pending call completed, `Ok(false)`

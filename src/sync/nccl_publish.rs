@@ -370,6 +370,7 @@ pub async fn publish(
     let deadline = deadline_for(bytes, Duration::from_secs(10));
     let w = weights.clone();
     let sending = tokio::task::spawn_blocking(move || {
+        let _call = crate::runtime::DriverCall::enter();
         let mut comm = comm;
         let result = w.broadcast(&mut comm, deadline);
         (result, comm)
@@ -426,7 +427,10 @@ pub async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator,
         }
         Err(e) => return Err(e.into()),
     }
-    let joining = tokio::task::spawn_blocking(move || Communicator::join(&id, 0, 2, gpu, JOIN_DEADLINE));
+    let joining = tokio::task::spawn_blocking(move || {
+        let _call = crate::runtime::DriverCall::enter();
+        Communicator::join(&id, 0, 2, gpu, JOIN_DEADLINE)
+    });
     // The join polls its own deadline; should CUDA or NCCL block the thread before it can,
     // the thread is abandoned a little later.
     let joined = match tokio::time::timeout(JOIN_DEADLINE + Duration::from_secs(10), joining).await {

@@ -67,6 +67,7 @@ mod imp {
             let (tx, rx) = oneshot::channel();
             self.joining = Some(rx);
             tokio::task::spawn_blocking(move || {
+                let _call = crate::runtime::DriverCall::enter();
                 let outcome = Communicator::join(&id, rank, world, gpu, Duration::from_secs(120))
                     .map(|c| {
                         if let Ok(mut s) = slot.lock() {
@@ -101,6 +102,7 @@ mod imp {
             let device = self.device;
             let (tx, rx) = oneshot::channel();
             tokio::task::spawn_blocking(move || {
+                let _call = crate::runtime::DriverCall::enter();
                 let result = match slot.lock() {
                     Ok(mut guard) => match guard.as_mut() {
                         Some(comm) => {
