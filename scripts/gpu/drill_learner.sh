@@ -37,11 +37,20 @@ healthy() { for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$1/health" > /d
 for _ in $(seq 1 300); do curl -sf http://127.0.0.1:18000/ > /dev/null && break; sleep 0.1; done
 A=$(sidecar a 19001 19051); B=$(sidecar b 19002 19052 "$KILL_AT")
 healthy 19001 && healthy 19002 || { echo "sidecars never healthy"; tail -3 "$OUT"/sidecar_*.log; }
-RUST_LOG=info,grpo_node::comm=debug ./.gpu/grpo-node --role learner --model-name "$RUN/model" --atropos-url http://127.0.0.1:18000 \
+NCCL_DEBUG=${NCCL_DEBUG:-WARN} RUST_LOG=info,grpo_node::comm=debug ./.gpu/grpo-node --role learner --model-name "$RUN/model" --atropos-url http://127.0.0.1:18000 \
   --sidecar http://127.0.0.1:19051,http://127.0.0.1:19052 --batch-size 32 --gradient-accumulation-steps 4 \
   --seq-len 64 --lr 1e-3 --warmup-steps 2 --training-steps "$STEPS" --checkpoint-interval 100 \
   --save-path "$RUN/checkpoints" --device cuda:0 --sync-transport nccl --sync-bucket-mb 1 > "$OUT/learner.log" 2>&1 &
 LEARNER=$!
+# What a cut send leaves behind: 3 s after the first one, the learner's threads (state,
+# kernel wait channel, current syscall, CPU ticks over one second: a thread spinning in NCCL
+# burns ticks, one blocked in a lock or the driver does not) and GPU 0's utilization.
+threads() { for t in /proc/"$LEARNER"/task/*; do
+  echo "$(basename "$t") $(cut -d' ' -f3,14,15 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null) syscall=$(cut -d' ' -f1 "$t/syscall" 2>/dev/null)"
+done; }
+( while kill -0 "$LEARNER" 2>/dev/null && ! grep -q "died during the NCCL transfer" "$OUT/learner.log"; do sleep 0.2; done
+  sleep 3; { echo "# tid state utime stime"; threads; sleep 1; echo "# one second later"; threads
+  nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader; } > "$OUT/after_abandon.txt" 2>&1 ) &
 for _ in $(seq 1 600); do grep -q "registered with the Atropos API" "$OUT/learner.log" && break; sleep 0.1; done
 python3 python/envs/copy_env.py serve --env.tokenizer_name "$RUN/model" --env.rollout_server_url http://127.0.0.1:18000 \
   --openai.base_url http://127.0.0.1:19001/v1 --openai.server_type vllm > "$OUT/env.log" 2>&1 &
@@ -56,6 +65,8 @@ for cycle in $(seq 1 "$CYCLES"); do
 done
 # The learner must also exit once done, even with send threads abandoned inside NCCL.
 while kill -0 "$LEARNER" 2>/dev/null && ! grep -q "final_model" "$OUT/learner.log"; do sleep 0.2; done
+sleep 2; echo "GPU utilization after training ended (GPU 0 is the learner's; a kernel still spinning on a dead peer keeps it busy):"
+nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader
 for _ in $(seq 1 300); do kill -0 "$LEARNER" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$LEARNER" 2>/dev/null; then
   echo "learner still running 30 s after its final checkpoint: its threads follow; killing it"
@@ -86,3 +97,25 @@ print(f"reward first {k} -> last {k}: {sum(r['reward_mean'] for r in rows[:k])/k
 PY
 sed 's/\x1b\[[0-9;]*m//g' "$OUT/learner.log" | grep -E "sync failed|full sync|no NCCL with|died during|abandon|communicator made" | sed -E 's/^.*(WARN|INFO) //' | cut -c1-260
 for s in a b; do echo "sidecar $s: $(grep -c 'weights updated' "$OUT/sidecar_$s.log") updates, $(grep -c 'joined the learner' "$OUT/sidecar_$s.log") NCCL joins, $(grep -c 'GRPO_FAULT' "$OUT/sidecar_$s.log") fault kills"; done
+if [ -f "$OUT/after_abandon.txt" ]; then
+  python3 - "$OUT/after_abandon.txt" <<'PY'
+import sys
+blocks, cur = [], {}
+for line in open(sys.argv[1]):
+    if line.startswith("# "):
+        if cur: blocks.append(cur)
+        cur = {}
+    elif line[:1].isdigit() and " " in line and "wchan=" in line:
+        tid, state, ut, st, *rest = line.split()
+        cur[tid] = (state, int(ut) + int(st), " ".join(rest))
+    elif line.strip():
+        print("after the first abandoned send, GPU:", line.strip())
+if cur: blocks.append(cur)
+if len(blocks) == 2:
+    a, b = blocks
+    busy = [(t, b[t][1] - a[t][1], b[t][0], b[t][2]) for t in b if t in a and b[t][1] > a[t][1]]
+    print(f"learner threads 3 s after the first abandoned send: {len(b)}; burning CPU: {len(busy)}")
+    for t, d, state, rest in sorted(busy, key=lambda x: -x[1])[:8]:
+        print(f"  tid {t}: {d} ticks/s, state {state}, {rest}")
+PY
+fi

@@ -219,7 +219,7 @@ async fn send(
                 Ok(p) => (Outcome::Published(p), Link { grpc_only: false, comm }),
                 Err(e @ (NcclPublishError::Wedged(_) | NcclPublishError::PeerDead)) => {
                     tracing::error!(sidecar = %client.addr, error = %e,
-                        "NCCL send abandoned; a new communicator is made when the sidecar answers again");
+                        "NCCL send ended early; a new communicator is made when the sidecar answers again");
                     (
                         Outcome::Failed(format!("nccl: {e}")),
                         Link {

@@ -15,6 +15,8 @@ pub enum CommError {
     Nccl { call: &'static str, message: String },
     #[error("{what} did not finish within {secs:.1}s; the communicator was aborted")]
     Deadline { what: &'static str, secs: f64 },
+    #[error("{what} was cancelled (the peer is gone); the communicator was aborted")]
+    Cancelled { what: &'static str },
     #[error("unique id: {0}")]
     BadId(String),
     #[error("CUDA: {0}")]

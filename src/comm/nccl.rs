@@ -6,6 +6,7 @@
 //! (the legacy default stream) with events both ways, so a digest of bucket k can run while
 //! bucket k+1 is on the wire.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,6 +146,7 @@ pub struct Communicator {
     pub rank: i32,
     pub world: i32,
     aborted: bool,
+    cancel: Arc<AtomicBool>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls are not concurrent;
@@ -198,6 +200,7 @@ impl Communicator {
             rank,
             world,
             aborted: false,
+            cancel: Arc::new(AtomicBool::new(false)),
         };
         me.wait_ready("ncclCommInitRankConfig", Instant::now() + deadline)?;
         Ok(me)
@@ -213,6 +216,11 @@ impl Communicator {
     /// One look at the communicator: `Ok(true)` when its pending call completed, `Ok(false)`
     /// while it is in progress; an asynchronous error or a passed deadline aborts it.
     fn poll(&mut self, what: &'static str, started: Instant, until: Instant) -> Result<bool, CommError> {
+        if self.cancel.load(Ordering::Acquire) {
+            tracing::warn!(rank = self.rank, what, "NCCL call cancelled; aborting the communicator");
+            self.abort();
+            return Err(CommError::Cancelled { what });
+        }
         let mut state = nc::ncclResult_t::ncclSuccess;
         // SAFETY: valid communicator and out-pointer.
         check("ncclCommGetAsyncError", unsafe {
@@ -230,20 +238,34 @@ impl Communicator {
                 });
             }
         }
-        if Instant::now() >= until {
-            tracing::warn!(
-                rank = self.rank,
-                what,
-                seconds = started.elapsed().as_secs_f64(),
-                "NCCL deadline passed; aborting the communicator"
-            );
-            self.abort();
-            return Err(CommError::Deadline {
-                what,
-                secs: started.elapsed().as_secs_f64(),
-            });
-        }
+        self.check_deadline(what, started, until)?;
         Ok(false)
+    }
+
+    /// Aborts the communicator and fails once `until` has passed.
+    fn check_deadline(&mut self, what: &'static str, started: Instant, until: Instant) -> Result<(), CommError> {
+        if Instant::now() < until {
+            return Ok(());
+        }
+        tracing::warn!(
+            rank = self.rank,
+            what,
+            seconds = started.elapsed().as_secs_f64(),
+            "NCCL deadline passed; aborting the communicator"
+        );
+        self.abort();
+        Err(CommError::Deadline {
+            what,
+            secs: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// A flag that cancels this communicator's call in progress, from any thread: the waiting
+    /// thread sees it at its next poll (they run back to back), aborts the communicator itself
+    /// and returns [`CommError::Cancelled`]. The abort stays on the thread that owns the
+    /// communicator, so no NCCL call can race it.
+    pub fn canceller(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// Polls the communicator until its pending call completed; aborts it at `until`.
@@ -267,9 +289,11 @@ impl Communicator {
                 cu::cudaError_enum::CUDA_ERROR_NOT_READY => {}
                 other => return Err(CommError::Cuda(format!("cuStreamQuery: {other:?}"))),
             }
-            // The communicator being idle says nothing about the stream: only errors and the
-            // deadline end this wait.
+            // The communicator being idle says nothing about the stream (its kernels may wait on
+            // a peer that died mid-transfer): only errors, a cancel and the deadline end this
+            // wait, so the deadline is checked whatever the communicator reports.
             let _idle = self.poll(what, started, until)?;
+            self.check_deadline(what, started, until)?;
             std::thread::yield_now();
         }
     }

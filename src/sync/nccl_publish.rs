@@ -7,6 +7,7 @@
 //! refuses to connect (both ranks on one GPU) fails its join with an NCCL error: such a sidecar
 //! is then served over the gRPC stream.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -321,14 +322,13 @@ pub enum NcclPublishError {
     Comm(#[from] CommError),
     #[error("the NCCL thread stopped: {0}")]
     Thread(String),
-    /// The send thread outlived its deadline inside NCCL or the driver and was abandoned (seen
-    /// when the peer process died mid-transfer over NVLink): NCCL with this sidecar is not
-    /// trusted again.
+    /// The send thread outlived its deadline plus a grace and was abandoned (a thread blocked
+    /// inside NCCL or the driver).
     #[error("the NCCL send thread did not return within {0:.1}s and was abandoned")]
     Wedged(f64),
     /// The sidecar stopped answering its gRPC health check during the transfer (its process
-    /// died): the send is abandoned at once rather than at the deadline.
-    #[error("the sidecar stopped answering health checks during the transfer; send abandoned")]
+    /// died): the send is cancelled at once rather than at the deadline.
+    #[error("the sidecar stopped answering health checks during the transfer; send cancelled")]
     PeerDead,
 }
 
@@ -369,29 +369,35 @@ pub async fn publish(
     }
     let deadline = deadline_for(bytes, Duration::from_secs(10));
     let w = weights.clone();
-    let sending = tokio::task::spawn_blocking(move || {
+    let cancel = comm.canceller();
+    let mut sending = tokio::task::spawn_blocking(move || {
         let _call = crate::runtime::DriverCall::enter();
         let mut comm = comm;
         let result = w.broadcast(&mut comm, deadline);
         (result, comm)
     });
     // The blocking thread polls its own deadline and aborts the communicator. Two watchers
-    // stand behind it: a dead sidecar (failed health checks) ends the wait at once, and should
-    // NCCL or the driver block that thread anyway, the deadline plus 5 s does. Either way the
-    // thread and its communicator are abandoned, and training and the other sidecars go on.
+    // stand behind it: a dead sidecar (failed health checks) cancels the send at once, and
+    // should NCCL or the driver block that thread anyway, the deadline plus 5 s abandons it.
+    // Training and the other sidecars go on either way.
     let watchdog = deadline + Duration::from_secs(5);
     let sent = tokio::select! {
-        joined = tokio::time::timeout(watchdog, sending) => match joined {
+        joined = tokio::time::timeout(watchdog, &mut sending) => match joined {
             Ok(joined) => joined,
             Err(_) => {
+                cancel.store(true, Ordering::Release);
                 tracing::error!(sidecar = %client.addr, seconds = watchdog.as_secs_f64(),
                     "the NCCL send thread did not return; abandoning it and its communicator");
                 return (Err(NcclPublishError::Wedged(watchdog.as_secs_f64())), None);
             }
         },
         _ = until_dead(client) => {
-            tracing::error!(sidecar = %client.addr, seconds = started.elapsed().as_secs_f64(),
-                "the sidecar died during the NCCL transfer; abandoning the send and its communicator");
+            // The send thread sees the flag at its next poll and aborts the communicator
+            // itself, which releases the kernels waiting on the dead sidecar.
+            cancel.store(true, Ordering::Release);
+            let returned = tokio::time::timeout(CANCEL_GRACE, &mut sending).await.is_ok();
+            tracing::error!(sidecar = %client.addr, seconds = started.elapsed().as_secs_f64(), cancelled = returned,
+                "the sidecar died during the NCCL transfer; send cancelled and its communicator aborted (or, if not cancelled, abandoned)");
             return (Err(NcclPublishError::PeerDead), None);
         }
     };
@@ -412,6 +418,9 @@ pub async fn publish(
         Some(comm),
     )
 }
+
+/// How long a cancelled send may take to abort its communicator and return.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// How long our own join may take once the sidecar accepted JoinNccl. A join that misses it
 /// (seen after a peer died mid-transfer) means NCCL with this sidecar is not to be trusted.
