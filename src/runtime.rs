@@ -1,9 +1,10 @@
 //! The async runtime every role runs on, and how the process leaves it.
 //!
-//! A thread blocked inside NCCL or the CUDA driver (a send to a peer that died mid-transfer)
-//! may never return. The learner abandons such a thread and trains on, but two things at exit
-//! would still wait for it: dropping a tokio runtime waits for every `spawn_blocking` task,
-//! and the C exit handlers tear CUDA down under a kernel that still spins on the dead peer.
+//! A thread blocked inside NCCL or the CUDA driver may never return: NCCL's sends poll their
+//! deadlines and abort, but a call that blocks inside the library cannot be polled. The
+//! learner abandons such a thread after a watchdog and trains on, but two things at exit would
+//! still wait for it: dropping a tokio runtime waits for every `spawn_blocking` task, and the C
+//! exit handlers could tear CUDA down under a kernel that still waits on a dead peer.
 //! [`block_on`] therefore waits a bounded grace for blocking work, and [`exit`] skips the exit
 //! handlers while any [`DriverCall`] is still in flight. Files the node wrote (checkpoints,
 //! `metrics.jsonl`) are already in the kernel by then; only the C exit handlers are skipped.
