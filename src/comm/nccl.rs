@@ -214,7 +214,8 @@ impl Communicator {
     }
 
     /// One look at the communicator: `Ok(true)` when its pending call completed, `Ok(false)`
-    /// while it is in progress; an asynchronous error or a passed deadline aborts it.
+    /// while it is in progress; a cancel, an asynchronous error or (while in progress) a passed
+    /// deadline aborts it.
     fn poll(&mut self, what: &'static str, started: Instant, until: Instant) -> Result<bool, CommError> {
         if self.cancel.load(Ordering::Acquire) {
             tracing::warn!(rank = self.rank, what, "NCCL call cancelled; aborting the communicator");
