@@ -38,7 +38,7 @@ pub struct SyncHook {
 /// the GPU in NCCL's buckets (the compute weights: the fp32 masters, or their bf16 halves), or
 /// the gRPC stream's packing of the fp32 masters.
 pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<(), ActorProcessingErr> {
-    let (step, payload) = match hook.nccl_gpu {
+    match hook.nccl_gpu {
         #[cfg(feature = "cuda")]
         Some(gpu) => {
             // Split masters keep the bf16 weights in one flat buffer that already is the wire
@@ -73,46 +73,35 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
             let handed = tokio::select! {
                 biased;
                 handed = handed_rx => handed.ok(),
+                // The model thread returned before handing a buffer over: that failed.
                 done = &mut packing => {
-                    // The model thread returned before handing the buffer over: an error.
-                    if let Ok(Err(e)) = &done {
-                        tracing::error!(error = %e, "packing the weights for NCCL failed");
-                    }
-                    let _ = done?;
-                    None
+                    not_published(Ok::<_, String>(done?));
+                    return Ok(());
                 }
             };
             let Some((step, packed)) = handed else {
-                // Publishing failed; training goes on and the sidecars keep their version until
-                // the next publication (a dead model thread fails the next step anyway).
-                let why = match packing.await {
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(())) => "no buffer handed over".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                tracing::error!(error = %why, "packing the weights for NCCL failed; this version is not published");
+                // Training goes on and the sidecars keep their version until the next
+                // publication (a dead model thread fails the next step anyway).
+                not_published(packing.await);
                 return Ok(());
             };
-            let job = PublishJob {
-                version: PolicyVersion(step),
-                payload: Payload::Device(packed),
-            };
-            if let Ok(mut slot) = hook.slot.lock() {
-                *slot = Some(Arc::new(job));
-            }
-            hook.broadcaster.cast(BroadcasterMsg::Publish)?;
+            put(hook, step, Payload::Device(packed))?;
             if let Err(e) = packing.await? {
                 // The sender sees the failure too and fails this version's publication.
                 tracing::error!(error = %e, "packing the weights for NCCL failed");
             }
-            return Ok(());
+            Ok(())
         }
         _ => {
             let (step, weights) = worker.weights().await?;
             let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
-            (step, Payload::Weights(Arc::new(set)))
+            put(hook, step, Payload::Weights(Arc::new(set)))
         }
-    };
+    }
+}
+
+/// Makes `payload` the newest version to publish and wakes the broadcaster.
+fn put(hook: &SyncHook, step: u64, payload: Payload) -> Result<(), ActorProcessingErr> {
     let job = PublishJob {
         version: PolicyVersion(step),
         payload,
@@ -122,6 +111,17 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
     }
     hook.broadcaster.cast(BroadcasterMsg::Publish)?;
     Ok(())
+}
+
+/// Logs why a version was not handed to the broadcaster for NCCL.
+#[cfg(feature = "cuda")]
+fn not_published<E: std::fmt::Display, F: std::fmt::Display>(outcome: Result<Result<(), E>, F>) {
+    let why = match outcome {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => "no buffer handed over".to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(error = %why, "packing the weights for NCCL failed; this version is not published");
 }
 
 pub struct Learner;

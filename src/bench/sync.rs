@@ -143,12 +143,13 @@ fn send(
             hex
         }
         Source::Packed => {
-            // As the learner does it: the model thread packs while the broadcaster sends.
+            // As the learner does it: the model thread packs (one copy per tensor) while the
+            // broadcaster sends.
             let packed = PackedWeights::new(named, args.gpu, bucket_bytes);
-            let source = live.shallow_clone();
+            let values: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
             std::thread::scope(|scope| {
                 let packed = &packed;
-                let packer = scope.spawn(move || packed.pack_from_flat(&source));
+                let packer = scope.spawn(move || packed.pack_from(&values));
                 let sent = packed.broadcast(comm, deadline);
                 let packing = packer
                     .join()

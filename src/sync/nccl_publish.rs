@@ -150,12 +150,6 @@ impl PackedWeights {
         self.settle(self.pack_inner(tensors))
     }
 
-    /// Like [`PackedWeights::pack_from`] for weights that already live back to back in one
-    /// flat buffer of the wire dtype, in plan order: one copy per bucket.
-    pub fn pack_from_flat(&self, source: &Tensor) -> Result<(), CommError> {
-        self.settle(self.pack_flat_inner(source))
-    }
-
     /// Records a failed packing, so that a sender waiting for a bucket stops waiting.
     fn settle(&self, outcome: Result<(), CommError>) -> Result<(), CommError> {
         if let Err(e) = &outcome {
@@ -165,27 +159,6 @@ impl PackedWeights {
             self.packed.notify_all();
         }
         outcome
-    }
-
-    fn pack_flat_inner(&self, source: &Tensor) -> Result<(), CommError> {
-        if source.numel() as i64 != self.layout.total || source.kind() != self.wire {
-            return Err(CommError::Cuda(format!(
-                "flat source of {} {:?} elements for a plan of {} {:?}",
-                source.numel(),
-                source.kind(),
-                self.layout.total,
-                self.wire
-            )));
-        }
-        let ctx = device_context(self.gpu)?;
-        let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
-        let (dst, src) = (self.layout.bucket_views(&flat), self.layout.bucket_views(source));
-        for (d, s) in dst.iter().zip(&src) {
-            let mut d = d.shallow_clone();
-            tch::no_grad(|| d.copy_(s));
-            self.mark_ready(&ctx)?;
-        }
-        Ok(())
     }
 
     /// Records that the next bucket's packing is queued on tch's stream, and wakes the senders.

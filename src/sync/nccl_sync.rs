@@ -1,7 +1,8 @@
 //! Weight sync over NCCL, both ends, in the packed layout of [`super::packing`]: the learner
-//! packs its weights (cast to the wire dtype) into one flat buffer on its GPU, recording an
-//! event as each fixed-size bucket is complete, and broadcasts bucket k as soon as its event
-//! has passed, so packing the later buckets overlaps sending the earlier ones. The sidecar
+//! sends fixed-size buckets of one flat buffer on its GPU, either its live bf16 weights, which
+//! already are that layout (lent, no copy), or a buffer it packs, recording an event as each
+//! bucket is complete and sending bucket k once its event has passed, so packing the later
+//! buckets overlaps sending the earlier ones (see [`super::nccl_publish`]). The sidecar
 //! receives every bucket into one flat buffer on its GPU, whose views become the new weights.
 //! Both ends digest each bucket on the GPU while later buckets are on the wire, and the sidecar
 //! checks the learner's digest at commit.

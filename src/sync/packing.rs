@@ -44,15 +44,16 @@ impl PackLayout {
     /// about `bucket_bytes` (rounded down to [`BUCKET_ALIGN`], at least one alignment unit).
     pub fn new(numels: &[i64], elt_bytes: u64, bucket_bytes: u64) -> Self {
         let bucket_bytes = (bucket_bytes / BUCKET_ALIGN * BUCKET_ALIGN).max(BUCKET_ALIGN);
+        let numels: Vec<i64> = numels.iter().map(|n| (*n).max(0)).collect();
         let mut offsets = Vec::with_capacity(numels.len());
         let mut total = 0i64;
-        for &n in numels {
+        for &n in &numels {
             offsets.push(total);
-            total += n.max(0);
+            total += n;
         }
         Self {
             offsets,
-            numels: numels.iter().map(|n| (*n).max(0)).collect(),
+            numels,
             total,
             bucket_elems: (bucket_bytes / elt_bytes.max(1)) as i64,
         }

@@ -255,9 +255,12 @@ impl AdamW {
         for (name, (m, v)) in &self.moments {
             out.push((
                 format!("exp_avg.{name}"),
-                m.to_device(tch::Device::Cpu).to_kind(Kind::Float).copy(),
+                m.to_device_(tch::Device::Cpu, Kind::Float, false, true),
             ));
-            out.push((format!("exp_avg_sq.{name}"), v.to_device(tch::Device::Cpu).copy()));
+            out.push((
+                format!("exp_avg_sq.{name}"),
+                v.to_device_(tch::Device::Cpu, v.kind(), false, true),
+            ));
         }
         out
     }

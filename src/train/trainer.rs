@@ -15,7 +15,7 @@ use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
 use crate::sync::lease::{Lease, LeaseEnd};
 
-use super::adamw::{slice_groups, AdamW, AdamWConfig, MasterParam, SLICE_ELEMENTS};
+use super::adamw::{AdamW, AdamWConfig, MasterParam, SLICE_ELEMENTS};
 use super::layers::LayerSet;
 use super::schedule::LrSchedule;
 use super::split;
@@ -437,12 +437,11 @@ impl Trainer {
     fn clip_coefficient(&self, grads: &[Tensor]) -> (f64, f64) {
         tch::no_grad(|| {
             let live: Vec<Tensor> = grads.iter().filter(|g| g.defined()).map(|g| g.reshape([-1])).collect();
-            let numels: Vec<i64> = live.iter().map(|g| g.numel() as i64).collect();
-            let sq: Vec<Tensor> = slice_groups(&numels, SLICE_ELEMENTS, usize::MAX)
-                .into_iter()
-                .flatten()
-                .map(|(i, off, len)| {
-                    let g = live[i].narrow(0, off, len).to_kind(Kind::Float);
+            let sq: Vec<Tensor> = live
+                .iter()
+                .flat_map(|g| g.split(SLICE_ELEMENTS, 0))
+                .map(|g| {
+                    let g = g.to_kind(Kind::Float);
                     g.dot(&g)
                 })
                 .collect();
