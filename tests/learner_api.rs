@@ -179,7 +179,9 @@ fn survives_an_api_restart() {
     );
     api.wait_registered(4);
     api.kill();
-    std::thread::sleep(Duration::from_millis(600)); // let the learner meet the dead API
+    wait_until(Duration::from_secs(30), "the learner to meet the dead API", || {
+        learner.log().contains("Atropos API unavailable")
+    });
     let api = RunApi::start_on(port);
     api.wait_registered_by(4, &learner); // the learner noticed "not registered" and registered again
     wait_until(Duration::from_secs(30), "env registration", || {

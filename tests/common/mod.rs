@@ -2,9 +2,11 @@
 //! real `run-api` process on a free loopback port.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 
 use std::time::{Duration, Instant};
 
@@ -46,11 +48,51 @@ pub fn tiny_model(arch: &str, extra: &[&str]) -> tempfile::TempDir {
     dir
 }
 
+/// A loopback port that was free a moment ago and that no other test in this binary got.
+///
+/// Tests run in parallel threads of one process, and the kernel may hand the same port to two
+/// `bind(0)` calls once the first is released; the registry makes each port go out once.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if given.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Whether process `pid` holds a listening TCP socket on `port` (Linux `/proc`).
+///
+/// "Something answers on the port" is not enough to know a server is ours: another process may
+/// hold the port, and a connect to a free ephemeral port can connect to itself.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let local = format!(":{port:04X}");
+    let mut inodes = BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st (0A = LISTEN), ..., inode (field 9)
+            if f.len() > 9 && f[1].ends_with(&local) && f[3] == "0A" {
+                inodes.insert(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| inodes.contains(target.to_string_lossy().as_ref()))
+            .unwrap_or(false)
+    })
 }
 
 /// Polls `ready` until it returns true or `limit` passes (backing off up to 500 ms).
@@ -118,13 +160,16 @@ impl RunApi {
             .spawn()
             .expect("start run-api");
         let mut api = Self { port, child };
-        wait_until(Duration::from_secs(60), "run-api", || api.get("/").is_ok());
-        // Something answered; make sure it is ours and not another process that took the port.
-        let exited = api.child.try_wait().expect("try_wait run-api");
-        assert!(
-            exited.is_none(),
-            "run-api on port {port} exited ({exited:?}): port taken?"
-        );
+        let pid = api.child.id();
+        wait_until(Duration::from_secs(60), "run-api", || {
+            let exited = api.child.try_wait().expect("try_wait run-api");
+            assert!(
+                exited.is_none(),
+                "run-api on port {port} exited ({exited:?}): port taken?"
+            );
+            // Ours must hold the listener: an answer alone may come from another process.
+            listens_on(pid, port) && api.get("/").is_ok()
+        });
         api
     }
 
@@ -180,6 +225,9 @@ fn request(method: &str, url: &str, body: Option<&str>) -> Result<String, String
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
     let mut stream = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
+    if stream.local_addr().ok() == stream.peer_addr().ok() {
+        return Err(format!("{host}: connected to itself (nothing listens there)"));
+    }
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
