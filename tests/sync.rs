@@ -1,14 +1,17 @@
 //! Weight sync over gRPC between real processes: the learner binary publishes every version to
 //! an inference-sidecar binary; the sidecar's weights equal the learner's bit for bit (digest)
 //! and its logprobs equal the learner's within 1e-5; the canary; a sidecar killed mid-stream
-//! never blocks training and gets a full sync when it returns; `--resume` republishes.
+//! never blocks training and gets a full sync when it returns; `--resume` republishes; health
+//! answers while a commit waits for a generation round.
 
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{metrics, path_str, wait_until, wait_until_fast, Learner, RunApi};
+use grpo_node::engine::PolicyVersion;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
 use grpo_node::sync::auth::Token;
@@ -109,11 +112,15 @@ impl Sidecar {
     }
 }
 
-fn digest_of_dir(dir: &Path) -> String {
+fn weights_of_dir(dir: &Path) -> WeightSet {
     let spec = ModelSpec::from_dir(dir).expect("spec");
     let params = load_params(&spec, dir, Device::Cpu).expect("params");
     let named: Vec<(String, Tensor)> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-    WeightSet::pack(&named).digest().to_string()
+    WeightSet::pack(&named)
+}
+
+fn digest_of_dir(dir: &Path) -> String {
+    weights_of_dir(dir).digest().to_string()
 }
 
 /// A group of two sequences; `logprobs` overrides the rollout logprobs of the completions.
@@ -514,4 +521,72 @@ fn a_sidecar_that_dials_in_is_registered_and_synced() {
         sidecar.health().map(|h| h.0) == Some(2)
     });
     assert_eq!(sidecar.digest().1, digest_of_dir(&save.join("final_model")));
+}
+
+/// The engine swaps weights only between generation rounds, so a commit can wait for a long
+/// round. The health check must still answer at once: the learner reads a slow answer as a
+/// dead sidecar. It is read from the receiver's health board, not queued behind the commit.
+#[test]
+fn health_answers_while_a_commit_waits_for_a_generation_round() {
+    let model = common::tiny_model("llama", &["--hidden", "128", "--layers", "4", "--intermediate", "256"]);
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = Sidecar::start(model.path(), work.path());
+    let weights = Arc::new(weights_of_dir(model.path()));
+    // The round must already run when the commit arrives; a try where it did not (the commit
+    // returned quickly) proves nothing either way and is made again.
+    for version in 1..=4u64 {
+        let generate = format!("http://127.0.0.1:{}/generate", sidecar.http);
+        let round = std::thread::spawn(move || {
+            let body = json!({"prompt": {"prompt_token_ids": [5, 6, 7]}, "n": 32, "max_tokens": 300,
+                              "temperature": 1.0, "seed": version, "ignore_eos": true});
+            let rt = tokio::runtime::Runtime::new().expect("rt");
+            rt.block_on(async {
+                reqwest::Client::new()
+                    .post(generate)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .bytes()
+                    .await
+            })
+            .map_err(|e| e.to_string())
+        });
+        let client = {
+            let _rt = sidecar.rt.enter();
+            sidecar.client(Some(TOKEN))
+        };
+        let set = weights.clone();
+        let publish = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("rt");
+            let started = Instant::now();
+            rt.block_on(client.publish(set, PolicyVersion(version), 1 << 20))
+                .expect("publish");
+            started.elapsed()
+        });
+        let (mut slowest, mut checks) = (Duration::ZERO, 0);
+        while !publish.is_finished() {
+            let asked = Instant::now();
+            let health = sidecar.health();
+            slowest = slowest.max(asked.elapsed());
+            assert!(health.is_some(), "health failed during a publish");
+            checks += 1;
+            // Until the publish ends, or the next check is due.
+            let _ = common::try_wait_until(Duration::from_millis(20), "the publish", || publish.is_finished());
+        }
+        let took = publish.join().expect("publish thread");
+        if let Err(e) = round.join().expect("generation thread") {
+            panic!("generate: {e}\n{}", sidecar.proc.log());
+        }
+        assert_eq!(sidecar.health(), Some((version, false)), "version {version} served");
+        if took < Duration::from_millis(1500) {
+            continue;
+        }
+        // Behind the commit in the mailbox, a check would wait for most of the round.
+        assert!(
+            slowest < Duration::from_millis(750),
+            "the slowest of {checks} health checks took {slowest:?} during a {took:?} publish"
+        );
+        return;
+    }
+    panic!("no publish overlapped a generation round of at least 1.5 s");
 }

@@ -11,7 +11,7 @@ use crate::engine::{http, load, BatchConfig, EngineHandle};
 use crate::rpc::pb::learner_client::LearnerClient;
 use crate::rpc::pb::RegisterSidecarRequest;
 use crate::sync::auth::{AddToken, Token};
-use crate::sync::receiver::WeightReceiver;
+use crate::sync::receiver::{ReceiverArgs, WeightReceiver};
 use crate::sync::service::{self, SidecarService};
 
 /// Why a sidecar could not run.
@@ -91,12 +91,14 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
                 context: format!("binding --listen {}", cfg.http_listen),
                 source,
             })?;
-    let (receiver, receiver_handle) = Actor::spawn(Some("weight_receiver".into()), WeightReceiver, engine.clone())
+    let (receiver_args, health) = ReceiverArgs::new(engine.clone());
+    let (receiver, receiver_handle) = Actor::spawn(Some("weight_receiver".into()), WeightReceiver, receiver_args)
         .await
         .map_err(|e| SidecarError::Actor(e.to_string()))?;
     let token = Token(cfg.auth_token.clone());
     let svc = SidecarService {
         receiver: receiver.clone(),
+        health,
         engine,
         model_dir: cfg.model_name.clone(),
         http_address: format!("http://{http_addr}"),

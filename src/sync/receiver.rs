@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tch::Device;
+use tokio::sync::watch;
 
 use crate::engine::{EngineHandle, PolicyVersion};
 use crate::model::safetensors_io::load_params;
@@ -22,8 +23,6 @@ pub enum ReceiverMsg {
     Bucket(PolicyVersion, u32, Vec<u8>, RpcReplyPort<Result<(), String>>),
     Commit(PolicyVersion, Digest, RpcReplyPort<Result<f64, String>>),
     LoadCheckpoint(PolicyVersion, PathBuf, RpcReplyPort<Result<(), String>>),
-    /// Served version and whether an update is staged.
-    Health(RpcReplyPort<(PolicyVersion, bool)>),
     /// NCCL: join the learner's communicator (unique id hex, rank, world).
     JoinNccl(String, i32, i32, RpcReplyPort<Result<(), String>>),
     /// NCCL: receive this version as the plan says.
@@ -39,6 +38,36 @@ struct Staging {
     received: Vec<bool>,
 }
 
+/// What the sidecar's health check reports: the served version, and whether an update is
+/// under way (announced and not yet committed or rejected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub version: PolicyVersion,
+    pub updating: bool,
+}
+
+/// Where the receiver posts its [`Health`] after every message. The gRPC health check reads
+/// it without going through the mailbox, so it answers at once even while a commit waits for
+/// a long generation round.
+pub type HealthBoard = watch::Receiver<Health>;
+
+/// The receiver's start arguments: its engine and the sending half of its health board.
+pub struct ReceiverArgs {
+    pub engine: EngineHandle,
+    pub health: watch::Sender<Health>,
+}
+
+impl ReceiverArgs {
+    /// Arguments for a receiver of `engine`, and the board it will post its health on.
+    pub fn new(engine: EngineHandle) -> (Self, HealthBoard) {
+        let (health, board) = watch::channel(Health {
+            version: PolicyVersion(0),
+            updating: false,
+        });
+        (Self { engine, health }, board)
+    }
+}
+
 pub struct WeightReceiver;
 
 pub struct ReceiverState {
@@ -46,9 +75,17 @@ pub struct ReceiverState {
     version: PolicyVersion,
     staging: Option<Staging>,
     nccl: NcclReceiver,
+    health: watch::Sender<Health>,
 }
 
 impl ReceiverState {
+    fn post_health(&self) {
+        self.health.send_replace(Health {
+            version: self.version,
+            updating: self.staging.is_some() || self.nccl.busy(),
+        });
+    }
+
     fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
         check_plan(&plan)?;
         if let Some(old) = &self.staging {
@@ -140,21 +177,25 @@ impl ReceiverState {
 impl Actor for WeightReceiver {
     type Msg = ReceiverMsg;
     type State = ReceiverState;
-    type Arguments = EngineHandle;
+    type Arguments = ReceiverArgs;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<ReceiverMsg>,
-        engine: EngineHandle,
+        args: ReceiverArgs,
     ) -> Result<ReceiverState, ActorProcessingErr> {
+        let ReceiverArgs { engine, health } = args;
         let version = engine.info().await?.version;
         let nccl = NcclReceiver::new(engine.device);
-        Ok(ReceiverState {
+        let state = ReceiverState {
             engine,
             version,
             staging: None,
             nccl,
-        })
+            health,
+        };
+        state.post_health();
+        Ok(state)
     }
 
     async fn handle(
@@ -185,9 +226,6 @@ impl Actor for WeightReceiver {
                 }
                 let _ = reply.send(result);
             }
-            ReceiverMsg::Health(reply) => {
-                let _ = reply.send((state.version, state.staging.is_some() || state.nccl.busy()));
-            }
             ReceiverMsg::JoinNccl(id, rank, world, reply) => {
                 let _ = reply.send(state.nccl.join(&id, rank, world));
             }
@@ -203,6 +241,7 @@ impl Actor for WeightReceiver {
                 let _ = reply.send(result);
             }
         }
+        state.post_health();
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The sidecar's gRPC service: forwards weight-sync calls to the WeightReceiver actor.
+//! The sidecar's gRPC service: forwards weight-sync calls to the WeightReceiver actor, and
+//! answers health checks from the receiver's health board (never through its mailbox).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,11 +13,12 @@ use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
 
 use super::auth::{CheckToken, Token};
 use super::plan::{Digest, WeightSet};
-use super::receiver::ReceiverMsg;
+use super::receiver::{HealthBoard, ReceiverMsg};
 
 /// The service state.
 pub struct SidecarService {
     pub receiver: ActorRef<ReceiverMsg>,
+    pub health: HealthBoard,
     pub engine: EngineHandle,
     pub model_dir: PathBuf,
     pub http_address: String,
@@ -52,10 +54,14 @@ impl Sidecar for SidecarService {
     }
 
     async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
-        let (version, updating) = ractor::call!(self.receiver, ReceiverMsg::Health).map_err(internal)?;
+        // A dropped sender means the receiver actor is gone: the sidecar cannot take updates.
+        if self.health.has_changed().is_err() {
+            return Err(Status::unavailable("the weight receiver has stopped"));
+        }
+        let health = *self.health.borrow();
         Ok(Response::new(pb::HealthResponse {
-            version: pv(version),
-            updating,
+            version: pv(health.version),
+            updating: health.updating,
         }))
     }
 
