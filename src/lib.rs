@@ -46,3 +46,4 @@ pub mod sync;
 pub mod telemetry;
 pub mod torch_ext;
 pub mod train;
+pub mod version;

@@ -300,6 +300,7 @@ impl LearnerState {
                 .map(|s| s.sync_bytes),
             sidecars_synced: stats.as_ref().map(|s| s.synced_sidecars as u64),
             sidecars_stale: stats.as_ref().map(|s| s.stale_sidecars as u64),
+            sync_canary_max_abs_diff: stats.as_ref().and_then(|s| s.canary_max_abs_diff),
             train: metrics,
             rejected_groups: by_reason.values().sum(),
             rejected_by_reason: by_reason,

@@ -1,4 +1,6 @@
-//! The learner node's actors (ractor), one file each, and the typed messages between them.
+//! The nodes' actors (ractor), one file each, and the typed messages between them. The
+//! sidecar node runs the VllmSupervisor (with `--engine vllm`) and the WeightReceiver
+//! (`sync::receiver`); the rest belong to the learner node.
 //!
 //! ```text
 //! BatchFetcher --RawBatch--> Preprocessor --PreparedBatch--> Learner --CheckpointJob--> Checkpointer
@@ -15,4 +17,5 @@ pub mod messages;
 pub mod model_worker;
 pub mod preprocessor;
 pub mod supervisor;
+pub mod vllm_supervisor;
 pub mod weight_broadcaster;

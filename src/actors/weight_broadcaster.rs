@@ -84,6 +84,8 @@ pub struct SyncStats {
     pub sync_bytes: u64,
     pub stale_sidecars: usize,
     pub synced_sidecars: usize,
+    /// The newest publication's logprob canary (largest over the sidecars that checked one).
+    pub canary_max_abs_diff: Option<f64>,
 }
 
 pub enum BroadcasterMsg {
@@ -328,17 +330,18 @@ impl BroadcasterState {
             return;
         };
         entry.link = Some(link);
-        let (seconds, bytes) = match outcome {
+        let (seconds, bytes, canary) = match outcome {
             Outcome::Published(p) => {
                 entry.status = Status::Synced(p.version);
                 entry.failures = 0;
-                tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds, "weights published");
-                (p.seconds, p.bytes)
+                tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds,
+                    canary_max_abs_diff = p.canary_max_abs_diff, "weights published");
+                (p.seconds, p.bytes, p.canary_max_abs_diff)
             }
             Outcome::Connected => {
                 entry.status = Status::New;
                 tracing::info!(sidecar = %addr, "communicator made; weights follow with the next version");
-                (0.0, 0)
+                (0.0, 0, None)
             }
             Outcome::Failed(e) => {
                 entry.failures += 1;
@@ -346,7 +349,7 @@ impl BroadcasterState {
                     tracing::warn!(sidecar = %addr, error = %e, "sync failed; sidecar marked stale, training goes on");
                 }
                 entry.status = Status::Stale;
-                (0.0, 0)
+                (0.0, 0, None)
             }
         };
         let behind = match (entry.status, &self.latest) {
@@ -354,7 +357,7 @@ impl BroadcasterState {
             (Status::New, Some(_)) => true,
             _ => false,
         };
-        self.record(seconds, bytes);
+        self.record(seconds, bytes, canary);
         if let (true, Some(job)) = (behind, self.latest.clone()) {
             self.dispatch(job, vec![addr], myself).await;
         }
@@ -365,7 +368,7 @@ impl BroadcasterState {
         }
     }
 
-    fn record(&self, seconds: f64, bytes: u64) {
+    fn record(&self, seconds: f64, bytes: u64, canary: Option<f64>) {
         let synced: Vec<PolicyVersion> = self
             .sidecars
             .values()
@@ -379,6 +382,7 @@ impl BroadcasterState {
             if bytes > 0 || seconds > 0.0 {
                 s.sync_time_s = seconds;
                 s.sync_bytes = bytes;
+                s.canary_max_abs_diff = canary;
             }
             s.synced_sidecars = synced.len();
             s.stale_sidecars = self.sidecars.len() - synced.len();

@@ -13,7 +13,7 @@ use super::{ConfigError, DeviceSpec, LearnerArgs};
 pub enum EngineKind {
     /// The built-in tch engine, in process.
     Embedded,
-    /// An external vLLM server (not built yet).
+    /// A vLLM server that the sidecar launches and supervises (`--vllm-*` flags).
     Vllm,
 }
 
@@ -35,6 +35,114 @@ pub struct SidecarArgs {
     /// Most sequences generated together in one batch [default: 128].
     #[arg(long, env = "GRPO_MAX_BATCH_ROWS")]
     pub max_batch_rows: Option<usize>,
+    /// vLLM: program and leading arguments, split on whitespace [default: $GRPO_VLLM_PYTHON (or
+    /// python3) -m vllm.entrypoints.openai.api_server]. The sidecar adds --model,
+    /// --served-model-name, --host 127.0.0.1, --port, --logprobs-mode processed_logprobs.
+    #[arg(long, env = "GRPO_VLLM_COMMAND")]
+    pub vllm_command: Option<String>,
+    /// vLLM: extra arguments, split on whitespace, e.g. "--dtype float32 --enforce-eager".
+    #[arg(long, env = "GRPO_VLLM_ARGS", allow_hyphen_values = true)]
+    pub vllm_args: Option<String>,
+    /// vLLM: loopback port it listens on [default: a free one].
+    #[arg(long, env = "GRPO_VLLM_PORT")]
+    pub vllm_port: Option<u16>,
+    /// vLLM: file its output is appended to [default: vllm.log].
+    #[arg(long, env = "GRPO_VLLM_LOG")]
+    pub vllm_log: Option<PathBuf>,
+    /// vLLM: where received versions are written for reload_weights [default:
+    /// /dev/shm/grpo-sidecar-<pid>, a tmpfs].
+    #[arg(long, env = "GRPO_VLLM_WEIGHTS_DIR")]
+    pub vllm_weights_dir: Option<PathBuf>,
+    /// vLLM: seconds a launch may take to become ready [default: 600].
+    #[arg(long, env = "GRPO_VLLM_READY_TIMEOUT_S")]
+    pub vllm_ready_timeout_s: Option<u64>,
+    /// vLLM: seconds between liveness probes (a one-token generation) [default: 10].
+    #[arg(long, env = "GRPO_VLLM_PROBE_INTERVAL_S")]
+    pub vllm_probe_interval_s: Option<u64>,
+    /// vLLM: deadline of one liveness probe; two misses in a row restart vLLM [default: 60].
+    #[arg(long, env = "GRPO_VLLM_PROBE_TIMEOUT_S")]
+    pub vllm_probe_timeout_s: Option<u64>,
+    /// vLLM: failed launches in a row before the sidecar gives up [default: 5].
+    #[arg(long, env = "GRPO_VLLM_MAX_RESTARTS")]
+    pub vllm_max_restarts: Option<u32>,
+    /// vLLM: run a version outside the tested range (0.26.x).
+    #[arg(long, env = "GRPO_ALLOW_UNTESTED_VLLM")]
+    pub allow_untested_vllm: bool,
+    /// vLLM: tokens of the logprob canary checked after every weight update (0: off) [default: 16].
+    #[arg(long, env = "GRPO_CANARY_TOKENS")]
+    pub canary_tokens: Option<usize>,
+}
+
+/// A validated vLLM launch and driver configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VllmConfig {
+    pub command: Vec<String>,
+    pub extra_args: Vec<String>,
+    /// 0: pick a free loopback port at start.
+    pub port: u16,
+    pub log: PathBuf,
+    pub weights_dir: PathBuf,
+    pub ready_timeout_s: u64,
+    pub probe_interval_s: u64,
+    pub probe_timeout_s: u64,
+    pub max_restarts: u32,
+    pub allow_untested: bool,
+    pub canary_tokens: usize,
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn default_weights_dir() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    let root = if shm.is_dir() { shm } else { std::env::temp_dir() };
+    root.join(format!("grpo-sidecar-{}", std::process::id()))
+}
+
+impl SidecarArgs {
+    fn vllm(&self) -> Result<VllmConfig, ConfigError> {
+        let command = match &self.vllm_command {
+            Some(c) => words(c),
+            None => {
+                let python = std::env::var("GRPO_VLLM_PYTHON").unwrap_or_else(|_| "python3".into());
+                vec![python, "-m".into(), "vllm.entrypoints.openai.api_server".into()]
+            }
+        };
+        if command.is_empty() {
+            return Err(ConfigError::Invalid {
+                flag: "vllm-command",
+                reason: "is empty".into(),
+            });
+        }
+        let positive = |flag: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+            0 => Err(ConfigError::Invalid {
+                flag,
+                reason: "must be at least 1".into(),
+            }),
+            n => Ok(n),
+        };
+        let canary_tokens = self.canary_tokens.unwrap_or(16);
+        if canary_tokens == 1 {
+            return Err(ConfigError::Invalid {
+                flag: "canary-tokens",
+                reason: "needs at least 2 tokens (or 0 for off)".into(),
+            });
+        }
+        Ok(VllmConfig {
+            command,
+            extra_args: self.vllm_args.as_deref().map(words).unwrap_or_default(),
+            port: self.vllm_port.unwrap_or(0),
+            log: self.vllm_log.clone().unwrap_or_else(|| PathBuf::from("vllm.log")),
+            weights_dir: self.vllm_weights_dir.clone().unwrap_or_else(default_weights_dir),
+            ready_timeout_s: positive("vllm-ready-timeout-s", self.vllm_ready_timeout_s, 600)?,
+            probe_interval_s: positive("vllm-probe-interval-s", self.vllm_probe_interval_s, 10)?,
+            probe_timeout_s: positive("vllm-probe-timeout-s", self.vllm_probe_timeout_s, 60)?,
+            max_restarts: self.vllm_max_restarts.unwrap_or(5),
+            allow_untested: self.allow_untested_vllm,
+            canary_tokens,
+        })
+    }
 }
 
 /// A validated sidecar configuration.
@@ -48,6 +156,8 @@ pub struct SidecarConfig {
     pub advertise_url: Option<String>,
     pub auth_token: Option<String>,
     pub max_batch_rows: usize,
+    /// Set with `--engine vllm`.
+    pub vllm: Option<VllmConfig>,
 }
 
 impl SidecarArgs {
@@ -57,12 +167,10 @@ impl SidecarArgs {
             Some(path) => common.merged_with(LearnerArgs::from_file(&path)?),
             None => common,
         };
-        if self.engine == Some(EngineKind::Vllm) {
-            return Err(ConfigError::Invalid {
-                flag: "engine",
-                reason: "the vLLM driver is not built yet; use --engine embedded".into(),
-            });
-        }
+        let vllm = match self.engine {
+            Some(EngineKind::Vllm) => Some(self.vllm()?),
+            _ => None,
+        };
         let model_name = common.model_name.ok_or(ConfigError::Missing { flag: "model-name" })?;
         if !model_name.join("config.json").is_file() || !model_name.join("tokenizer.json").is_file() {
             return Err(ConfigError::Invalid {
@@ -102,6 +210,7 @@ impl SidecarArgs {
             advertise_url: self.advertise_url,
             auth_token: common.auth_token.filter(|t| !t.is_empty()),
             max_batch_rows,
+            vllm,
         })
     }
 }

@@ -39,9 +39,7 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
-/// The weights an engine serves, by version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub struct PolicyVersion(pub u64);
+pub use crate::version::PolicyVersion;
 
 /// Engine status.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::core::{EngineHandle, JobParams};
+use super::core::JobParams;
+use super::inference::{EngineFailure, SharedEngine};
 use super::protocol::{GenerateRequest, GenerateResponse, Prompt};
 use super::sampler::SamplingParams;
 
@@ -19,23 +20,35 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn health() -> StatusCode {
-    StatusCode::OK
+/// 200 while the engine answers (the embedded engine's thread, or a ready vLLM), else 503.
+async fn health(State(engine): State<SharedEngine>) -> StatusCode {
+    if engine.healthy().await {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
-async fn info(State(engine): State<EngineHandle>) -> Response {
-    match engine.info().await {
-        Ok(i) => Json(json!({
-            "version": i.version.0,
-            "vocab_size": i.vocab_size,
-            "max_position_embeddings": i.max_position_embeddings,
+async fn info(State(engine): State<SharedEngine>) -> Response {
+    match engine.served().await {
+        Ok(s) => Json(json!({
+            "version": s.version.0,
+            "vocab_size": engine.vocab_size(),
+            "engine": engine.kind(),
         }))
         .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
-async fn generate(State(engine): State<EngineHandle>, body: Bytes) -> Response {
+fn failure(e: EngineFailure) -> Response {
+    match e {
+        EngineFailure::Rejected(m) => error(StatusCode::BAD_REQUEST, m),
+        other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+async fn generate(State(engine): State<SharedEngine>, body: Bytes) -> Response {
     let req: GenerateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
@@ -45,19 +58,19 @@ async fn generate(State(engine): State<EngineHandle>, body: Bytes) -> Response {
     }
     let (prompt_ids, prompt_text) = match &req.prompt {
         Prompt::Ids { prompt_token_ids } => {
-            if let Some(bad) = prompt_token_ids.iter().find(|&&t| t < 0 || t >= engine.vocab_size) {
+            if let Some(bad) = prompt_token_ids.iter().find(|&&t| t < 0 || t >= engine.vocab_size()) {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("prompt token {bad} outside vocabulary 0..{}", engine.vocab_size),
+                    format!("prompt token {bad} outside vocabulary 0..{}", engine.vocab_size()),
                 );
             }
             let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
             (
                 prompt_token_ids.clone(),
-                engine.tokenizer.decode(&ids, false).unwrap_or_default(),
+                engine.tokenizer().decode(&ids, false).unwrap_or_default(),
             )
         }
-        Prompt::Text(text) => match engine.tokenizer.encode(text.as_str(), true) {
+        Prompt::Text(text) => match engine.tokenizer().encode(text.as_str(), true) {
             Ok(enc) if !enc.get_ids().is_empty() => {
                 (enc.get_ids().iter().map(|&i| i64::from(i)).collect(), text.clone())
             }
@@ -84,7 +97,7 @@ async fn generate(State(engine): State<EngineHandle>, body: Bytes) -> Response {
     };
     let completions = match engine.generate(prompt_ids.clone(), params).await {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return failure(e),
     };
     let with_logprobs = req.logprobs.is_some();
     let resp = GenerateResponse {
@@ -99,7 +112,7 @@ async fn generate(State(engine): State<EngineHandle>, body: Bytes) -> Response {
 }
 
 /// The router, for serving or for tests.
-pub fn router(engine: EngineHandle) -> Router {
+pub fn router(engine: SharedEngine) -> Router {
     Router::new()
         .route("/generate", post(generate))
         .route("/health", get(health))
@@ -111,7 +124,7 @@ pub fn router(engine: EngineHandle) -> Router {
 /// Binds `addr` (port 0 picks one) and serves in a task; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    engine: EngineHandle,
+    engine: SharedEngine,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;

@@ -317,7 +317,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 },
             )
             .map_err(|e| LearnerError::Engine(e.to_string()))?;
-            let (bound, task) = engine_http::serve(addr, engine)
+            let (bound, task) = engine_http::serve(addr, std::sync::Arc::new(engine))
                 .await
                 .map_err(|source| LearnerError::Io {
                     context: format!("binding --engine-listen {addr}"),

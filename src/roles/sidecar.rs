@@ -1,12 +1,19 @@
-//! `grpo-node --role inference-sidecar`: serves `/generate` from the embedded engine and
-//! receives weight updates from the learner over gRPC (WeightReceiver).
+//! `grpo-node --role inference-sidecar`: serves `/generate` from its engine (embedded, or a
+//! vLLM server that its VllmSupervisor runs) and receives weight updates from the learner over
+//! gRPC (WeightReceiver).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
+use tokio::sync::{mpsc, watch, Mutex};
 
+use crate::actors::vllm_supervisor::{VllmArgs, VllmLaunch, VllmMsg, VllmSupervisor};
+use crate::config::sidecar::VllmConfig;
 use crate::config::SidecarConfig;
+use crate::engine::inference::SharedEngine;
+use crate::engine::vllm::{DriverConfig, VllmEngine, VllmShared, VllmState};
 use crate::engine::{http, load, BatchConfig, EngineHandle};
 use crate::rpc::pb::learner_client::LearnerClient;
 use crate::rpc::pb::RegisterSidecarRequest;
@@ -27,6 +34,138 @@ pub enum SidecarError {
     },
     #[error("starting the weight receiver: {0}")]
     Actor(String),
+    #[error("vLLM: {0}")]
+    Vllm(String),
+}
+
+/// The running vLLM side: its supervisor and where it posts its state.
+struct Supervised {
+    actor: ActorRef<VllmMsg>,
+    handle: tokio::task::JoinHandle<()>,
+    state: watch::Receiver<VllmState>,
+    weights_dir: std::path::PathBuf,
+}
+
+fn free_loopback_port() -> Result<u16, SidecarError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| SidecarError::Io {
+            context: "picking a port for vLLM".into(),
+            source,
+        })
+}
+
+/// Starts the VllmSupervisor, waits until vLLM is ready (or given up on), and returns the
+/// driver over it.
+async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine, Supervised), SidecarError> {
+    let tokenizer = Arc::new(load::tokenizer(&cfg.model_name).map_err(|e| SidecarError::Load(e.to_string()))?);
+    let port = if v.port == 0 { free_loopback_port()? } else { v.port };
+    let served_name = "policy".to_string();
+    let launch = VllmLaunch {
+        command: v.command.clone(),
+        extra_args: v.extra_args.clone(),
+        model_dir: cfg.model_name.clone(),
+        served_name: served_name.clone(),
+        port,
+        log: v.log.clone(),
+        ready_timeout: Duration::from_secs(v.ready_timeout_s),
+        probe_interval: Duration::from_secs(v.probe_interval_s),
+        probe_timeout: Duration::from_secs(v.probe_timeout_s),
+        max_restarts: v.max_restarts,
+        allow_untested: v.allow_untested,
+        update_deadline: Duration::from_secs(60),
+    };
+    let shared = Arc::new(VllmShared {
+        current: Mutex::new(None),
+    });
+    let (state_tx, mut state) = watch::channel(VllmState::Starting { launch: 0 });
+    let (orders_tx, orders) = mpsc::channel(4);
+    let args = VllmArgs {
+        launch,
+        state: state_tx,
+        orders,
+        shared: shared.clone(),
+    };
+    let (actor, handle) = Actor::spawn(Some("vllm_supervisor".into()), VllmSupervisor, args)
+        .await
+        .map_err(|e| SidecarError::Actor(e.to_string()))?;
+    let supervised = Supervised {
+        actor,
+        handle,
+        state: state.clone(),
+        weights_dir: v.weights_dir.clone(),
+    };
+    let outcome = state
+        .wait_for(|s| !matches!(s, VllmState::Starting { .. }))
+        .await
+        .map(|s| s.clone());
+    let failure = match outcome {
+        Ok(VllmState::Failed { reason }) => Some(reason),
+        Ok(_) => None,
+        Err(_) => Some("the vLLM supervisor stopped".to_string()),
+    };
+    if let Some(reason) = failure {
+        supervised.stop().await;
+        return Err(SidecarError::Vllm(reason));
+    }
+    let driver = DriverConfig {
+        served_name,
+        model_dir: cfg.model_name.clone(),
+        weights_dir: v.weights_dir.clone(),
+        ready_wait: Duration::from_secs(v.ready_timeout_s),
+        update_deadline: Duration::from_secs(60),
+        generate_deadline: Duration::from_secs(600),
+        canary_tokens: v.canary_tokens,
+    };
+    let engine = VllmEngine::new(driver, tokenizer, state, orders_tx, shared).map_err(|e| SidecarError::Vllm(e.to_string()));
+    match engine {
+        Ok(e) => Ok((Arc::new(e), supervised)),
+        Err(e) => {
+            supervised.stop().await;
+            Err(e)
+        }
+    }
+}
+
+impl Supervised {
+    async fn stop(self) {
+        self.actor.stop(None);
+        let _ = self.handle.await;
+        let _ = std::fs::remove_dir_all(&self.weights_dir);
+    }
+}
+
+async fn start_embedded(cfg: &SidecarConfig) -> Result<SharedEngine, SidecarError> {
+    let device = cfg.device.to_tch().map_err(SidecarError::Load)?;
+    let model_dir = cfg.model_name.clone();
+    let model = tokio::task::spawn_blocking(move || load::load(&model_dir, device))
+        .await
+        .map_err(|e| SidecarError::Load(e.to_string()))?
+        .map_err(|e| SidecarError::Load(e.to_string()))?;
+    let engine = EngineHandle::start(
+        model,
+        BatchConfig {
+            max_rows: cfg.max_batch_rows,
+            window: Duration::from_millis(5),
+        },
+    )
+    .map_err(|e| SidecarError::Load(e.to_string()))?;
+    Ok(Arc::new(engine))
+}
+
+/// Resolves when vLLM has been given up on (never, without vLLM).
+async fn vllm_failed(state: Option<watch::Receiver<VllmState>>) -> String {
+    match state {
+        Some(mut s) => match s.wait_for(|s| matches!(s, VllmState::Failed { .. })).await {
+            Ok(v) => match &*v {
+                VllmState::Failed { reason } => reason.clone(),
+                _ => String::new(),
+            },
+            Err(_) => "the vLLM supervisor stopped".into(),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Registers with the learner, retrying until it answers, then again every 10 s (so a
@@ -69,21 +208,13 @@ async fn keep_registered(learner: String, advertise: String, token: Token) {
 
 /// Runs the sidecar until `shutdown` resolves.
 pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
-    let device = cfg.device.to_tch().map_err(SidecarError::Load)?;
-    let model_dir = cfg.model_name.clone();
-    let model = tokio::task::spawn_blocking(move || load::load(&model_dir, device))
-        .await
-        .map_err(|e| SidecarError::Load(e.to_string()))?
-        .map_err(|e| SidecarError::Load(e.to_string()))?;
-    let params = model.params.numel();
-    let engine = EngineHandle::start(
-        model,
-        BatchConfig {
-            max_rows: cfg.max_batch_rows,
-            window: Duration::from_millis(5),
-        },
-    )
-    .map_err(|e| SidecarError::Load(e.to_string()))?;
+    let (engine, supervised) = match &cfg.vllm {
+        Some(v) => {
+            let (engine, s) = start_vllm(&cfg, v).await?;
+            (engine, Some(s))
+        }
+        None => (start_embedded(&cfg).await?, None),
+    };
     let (http_addr, http_task) =
         http::serve(cfg.http_listen, engine.clone())
             .await
@@ -96,6 +227,7 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
         .await
         .map_err(|e| SidecarError::Actor(e.to_string()))?;
     let token = Token(cfg.auth_token.clone());
+    let kind = engine.kind();
     let svc = SidecarService {
         receiver: receiver.clone(),
         health,
@@ -109,7 +241,7 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
             context: format!("binding --grpc-listen {}", cfg.grpc_listen),
             source,
         })?;
-    tracing::info!(http = %http_addr, grpc = %grpc_addr, params, model = %cfg.model_name.display(), "sidecar ready");
+    tracing::info!(http = %http_addr, grpc = %grpc_addr, engine = kind, model = %cfg.model_name.display(), "sidecar ready");
     let registration = cfg.learner_url.clone().map(|learner| {
         let advertise = cfg
             .advertise_url
@@ -117,7 +249,10 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
             .unwrap_or_else(|| format!("http://{grpc_addr}"));
         tokio::spawn(keep_registered(learner, advertise, token))
     });
-    shutdown.await;
+    let failed = tokio::select! {
+        () = shutdown => None,
+        reason = vllm_failed(supervised.as_ref().map(|s| s.state.clone())) => Some(reason),
+    };
     tracing::info!("shutting down");
     if let Some(task) = registration {
         task.abort();
@@ -126,5 +261,11 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
     grpc_task.abort();
     receiver.stop(None);
     let _ = receiver_handle.await;
-    Ok(())
+    if let Some(s) = supervised {
+        s.stop().await;
+    }
+    match failed {
+        Some(reason) => Err(SidecarError::Vllm(reason)),
+        None => Ok(()),
+    }
 }

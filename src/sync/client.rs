@@ -39,6 +39,8 @@ pub struct Published {
     pub version: PolicyVersion,
     pub bytes: u64,
     pub seconds: f64,
+    /// The sidecar's logprob canary after installing it, where its engine checks one.
+    pub canary_max_abs_diff: Option<f64>,
 }
 
 /// Deadlines: a fixed allowance per RPC plus the stream's bytes at a floor bandwidth.
@@ -156,12 +158,14 @@ impl SidecarClient {
             digest: set.digest().to_string(),
             transport: pb::Transport::GrpcStream as i32,
         };
-        self.within("commit", self.deadlines.rpc * 4, raw.commit_update(commit))
+        let done = self
+            .within("commit", self.deadlines.rpc * 4, raw.commit_update(commit))
             .await?;
         Ok(Published {
             version,
             bytes: plan.total_bytes,
             seconds: started.elapsed().as_secs_f64(),
+            canary_max_abs_diff: done.canary_max_abs_diff,
         })
     }
 
@@ -219,6 +223,7 @@ impl SidecarClient {
             version,
             bytes: 0,
             seconds: started.elapsed().as_secs_f64(),
+            canary_max_abs_diff: None,
         })
     }
 }

@@ -387,6 +387,7 @@ pub async fn publish(
             version,
             bytes,
             seconds: started.elapsed().as_secs_f64(),
+            canary_max_abs_diff: None,
         }),
         Some(comm),
     )

@@ -2,28 +2,10 @@
 //! concatenated and cut into fixed-size buckets; with an xxh3-128 digest of the stream.
 
 use tch::{Device, Kind, Tensor};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::rpc::pb;
 
-/// xxh3-128 of a weight stream, shown as 32 hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Digest(pub u128);
-
-impl std::fmt::Display for Digest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
-impl std::str::FromStr for Digest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        u128::from_str_radix(s, 16)
-            .map(Digest)
-            .map_err(|e| format!("digest {s:?}: {e}"))
-    }
-}
+pub use crate::version::{digest_bytes, Digest};
 
 /// Named fp32 tensors flattened into one buffer, with their manifest.
 pub struct WeightSet {
@@ -79,13 +61,6 @@ impl WeightSet {
         let end = (start + plan.bucket_bytes as usize).min(self.bytes.len());
         &self.bytes[start.min(end)..end]
     }
-}
-
-/// Digest of raw bytes.
-pub fn digest_bytes(bytes: &[u8]) -> Digest {
-    let mut h = Xxh3::new();
-    h.update(bytes);
-    Digest(h.digest128())
 }
 
 /// Checks a plan's internal consistency (sizes add up, dtypes known).

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tch::Device;
+use tch::{Device, Tensor};
 use tokio::sync::watch;
 
-use crate::engine::{EngineHandle, PolicyVersion};
-use crate::model::safetensors_io::load_params;
-use crate::model::ModelSpec;
+use crate::engine::inference::{Installed, SharedEngine};
+use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 
 use super::nccl_receiver::NcclReceiver;
@@ -21,14 +20,22 @@ use super::plan::{check_plan, digest_bytes, unpack, Digest};
 pub enum ReceiverMsg {
     Begin(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
     Bucket(PolicyVersion, u32, Vec<u8>, RpcReplyPort<Result<(), String>>),
-    Commit(PolicyVersion, Digest, RpcReplyPort<Result<f64, String>>),
+    Commit(PolicyVersion, Digest, RpcReplyPort<Result<Applied, String>>),
     LoadCheckpoint(PolicyVersion, PathBuf, RpcReplyPort<Result<(), String>>),
     /// NCCL: join the learner's communicator (unique id hex, rank, world).
     JoinNccl(String, i32, i32, RpcReplyPort<Result<(), String>>),
     /// NCCL: receive this version as the plan says.
     BeginNccl(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
     /// NCCL: check the learner's GPU digest and swap the received weights in.
-    CommitNccl(PolicyVersion, String, RpcReplyPort<Result<f64, String>>),
+    CommitNccl(PolicyVersion, String, RpcReplyPort<Result<Applied, String>>),
+}
+
+/// How a committed version was applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Applied {
+    /// Seconds from the verified commit to the engine serving it.
+    pub seconds: f64,
+    pub installed: Installed,
 }
 
 struct Staging {
@@ -53,13 +60,13 @@ pub type HealthBoard = watch::Receiver<Health>;
 
 /// The receiver's start arguments: its engine and the sending half of its health board.
 pub struct ReceiverArgs {
-    pub engine: EngineHandle,
+    pub engine: SharedEngine,
     pub health: watch::Sender<Health>,
 }
 
 impl ReceiverArgs {
     /// Arguments for a receiver of `engine`, and the board it will post its health on.
-    pub fn new(engine: EngineHandle) -> (Self, HealthBoard) {
+    pub fn new(engine: SharedEngine) -> (Self, HealthBoard) {
         let (health, board) = watch::channel(Health {
             version: PolicyVersion(0),
             updating: false,
@@ -71,7 +78,7 @@ impl ReceiverArgs {
 pub struct WeightReceiver;
 
 pub struct ReceiverState {
-    engine: EngineHandle,
+    engine: SharedEngine,
     version: PolicyVersion,
     staging: Option<Staging>,
     nccl: NcclReceiver,
@@ -134,7 +141,7 @@ impl ReceiverState {
         Ok(())
     }
 
-    async fn commit(&mut self, version: PolicyVersion, digest: Digest) -> Result<f64, String> {
+    async fn commit(&mut self, version: PolicyVersion, digest: Digest) -> Result<Applied, String> {
         let st = self.staging.take().ok_or("no update in progress")?;
         if st.version != version {
             return Err(format!(
@@ -151,24 +158,29 @@ impl ReceiverState {
         }
         let started = Instant::now();
         let weights = unpack(&st.plan, &st.bytes)?;
-        self.engine.swap(weights, version).await.map_err(|e| e.to_string())??;
-        self.version = version;
-        Ok(started.elapsed().as_secs_f64())
+        drop(st);
+        self.install(weights, version, started).await
     }
 
-    async fn commit_nccl(&mut self, version: PolicyVersion, digest: &str) -> Result<f64, String> {
-        let (weights, _) = self.nccl.finish(version, digest).await?;
-        let started = Instant::now();
-        self.engine.swap(weights, version).await.map_err(|e| e.to_string())??;
+    async fn install(&mut self, weights: Vec<(String, Tensor)>, version: PolicyVersion, started: Instant) -> Result<Applied, String> {
+        let installed = self.engine.install(weights, version).await.map_err(|e| e.to_string())?;
         self.version = version;
-        Ok(started.elapsed().as_secs_f64())
+        Ok(Applied {
+            seconds: started.elapsed().as_secs_f64(),
+            installed,
+        })
+    }
+
+    async fn commit_nccl(&mut self, version: PolicyVersion, digest: &str) -> Result<Applied, String> {
+        let (weights, _) = self.nccl.finish(version, digest).await?;
+        self.install(weights, version, Instant::now()).await
     }
 
     async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
-        let spec = ModelSpec::from_dir(&path).map_err(|e| e.to_string())?;
-        let params = load_params(&spec, &path, Device::Cpu).map_err(|e| e.to_string())?;
-        let weights: Vec<_> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        self.engine.swap(weights, version).await.map_err(|e| e.to_string())??;
+        self.engine
+            .load_checkpoint(&path, version)
+            .await
+            .map_err(|e| e.to_string())?;
         self.version = version;
         Ok(())
     }
@@ -185,8 +197,8 @@ impl Actor for WeightReceiver {
         args: ReceiverArgs,
     ) -> Result<ReceiverState, ActorProcessingErr> {
         let ReceiverArgs { engine, health } = args;
-        let version = engine.info().await?.version;
-        let nccl = NcclReceiver::new(engine.device);
+        let version = engine.served().await?.version;
+        let nccl = NcclReceiver::new(engine.nccl_device().unwrap_or(Device::Cpu));
         let state = ReceiverState {
             engine,
             version,
@@ -214,7 +226,7 @@ impl Actor for WeightReceiver {
             ReceiverMsg::Commit(v, digest, reply) => {
                 let result = state.commit(v, digest).await;
                 match &result {
-                    Ok(secs) => tracing::info!(version = v.0, apply_s = secs, "weights updated"),
+                    Ok(a) => tracing::info!(version = v.0, apply_s = a.seconds, canary_max_abs_diff = a.installed.canary_max_abs_diff, "weights updated"),
                     Err(e) => tracing::warn!(version = v.0, error = %e, "update rejected"),
                 }
                 let _ = reply.send(result);
@@ -235,7 +247,7 @@ impl Actor for WeightReceiver {
             ReceiverMsg::CommitNccl(v, digest, reply) => {
                 let result = state.commit_nccl(v, &digest).await;
                 match &result {
-                    Ok(secs) => tracing::info!(version = v.0, apply_s = secs, transport = "nccl", "weights updated"),
+                    Ok(a) => tracing::info!(version = v.0, apply_s = a.seconds, transport = "nccl", "weights updated"),
                     Err(e) => tracing::warn!(version = v.0, error = %e, transport = "nccl", "update rejected"),
                 }
                 let _ = reply.send(result);

@@ -7,19 +7,20 @@ use std::path::PathBuf;
 use ractor::ActorRef;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{EngineHandle, PolicyVersion};
+use crate::engine::inference::SharedEngine;
+use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
 
 use super::auth::{CheckToken, Token};
-use super::plan::{Digest, WeightSet};
+use super::plan::Digest;
 use super::receiver::{HealthBoard, ReceiverMsg};
 
 /// The service state.
 pub struct SidecarService {
     pub receiver: ActorRef<ReceiverMsg>,
     pub health: HealthBoard,
-    pub engine: EngineHandle,
+    pub engine: SharedEngine,
     pub model_dir: PathBuf,
     pub http_address: String,
 }
@@ -40,16 +41,15 @@ fn internal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl Sidecar for SidecarService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        let (version, weights) = self.engine.snapshot().await.map_err(internal)?;
-        let parameters = weights.iter().map(|(_, t)| t.numel() as u64).sum();
-        let digest = WeightSet::pack(&weights).digest();
+        let served = self.engine.served().await.map_err(internal)?;
         Ok(Response::new(pb::InfoResponse {
-            version: pv(version),
+            version: pv(served.version),
             model_dir: self.model_dir.display().to_string(),
-            vocab_size: self.engine.vocab_size,
-            parameters,
-            digest: digest.to_string(),
+            vocab_size: self.engine.vocab_size(),
+            parameters: served.parameters,
+            digest: served.digest.map(|d| d.to_string()).unwrap_or_default(),
             http_address: self.http_address.clone(),
+            engine: self.engine.kind().into(),
         }))
     }
 
@@ -57,6 +57,11 @@ impl Sidecar for SidecarService {
         // A dropped sender means the receiver actor is gone: the sidecar cannot take updates.
         if self.health.has_changed().is_err() {
             return Err(Status::unavailable("the weight receiver has stopped"));
+        }
+        // A restarting vLLM cannot take updates: the learner marks this sidecar stale and
+        // gives it a full sync once it answers again.
+        if !self.engine.healthy().await {
+            return Err(Status::unavailable("the engine is not ready"));
         }
         let health = *self.health.borrow();
         Ok(Response::new(pb::HealthResponse {
@@ -109,19 +114,23 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
         let req = req.into_inner();
         let version = version_of(req.version)?;
-        let apply_seconds = if req.transport == pb::Transport::Nccl as i32 {
+        let applied = if req.transport == pb::Transport::Nccl as i32 {
             ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest)
                 .map_err(internal)?
                 .map_err(Status::data_loss)?
         } else {
-            let digest: Digest = req.digest.parse().map_err(Status::invalid_argument)?;
+            let digest: Digest = req
+                .digest
+                .parse()
+                .map_err(|e: crate::version::BadDigest| Status::invalid_argument(e.to_string()))?;
             ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
                 .map_err(internal)?
                 .map_err(Status::data_loss)?
         };
         Ok(Response::new(pb::CommitUpdateResponse {
             version: pv(version),
-            apply_seconds,
+            apply_seconds: applied.seconds,
+            canary_max_abs_diff: applied.installed.canary_max_abs_diff,
         }))
     }
 

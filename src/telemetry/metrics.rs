@@ -34,6 +34,9 @@ pub struct StepRecord {
     /// sync).
     pub sidecars_synced: Option<u64>,
     pub sidecars_stale: Option<u64>,
+    /// The newest publication's logprob canary: largest |engine - reference| logprob on the
+    /// sidecar's fixed tokens (null where no engine checks one).
+    pub sync_canary_max_abs_diff: Option<f64>,
 }
 
 /// Appends records to `metrics.jsonl`.

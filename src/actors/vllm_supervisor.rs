@@ -1,0 +1,407 @@
+//! VllmSupervisor (sidecar node): runs the vLLM server process. It launches the configured
+//! command in its own process group, bound to loopback with dev mode on and usage stats off,
+//! and appends its output to a log file. Readiness is `/health`, then `/version` in the tested
+//! range, then `/v1/models` listing the served name, then one real generation, then a resync
+//! of the newest installed version. Liveness is a one-token generation under a deadline
+//! (vLLM's `/health` stays 200 while its engine is wedged). A dead or wedged vLLM is restarted
+//! with capped backoff; stopping kills only its own process group.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::core::JobParams;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::vllm::{SupervisorOrder, VllmShared, VllmState};
+use crate::engine::vllm_api::{is_tested, VllmApi};
+
+/// How to run vLLM.
+#[derive(Debug, Clone)]
+pub struct VllmLaunch {
+    /// Program and leading arguments, e.g. `python -m vllm.entrypoints.openai.api_server`.
+    pub command: Vec<String>,
+    /// Extra arguments appended after ours (e.g. `--dtype float32 --enforce-eager`).
+    pub extra_args: Vec<String>,
+    pub model_dir: PathBuf,
+    pub served_name: String,
+    /// Loopback port vLLM listens on (the same across restarts).
+    pub port: u16,
+    pub log: PathBuf,
+    pub ready_timeout: Duration,
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    /// Consecutive failed launches before giving up.
+    pub max_restarts: u32,
+    pub allow_untested: bool,
+    /// Per-call deadline of a resync's update routes.
+    pub update_deadline: Duration,
+}
+
+/// The supervisor's mailbox.
+pub enum VllmMsg {
+    /// Launch (or relaunch) now.
+    Launch,
+    /// The process of this launch exited.
+    Exited(u64, String),
+    /// The readiness checks of this launch ended: Ok, a retryable failure, or a fatal one.
+    ReadyCheck(u64, Result<(), Readiness>),
+    /// Periodic liveness probe.
+    Probe,
+    /// A probe of this launch ended.
+    Probed(u64, bool),
+    /// An order from the driver.
+    Order(SupervisorOrder),
+}
+
+/// Why a launch did not become ready.
+#[derive(Debug, Clone)]
+pub enum Readiness {
+    /// Timed out or failed a check; a restart may help.
+    NotReady(String),
+    /// Refused for good (an untested vLLM version).
+    Refused(String),
+}
+
+/// Start arguments.
+pub struct VllmArgs {
+    pub launch: VllmLaunch,
+    pub state: watch::Sender<VllmState>,
+    pub orders: mpsc::Receiver<SupervisorOrder>,
+    pub shared: Arc<VllmShared>,
+}
+
+pub struct VllmSupervisor;
+
+pub struct VllmSupervisorState {
+    launch: VllmLaunch,
+    state: watch::Sender<VllmState>,
+    shared: Arc<VllmShared>,
+    /// Number of the newest launch.
+    generation: u64,
+    /// Process group (= leader pid) of the running launch.
+    pgid: Option<i32>,
+    /// Failed launches in a row (reset once a launch has been ready for a minute).
+    failures: u32,
+    ever_ready: bool,
+    ready_since: Option<Instant>,
+    probe_failures: u32,
+    probing: bool,
+    /// Model to start from instead of `launch.model_dir` (a checkpoint the driver could not
+    /// reload).
+    model_override: Option<PathBuf>,
+    restarts: u64,
+}
+
+fn base_of(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// The last `n` lines of a log, for error messages.
+fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn probe_params() -> JobParams {
+    JobParams {
+        n: 1,
+        max_tokens: 1,
+        min_tokens: 0,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        stop_token_ids: Vec::new(),
+        stop_strings: Vec::new(),
+        include_stop_str: false,
+        skip_special_tokens: true,
+        ignore_eos: true,
+        seed: None,
+        top_logprobs: 0,
+    }
+}
+
+/// Sends SIGTERM to a process group, waits up to `grace` for it to be gone, then SIGKILLs it.
+pub async fn stop_group(pgid: i32, grace: Duration) {
+    // SAFETY: kill(2) on a negative pid signals that process group only; no memory is shared.
+    let alive = || unsafe { libc::kill(-pgid, 0) } == 0;
+    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    let until = Instant::now() + grace;
+    while alive() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if alive() {
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        while alive() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The readiness checks of one launch, then the resync of the newest installed version.
+async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) -> Result<(), Readiness> {
+    let quick = Duration::from_secs(5);
+    let until = Instant::now() + launch.ready_timeout;
+    let not_ready = |what: String| {
+        Readiness::NotReady(format!(
+            "{what} (vLLM's log: {}; last lines:\n{})",
+            launch.log.display(),
+            log_tail(&launch.log, 15)
+        ))
+    };
+    loop {
+        if api.health(quick).await.is_ok() {
+            break;
+        }
+        if Instant::now() >= until {
+            return Err(not_ready(format!("vLLM did not answer /health within {:?}", launch.ready_timeout)));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let version = api.version(quick).await.map_err(|e| not_ready(e.to_string()))?;
+    if !is_tested(&version) && !launch.allow_untested {
+        return Err(Readiness::Refused(format!(
+            "vLLM {version} is outside the tested range {:?}; pass --allow-untested-vllm to run it anyway",
+            crate::engine::vllm_api::TESTED_VLLM
+        )));
+    }
+    if !api.serves_model(quick).await.map_err(|e| not_ready(e.to_string()))? {
+        return Err(not_ready(format!("/v1/models does not list {:?}", launch.served_name)));
+    }
+    api.complete(&[0], &probe_params(), launch.probe_timeout.max(quick))
+        .await
+        .map_err(|e| not_ready(format!("the first generation failed: {e}")))?;
+    let current = shared.current.lock().await;
+    if let Some(c) = current.as_ref() {
+        api.swap_in(&c.dir, launch.update_deadline)
+            .await
+            .map_err(|e| not_ready(format!("resync of version {} failed: {e}", c.version.0)))?;
+        tracing::info!(version = c.version.0, dir = %c.dir.display(), "vLLM resynced to the newest version");
+    }
+    tracing::info!(vllm = %version, base = %api.base(), "vLLM ready");
+    Ok(())
+}
+
+impl VllmSupervisorState {
+    fn spawn_process(&mut self, myself: &ActorRef<VllmMsg>) -> Result<(), String> {
+        let l = &self.launch;
+        let model = self.model_override.clone().unwrap_or_else(|| l.model_dir.clone());
+        let (program, lead) = l.command.split_first().ok_or("empty --vllm-command")?;
+        if let Some(parent) = l.log.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&l.log)
+            .map_err(|e| format!("opening vLLM's log {}: {e}", l.log.display()))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(lead)
+            .args(["--model", &model.display().to_string(), "--served-model-name", &l.served_name])
+            .args(["--host", "127.0.0.1", "--port", &l.port.to_string()])
+            .args(["--logprobs-mode", "processed_logprobs", "--generation-config", "vllm"])
+            .args(&l.extra_args)
+            .env("VLLM_SERVER_DEV_MODE", "1")
+            .env("VLLM_NO_USAGE_STATS", "1")
+            .env("DO_NOT_TRACK", "1")
+            .env("VLLM_DO_NOT_TRACK", "1")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .kill_on_drop(false);
+        if std::env::var_os("VLLM_CPU_KVCACHE_SPACE").is_none() {
+            cmd.env("VLLM_CPU_KVCACHE_SPACE", "1");
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("starting {program}: {e}"))?;
+        let pid = child.id().ok_or("vLLM exited at once")? as i32;
+        self.generation += 1;
+        self.pgid = Some(pid);
+        self.probe_failures = 0;
+        let generation = self.generation;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
+            let _ = me.cast(VllmMsg::Exited(generation, status));
+        });
+        let api = VllmApi::new(base_of(l.port), l.served_name.clone()).map_err(|e| e.to_string())?;
+        let (launch, shared, me) = (l.clone(), self.shared.clone(), myself.clone());
+        tokio::spawn(async move {
+            let result = check_ready(api, launch, shared).await;
+            let _ = me.cast(VllmMsg::ReadyCheck(generation, result));
+        });
+        self.state.send_replace(VllmState::Starting { launch: generation });
+        tracing::info!(pid, launch = generation, model = %model.display(), port = l.port, log = %l.log.display(), "vLLM launched");
+        Ok(())
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!(reason = %reason, "giving up on vLLM");
+        self.state.send_replace(VllmState::Failed { reason });
+    }
+
+    /// Schedules a relaunch after a capped backoff, or gives up.
+    fn relaunch_later(&mut self, myself: &ActorRef<VllmMsg>, why: String) {
+        self.failures += 1;
+        if !self.ever_ready || self.failures > self.launch.max_restarts {
+            self.fail(why);
+            return;
+        }
+        let delay = Duration::from_secs(1u64 << self.failures.min(5).saturating_sub(1)).min(Duration::from_secs(30));
+        self.restarts += 1;
+        tracing::warn!(why = %why, delay_s = delay.as_secs(), restart = self.restarts, "restarting vLLM");
+        self.state.send_replace(VllmState::Starting { launch: self.generation });
+        myself.send_after(delay, || VllmMsg::Launch);
+    }
+
+    async fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            stop_group(pgid, Duration::from_secs(10)).await;
+        }
+    }
+}
+
+impl Actor for VllmSupervisor {
+    type Msg = VllmMsg;
+    type State = VllmSupervisorState;
+    type Arguments = VllmArgs;
+
+    async fn pre_start(&self, myself: ActorRef<VllmMsg>, args: VllmArgs) -> Result<Self::State, ActorProcessingErr> {
+        let VllmArgs {
+            launch,
+            state,
+            mut orders,
+            shared,
+        } = args;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            while let Some(order) = orders.recv().await {
+                if me.cast(VllmMsg::Order(order)).is_err() {
+                    return;
+                }
+            }
+        });
+        myself.send_interval(launch.probe_interval, || VllmMsg::Probe);
+        myself.cast(VllmMsg::Launch)?;
+        Ok(VllmSupervisorState {
+            launch,
+            state,
+            shared,
+            generation: 0,
+            pgid: None,
+            failures: 0,
+            ever_ready: false,
+            ready_since: None,
+            probe_failures: 0,
+            probing: false,
+            model_override: None,
+            restarts: 0,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<VllmMsg>, msg: VllmMsg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if matches!(*st.state.borrow(), VllmState::Failed { .. }) {
+            st.kill().await;
+            return Ok(());
+        }
+        match msg {
+            VllmMsg::Launch => {
+                st.kill().await;
+                if let Err(e) = st.spawn_process(&myself) {
+                    st.fail(e);
+                }
+            }
+            // A launch this actor killed itself is relaunched by whoever killed it.
+            VllmMsg::Exited(generation, status) if generation == st.generation && st.pgid.is_some() => {
+                // The leader is gone; the rest of its group (vLLM's engine core) goes too.
+                st.kill().await;
+                st.ready_since = None;
+                let why = format!(
+                    "vLLM exited ({status}); its log: {}; last lines:\n{}",
+                    st.launch.log.display(),
+                    log_tail(&st.launch.log, 15)
+                );
+                st.relaunch_later(&myself, why);
+            }
+            VllmMsg::Exited(..) => {}
+            VllmMsg::ReadyCheck(generation, result) if generation == st.generation => match result {
+                Ok(()) => {
+                    st.ever_ready = true;
+                    st.ready_since = Some(Instant::now());
+                    st.state.send_replace(VllmState::Ready {
+                        launch: generation,
+                        base: base_of(st.launch.port),
+                    });
+                }
+                Err(Readiness::Refused(why)) => st.fail(why),
+                Err(Readiness::NotReady(why)) => {
+                    st.kill().await;
+                    st.relaunch_later(&myself, why);
+                }
+            },
+            VllmMsg::ReadyCheck(..) => {}
+            VllmMsg::Probe => probe(&myself, st),
+            VllmMsg::Probed(generation, ok) if generation == st.generation => {
+                st.probing = false;
+                st.probe_failures = if ok { 0 } else { st.probe_failures + 1 };
+                if ok && st.ready_since.is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+                    st.failures = 0;
+                }
+                if st.probe_failures >= 2 {
+                    tracing::warn!(launch = generation, "vLLM failed two liveness probes in a row; killing it");
+                    st.kill().await;
+                    st.ready_since = None;
+                    st.relaunch_later(&myself, "vLLM stopped answering generations".into());
+                }
+            }
+            VllmMsg::Probed(..) => {}
+            VllmMsg::Order(SupervisorOrder::RestartOn(dir)) => {
+                tracing::info!(model = %dir.display(), "restarting vLLM on a checkpoint");
+                st.model_override = Some(dir);
+                st.ready_since = None;
+                st.kill().await;
+                st.state.send_replace(VllmState::Starting { launch: st.generation });
+                myself.cast(VllmMsg::Launch)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<VllmMsg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        st.kill().await;
+        tracing::info!(restarts = st.restarts, "vLLM stopped");
+        Ok(())
+    }
+}
+
+/// Starts a liveness probe unless one runs, vLLM is not ready, or an update holds vLLM paused.
+fn probe(myself: &ActorRef<VllmMsg>, st: &mut VllmSupervisorState) {
+    if st.probing || st.ready_since.is_none() {
+        return;
+    }
+    let Ok(api) = VllmApi::new(base_of(st.launch.port), st.launch.served_name.clone()) else {
+        return;
+    };
+    st.probing = true;
+    let (generation, limit, shared, me) = (st.generation, st.launch.probe_timeout, st.shared.clone(), myself.clone());
+    tokio::spawn(async move {
+        // An update pauses vLLM: a probe then would only measure the pause.
+        let ok = match shared.current.try_lock() {
+            Ok(guard) => {
+                drop(guard);
+                api.complete(&[0], &probe_params(), limit).await.is_ok()
+            }
+            Err(_) => true,
+        };
+        let _ = me.cast(VllmMsg::Probed(generation, ok));
+    });
+}

@@ -1,0 +1,131 @@
+//! The engine seam: one [`InferenceEngine`] trait that the sidecar's HTTP server, gRPC service
+//! and WeightReceiver use, whatever serves the tokens. Two implementations: the embedded tch
+//! engine ([`EngineHandle`]) and the vLLM driver ([`super::vllm::VllmEngine`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Device, Tensor};
+use tokenizers::Tokenizer;
+
+use super::core::{Completion, EngineHandle, JobParams, PolicyVersion};
+use crate::model::safetensors_io::load_params;
+use crate::model::ModelSpec;
+use crate::version::{digest_tensors, Digest};
+
+/// Why an engine call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineFailure {
+    /// The engine is not serving (its thread ended, or vLLM is down or restarting).
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine refused the input (a 4xx from vLLM, shapes that do not fit).
+    #[error("engine rejected the request: {0}")]
+    Rejected(String),
+    /// The engine failed while doing it.
+    #[error("engine failed: {0}")]
+    Failed(String),
+}
+
+/// What installing a version reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Installed {
+    /// Largest |served - reference| logprob over the canary tokens, where the engine checks
+    /// one (vLLM: its prompt logprobs against our transformer on the installed weights).
+    pub canary_max_abs_diff: Option<f64>,
+}
+
+/// The facts of a running engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub version: PolicyVersion,
+    /// Parameters of the served model.
+    pub parameters: u64,
+    /// Digest of the served weights in manifest order, where the engine knows it (vLLM does
+    /// not after a checkpoint load: its weights were never in our hands).
+    pub digest: Option<Digest>,
+}
+
+/// What the sidecar needs from an inference engine.
+#[async_trait::async_trait]
+pub trait InferenceEngine: Send + Sync + 'static {
+    /// `"embedded"` or `"vllm"`, for logs and `/info`.
+    fn kind(&self) -> &'static str;
+    /// The served model's tokenizer.
+    fn tokenizer(&self) -> &Arc<Tokenizer>;
+    /// The served model's vocabulary size.
+    fn vocab_size(&self) -> i64;
+    /// The device NCCL receives land on, or `None` when the engine takes weights only as host
+    /// tensors (the sidecar then answers `JoinNccl` with `Unimplemented`).
+    fn nccl_device(&self) -> Option<Device>;
+    /// Generates `params.n` completions of `prompt`; a request runs entirely on one version.
+    async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure>;
+    /// Serves `weights` (every tensor, manifest names) as `version` from the next request on.
+    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion) -> Result<Installed, EngineFailure>;
+    /// Serves the HF checkpoint in `dir` as `version`.
+    async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure>;
+    /// The served version, size and digest.
+    async fn served(&self) -> Result<Served, EngineFailure>;
+    /// Whether the engine answers now.
+    async fn healthy(&self) -> bool;
+}
+
+/// A shared engine, as the sidecar's services hold it.
+pub type SharedEngine = Arc<dyn InferenceEngine>;
+
+fn gone(e: impl std::fmt::Display) -> EngineFailure {
+    EngineFailure::Unavailable(e.to_string())
+}
+
+#[async_trait::async_trait]
+impl InferenceEngine for EngineHandle {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.vocab_size
+    }
+
+    fn nccl_device(&self) -> Option<Device> {
+        Some(self.device)
+    }
+
+    async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure> {
+        EngineHandle::generate(self, prompt, params).await.map_err(gone)
+    }
+
+    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        self.swap(weights, version)
+            .await
+            .map_err(gone)?
+            .map_err(EngineFailure::Rejected)?;
+        Ok(Installed::default())
+    }
+
+    async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure> {
+        let spec = ModelSpec::from_dir(dir).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+        let params = load_params(&spec, dir, Device::Cpu).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+        let weights: Vec<_> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        self.install(weights, version).await.map(|_| ())
+    }
+
+    async fn served(&self) -> Result<Served, EngineFailure> {
+        let (version, weights) = self.snapshot().await.map_err(gone)?;
+        Ok(Served {
+            version,
+            parameters: weights.iter().map(|(_, t)| t.numel() as u64).sum(),
+            digest: Some(digest_tensors(&weights).map_err(|e| EngineFailure::Failed(e.to_string()))?),
+        })
+    }
+
+    /// Always true: the embedded engine's thread answers between generation rounds only, and
+    /// a health check must not wait for a round (a heartbeat is not built yet).
+    async fn healthy(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,300 @@
+//! The vLLM driver: an [`InferenceEngine`] over a vLLM server that the VllmSupervisor actor
+//! runs. Generation goes to `/v1/completions` with token-id prompts. A new version is written
+//! as safetensors under the sidecar's weights directory (tmpfs by default) and swapped in with
+//! pause -> `reload_weights` -> resume, so no request sees half-updated weights; a logprob
+//! canary then compares vLLM's prompt logprobs with our transformer on the same weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, watch, Mutex};
+
+use super::core::{Completion, JobParams, PolicyVersion};
+use super::inference::{EngineFailure, InferenceEngine, Installed, Served};
+use super::vllm_api::VllmApi;
+use crate::model::safetensors_io::write_file;
+use crate::model::{ModelSpec, ParamStore, Transformer};
+use crate::version::{digest_tensors, Digest};
+
+/// Where the supervised vLLM stands, as the supervisor posts it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VllmState {
+    /// Launched (or relaunched), not ready yet.
+    Starting { launch: u64 },
+    /// Ready at this base URL.
+    Ready { launch: u64, base: String },
+    /// Gave up: the sidecar must stop. The reason names vLLM's log.
+    Failed { reason: String },
+}
+
+/// The version vLLM serves and where its weights are on disk (a resync after a restart
+/// reloads them).
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub version: PolicyVersion,
+    pub dir: PathBuf,
+    /// Written by the sidecar (deleted when replaced), or a checkpoint of the learner's.
+    pub owned: bool,
+    pub digest: Option<Digest>,
+}
+
+/// What the driver asks of the supervisor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SupervisorOrder {
+    /// Restart vLLM on this model directory (a checkpoint `reload_weights` could not load).
+    RestartOn(PathBuf),
+}
+
+/// The driver's and the supervisor's shared state. The `current` mutex is also the update
+/// lock: a weight update, a checkpoint load and a resync after a restart never overlap, and
+/// the liveness probe skips while it is held (vLLM is paused then).
+pub struct VllmShared {
+    pub current: Mutex<Option<Current>>,
+}
+
+/// Tunables of the driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub served_name: String,
+    /// Model directory (config and tokenizer; the canary's spec).
+    pub model_dir: PathBuf,
+    /// Where versions are written.
+    pub weights_dir: PathBuf,
+    /// Longest a generation waits for vLLM to be ready (during a restart).
+    pub ready_wait: Duration,
+    /// Per-call deadline of the update routes.
+    pub update_deadline: Duration,
+    /// Deadline of one generation request.
+    pub generate_deadline: Duration,
+    /// Tokens of the logprob canary after each install (0: off).
+    pub canary_tokens: usize,
+}
+
+/// The vLLM engine.
+pub struct VllmEngine {
+    cfg: DriverConfig,
+    spec: ModelSpec,
+    tokenizer: Arc<Tokenizer>,
+    state: watch::Receiver<VllmState>,
+    orders: mpsc::Sender<SupervisorOrder>,
+    shared: Arc<VllmShared>,
+}
+
+impl VllmEngine {
+    /// A driver of the vLLM that the supervisor holding the other ends runs.
+    pub fn new(
+        cfg: DriverConfig,
+        tokenizer: Arc<Tokenizer>,
+        state: watch::Receiver<VllmState>,
+        orders: mpsc::Sender<SupervisorOrder>,
+        shared: Arc<VllmShared>,
+    ) -> Result<Self, EngineFailure> {
+        let spec = ModelSpec::from_dir(&cfg.model_dir).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+        std::fs::create_dir_all(&cfg.weights_dir)
+            .map_err(|e| EngineFailure::Failed(format!("creating {}: {e}", cfg.weights_dir.display())))?;
+        Ok(Self {
+            cfg,
+            spec,
+            tokenizer,
+            state,
+            orders,
+            shared,
+        })
+    }
+
+    /// The API of the ready server, waiting at most `wait` for it.
+    async fn ready(&self, wait: Duration) -> Result<VllmApi, EngineFailure> {
+        let mut state = self.state.clone();
+        let ready = tokio::time::timeout(wait, async {
+            loop {
+                match &*state.borrow_and_update() {
+                    VllmState::Ready { base, .. } => return Ok(base.clone()),
+                    VllmState::Failed { reason } => return Err(EngineFailure::Unavailable(reason.clone())),
+                    VllmState::Starting { .. } => {}
+                }
+                if state.changed().await.is_err() {
+                    return Err(EngineFailure::Unavailable("the vLLM supervisor has stopped".into()));
+                }
+            }
+        })
+        .await
+        .map_err(|_| EngineFailure::Unavailable(format!("vLLM not ready within {wait:?} (restarting)")))??;
+        VllmApi::new(ready, self.cfg.served_name.clone())
+    }
+
+    /// Compares vLLM's prompt logprobs on the canary tokens with our reference.
+    async fn check_canary(&self, api: &VllmApi, reference: Option<Canary>) -> Result<Option<f64>, EngineFailure> {
+        let Some(c) = reference else {
+            return Ok(None);
+        };
+        let served = api.prompt_logprobs(&c.ids, self.cfg.generate_deadline).await?;
+        let worst = served
+            .iter()
+            .zip(&c.logprobs)
+            .map(|(s, o)| (s - o).abs())
+            .fold(0.0f64, f64::max);
+        Ok(Some(worst))
+    }
+}
+
+/// Fixed tokens and our transformer's logprobs of them on a version's weights.
+struct Canary {
+    ids: Vec<i64>,
+    logprobs: Vec<f64>,
+}
+
+/// A version on disk, ready to be swapped in.
+struct Prepared {
+    dir: PathBuf,
+    digest: Digest,
+    canary: Option<Canary>,
+}
+
+/// Writes `weights` as `<root>/v<version>/model.safetensors` (under a temporary name, then
+/// renamed), digests them, and computes the canary's reference logprobs.
+fn prepare(root: &Path, spec: &ModelSpec, canary_tokens: usize, weights: &[(String, Tensor)], version: PolicyVersion) -> Result<Prepared, EngineFailure> {
+    let dir = root.join(format!("v{}", version.0));
+    let tmp = root.join(format!(".v{}.partial", version.0));
+    let failed = |what: &str, e: &dyn std::fmt::Display| EngineFailure::Failed(format!("{what}: {e}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&tmp).map_err(|e| failed("creating the version directory", &e))?;
+    write_file(&tmp.join("model.safetensors"), weights).map_err(|e| failed("writing safetensors", &e))?;
+    std::fs::rename(&tmp, &dir).map_err(|e| failed("renaming the version directory", &e))?;
+    let digest = digest_tensors(weights).map_err(|e| failed("digesting", &e))?;
+    let canary = if canary_tokens >= 2 {
+        let vocab = spec.vocab_size.max(1);
+        let ids: Vec<i64> = (0..canary_tokens as i64).map(|i| (i * 7919 + 13) % vocab).collect();
+        let logprobs = reference_logprobs(spec, weights, &ids)?;
+        Some(Canary { ids, logprobs })
+    } else {
+        None
+    };
+    Ok(Prepared { dir, digest, canary })
+}
+
+/// Our transformer's logprob of each of `ids[1..]` after its prefix, on `weights` (CPU, fp32).
+pub fn reference_logprobs(spec: &ModelSpec, weights: &[(String, Tensor)], ids: &[i64]) -> Result<Vec<f64>, EngineFailure> {
+    let params = ParamStore::from_tensors(
+        weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).to_kind(Kind::Float)))
+            .collect(),
+    );
+    let model = Transformer::new(spec, &params).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+    let n = ids.len() as i64;
+    let lp = tch::no_grad(|| {
+        let logits = model.forward(&Tensor::from_slice(&ids[..ids.len() - 1]).view([1, n - 1]));
+        logits
+            .log_softmax(-1, Kind::Float)
+            .gather(-1, &Tensor::from_slice(&ids[1..]).view([1, n - 1, 1]), false)
+            .view([-1])
+    });
+    Vec::<f32>::try_from(lp)
+        .map(|v| v.into_iter().map(f64::from).collect())
+        .map_err(|e| EngineFailure::Failed(format!("reading reference logprobs: {e}")))
+}
+
+#[async_trait::async_trait]
+impl InferenceEngine for VllmEngine {
+    fn kind(&self) -> &'static str {
+        "vllm"
+    }
+
+    fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.spec.vocab_size
+    }
+
+    fn nccl_device(&self) -> Option<Device> {
+        None
+    }
+
+    async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure> {
+        let api = self.ready(self.cfg.ready_wait).await?;
+        api.complete(&prompt, &params, self.cfg.generate_deadline).await
+    }
+
+    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        let mut current = self.shared.current.lock().await;
+        let api = self.ready(Duration::from_secs(5)).await?;
+        let started = Instant::now();
+        let (root, spec, canary_tokens) = (self.cfg.weights_dir.clone(), self.spec.clone(), self.cfg.canary_tokens);
+        let prepared = tokio::task::spawn_blocking(move || prepare(&root, &spec, canary_tokens, &weights, version))
+            .await
+            .map_err(|e| EngineFailure::Failed(format!("writing the version: {e}")))??;
+        let written = started.elapsed();
+        api.swap_in(&prepared.dir, self.cfg.update_deadline).await?;
+        if let Some(old) = current.replace(Current {
+            version,
+            dir: prepared.dir.clone(),
+            owned: true,
+            digest: Some(prepared.digest),
+        }) {
+            if old.owned && old.dir != prepared.dir {
+                let _ = std::fs::remove_dir_all(&old.dir);
+            }
+        }
+        drop(current);
+        let canary_max_abs_diff = self.check_canary(&api, prepared.canary).await?;
+        tracing::info!(version = version.0, write_s = written.as_secs_f64(), total_s = started.elapsed().as_secs_f64(),
+            canary_max_abs_diff, "vLLM serves the new version");
+        Ok(Installed { canary_max_abs_diff })
+    }
+
+    async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure> {
+        let mut current = self.shared.current.lock().await;
+        let api = self.ready(Duration::from_secs(5)).await?;
+        let entry = Current {
+            version,
+            dir: dir.to_path_buf(),
+            owned: false,
+            digest: None,
+        };
+        match api.swap_in(dir, self.cfg.update_deadline).await {
+            Ok(()) => {
+                if let Some(old) = current.replace(entry) {
+                    if old.owned {
+                        let _ = std::fs::remove_dir_all(&old.dir);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(version = version.0, error = %e, dir = %dir.display(), "reload_weights failed; restarting vLLM on the checkpoint");
+                *current = Some(entry);
+                drop(current);
+                self.orders
+                    .send(SupervisorOrder::RestartOn(dir.to_path_buf()))
+                    .await
+                    .map_err(|_| EngineFailure::Unavailable("the vLLM supervisor has stopped".into()))?;
+                // The restart must be seen before waiting for readiness.
+                let mut state = self.state.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| !matches!(s, VllmState::Ready { .. }))).await;
+                self.ready(self.cfg.ready_wait).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn served(&self) -> Result<Served, EngineFailure> {
+        let current = self.shared.current.lock().await;
+        let (version, digest) = current
+            .as_ref()
+            .map_or((PolicyVersion(0), None), |c| (c.version, c.digest));
+        Ok(Served {
+            version,
+            parameters: 0,
+            digest,
+        })
+    }
+
+    async fn healthy(&self) -> bool {
+        matches!(*self.state.borrow(), VllmState::Ready { .. })
+    }
+}

