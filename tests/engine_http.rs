@@ -33,7 +33,10 @@ impl Server {
         )
         .expect("engine");
         let (addr, _) = runtime
-            .block_on(http::serve("127.0.0.1:0".parse().expect("addr"), std::sync::Arc::new(engine)))
+            .block_on(http::serve(
+                "127.0.0.1:0".parse().expect("addr"),
+                std::sync::Arc::new(engine),
+            ))
             .expect("serve");
         Self {
             addr,

@@ -102,13 +102,24 @@ impl VllmSidecar {
     /// `/generate`: (status, body).
     fn generate(&self, body: &str) -> (u16, Value) {
         let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-H", "content-type: application/json"])
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "content-type: application/json",
+            ])
             .args(["--data-binary", body, &self.url("/generate")])
             .output()
             .expect("curl");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (json_part, code) = text.rsplit_once('\n').expect("status line");
-        (code.trim().parse().expect("status"), serde_json::from_str(json_part).unwrap_or(Value::Null))
+        (
+            code.trim().parse().expect("status"),
+            serde_json::from_str(json_part).unwrap_or(Value::Null),
+        )
     }
 
     fn ok(&self, body: Value) -> Value {
@@ -146,8 +157,10 @@ fn model_of(dir: &Path) -> Transformer {
 /// the learner's recomputation on `dir`'s weights.
 fn serve_diff(sidecar: &VllmSidecar, dir: &Path) -> f64 {
     let prompt = vec![3i64, 14, 15, 92, 65];
-    let r = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 8, "temperature": 0.0,
-                              "logprobs": 0, "ignore_eos": true}));
+    let r = sidecar.ok(
+        json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 8, "temperature": 0.0,
+                              "logprobs": 0, "ignore_eos": true}),
+    );
     let (out, served) = common::completions(&r).remove(0);
     let reference = common::learner_logprobs(&model_of(dir), &prompt, &out, 1.0);
     served
@@ -192,7 +205,11 @@ fn check_generate_contract(sidecar: &VllmSidecar, base: &Path) {
     }
     assert_eq!(r["prompt_token_ids"], json!(prompt));
     assert!(r["prompt"].is_string());
-    assert!(r["finish_reasons"].as_array().expect("reasons").iter().all(|f| f == "length"));
+    assert!(r["finish_reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .all(|f| f == "length"));
     // Seeds: the same seed gives the same samples; logprobs equal the learner's at T=1.
     assert_eq!(sidecar.ok(body(7, 3))["token_ids"], r["token_ids"]);
     let base_model = model_of(base);
@@ -203,19 +220,25 @@ fn check_generate_contract(sidecar: &VllmSidecar, base: &Path) {
         }
     }
     // T=0.7: processed logprobs are the tempered distribution the learner recomputes.
-    let r = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.7,
-                              "logprobs": 0, "seed": 3, "ignore_eos": true}));
+    let r = sidecar.ok(
+        json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.7,
+                              "logprobs": 0, "seed": 3, "ignore_eos": true}),
+    );
     let (out, served) = common::completions(&r).remove(0);
     let reference = common::learner_logprobs(&base_model, &prompt, &out, 0.7);
     for (s, l) in served.iter().zip(&reference) {
         assert!((s - l).abs() < 1e-5, "T=0.7: vLLM {s} vs learner {l}");
     }
     // Stops: a stop token ends the sequence there, with finish reason "stop".
-    let greedy = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.0,
-                                   "logprobs": 0, "ignore_eos": true}));
+    let greedy = sidecar.ok(
+        json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.0,
+                                   "logprobs": 0, "ignore_eos": true}),
+    );
     let (gout, _) = common::completions(&greedy).remove(0);
-    let stopped = sidecar.ok(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.0,
-                                    "logprobs": 0, "stop_token_ids": [gout[2]]}));
+    let stopped = sidecar.ok(
+        json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 6, "temperature": 0.0,
+                                    "logprobs": 0, "stop_token_ids": [gout[2]]}),
+    );
     let (sout, _) = common::completions(&stopped).remove(0);
     let first = gout.iter().position(|&t| t == gout[2]).expect("stop token");
     assert_eq!(sout, gout[..=first].to_vec(), "stops at the first stop token");
@@ -254,7 +277,9 @@ fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
     api.wait_registered(4);
     let prompt = [9i64, 10, 11, 12];
     let groups = |from: u64, to: u64| -> Value {
-        json!((from..to).map(|s| generated_group(&sidecar, &prompt, s)).collect::<Vec<_>>())
+        json!((from..to)
+            .map(|s| generated_group(&sidecar, &prompt, s))
+            .collect::<Vec<_>>())
     };
     api.post("/scored_data_list", &groups(0, 6));
     wait_until(Duration::from_secs(120), "3 steps", || metrics(&save).len() >= 3);
@@ -297,7 +322,7 @@ fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
     for pgid in pids {
         assert!(!group_alive(pgid), "vLLM group {pgid} outlived the sidecar");
     }
-    assert!(std::fs::metadata(&work.path().join("vllm.log")).is_ok_and(|m| m.len() > 0));
+    assert!(std::fs::metadata(work.path().join("vllm.log")).is_ok_and(|m| m.len() > 0));
 }
 
 #[test]
@@ -329,12 +354,17 @@ fn checkpoint_mode_reloads_vllm_from_checkpoints() {
     assert_eq!(code, 0, "{log}");
     assert!(save.join("sync_step_4/config.json").is_file());
     wait_serves(&sidecar, &save.join("final_model"), "vLLM serving step 4's checkpoint");
-    assert!(log.lines().any(|l| l.contains("weights published") && l.contains("version=2")), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("weights published") && l.contains("version=2")),
+        "{log}"
+    );
     drop(sidecar);
 }
 
 /// A test double for a fault real vLLM cannot show on demand: a "server" that never answers.
-const NEVER_READY: &str = "import sys, time\nprint('pretending to be vLLM', sys.argv[1:], flush=True)\ntime.sleep(600)\n";
+const NEVER_READY: &str =
+    "import sys, time\nprint('pretending to be vLLM', sys.argv[1:], flush=True)\ntime.sleep(600)\n";
 
 /// A test double for an untested vLLM version: answers /health and /version ("0.32.0") only.
 const WRONG_VERSION: &str = r#"import http.server, sys
@@ -384,8 +414,14 @@ fn a_vllm_that_never_becomes_ready_fails_naming_its_log() {
     let (code, log) = fake_sidecar(work.path(), NEVER_READY, &["--vllm-ready-timeout-s", "3"]);
     assert_ne!(code, 0, "{log}");
     let vllm_log = work.path().join("fake.log");
-    assert!(log.contains(&vllm_log.display().to_string()), "the error names vLLM's log: {log}");
-    assert!(log.contains("pretending to be vLLM"), "and quotes its last lines: {log}");
+    assert!(
+        log.contains(&vllm_log.display().to_string()),
+        "the error names vLLM's log: {log}"
+    );
+    assert!(
+        log.contains("pretending to be vLLM"),
+        "and quotes its last lines: {log}"
+    );
     // Its process group is gone.
     let pgid: i32 = log
         .lines()
@@ -408,5 +444,8 @@ fn an_untested_vllm_version_is_refused_unless_allowed() {
         &["--vllm-ready-timeout-s", "30", "--allow-untested-vllm"],
     );
     assert_ne!(code, 0, "{log}");
-    assert!(!log.contains("outside the tested range") && log.contains("/v1/models"), "{log}");
+    assert!(
+        !log.contains("outside the tested range") && log.contains("/v1/models"),
+        "{log}"
+    );
 }

@@ -160,7 +160,10 @@ async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) 
             break;
         }
         if Instant::now() >= until {
-            return Err(not_ready(format!("vLLM did not answer /health within {:?}", launch.ready_timeout)));
+            return Err(not_ready(format!(
+                "vLLM did not answer /health within {:?}",
+                launch.ready_timeout
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -204,7 +207,12 @@ impl VllmSupervisorState {
         let err = log.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(lead)
-            .args(["--model", &model.display().to_string(), "--served-model-name", &l.served_name])
+            .args([
+                "--model",
+                &model.display().to_string(),
+                "--served-model-name",
+                &l.served_name,
+            ])
             .args(["--host", "127.0.0.1", "--port", &l.port.to_string()])
             .args(["--logprobs-mode", "processed_logprobs", "--generation-config", "vllm"])
             .args(&l.extra_args)
@@ -219,6 +227,19 @@ impl VllmSupervisorState {
             .stderr(err)
             .process_group(0)
             .kill_on_drop(false);
+        // SAFETY: prctl(2) in the forked child before exec touches no memory of the parent.
+        // If the sidecar dies without stopping vLLM (SIGKILL), vLLM gets SIGTERM instead of
+        // living on as an orphan. (It fires when the forking thread exits: a runtime worker,
+        // which lives as long as the sidecar's runtime.)
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         if std::env::var_os("VLLM_CPU_KVCACHE_SPACE").is_none() {
             cmd.env("VLLM_CPU_KVCACHE_SPACE", "1");
         }
@@ -259,7 +280,9 @@ impl VllmSupervisorState {
         let delay = Duration::from_secs(1u64 << self.failures.min(5).saturating_sub(1)).min(Duration::from_secs(30));
         self.restarts += 1;
         tracing::warn!(why = %why, delay_s = delay.as_secs(), restart = self.restarts, "restarting vLLM");
-        self.state.send_replace(VllmState::Starting { launch: self.generation });
+        self.state.send_replace(VllmState::Starting {
+            launch: self.generation,
+        });
         myself.send_after(delay, || VllmMsg::Launch);
     }
 
@@ -308,7 +331,12 @@ impl Actor for VllmSupervisor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<VllmMsg>, msg: VllmMsg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<VllmMsg>,
+        msg: VllmMsg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         if matches!(*st.state.borrow(), VllmState::Failed { .. }) {
             st.kill().await;
             return Ok(());
@@ -357,7 +385,10 @@ impl Actor for VllmSupervisor {
                     st.failures = 0;
                 }
                 if st.probe_failures >= 2 {
-                    tracing::warn!(launch = generation, "vLLM failed two liveness probes in a row; killing it");
+                    tracing::warn!(
+                        launch = generation,
+                        "vLLM failed two liveness probes in a row; killing it"
+                    );
                     st.kill().await;
                     st.ready_since = None;
                     st.relaunch_later(&myself, "vLLM stopped answering generations".into());
@@ -392,7 +423,12 @@ fn probe(myself: &ActorRef<VllmMsg>, st: &mut VllmSupervisorState) {
         return;
     };
     st.probing = true;
-    let (generation, limit, shared, me) = (st.generation, st.launch.probe_timeout, st.shared.clone(), myself.clone());
+    let (generation, limit, shared, me) = (
+        st.generation,
+        st.launch.probe_timeout,
+        st.shared.clone(),
+        myself.clone(),
+    );
     tokio::spawn(async move {
         // An update pauses vLLM: a probe then would only measure the pause.
         let ok = match shared.current.try_lock() {

@@ -61,7 +61,8 @@ pub trait InferenceEngine: Send + Sync + 'static {
     /// Generates `params.n` completions of `prompt`; a request runs entirely on one version.
     async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure>;
     /// Serves `weights` (every tensor, manifest names) as `version` from the next request on.
-    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion) -> Result<Installed, EngineFailure>;
+    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion)
+        -> Result<Installed, EngineFailure>;
     /// Serves the HF checkpoint in `dir` as `version`.
     async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure>;
     /// The served version, size and digest.
@@ -99,7 +100,11 @@ impl InferenceEngine for EngineHandle {
         EngineHandle::generate(self, prompt, params).await.map_err(gone)
     }
 
-    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+    async fn install(
+        &self,
+        weights: Vec<(String, Tensor)>,
+        version: PolicyVersion,
+    ) -> Result<Installed, EngineFailure> {
         self.swap(weights, version)
             .await
             .map_err(gone)?

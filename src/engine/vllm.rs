@@ -155,7 +155,13 @@ struct Prepared {
 
 /// Writes `weights` as `<root>/v<version>/model.safetensors` (under a temporary name, then
 /// renamed), digests them, and computes the canary's reference logprobs.
-fn prepare(root: &Path, spec: &ModelSpec, canary_tokens: usize, weights: &[(String, Tensor)], version: PolicyVersion) -> Result<Prepared, EngineFailure> {
+fn prepare(
+    root: &Path,
+    spec: &ModelSpec,
+    canary_tokens: usize,
+    weights: &[(String, Tensor)],
+    version: PolicyVersion,
+) -> Result<Prepared, EngineFailure> {
     let dir = root.join(format!("v{}", version.0));
     let tmp = root.join(format!(".v{}.partial", version.0));
     let failed = |what: &str, e: &dyn std::fmt::Display| EngineFailure::Failed(format!("{what}: {e}"));
@@ -177,7 +183,11 @@ fn prepare(root: &Path, spec: &ModelSpec, canary_tokens: usize, weights: &[(Stri
 }
 
 /// Our transformer's logprob of each of `ids[1..]` after its prefix, on `weights` (CPU, fp32).
-pub fn reference_logprobs(spec: &ModelSpec, weights: &[(String, Tensor)], ids: &[i64]) -> Result<Vec<f64>, EngineFailure> {
+pub fn reference_logprobs(
+    spec: &ModelSpec,
+    weights: &[(String, Tensor)],
+    ids: &[i64],
+) -> Result<Vec<f64>, EngineFailure> {
     let params = ParamStore::from_tensors(
         weights
             .iter()
@@ -221,7 +231,11 @@ impl InferenceEngine for VllmEngine {
         api.complete(&prompt, &params, self.cfg.generate_deadline).await
     }
 
-    async fn install(&self, weights: Vec<(String, Tensor)>, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+    async fn install(
+        &self,
+        weights: Vec<(String, Tensor)>,
+        version: PolicyVersion,
+    ) -> Result<Installed, EngineFailure> {
         let mut current = self.shared.current.lock().await;
         let api = self.ready(Duration::from_secs(5)).await?;
         let started = Instant::now();
@@ -243,8 +257,13 @@ impl InferenceEngine for VllmEngine {
         }
         drop(current);
         let canary_max_abs_diff = self.check_canary(&api, prepared.canary).await?;
-        tracing::info!(version = version.0, write_s = written.as_secs_f64(), total_s = started.elapsed().as_secs_f64(),
-            canary_max_abs_diff, "vLLM serves the new version");
+        tracing::info!(
+            version = version.0,
+            write_s = written.as_secs_f64(),
+            total_s = started.elapsed().as_secs_f64(),
+            canary_max_abs_diff,
+            "vLLM serves the new version"
+        );
         Ok(Installed { canary_max_abs_diff })
     }
 
@@ -276,7 +295,11 @@ impl InferenceEngine for VllmEngine {
                     .map_err(|_| EngineFailure::Unavailable("the vLLM supervisor has stopped".into()))?;
                 // The restart must be seen before waiting for readiness.
                 let mut state = self.state.clone();
-                let _ = tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| !matches!(s, VllmState::Ready { .. }))).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    state.wait_for(|s| !matches!(s, VllmState::Ready { .. })),
+                )
+                .await;
                 self.ready(self.cfg.ready_wait).await.map(|_| ())
             }
         }

@@ -60,7 +60,11 @@ impl VllmApi {
             .no_proxy()
             .build()
             .map_err(|e| EngineFailure::Failed(format!("HTTP client: {e}")))?;
-        Ok(Self { http, base, served_name })
+        Ok(Self {
+            http,
+            base,
+            served_name,
+        })
     }
 
     /// The server's base URL.
@@ -73,7 +77,9 @@ impl VllmApi {
         let status = resp.status();
         let text = resp.text().await.map_err(|e| unavailable(route, e))?;
         if status.is_client_error() {
-            return Err(EngineFailure::Rejected(format!("vLLM {route} answered {status}: {text}")));
+            return Err(EngineFailure::Rejected(format!(
+                "vLLM {route} answered {status}: {text}"
+            )));
         }
         if !status.is_success() {
             return Err(EngineFailure::Failed(format!("vLLM {route} answered {status}: {text}")));
@@ -81,12 +87,12 @@ impl VllmApi {
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text)
-            .or_else(|_| Ok(Value::String(text)))
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     async fn get(&self, route: &str, limit: Duration) -> Result<Value, EngineFailure> {
-        self.send(route, self.http.get(format!("{}{route}", self.base)), limit).await
+        self.send(route, self.http.get(format!("{}{route}", self.base)), limit)
+            .await
     }
 
     async fn post(&self, route: &str, body: Option<Value>, limit: Duration) -> Result<Value, EngineFailure> {
@@ -114,14 +120,20 @@ impl VllmApi {
     /// Whether `/v1/models` lists the served name.
     pub async fn serves_model(&self, limit: Duration) -> Result<bool, EngineFailure> {
         let v = self.get("/v1/models", limit).await?;
-        Ok(v.get("data")
-            .and_then(Value::as_array)
-            .is_some_and(|d| d.iter().any(|m| m.get("id").and_then(Value::as_str) == Some(&self.served_name))))
+        Ok(v.get("data").and_then(Value::as_array).is_some_and(|d| {
+            d.iter()
+                .any(|m| m.get("id").and_then(Value::as_str) == Some(&self.served_name))
+        }))
     }
 
     /// Generates through `/v1/completions` with a token-id prompt; every completion carries the
     /// sampled tokens' processed logprobs (vLLM runs with `--logprobs-mode processed_logprobs`).
-    pub async fn complete(&self, prompt: &[i64], p: &JobParams, limit: Duration) -> Result<Vec<Completion>, EngineFailure> {
+    pub async fn complete(
+        &self,
+        prompt: &[i64],
+        p: &JobParams,
+        limit: Duration,
+    ) -> Result<Vec<Completion>, EngineFailure> {
         let mut body = json!({
             "model": self.served_name, "prompt": prompt, "n": p.n, "max_tokens": p.max_tokens,
             "min_tokens": p.min_tokens, "temperature": p.sampling.temperature, "top_p": p.sampling.top_p,
@@ -211,7 +223,9 @@ fn finish_of(reason: Option<&str>) -> Result<FinishReason, EngineFailure> {
     match reason {
         Some("stop") => Ok(FinishReason::Stop),
         Some("length") => Ok(FinishReason::Length),
-        other => Err(EngineFailure::Failed(format!("vLLM finished a sequence with {other:?}"))),
+        other => Err(EngineFailure::Failed(format!(
+            "vLLM finished a sequence with {other:?}"
+        ))),
     }
 }
 

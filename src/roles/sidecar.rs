@@ -118,7 +118,8 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         generate_deadline: Duration::from_secs(600),
         canary_tokens: v.canary_tokens,
     };
-    let engine = VllmEngine::new(driver, tokenizer, state, orders_tx, shared).map_err(|e| SidecarError::Vllm(e.to_string()));
+    let engine =
+        VllmEngine::new(driver, tokenizer, state, orders_tx, shared).map_err(|e| SidecarError::Vllm(e.to_string()));
     match engine {
         Ok(e) => Ok((Arc::new(e), supervised)),
         Err(e) => {

@@ -162,7 +162,12 @@ impl ReceiverState {
         self.install(weights, version, started).await
     }
 
-    async fn install(&mut self, weights: Vec<(String, Tensor)>, version: PolicyVersion, started: Instant) -> Result<Applied, String> {
+    async fn install(
+        &mut self,
+        weights: Vec<(String, Tensor)>,
+        version: PolicyVersion,
+        started: Instant,
+    ) -> Result<Applied, String> {
         let installed = self.engine.install(weights, version).await.map_err(|e| e.to_string())?;
         self.version = version;
         Ok(Applied {
@@ -226,7 +231,12 @@ impl Actor for WeightReceiver {
             ReceiverMsg::Commit(v, digest, reply) => {
                 let result = state.commit(v, digest).await;
                 match &result {
-                    Ok(a) => tracing::info!(version = v.0, apply_s = a.seconds, canary_max_abs_diff = a.installed.canary_max_abs_diff, "weights updated"),
+                    Ok(a) => tracing::info!(
+                        version = v.0,
+                        apply_s = a.seconds,
+                        canary_max_abs_diff = a.installed.canary_max_abs_diff,
+                        "weights updated"
+                    ),
                     Err(e) => tracing::warn!(version = v.0, error = %e, "update rejected"),
                 }
                 let _ = reply.send(result);
@@ -247,7 +257,12 @@ impl Actor for WeightReceiver {
             ReceiverMsg::CommitNccl(v, digest, reply) => {
                 let result = state.commit_nccl(v, &digest).await;
                 match &result {
-                    Ok(a) => tracing::info!(version = v.0, apply_s = a.seconds, transport = "nccl", "weights updated"),
+                    Ok(a) => tracing::info!(
+                        version = v.0,
+                        apply_s = a.seconds,
+                        transport = "nccl",
+                        "weights updated"
+                    ),
                     Err(e) => tracing::warn!(version = v.0, error = %e, transport = "nccl", "update rejected"),
                 }
                 let _ = reply.send(result);
