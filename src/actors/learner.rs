@@ -85,7 +85,7 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                 not_published(packing.await);
                 return Ok(());
             };
-            put(hook, step, Payload::Device(packed))?;
+            hook.put(step, Payload::Device(packed))?;
             if let Err(e) = packing.await? {
                 // The sender sees the failure too and fails this version's publication.
                 tracing::error!(error = %e, "packing the weights for NCCL failed");
@@ -95,22 +95,25 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
         _ => {
             let (step, weights) = worker.weights().await?;
             let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
-            put(hook, step, Payload::Weights(Arc::new(set)))
+            hook.put(step, Payload::Weights(Arc::new(set)))
         }
     }
 }
 
-/// Makes `payload` the newest version to publish and wakes the broadcaster.
-fn put(hook: &SyncHook, step: u64, payload: Payload) -> Result<(), ActorProcessingErr> {
-    let job = PublishJob {
-        version: PolicyVersion(step),
-        payload,
-    };
-    if let Ok(mut slot) = hook.slot.lock() {
-        *slot = Some(Arc::new(job));
+impl SyncHook {
+    /// Makes `payload` the newest version to publish and wakes the broadcaster: the one way
+    /// a version reaches it (every mode, and the first publication at start).
+    pub fn put(&self, step: u64, payload: Payload) -> Result<(), ActorProcessingErr> {
+        let job = PublishJob {
+            version: PolicyVersion(step),
+            payload,
+        };
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = Some(Arc::new(job));
+        }
+        self.broadcaster.cast(BroadcasterMsg::Publish)?;
+        Ok(())
     }
-    hook.broadcaster.cast(BroadcasterMsg::Publish)?;
-    Ok(())
 }
 
 /// Logs why a version was not handed to the broadcaster for NCCL.
@@ -220,17 +223,10 @@ impl LearnerState {
                 self.checkpoint_only(CheckpointKind::Sync(step)).await?;
                 let path = self.args.config.save_path.join(CheckpointKind::Sync(step).dir_name());
                 let path = std::path::absolute(&path).unwrap_or(path).display().to_string();
-                let job = PublishJob {
-                    version: PolicyVersion(step),
-                    payload: Payload::Checkpoint(path),
-                };
-                if let Some(hook) = &self.args.sync {
-                    if let Ok(mut slot) = hook.slot.lock() {
-                        *slot = Some(Arc::new(job));
-                    }
-                    hook.broadcaster.cast(BroadcasterMsg::Publish)?;
+                match &self.args.sync {
+                    Some(hook) => hook.put(step, Payload::Checkpoint(path)),
+                    None => Ok(()),
                 }
-                Ok(())
             }
             _ => Ok(()),
         }

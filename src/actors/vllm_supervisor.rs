@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::engine::core::JobParams;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::vllm::{SupervisorOrder, VllmShared, VllmState};
-use crate::engine::vllm_api::{is_tested, VllmApi};
+use crate::engine::vllm_api::{is_tested, PauseMode, VllmApi};
 
 /// How to run vLLM.
 #[derive(Debug, Clone)]
@@ -182,7 +182,7 @@ async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) 
         .map_err(|e| not_ready(format!("the first generation failed: {e}")))?;
     let current = shared.current.lock().await;
     if let Some(c) = current.as_ref() {
-        api.swap_in(&c.dir, launch.update_deadline)
+        api.swap_in(&c.dir, PauseMode::Wait, launch.update_deadline)
             .await
             .map_err(|e| not_ready(format!("resync of version {} failed: {e}", c.version.0)))?;
         tracing::info!(version = c.version.0, dir = %c.dir.display(), "vLLM resynced to the newest version");

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{ConfigError, DeviceSpec, LearnerArgs};
+use crate::engine::vllm_api::PauseMode;
 
 /// The inference engine a sidecar drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,6 +69,10 @@ pub struct SidecarArgs {
     /// vLLM: run a version outside the tested range (0.26.x).
     #[arg(long, env = "GRPO_ALLOW_UNTESTED_VLLM")]
     pub allow_untested_vllm: bool,
+    /// vLLM: how a weight update pauses it: wait (running requests finish on the old weights)
+    /// or keep (they are frozen and continue on the new ones) [default: wait].
+    #[arg(long, env = "GRPO_VLLM_PAUSE_MODE", value_enum)]
+    pub vllm_pause_mode: Option<PauseMode>,
     /// vLLM: tokens of the logprob canary checked after every weight update (0: off) [default: 16].
     #[arg(long, env = "GRPO_CANARY_TOKENS")]
     pub canary_tokens: Option<usize>,
@@ -88,6 +93,7 @@ pub struct VllmConfig {
     pub max_restarts: u32,
     pub allow_untested: bool,
     pub canary_tokens: usize,
+    pub pause_mode: PauseMode,
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -141,6 +147,7 @@ impl SidecarArgs {
             max_restarts: self.vllm_max_restarts.unwrap_or(5),
             allow_untested: self.allow_untested_vllm,
             canary_tokens,
+            pause_mode: self.vllm_pause_mode.unwrap_or(PauseMode::Wait),
         })
     }
 }

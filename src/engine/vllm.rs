@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use super::core::{Completion, JobParams, PolicyVersion};
 use super::inference::{EngineFailure, InferenceEngine, Installed, Served};
-use super::vllm_api::VllmApi;
+use super::vllm_api::{PauseMode, VllmApi};
 use crate::model::safetensors_io::write_file;
 use crate::model::{ModelSpec, ParamStore, Transformer};
 use crate::version::{digest_tensors, Digest};
@@ -71,6 +71,8 @@ pub struct DriverConfig {
     pub generate_deadline: Duration,
     /// Tokens of the logprob canary after each install (0: off).
     pub canary_tokens: usize,
+    /// How a swap pauses vLLM.
+    pub pause_mode: PauseMode,
 }
 
 /// The vLLM engine.
@@ -244,7 +246,9 @@ impl InferenceEngine for VllmEngine {
             .await
             .map_err(|e| EngineFailure::Failed(format!("writing the version: {e}")))??;
         let written = started.elapsed();
-        api.swap_in(&prepared.dir, self.cfg.update_deadline).await?;
+        let times = api
+            .swap_in(&prepared.dir, self.cfg.pause_mode, self.cfg.update_deadline)
+            .await?;
         if let Some(old) = current.replace(Current {
             version,
             dir: prepared.dir.clone(),
@@ -256,10 +260,15 @@ impl InferenceEngine for VllmEngine {
             }
         }
         drop(current);
+        let swapped = started.elapsed();
         let canary_max_abs_diff = self.check_canary(&api, prepared.canary).await?;
         tracing::info!(
             version = version.0,
             write_s = written.as_secs_f64(),
+            pause_s = times.pause_s,
+            reload_s = times.reload_s,
+            resume_s = times.resume_s,
+            swap_s = swapped.as_secs_f64(),
             total_s = started.elapsed().as_secs_f64(),
             canary_max_abs_diff,
             "vLLM serves the new version"
@@ -276,8 +285,8 @@ impl InferenceEngine for VllmEngine {
             owned: false,
             digest: None,
         };
-        match api.swap_in(dir, self.cfg.update_deadline).await {
-            Ok(()) => {
+        match api.swap_in(dir, self.cfg.pause_mode, self.cfg.update_deadline).await {
+            Ok(_) => {
                 if let Some(old) = current.replace(entry) {
                     if old.owned {
                         let _ = std::fs::remove_dir_all(&old.dir);

@@ -180,19 +180,20 @@ impl VllmApi {
             .collect()
     }
 
-    /// `POST /pause?mode=wait`: running requests finish on the old weights, new ones queue.
-    pub async fn pause(&self, limit: Duration) -> Result<(), EngineFailure> {
-        self.post("/pause?mode=wait", None, limit).await.map(|_| ())
+    /// `POST /pause?mode=...`: `wait` lets running requests finish on the old weights, `keep`
+    /// freezes them where they are (they continue on the new weights, their KV recomputed); new
+    /// requests queue either way.
+    pub async fn pause(&self, mode: PauseMode, limit: Duration) -> Result<(), EngineFailure> {
+        let route = match mode {
+            PauseMode::Wait => "/pause?mode=wait",
+            PauseMode::Keep => "/pause?mode=keep",
+        };
+        self.post(route, None, limit).await.map(|_| ())
     }
 
     /// `POST /resume`.
     pub async fn resume(&self, limit: Duration) -> Result<(), EngineFailure> {
         self.post("/resume", None, limit).await.map(|_| ())
-    }
-
-    /// `POST /reset_prefix_cache`.
-    pub async fn reset_prefix_cache(&self, limit: Duration) -> Result<(), EngineFailure> {
-        self.post("/reset_prefix_cache", None, limit).await.map(|_| ())
     }
 
     /// `reload_weights` from the safetensors in `dir` (complete modules, HF names).
@@ -204,19 +205,41 @@ impl VllmApi {
             .map(|_| ())
     }
 
-    /// Swaps in the weights of `dir` between requests: pause (waiting for running requests),
-    /// reload, clear the prefix cache, resume. The resume runs even when the reload failed, so
-    /// a failure never leaves the server paused.
-    pub async fn swap_in(&self, dir: &Path, limit: Duration) -> Result<(), EngineFailure> {
-        self.pause(limit).await?;
+    /// Swaps in the weights of `dir`: pause (which clears the KV and prefix caches), reload,
+    /// resume. The resume runs even when the reload failed, so a failure never leaves the
+    /// server paused.
+    pub async fn swap_in(&self, dir: &Path, mode: PauseMode, limit: Duration) -> Result<SwapTimes, EngineFailure> {
+        let t0 = std::time::Instant::now();
+        self.pause(mode, limit).await?;
+        let paused = t0.elapsed();
         let reloaded = self.reload_weights(dir, limit).await;
-        let reset = match &reloaded {
-            Ok(()) => self.reset_prefix_cache(limit).await,
-            Err(_) => Ok(()),
-        };
+        let reload_done = t0.elapsed();
         let resumed = self.resume(limit).await;
-        reloaded.and(reset).and(resumed)
+        reloaded.and(resumed)?;
+        Ok(SwapTimes {
+            pause_s: paused.as_secs_f64(),
+            reload_s: (reload_done - paused).as_secs_f64(),
+            resume_s: (t0.elapsed() - reload_done).as_secs_f64(),
+        })
     }
+}
+
+/// How a weight swap pauses vLLM (`--vllm-pause-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PauseMode {
+    /// Running requests finish on the weights they started with (the default).
+    Wait,
+    /// Running requests are frozen and continue on the new weights.
+    Keep,
+}
+
+/// Where the seconds of one swap went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SwapTimes {
+    /// Until vLLM was paused (with `wait`: until running requests finished).
+    pub pause_s: f64,
+    pub reload_s: f64,
+    pub resume_s: f64,
 }
 
 fn finish_of(reason: Option<&str>) -> Result<FinishReason, EngineFailure> {

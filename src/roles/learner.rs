@@ -18,14 +18,14 @@ use crate::actors::messages::{RunOutcome, SupervisorMsg};
 use crate::actors::model_worker::ModelWorker;
 use crate::actors::supervisor::{LearnerSupervisor, SupervisorArgs};
 use crate::actors::weight_broadcaster::{
-    BroadcasterArgs, BroadcasterMsg, LatestSlot, Payload, PublishJob, SyncStats, WeightBroadcaster,
+    BroadcasterArgs, BroadcasterMsg, LatestSlot, Payload, SyncStats, WeightBroadcaster,
 };
 use crate::atropos::{AtroposClient, AtroposError, Registration};
 use crate::checkpoint::{latest_resumable, BatchSeq, CheckpointError, Spool, TrainingState};
 use crate::config::learner::SyncTransport;
 use crate::config::BridgeMode;
 use crate::config::LearnerConfig;
-use crate::engine::{http as engine_http, BatchConfig, EngineHandle, PolicyVersion};
+use crate::engine::{http as engine_http, BatchConfig, EngineHandle};
 use crate::grpo::{Limits, LossConfig};
 use crate::model::safetensors_io::load_params;
 use crate::model::{ModelError, ModelSpec};
@@ -288,14 +288,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             BridgeMode::Checkpoint => {
                 if let Some((_, dir)) = &resume_from {
                     let path = std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string();
-                    if let Ok(mut s) = slot.lock() {
-                        *s = Some(Arc::new(PublishJob {
-                            version: PolicyVersion(steps_done),
-                            payload: Payload::Checkpoint(path),
-                        }));
-                    }
-                    hook.broadcaster
-                        .cast(BroadcasterMsg::Publish)
+                    hook.put(steps_done, Payload::Checkpoint(path))
                         .map_err(|e| LearnerError::Actors(e.to_string()))?;
                 }
             }

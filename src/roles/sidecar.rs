@@ -117,6 +117,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         update_deadline: Duration::from_secs(60),
         generate_deadline: Duration::from_secs(600),
         canary_tokens: v.canary_tokens,
+        pause_mode: v.pause_mode,
     };
     let engine =
         VllmEngine::new(driver, tokenizer, state, orders_tx, shared).map_err(|e| SidecarError::Vllm(e.to_string()));

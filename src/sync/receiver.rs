@@ -272,3 +272,190 @@ impl Actor for WeightReceiver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use tch::Kind;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::Tokenizer;
+
+    use super::*;
+    use crate::engine::inference::{EngineFailure, InferenceEngine, Served};
+    use crate::engine::{Completion, JobParams};
+    use crate::sync::WeightSet;
+
+    /// The values of one installed version, by tensor.
+    type Values = Vec<(String, Vec<f32>)>;
+
+    /// A test double of an engine: records what it was asked to serve.
+    struct FakeEngine {
+        tokenizer: Arc<Tokenizer>,
+        installed: Mutex<Vec<(PolicyVersion, Values)>>,
+        fail_install: bool,
+    }
+
+    impl FakeEngine {
+        fn new(fail_install: bool) -> Arc<Self> {
+            Arc::new(Self {
+                tokenizer: Arc::new(Tokenizer::new(WordLevel::default())),
+                installed: Mutex::new(Vec::new()),
+                fail_install,
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl InferenceEngine for FakeEngine {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn tokenizer(&self) -> &Arc<Tokenizer> {
+            &self.tokenizer
+        }
+        fn vocab_size(&self) -> i64 {
+            8
+        }
+        fn nccl_device(&self) -> Option<Device> {
+            None
+        }
+        async fn generate(&self, _p: Vec<i64>, _j: JobParams) -> Result<Vec<Completion>, EngineFailure> {
+            Err(EngineFailure::Unavailable("fake".into()))
+        }
+        async fn install(
+            &self,
+            weights: Vec<(String, Tensor)>,
+            version: PolicyVersion,
+        ) -> Result<Installed, EngineFailure> {
+            if self.fail_install {
+                return Err(EngineFailure::Failed("fake engine refuses".into()));
+            }
+            let values = weights
+                .iter()
+                .map(|(n, t)| (n.clone(), Vec::<f32>::try_from(t.view([-1])).expect("values")))
+                .collect();
+            self.installed.lock().expect("lock").push((version, values));
+            Ok(Installed {
+                canary_max_abs_diff: Some(0.0),
+            })
+        }
+        async fn load_checkpoint(&self, _dir: &Path, _v: PolicyVersion) -> Result<(), EngineFailure> {
+            Err(EngineFailure::Rejected("fake".into()))
+        }
+        async fn served(&self) -> Result<Served, EngineFailure> {
+            Ok(Served {
+                version: PolicyVersion(0),
+                parameters: 0,
+                digest: None,
+            })
+        }
+        async fn healthy(&self) -> bool {
+            true
+        }
+    }
+
+    fn state(engine: Arc<FakeEngine>) -> (ReceiverState, HealthBoard) {
+        let (health, board) = watch::channel(Health {
+            version: PolicyVersion(0),
+            updating: false,
+        });
+        let st = ReceiverState {
+            engine,
+            version: PolicyVersion(0),
+            staging: None,
+            nccl: NcclReceiver::new(Device::Cpu),
+            health,
+        };
+        (st, board)
+    }
+
+    fn weights() -> (WeightSet, pb::BucketPlan) {
+        let named = vec![
+            (
+                "a".to_string(),
+                Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]),
+            ),
+            ("b".to_string(), Tensor::from_slice(&[0.5f32, -1.5])),
+        ];
+        let set = WeightSet::pack(&named);
+        let plan = set.plan(12);
+        (set, plan)
+    }
+
+    fn send_all(st: &mut ReceiverState, set: &WeightSet, plan: &pb::BucketPlan, v: PolicyVersion) {
+        for i in 0..plan.bucket_count {
+            st.bucket(v, i, set.bucket(plan, i).to_vec()).expect("bucket");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_verified_version_reaches_the_engine_and_health_follows() {
+        let engine = FakeEngine::new(false);
+        let (mut st, board) = state(engine.clone());
+        let (set, plan) = weights();
+        let v = PolicyVersion(3);
+        st.begin(v, plan.clone()).expect("begin");
+        st.post_health();
+        assert!(board.borrow().updating, "an announced update shows in health");
+        send_all(&mut st, &set, &plan, v);
+        let applied = st.commit(v, set.digest()).await.expect("commit");
+        st.post_health();
+        assert_eq!(applied.installed.canary_max_abs_diff, Some(0.0));
+        assert_eq!(
+            *board.borrow(),
+            Health {
+                version: v,
+                updating: false
+            }
+        );
+        let installed = engine.installed.lock().expect("lock");
+        assert_eq!(installed.len(), 1);
+        assert_eq!(installed[0].0, v);
+        assert_eq!(installed[0].1[0], ("a".to_string(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]));
+        assert_eq!(installed[0].1[1], ("b".to_string(), vec![0.5, -1.5]));
+    }
+
+    #[tokio::test]
+    async fn bad_digests_missing_buckets_and_stray_versions_never_reach_the_engine() {
+        let engine = FakeEngine::new(false);
+        let (mut st, _board) = state(engine.clone());
+        let (set, plan) = weights();
+        let v = PolicyVersion(1);
+        // A wrong digest.
+        st.begin(v, plan.clone()).expect("begin");
+        send_all(&mut st, &set, &plan, v);
+        let err = st.commit(v, Digest(set.digest().0 ^ 1)).await.expect_err("digest");
+        assert!(err.contains("digest mismatch"), "{err}");
+        // A missing bucket.
+        st.begin(v, plan.clone()).expect("begin");
+        st.bucket(v, 0, set.bucket(&plan, 0).to_vec()).expect("bucket 0");
+        let err = st.commit(v, set.digest()).await.expect_err("missing");
+        assert!(err.contains("never arrived"), "{err}");
+        // Buckets and commits of another version; a bucket of the wrong size; no update at all.
+        st.begin(v, plan.clone()).expect("begin");
+        assert!(st.bucket(PolicyVersion(2), 0, set.bucket(&plan, 0).to_vec()).is_err());
+        assert!(st.bucket(v, 0, vec![0; 3]).is_err());
+        assert!(st.bucket(v, plan.bucket_count, vec![0; 4]).is_err());
+        assert!(st.commit(PolicyVersion(2), set.digest()).await.is_err());
+        assert!(
+            st.commit(v, set.digest()).await.is_err(),
+            "the stray commit ended the update"
+        );
+        assert_eq!(st.version, PolicyVersion(0));
+        assert!(engine.installed.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_fails_to_install_keeps_the_old_version() {
+        let (mut st, _board) = state(FakeEngine::new(true));
+        let (set, plan) = weights();
+        let v = PolicyVersion(5);
+        st.begin(v, plan.clone()).expect("begin");
+        send_all(&mut st, &set, &plan, v);
+        let err = st.commit(v, set.digest()).await.expect_err("install fails");
+        assert!(err.contains("fake engine refuses"), "{err}");
+        assert_eq!(st.version, PolicyVersion(0));
+    }
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Runs on nvidia-h200 (device tool): the local GRPO loop with the learner (bf16) and a vLLM 0.26.0
+# sidecar on the same GPU (cluster/local-gpu-vllm.toml; vLLM at --gpu-memory-utilization 0.3),
+# weights over the gRPC stream and vLLM's reload_weights; or, for comparison, the same loop and
+# model with the embedded engine. Reports steps/min, the sync share of wall time, sync time per
+# version against a raw GPU->host->GPU copy of the same bytes, the canary, and reward.
+#
+# Gather first, here (once):
+#   bash ../shared/tools/vllm-gpu/fetch.sh .vllm-whl                       # vLLM in 7 chunks
+#   CARGO_TARGET_DIR=target-cuda cargo build --release --features cuda --bin grpo-node
+#   mkdir -p .gpu && cp target-cuda/release/grpo-node .gpu/  (+ .gpu/wheels as in local_loop.sh)
+# Then, back to back while the machine stays warm:
+#   run("bash .vllm-whl/cK/assemble.sh .vllm-whl/cK", carry=[".vllm-whl/cK"])   for K = 0..5
+#   run("bash scripts/gpu/vllm_loop.sh vllm --install", carry=[".vllm-whl/c6", ".gpu"])
+#   run("bash scripts/gpu/vllm_loop.sh embedded", carry=[".gpu"])
+set -uo pipefail
+MODE=${1:-vllm}
+if [ "${2:-}" = "--install" ]; then
+  bash .vllm-whl/c6/assemble.sh .vllm-whl/c6 --install || exit 1
+fi
+source "$(dirname "$0")/env.sh"
+OUT=${OUT:-/tmp/vllm_loop_out}; mkdir -p "$OUT"
+if [ ! -d /tmp/pylib/atroposlib ]; then
+  python3 -m pip install -q --no-deps --no-index --target /tmp/pylib .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 \
+    || { tail -5 "$OUT/pip.log"; exit 1; }
+fi
+export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled
+export GRPO_VLLM_COMMAND="env PYTHONPATH=/tmp/vllm-site python3 -m vllm.entrypoints.openai.api_server"
+STEPS=${STEPS:-200}
+if [ "$MODE" = vllm ] || [ "$MODE" = vllm-keep ]; then
+  MANIFEST=cluster/local-gpu-vllm.toml
+  [ "$MODE" = vllm-keep ] && export GRPO_VLLM_PAUSE_MODE=keep
+else
+  # The embedded engine on the same model (one 64-wide head, as vLLM needs).
+  MANIFEST=cluster/.gpu-embedded.toml
+  sed -e 's/"--out", "{run}\/model"\]/"--out", "{run}\/model", "--heads", "1", "--kv-heads", "1"]/' \
+      -e 's/name = "local-gpu"/name = "gpu-embedded"/' cluster/local-gpu.toml > "$MANIFEST"
+fi
+sed -i -e "s/steps = 200/steps = $STEPS/" -e "s/\"--training-steps\", \"200\"/\"--training-steps\", \"$STEPS\"/" "$MANIFEST"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+start=$(date +%s.%N)
+timeout "${LIMIT_S:-450}" ./.gpu/grpo-node launch "$MANIFEST" > "$OUT/launch_$MODE.log" 2>&1
+echo "launch exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
+RUN=$(ls -td runs/"$(sed -n 's/^name = "\(.*\)"/\1/p' "$MANIFEST" | head -1)"-* 2>/dev/null | head -1)
+cp "$RUN/checkpoints/metrics.jsonl" "$OUT/metrics_$MODE.jsonl" 2>/dev/null
+for f in "$RUN"/logs/*.log; do tail -40 "$f" > "$OUT/tail_${MODE}_$(basename "$f")"; done
+grep -h "vLLM serves the new version\|vLLM ready\|vLLM launched\|restarting" "$RUN/logs/sidecar.log" 2>/dev/null \
+  | sed 's/\x1b\[[0-9;]*m//g' > "$OUT/sidecar_sync_$MODE.log"
+python3 - "$OUT/metrics_$MODE.jsonl" "$OUT/sidecar_sync_$MODE.log" "$MODE" <<'PY'
+import json, re, statistics as st, sys, time
+import torch
+rows = [json.loads(l) for l in open(sys.argv[1])]
+if not rows:
+    sys.exit("no steps")
+mode = sys.argv[3]
+wall = sum(r["step_time_s"] for r in rows)
+sync = [r["sync_time_s"] for r in rows if r.get("sync_time_s")]
+tokens = sum(r["tokens"] for r in rows)
+rew = [r["reward_mean"] for r in rows]
+k = min(10, len(rew))
+nbytes = max(r.get("sync_bytes") or 0 for r in rows)
+# The raw copy of the same bytes: GPU -> host -> GPU, the least any host-staged path moves.
+x = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+times = []
+for _ in range(12):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    y = x.cpu().cuda(); torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+raw = st.median(times[2:])
+canary = [r["sync_canary_max_abs_diff"] for r in rows if r.get("sync_canary_max_abs_diff") is not None]
+lines = open(sys.argv[2]).read().splitlines()
+write_s = [float(m.group(1)) for l in lines for m in [re.search(r"write_s=([0-9.e-]+)", l)] if m]
+def field(name):
+    return [float(m.group(1)) for l in lines for m in [re.search(name + r"=([0-9.e-]+)", l)] if m]
+total_s, pause_s, reload_s, resume_s, swap_s = (field(n) for n in ["total_s", "pause_s", "reload_s", "resume_s", "swap_s"])
+print(f"| engine | steps | wall s | steps/min | trained tok/s | sync / wall | sync s per version (median) | raw copy s | sync / raw | reward first {k} -> last {k} |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+med = st.median(sync) if sync else float("nan")
+print(f"| {mode} | {len(rows)} | {wall:.1f} | {60*len(rows)/wall:.1f} | {tokens/wall:.0f} | {sum(sync)/wall:.1%} | {med:.4f} | {raw:.5f} | {med/raw:.0f}x | {sum(rew[:k])/k:.3f} -> {sum(rew[-k:])/k:.3f} |")
+print(f"bytes per version {nbytes}; versions with a canary {len(canary)}", end="")
+if canary:
+    print(f", canary max |dlogp| median {st.median(canary):.2e}, max {max(canary):.2e}", end="")
+if write_s:
+    print(f"; sidecar medians: write {st.median(write_s):.4f} s", end="")
+    for name, xs in [("pause", pause_s), ("reload", reload_s), ("resume", resume_s), ("write+swap", swap_s), ("with canary", total_s)]:
+        if xs:
+            print(f", {name} {st.median(xs):.4f} s", end="")
+print()
+PY
+grep -c "vLLM launched" "$RUN/logs/sidecar.log" 2>/dev/null | sed 's/^/vLLM launches: /'
+true
