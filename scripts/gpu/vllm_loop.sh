@@ -37,6 +37,16 @@ else
       -e 's/name = "local-gpu"/name = "gpu-embedded"/' cluster/local-gpu.toml > "$MANIFEST"
 fi
 sed -i -e "s/steps = 200/steps = $STEPS/" -e "s/\"--training-steps\", \"200\"/\"--training-steps\", \"$STEPS\"/" "$MANIFEST"
+if [ "${BIG:-0}" = 1 ]; then
+  # A 0.36B model of the same layout (hidden 896, 24 layers, 14 heads of 64, 2 KV heads): what the
+  # sync path costs when the bytes matter (1.4 GB per version in fp32), staged on /tmp.
+  MANIFEST_BIG=cluster/.gpu-big-$MODE.toml
+  sed -e 's/"--heads", "1", "--kv-heads", "1"\]/"--hidden", "896", "--layers", "24", "--heads", "14", "--kv-heads", "2", "--intermediate", "4864"]/' \
+      -e 's/"--out", "{run}\/model"\]/"--out", "{run}\/model", "--hidden", "896", "--layers", "24", "--heads", "14", "--kv-heads", "2", "--intermediate", "4864"]/' \
+      -e 's|/dev/shm/grpo-{port:sidecar}|/tmp/grpo-{port:sidecar}|' -e 's/^name = "\(.*\)"/name = "big-\1"/' "$MANIFEST" > "$MANIFEST_BIG"
+  MANIFEST=$MANIFEST_BIG
+  df -h /dev/shm /tmp | tail -2
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 start=$(date +%s.%N)
 timeout "${LIMIT_S:-450}" ./.gpu/grpo-node launch "$MANIFEST" > "$OUT/launch_$MODE.log" 2>&1
