@@ -36,14 +36,17 @@ else
   sed -e 's/"--out", "{run}\/model"\]/"--out", "{run}\/model", "--heads", "1", "--kv-heads", "1"]/' \
       -e 's/name = "local-gpu"/name = "gpu-embedded"/' cluster/local-gpu.toml > "$MANIFEST"
 fi
-sed -i -e "s/steps = 200/steps = $STEPS/" -e "s/\"--training-steps\", \"200\"/\"--training-steps\", \"$STEPS\"/" "$MANIFEST"
+# A copy with the step count, so the checked-in manifest stays as it is.
+sed -e "s/steps = 200/steps = $STEPS/" -e "s/\"--training-steps\", \"200\"/\"--training-steps\", \"$STEPS\"/" \
+    -e '0,/^name = /s/^name = "\(.*\)"/name = "\1-'"$STEPS"'"/' "$MANIFEST" > "cluster/.gpu-$MODE-$STEPS.toml"
+MANIFEST="cluster/.gpu-$MODE-$STEPS.toml"
 if [ "${BIG:-0}" = 1 ]; then
   # A 0.36B model of the same layout (hidden 896, 24 layers, 14 heads of 64, 2 KV heads): what the
   # sync path costs when the bytes matter (1.4 GB per version in fp32), staged on /tmp.
   MANIFEST_BIG=cluster/.gpu-big-$MODE.toml
   sed -e 's/"--heads", "1", "--kv-heads", "1"\]/"--hidden", "896", "--layers", "24", "--heads", "14", "--kv-heads", "2", "--intermediate", "4864"]/' \
       -e 's/"--out", "{run}\/model"\]/"--out", "{run}\/model", "--hidden", "896", "--layers", "24", "--heads", "14", "--kv-heads", "2", "--intermediate", "4864"]/' \
-      -e 's|/dev/shm/grpo-{port:sidecar}|/tmp/grpo-{port:sidecar}|' -e 's/^name = "\(.*\)"/name = "big-\1"/' "$MANIFEST" > "$MANIFEST_BIG"
+      -e 's|/dev/shm/grpo-{port:sidecar}|/tmp/grpo-{port:sidecar}|' -e '0,/^name = /s/^name = "\(.*\)"/name = "big-\1"/' "$MANIFEST" > "$MANIFEST_BIG"
   MANIFEST=$MANIFEST_BIG
   df -h /dev/shm /tmp | tail -2
 fi
