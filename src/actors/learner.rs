@@ -58,7 +58,7 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                 if let Some(flat) = t.flat_compute() {
                     let bytes = (flat.numel() * flat.kind().elt_size_in_bytes()) as u64;
                     let limit = crate::comm::nccl::deadline_for(bytes, std::time::Duration::from_secs(20));
-                    let lease = Arc::new(crate::sync::lease::Lease::new(limit));
+                    let lease = Arc::new(crate::train::lease::Lease::new(limit));
                     let lent = PackedWeights::lend(&weights, &flat, gpu, bucket_bytes, lease.clone())?;
                     t.lend(lease);
                     let _ = handed_tx.send((t.steps_done(), Arc::new(lent)));

@@ -12,7 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::engine::PolicyVersion;
-use crate::sync::auth::Token;
+use crate::rpc::auth::Token;
 use crate::sync::client::{Deadlines, Published, SidecarClient, SyncError};
 use crate::sync::WeightSet;
 

@@ -21,7 +21,7 @@ use crate::actors::weight_broadcaster::{
 use crate::engine::PolicyVersion;
 use crate::model::safetensors_io::load_params;
 use crate::model::ModelSpec;
-use crate::sync::auth::Token;
+use crate::rpc::auth::Token;
 use crate::sync::client::Deadlines;
 use crate::sync::nccl_publish::PackedWeights;
 

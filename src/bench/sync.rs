@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, StreamPriority, UniqueId};
 use crate::comm::CommError;
 use crate::model::params::expected_shapes;
-use crate::sync::lease::Lease;
+use crate::train::lease::Lease;
 use crate::sync::nccl_publish::PackedWeights;
 use crate::sync::nccl_sync::{device_plan, receive};
 use crate::sync::packing::PackLayout;

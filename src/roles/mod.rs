@@ -1,4 +1,5 @@
 //! Node roles: each builds its supervision tree and runs until done or signalled.
 
 pub mod learner;
+pub mod learner_service;
 pub mod sidecar;

@@ -1,6 +1,7 @@
-//! gRPC: the generated `grpo.v1` types and services, and the learner's status service.
+//! gRPC: the generated `grpo.v1` types and services, and the shared-token authentication
+//! every service and client uses.
 
-pub mod learner_service;
+pub mod auth;
 
 /// Generated from `proto/grpo/v1/*.proto`.
 #[allow(clippy::all, missing_docs)]

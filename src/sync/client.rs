@@ -11,7 +11,7 @@ use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_client::SidecarClient as Raw;
 
-use super::auth::{AddToken, Token};
+use crate::rpc::auth::{AddToken, Token};
 use super::plan::WeightSet;
 
 /// Errors of one sync; all mean "mark the sidecar stale and move on".

@@ -1,10 +1,8 @@
 //! Weight synchronisation between the learner and inference sidecars: the bucket plan, digests,
 //! authentication, the sidecar's gRPC service and WeightReceiver, and the learner's client.
 
-pub mod auth;
 pub mod client;
 pub mod gpu_digest;
-pub mod lease;
 #[cfg(feature = "cuda")]
 pub mod nccl_publish;
 pub mod nccl_receiver;

@@ -21,7 +21,7 @@ use crate::rpc::pb;
 
 use super::client::{Published, SidecarClient, SyncError};
 use super::gpu_digest::GpuDigest;
-use super::lease::Lease;
+use crate::train::lease::Lease;
 use super::nccl_sync::device_plan;
 use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;

@@ -12,7 +12,7 @@ use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
 
-use super::auth::{CheckToken, Token};
+use crate::rpc::auth::{CheckToken, Token};
 use super::plan::Digest;
 use super::receiver::{HealthBoard, ReceiverMsg};
 

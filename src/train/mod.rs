@@ -5,6 +5,7 @@
 
 pub mod adamw;
 pub mod layers;
+pub mod lease;
 pub mod schedule;
 pub mod split;
 pub mod step;

@@ -13,7 +13,7 @@ use crate::grpo::loss::{LossStats, MicroTensors, StepNorm};
 use crate::grpo::{LossConfig, TrainBatch};
 use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
-use crate::sync::lease::{Lease, LeaseEnd};
+use crate::train::lease::{Lease, LeaseEnd};
 
 use super::adamw::{AdamW, AdamWConfig, MasterParam, SLICE_ELEMENTS};
 use super::layers::LayerSet;
@@ -104,7 +104,7 @@ pub struct StepMetrics {
     pub padded_tokens: u64,
     pub compute_time_s: f64,
     /// Seconds this step's optimizer update waited for a weight sync sending straight from the
-    /// live weights (see [`crate::sync::lease`]).
+    /// live weights (see [`crate::train::lease`]).
     pub sync_hold_s: f64,
 }
 

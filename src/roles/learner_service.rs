@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 
 use crate::actors::learner::LearnerStatus;
 use crate::actors::weight_broadcaster::BroadcasterMsg;
-use crate::sync::auth::{CheckToken, Token};
+use crate::rpc::auth::{CheckToken, Token};
 
-use super::pb::learner_server::{Learner, LearnerServer};
-use super::pb::{
+use crate::rpc::pb::learner_server::{Learner, LearnerServer};
+use crate::rpc::pb::{
     PolicyVersion, RegisterSidecarRequest, RegisterSidecarResponse, StatusRequest, StatusResponse, StepMetrics,
 };
 
