@@ -22,10 +22,10 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::nccl::{deadline_for, new_unique_id, Communicator, StreamPriority, UniqueId};
 use crate::comm::CommError;
 use crate::model::params::expected_shapes;
-use crate::train::lease::Lease;
 use crate::sync::nccl_publish::PackedWeights;
 use crate::sync::nccl_sync::{device_plan, receive};
 use crate::sync::packing::PackLayout;
+use crate::train::lease::Lease;
 
 use super::shapes::Shape;
 use super::BenchError;

@@ -15,9 +15,9 @@ use crate::config::SidecarConfig;
 use crate::engine::inference::SharedEngine;
 use crate::engine::vllm::{DriverConfig, VllmEngine, VllmShared, VllmState};
 use crate::engine::{http, load, BatchConfig, EngineHandle};
+use crate::rpc::auth::{AddToken, Token};
 use crate::rpc::pb::learner_client::LearnerClient;
 use crate::rpc::pb::RegisterSidecarRequest;
-use crate::rpc::auth::{AddToken, Token};
 use crate::sync::receiver::{ReceiverArgs, WeightReceiver};
 use crate::sync::service::{self, SidecarService};
 

@@ -11,8 +11,8 @@ use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_client::SidecarClient as Raw;
 
-use crate::rpc::auth::{AddToken, Token};
 use super::plan::WeightSet;
+use crate::rpc::auth::{AddToken, Token};
 
 /// Errors of one sync; all mean "mark the sidecar stale and move on".
 #[derive(Debug, thiserror::Error)]

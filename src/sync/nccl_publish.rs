@@ -21,10 +21,10 @@ use crate::rpc::pb;
 
 use super::client::{Published, SidecarClient, SyncError};
 use super::gpu_digest::GpuDigest;
-use crate::train::lease::Lease;
 use super::nccl_sync::device_plan;
 use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;
+use crate::train::lease::Lease;
 
 /// How far the packing got: an event per packed bucket, or why it stopped.
 #[derive(Default)]

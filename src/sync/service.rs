@@ -12,9 +12,9 @@ use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
 
-use crate::rpc::auth::{CheckToken, Token};
 use super::plan::Digest;
 use super::receiver::{HealthBoard, ReceiverMsg};
+use crate::rpc::auth::{CheckToken, Token};
 
 /// The service state.
 pub struct SidecarService {
