@@ -42,13 +42,17 @@ impl Sidecar {
 
     /// Starts the process without waiting for it.
     fn spawn(model: &Path, near: &Path, http: u16, grpc: u16, extra: &[&str]) -> Self {
+        // The sidecar reads the token from a file (the learner gets it on its command line).
+        std::fs::create_dir_all(near.parent().unwrap_or(near)).expect("dir");
+        let token_file = near.with_extension("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
         let mut args: Vec<String> = [
             "--role",
             "inference-sidecar",
             "--model-name",
             path_str(model),
-            "--auth-token",
-            TOKEN,
+            "--auth-token-file",
+            path_str(&token_file),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -589,4 +593,31 @@ fn health_answers_while_a_commit_waits_for_a_generation_round() {
         return;
     }
     panic!("no publish overlapped a generation round of at least 1.5 s");
+}
+
+#[test]
+fn a_grpc_listener_off_loopback_needs_a_token() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let api = RunApi::start();
+    let refused = |args: Vec<String>, what: &str| {
+        let proc = Learner::spawn_args(&args, &work.path().join(what));
+        let (code, log) = proc.wait(Duration::from_secs(60));
+        assert_ne!(code, 0, "{what} started without a token: {log}");
+        assert!(log.contains("--grpc-listen") && log.contains("--auth-token-file"), "{what}: {log}");
+    };
+    let sidecar: Vec<String> = ["--role", "inference-sidecar", "--model-name", path_str(model.path())]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--grpc-listen".into(), "0.0.0.0:0".into(), "--listen".into(), "127.0.0.1:0".into()])
+        .collect();
+    refused(sidecar, "sidecar");
+    let save = work.path().join("run");
+    let learner: Vec<String> = ["--role", "learner", "--model-name", path_str(model.path())]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--atropos-url".into(), api.url(), "--save-path".into(), path_str(&save).into()])
+        .chain(["--grpc-listen".into(), "0.0.0.0:0".into()])
+        .collect();
+    refused(learner, "learner");
 }

@@ -195,9 +195,13 @@ pub struct LearnerArgs {
     /// Per-RPC allowance of a weight sync, seconds; streams add bytes at 20 MB/s [default: 10].
     #[arg(long, env = "GRPO_SYNC_DEADLINE_S")]
     pub sync_deadline_s: Option<u64>,
-    /// Shared token required on every gRPC call (learner and sidecars).
+    /// Shared token required on every gRPC call (learner and sidecars). Prefer
+    /// --auth-token-file: a token on the command line shows in `ps`.
     #[arg(long, env = "GRPO_AUTH_TOKEN")]
     pub auth_token: Option<String>,
+    /// File holding the shared token (its first line); the way to pass the token.
+    #[arg(long, env = "GRPO_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
     /// Shared mode: run the embedded engine inside the learner process, on the same tensors.
     #[arg(long, env = "GRPO_COLOCATE_ENGINE", num_args = 0..=1, default_missing_value = "true")]
     pub colocate_engine: Option<bool>,
@@ -354,6 +358,7 @@ impl LearnerArgs {
             sync_transport,
             sync_deadline_s,
             auth_token,
+            auth_token_file,
             colocate_engine,
             engine_listen,
         )
@@ -493,6 +498,14 @@ impl LearnerArgs {
         )?;
         let deadline_s = args.sync_deadline_s.unwrap_or(10);
         check(deadline_s > 0, "sync-deadline-s", || "must be at least 1".into())?;
+        let auth_token = super::auth::token(args.auth_token, args.auth_token_file)?;
+        let engine_listen = colocate.then(|| {
+            args.engine_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)))
+        });
+        if let Some(addr) = args.grpc_listen {
+            super::auth::loopback_or_token(addr, &auth_token, "grpc-listen")?;
+        }
         let sync = SyncConfig {
             mode,
             sidecars,
@@ -502,11 +515,8 @@ impl LearnerArgs {
             nccl_bucket_bytes: nccl_bucket_mb << 20,
             transport,
             deadline_s,
-            auth_token: args.auth_token.filter(|t| !t.is_empty()),
-            engine_listen: colocate.then(|| {
-                args.engine_listen
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)))
-            }),
+            auth_token: auth_token.clone(),
+            engine_listen,
         };
         Ok(LearnerConfig {
             sync,

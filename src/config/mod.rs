@@ -1,6 +1,7 @@
 //! Run configuration: CLI flags, `GRPO_*` environment variables and a TOML file, merged with
 //! the precedence flag > env > file > default, then validated before anything starts.
 
+pub mod auth;
 pub mod device;
 pub mod learner;
 pub mod sidecar;

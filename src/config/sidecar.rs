@@ -206,16 +206,19 @@ impl SidecarArgs {
                 reason: "must be at least 1".into(),
             });
         }
+        let auth_token = super::auth::token(common.auth_token, common.auth_token_file)?;
+        let grpc_listen = common
+            .grpc_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+        super::auth::loopback_or_token(grpc_listen, &auth_token, "grpc-listen")?;
         Ok(SidecarConfig {
             model_name,
             device,
             http_listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001))),
-            grpc_listen: common
-                .grpc_listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            grpc_listen,
             learner_url: self.learner_url,
             advertise_url: self.advertise_url,
-            auth_token: common.auth_token.filter(|t| !t.is_empty()),
+            auth_token,
             max_batch_rows,
             vllm,
         })

@@ -24,12 +24,21 @@ impl Interceptor for CheckToken {
         let Some(expected) = self.0.header() else {
             return Ok(req);
         };
-        match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
-            Some(got) if got == expected => Ok(req),
+        match req.metadata().get("authorization").map(|v| v.as_bytes()) {
+            Some(got) if same(got, expected.as_bytes()) => Ok(req),
             Some(_) => Err(Status::unauthenticated("wrong token")),
             None => Err(Status::unauthenticated("missing token (authorization: Bearer ...)")),
         }
     }
+}
+
+/// Whether `a == b`, in time that depends on their lengths only (not on where they differ),
+/// so a wrong token's timing tells nothing about the right one.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let len = a.len() == b.len();
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Both results are combined without a branch on either.
+    std::hint::black_box(len) & (std::hint::black_box(diff) == 0)
 }
 
 /// Client side: adds the token to every call.
@@ -43,5 +52,27 @@ impl Interceptor for AddToken {
             req.metadata_mut().insert("authorization", value);
         }
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"Bearer abc", b"Bearer abc"));
+        assert!(!same(b"Bearer abd", b"Bearer abc"));
+        assert!(!same(b"Bearer ab", b"Bearer abc"), "a prefix is not the token");
+        assert!(!same(b"Bearer abcd", b"Bearer abc"));
+        let mut check = CheckToken(Token(Some("abc".into())));
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", MetadataValue::from_static("Bearer abc"));
+        assert!(check.call(req).is_ok());
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", MetadataValue::from_static("Bearer ab"));
+        assert_eq!(check.call(req).expect_err("prefix").code(), tonic::Code::Unauthenticated);
     }
 }
