@@ -99,6 +99,8 @@ pub struct EngineHandle {
     pub vocab_size: i64,
     /// Where the engine's weights live.
     pub device: Device,
+    /// The served tensors' names and shapes.
+    pub manifest: Arc<Vec<(String, Vec<i64>)>>,
 }
 
 impl EngineHandle {
@@ -108,6 +110,7 @@ impl EngineHandle {
         let tokenizer = model.tokenizer.clone();
         let vocab_size = model.spec.vocab_size;
         let device = model.device;
+        let manifest = Arc::new(model.params.iter().map(|(n, t)| (n.clone(), t.size())).collect());
         std::thread::Builder::new()
             .name("grpo-engine".into())
             .spawn(move || Engine::new(model, batch).map(|e| e.run(rx)))
@@ -117,6 +120,7 @@ impl EngineHandle {
             tokenizer,
             vocab_size,
             device,
+            manifest,
         })
     }
 

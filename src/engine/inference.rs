@@ -55,6 +55,8 @@ pub trait InferenceEngine: Send + Sync + 'static {
     fn tokenizer(&self) -> &Arc<Tokenizer>;
     /// The served model's vocabulary size.
     fn vocab_size(&self) -> i64;
+    /// The served model's tensors (names and shapes) that an update must match.
+    fn manifest(&self) -> &[(String, Vec<i64>)];
     /// The device NCCL receives land on, or `None` when the engine takes weights only as host
     /// tensors (the sidecar then answers `JoinNccl` with `Unimplemented`).
     fn nccl_device(&self) -> Option<Device>;
@@ -90,6 +92,10 @@ impl InferenceEngine for EngineHandle {
 
     fn vocab_size(&self) -> i64 {
         self.vocab_size
+    }
+
+    fn manifest(&self) -> &[(String, Vec<i64>)] {
+        &self.manifest
     }
 
     fn nccl_device(&self) -> Option<Device> {

@@ -79,6 +79,7 @@ pub struct DriverConfig {
 pub struct VllmEngine {
     cfg: DriverConfig,
     spec: ModelSpec,
+    manifest: Vec<(String, Vec<i64>)>,
     tokenizer: Arc<Tokenizer>,
     state: watch::Receiver<VllmState>,
     orders: mpsc::Sender<SupervisorOrder>,
@@ -97,9 +98,11 @@ impl VllmEngine {
         let spec = ModelSpec::from_dir(&cfg.model_dir).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
         std::fs::create_dir_all(&cfg.weights_dir)
             .map_err(|e| EngineFailure::Failed(format!("creating {}: {e}", cfg.weights_dir.display())))?;
+        let manifest = crate::model::params::expected_shapes(&spec);
         Ok(Self {
             cfg,
             spec,
+            manifest,
             tokenizer,
             state,
             orders,
@@ -222,6 +225,10 @@ impl InferenceEngine for VllmEngine {
 
     fn vocab_size(&self) -> i64 {
         self.spec.vocab_size
+    }
+
+    fn manifest(&self) -> &[(String, Vec<i64>)] {
+        &self.manifest
     }
 
     fn nccl_device(&self) -> Option<Device> {

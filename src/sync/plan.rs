@@ -63,17 +63,25 @@ impl WeightSet {
     }
 }
 
-/// Checks a plan's internal consistency (sizes add up, dtypes known).
+/// Elements of a shape, or `None` for a negative dimension or an overflow.
+pub fn numel_of(shape: &[i64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+}
+
+/// Checks a plan's internal consistency (sizes add up without overflow, dtypes known) before
+/// anything is allocated for it.
 pub fn check_plan(plan: &pb::BucketPlan) -> Result<(), String> {
     let mut total = 0u64;
     for t in &plan.tensors {
         if t.dtype != "f32" {
             return Err(format!("{}: dtype {} unsupported", t.name, t.dtype));
         }
-        if t.shape.iter().any(|&d| d < 0) {
-            return Err(format!("{}: negative dimension", t.name));
-        }
-        total += t.shape.iter().product::<i64>().max(0) as u64 * 4;
+        let bytes = numel_of(&t.shape)
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| format!("{}: shape {:?} is negative or too large", t.name, t.shape))?;
+        total = total
+            .checked_add(bytes)
+            .ok_or_else(|| "the tensors' sizes overflow".to_string())?;
     }
     if total != plan.total_bytes {
         return Err(format!(
@@ -87,14 +95,39 @@ pub fn check_plan(plan: &pb::BucketPlan) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a plan's tensors against the engine's own manifest: the same names, each once, with
+/// the same shapes. An update for another model is refused before anything is allocated.
+pub fn check_against(plan: &pb::BucketPlan, manifest: &[(String, Vec<i64>)]) -> Result<(), String> {
+    let expected: std::collections::BTreeMap<&str, &[i64]> =
+        manifest.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for t in &plan.tensors {
+        let Some(shape) = expected.get(t.name.as_str()) else {
+            return Err(format!("{}: not a tensor of the served model", t.name));
+        };
+        if *shape != t.shape.as_slice() {
+            return Err(format!("{}: shape {:?}, the served model has {:?}", t.name, t.shape, shape));
+        }
+        if !seen.insert(t.name.as_str()) {
+            return Err(format!("{}: sent twice", t.name));
+        }
+    }
+    if let Some((missing, _)) = expected.iter().find(|(n, _)| !seen.contains(*n)) {
+        return Err(format!("{missing}: missing from the update"));
+    }
+    Ok(())
+}
+
 /// Splits a received stream back into named tensors.
 pub fn unpack(plan: &pb::BucketPlan, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     let mut out = Vec::with_capacity(plan.tensors.len());
     let mut at = 0usize;
     for t in &plan.tensors {
-        let n = t.shape.iter().product::<i64>().max(0) as usize * 4;
+        let n = numel_of(&t.shape)
+            .and_then(|n| usize::try_from(n).ok()?.checked_mul(4))
+            .ok_or_else(|| format!("{}: shape {:?} is negative or too large", t.name, t.shape))?;
         let chunk = bytes
-            .get(at..at + n)
+            .get(at..at.saturating_add(n))
             .ok_or_else(|| format!("{}: stream too short", t.name))?;
         let tensor = Tensor::f_from_data_size(chunk, &t.shape, Kind::Float).map_err(|e| e.to_string())?;
         out.push((t.name.clone(), tensor));
@@ -129,5 +162,43 @@ mod tests {
         let mut corrupt = joined.clone();
         corrupt[5] ^= 1;
         assert_ne!(digest_bytes(&corrupt), set.digest());
+    }
+
+    #[test]
+    fn plans_that_overflow_or_do_not_fit_the_model_are_refused() {
+        let spec = |name: &str, shape: Vec<i64>| pb::TensorSpec {
+            name: name.into(),
+            dtype: "f32".into(),
+            shape,
+        };
+        let huge = pb::BucketPlan {
+            tensors: vec![spec("a", vec![i64::MAX, 4])],
+            bucket_bytes: 16,
+            total_bytes: 16,
+            bucket_count: 1,
+        };
+        assert!(check_plan(&huge).is_err_and(|e| e.contains("too large")));
+        let negative = pb::BucketPlan {
+            tensors: vec![spec("a", vec![-1, 4])],
+            ..huge.clone()
+        };
+        assert!(check_plan(&negative).is_err());
+        let manifest = vec![("a".to_string(), vec![2, 3]), ("b".to_string(), vec![4])];
+        let plan = |tensors| pb::BucketPlan {
+            tensors,
+            bucket_bytes: 4,
+            total_bytes: 40,
+            bucket_count: 10,
+        };
+        check_against(&plan(vec![spec("b", vec![4]), spec("a", vec![2, 3])]), &manifest).expect("same set");
+        for (bad, why) in [
+            (vec![spec("a", vec![3, 2]), spec("b", vec![4])], "shape"),
+            (vec![spec("a", vec![2, 3])], "missing"),
+            (vec![spec("a", vec![2, 3]), spec("b", vec![4]), spec("c", vec![1])], "not a tensor"),
+            (vec![spec("a", vec![2, 3]), spec("a", vec![2, 3]), spec("b", vec![4])], "twice"),
+        ] {
+            let err = check_against(&plan(bad), &manifest).expect_err(why);
+            assert!(err.contains(why), "{why}: {err}");
+        }
     }
 }

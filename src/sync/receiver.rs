@@ -14,7 +14,7 @@ use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 
 use super::nccl_receiver::NcclReceiver;
-use super::plan::{check_plan, digest_bytes, unpack, Digest};
+use super::plan::{check_against, check_plan, digest_bytes, unpack, Digest};
 
 /// WeightReceiver's mailbox.
 pub enum ReceiverMsg {
@@ -95,6 +95,7 @@ impl ReceiverState {
 
     fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
         check_plan(&plan)?;
+        check_against(&plan, self.engine.manifest())?;
         if let Some(old) = &self.staging {
             tracing::warn!(
                 abandoned = old.version.0,
@@ -252,7 +253,11 @@ impl Actor for WeightReceiver {
                 let _ = reply.send(state.nccl.join(&id, rank, world));
             }
             ReceiverMsg::BeginNccl(v, plan, reply) => {
-                let _ = reply.send(state.nccl.begin(v, plan).await);
+                let result = match check_against(&plan, state.engine.manifest()) {
+                    Ok(()) => state.nccl.begin(v, plan).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             ReceiverMsg::CommitNccl(v, digest, reply) => {
                 let result = state.commit_nccl(v, &digest).await;
@@ -295,6 +300,7 @@ mod tests {
         tokenizer: Arc<Tokenizer>,
         installed: Mutex<Vec<(PolicyVersion, Values)>>,
         fail_install: bool,
+        manifest: Vec<(String, Vec<i64>)>,
     }
 
     impl FakeEngine {
@@ -303,6 +309,7 @@ mod tests {
                 tokenizer: Arc::new(Tokenizer::new(WordLevel::default())),
                 installed: Mutex::new(Vec::new()),
                 fail_install,
+                manifest: vec![("a".into(), vec![2, 3]), ("b".into(), vec![2])],
             })
         }
     }
@@ -317,6 +324,9 @@ mod tests {
         }
         fn vocab_size(&self) -> i64 {
             8
+        }
+        fn manifest(&self) -> &[(String, Vec<i64>)] {
+            &self.manifest
         }
         fn nccl_device(&self) -> Option<Device> {
             None
@@ -457,5 +467,15 @@ mod tests {
         let err = st.commit(v, set.digest()).await.expect_err("install fails");
         assert!(err.contains("fake engine refuses"), "{err}");
         assert_eq!(st.version, PolicyVersion(0));
+    }
+
+    #[test]
+    fn an_update_for_another_model_is_refused_before_allocating() {
+        let (mut st, _board) = state(FakeEngine::new(false));
+        let other = vec![("a".to_string(), Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)))];
+        let plan = WeightSet::pack(&other).plan(12);
+        let err = st.begin(PolicyVersion(1), plan).expect_err("wrong model");
+        assert!(err.contains("shape"), "{err}");
+        assert!(st.staging.is_none(), "nothing staged");
     }
 }
