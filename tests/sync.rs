@@ -34,6 +34,12 @@ impl Sidecar {
         Self::start_on(model, near, common::free_port(), common::free_port())
     }
 
+    fn start_with(model: &Path, near: &Path, extra: &[&str]) -> Self {
+        let s = Self::spawn(model, near, common::free_port(), common::free_port(), extra);
+        wait_until(Duration::from_secs(60), "sidecar gRPC", || s.health().is_some());
+        s
+    }
+
     fn start_on(model: &Path, near: &Path, http: u16, grpc: u16) -> Self {
         let s = Self::spawn(model, near, http, grpc, &[]);
         wait_until(Duration::from_secs(60), "sidecar gRPC", || s.health().is_some());
@@ -383,9 +389,27 @@ fn a_resumed_learner_republishes_its_weights() {
 fn checkpoint_mode_reloads_the_sidecar_from_checkpoints() {
     let model = common::tiny_model("llama", &[]);
     let work = tempfile::tempdir().expect("work");
-    let sidecar = Sidecar::start(model.path(), &work.path().join("sidecar"));
-    let api = RunApi::start();
     let save = work.path().join("run");
+    std::fs::create_dir_all(&save).expect("save dir");
+    let root = ["--checkpoint-root", path_str(&save)];
+    let sidecar = Sidecar::start_with(model.path(), &work.path().join("sidecar"), &root);
+    // A reload from outside the root is refused, whatever the path looks like.
+    for outside in [path_str(model.path()).to_string(), format!("{}/../..", save.display())] {
+        let err = sidecar
+            .rt
+            .block_on(async {
+                sidecar
+                    .client(Some(TOKEN))
+                    .load_checkpoint(&outside, PolicyVersion(9))
+                    .await
+            })
+            .expect_err("outside the root");
+        assert!(
+            err.to_string().contains("outside --checkpoint-root"),
+            "{outside}: {err}"
+        );
+    }
+    let api = RunApi::start();
     let url = sidecar.url();
     let args = synced_to(
         &url,
@@ -604,19 +628,32 @@ fn a_grpc_listener_off_loopback_needs_a_token() {
         let proc = Learner::spawn_args(&args, &work.path().join(what));
         let (code, log) = proc.wait(Duration::from_secs(60));
         assert_ne!(code, 0, "{what} started without a token: {log}");
-        assert!(log.contains("--grpc-listen") && log.contains("--auth-token-file"), "{what}: {log}");
+        assert!(
+            log.contains("--grpc-listen") && log.contains("--auth-token-file"),
+            "{what}: {log}"
+        );
     };
     let sidecar: Vec<String> = ["--role", "inference-sidecar", "--model-name", path_str(model.path())]
         .iter()
         .map(|s| s.to_string())
-        .chain(["--grpc-listen".into(), "0.0.0.0:0".into(), "--listen".into(), "127.0.0.1:0".into()])
+        .chain([
+            "--grpc-listen".into(),
+            "0.0.0.0:0".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ])
         .collect();
     refused(sidecar, "sidecar");
     let save = work.path().join("run");
     let learner: Vec<String> = ["--role", "learner", "--model-name", path_str(model.path())]
         .iter()
         .map(|s| s.to_string())
-        .chain(["--atropos-url".into(), api.url(), "--save-path".into(), path_str(&save).into()])
+        .chain([
+            "--atropos-url".into(),
+            api.url(),
+            "--save-path".into(),
+            path_str(&save).into(),
+        ])
         .chain(["--grpc-listen".into(), "0.0.0.0:0".into()])
         .collect();
     refused(learner, "learner");

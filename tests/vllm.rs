@@ -329,9 +329,10 @@ fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
 fn checkpoint_mode_reloads_vllm_from_checkpoints() {
     let model = vllm_model();
     let work = tempfile::tempdir().expect("work");
-    let sidecar = VllmSidecar::start(model.path(), work.path(), &[]);
-    let api = RunApi::start();
     let save = work.path().join("run");
+    std::fs::create_dir_all(&save).expect("save dir");
+    let sidecar = VllmSidecar::start(model.path(), work.path(), &["--checkpoint-root", path_str(&save)]);
+    let api = RunApi::start();
     let url = sidecar.grpc_url();
     let args = [
         "--sidecar",

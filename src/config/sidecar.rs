@@ -36,6 +36,10 @@ pub struct SidecarArgs {
     /// Most sequences generated together in one batch [default: 128].
     #[arg(long, env = "GRPO_MAX_BATCH_ROWS")]
     pub max_batch_rows: Option<usize>,
+    /// Checkpoint mode: the directory the learner's checkpoints are under (its --save-path);
+    /// a reload from anywhere else is refused [default: none, so checkpoint reloads are refused].
+    #[arg(long, env = "GRPO_CHECKPOINT_ROOT")]
+    pub checkpoint_root: Option<PathBuf>,
     /// vLLM: program and leading arguments, split on whitespace [default: $GRPO_VLLM_PYTHON (or
     /// python3) -m vllm.entrypoints.openai.api_server]. The sidecar adds --model,
     /// --served-model-name, --host 127.0.0.1, --port, --logprobs-mode processed_logprobs.
@@ -165,6 +169,8 @@ pub struct SidecarConfig {
     pub max_batch_rows: usize,
     /// Set with `--engine vllm`.
     pub vllm: Option<VllmConfig>,
+    /// Where checkpoint reloads may come from.
+    pub checkpoint_root: Option<PathBuf>,
 }
 
 impl SidecarArgs {
@@ -221,6 +227,7 @@ impl SidecarArgs {
             auth_token,
             max_batch_rows,
             vllm,
+            checkpoint_root: self.checkpoint_root,
         })
     }
 }

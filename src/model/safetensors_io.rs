@@ -87,6 +87,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
         let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
         files.sort();
         files.dedup();
+        // A shard is a file of this directory: no separators, no `..`, nothing absolute.
+        if let Some(bad) = files
+            .iter()
+            .find(|f| f.is_empty() || f.contains(['/', '\\']) || f.as_str() == ".." || f.as_str() == ".")
+        {
+            return Err(st_err(
+                &index,
+                format!("shard name {bad:?} is not a file name of this directory"),
+            ));
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     let single = dir.join(SINGLE_FILE);
@@ -216,6 +226,17 @@ pub fn write_model(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_may_name_only_files_of_its_directory() {
+        for bad in ["../secret.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let index = serde_json::json!({"weight_map": {"a": bad}});
+            std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).expect("index");
+            let err = weight_files(dir.path()).expect_err(bad);
+            assert!(err.to_string().contains("not a file name"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn round_trip_single_and_sharded() {

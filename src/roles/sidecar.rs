@@ -236,6 +236,7 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
         engine,
         model_dir: cfg.model_name.clone(),
         http_address: format!("http://{http_addr}"),
+        checkpoint_root: cfg.checkpoint_root.clone(),
     };
     let (grpc_addr, grpc_task) = service::serve(cfg.grpc_listen, svc, token.clone())
         .await

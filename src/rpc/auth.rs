@@ -73,6 +73,9 @@ mod tests {
         let mut req = Request::new(());
         req.metadata_mut()
             .insert("authorization", MetadataValue::from_static("Bearer ab"));
-        assert_eq!(check.call(req).expect_err("prefix").code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            check.call(req).expect_err("prefix").code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

@@ -65,7 +65,9 @@ impl WeightSet {
 
 /// Elements of a shape, or `None` for a negative dimension or an overflow.
 pub fn numel_of(shape: &[i64]) -> Option<u64> {
-    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
 }
 
 /// Checks a plan's internal consistency (sizes add up without overflow, dtypes known) before
@@ -106,7 +108,10 @@ pub fn check_against(plan: &pb::BucketPlan, manifest: &[(String, Vec<i64>)]) -> 
             return Err(format!("{}: not a tensor of the served model", t.name));
         };
         if *shape != t.shape.as_slice() {
-            return Err(format!("{}: shape {:?}, the served model has {:?}", t.name, t.shape, shape));
+            return Err(format!(
+                "{}: shape {:?}, the served model has {:?}",
+                t.name, t.shape, shape
+            ));
         }
         if !seen.insert(t.name.as_str()) {
             return Err(format!("{}: sent twice", t.name));
@@ -194,8 +199,14 @@ mod tests {
         for (bad, why) in [
             (vec![spec("a", vec![3, 2]), spec("b", vec![4])], "shape"),
             (vec![spec("a", vec![2, 3])], "missing"),
-            (vec![spec("a", vec![2, 3]), spec("b", vec![4]), spec("c", vec![1])], "not a tensor"),
-            (vec![spec("a", vec![2, 3]), spec("a", vec![2, 3]), spec("b", vec![4])], "twice"),
+            (
+                vec![spec("a", vec![2, 3]), spec("b", vec![4]), spec("c", vec![1])],
+                "not a tensor",
+            ),
+            (
+                vec![spec("a", vec![2, 3]), spec("a", vec![2, 3]), spec("b", vec![4])],
+                "twice",
+            ),
         ] {
             let err = check_against(&plan(bad), &manifest).expect_err(why);
             assert!(err.contains(why), "{why}: {err}");

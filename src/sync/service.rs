@@ -23,6 +23,31 @@ pub struct SidecarService {
     pub engine: SharedEngine,
     pub model_dir: PathBuf,
     pub http_address: String,
+    /// Checkpoint reloads must come from under this directory (`--checkpoint-root`).
+    pub checkpoint_root: Option<PathBuf>,
+}
+
+/// `path` canonicalized, if it lies under `root` (canonicalized too): no `..`, no symbolic
+/// link out of it.
+pub fn confine(root: Option<&std::path::Path>, path: &str) -> Result<PathBuf, Status> {
+    let root = root.ok_or_else(|| {
+        Status::permission_denied(
+            "checkpoint reloads are off: start the sidecar with --checkpoint-root <the learner's --save-path>",
+        )
+    })?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| Status::failed_precondition(format!("--checkpoint-root {}: {e}", root.display())))?;
+    let full = std::path::Path::new(path)
+        .canonicalize()
+        .map_err(|e| Status::invalid_argument(format!("checkpoint {path:?}: {e}")))?;
+    if !full.starts_with(&root) || full == root {
+        return Err(Status::permission_denied(format!(
+            "checkpoint {path:?} is outside --checkpoint-root {}",
+            root.display()
+        )));
+    }
+    Ok(full)
 }
 
 fn version_of(v: Option<pb::PolicyVersion>) -> Result<PolicyVersion, Status> {
@@ -148,14 +173,10 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::LoadCheckpointResponse>, Status> {
         let req = req.into_inner();
         let version = version_of(req.version)?;
-        ractor::call!(
-            self.receiver,
-            ReceiverMsg::LoadCheckpoint,
-            version,
-            PathBuf::from(req.path)
-        )
-        .map_err(internal)?
-        .map_err(Status::failed_precondition)?;
+        let path = confine(self.checkpoint_root.as_deref(), &req.path)?;
+        ractor::call!(self.receiver, ReceiverMsg::LoadCheckpoint, version, path)
+            .map_err(internal)?
+            .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::LoadCheckpointResponse { version: pv(version) }))
     }
 }
