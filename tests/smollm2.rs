@@ -8,7 +8,6 @@ mod common;
 use std::path::PathBuf;
 
 use grpo_node::engine::core::{EngineHandle, JobParams};
-use grpo_node::engine::sampler::SamplingParams;
 use grpo_node::engine::{load, BatchConfig};
 use serde_json::Value;
 use tch::Device;
@@ -60,21 +59,8 @@ fn greedy_continuation_matches_transformers() {
     )
     .expect("engine");
     let params = JobParams {
-        n: 1,
-        max_tokens: 30,
-        min_tokens: 0,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-        },
-        stop_token_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        include_stop_str: false,
         skip_special_tokens: false,
-        ignore_eos: false,
-        seed: None,
-        top_logprobs: 0,
+        ..JobParams::greedy(30)
     };
     let out = tokio::runtime::Runtime::new()
         .expect("rt")

@@ -36,6 +36,27 @@ fn vllm_model() -> tempfile::TempDir {
     common::tiny_model("llama", &["--hidden", "128", "--heads", "2", "--kv-heads", "1"])
 }
 
+/// `--role inference-sidecar --engine vllm` on `model`, running `command`, logging to `log`.
+fn vllm_sidecar_args(model: &Path, command: &str, log: &Path, weights: &Path) -> Vec<String> {
+    let args = [
+        "--role",
+        "inference-sidecar",
+        "--engine",
+        "vllm",
+        "--model-name",
+        path_str(model),
+    ];
+    let vllm = [
+        "--vllm-command",
+        command,
+        "--vllm-log",
+        path_str(log),
+        "--vllm-weights-dir",
+        path_str(weights),
+    ];
+    args.iter().chain(&vllm).map(|s| s.to_string()).collect()
+}
+
 struct VllmSidecar {
     proc: Learner,
     http: u16,
@@ -56,30 +77,17 @@ impl VllmSidecar {
         let (http, grpc) = (common::free_port(), common::free_port());
         let log = work.join("vllm.log");
         let command = format!("{} -m vllm.entrypoints.openai.api_server", vllm_python().display());
-        let mut args: Vec<String> = [
-            "--role",
-            "inference-sidecar",
-            "--engine",
-            "vllm",
-            "--model-name",
-            path_str(model),
+        let mut args = vllm_sidecar_args(model, &command, &log, &work.join("weights"));
+        let rest = [
             "--auth-token",
             TOKEN,
-            "--vllm-command",
-            &command,
-            "--vllm-log",
-            path_str(&log),
-            "--vllm-weights-dir",
-            path_str(&work.join("weights")),
             "--vllm-args",
             "--dtype float32 --enforce-eager --max-model-len 256 --max-num-seqs 8 --seed 0",
             "--vllm-probe-interval-s",
             "1",
             "--listen",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ];
+        args.extend(rest.iter().map(|s| s.to_string()));
         args.push(format!("127.0.0.1:{http}"));
         args.push("--grpc-listen".into());
         args.push(format!("127.0.0.1:{grpc}"));
@@ -383,27 +391,8 @@ fn fake_sidecar(work: &Path, script: &str, extra: &[&str]) -> (i32, String) {
     std::fs::write(&path, script).expect("script");
     let command = format!("{} {}", common::python().display(), path.display());
     let log = work.join("fake.log");
-    let mut args: Vec<String> = [
-        "--role",
-        "inference-sidecar",
-        "--engine",
-        "vllm",
-        "--model-name",
-        path_str(model.path()),
-        "--vllm-command",
-        &command,
-        "--vllm-log",
-        path_str(&log),
-        "--vllm-weights-dir",
-        path_str(&work.join("weights")),
-        "--listen",
-        "127.0.0.1:0",
-        "--grpc-listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = vllm_sidecar_args(model.path(), &command, &log, &work.join("weights"));
+    args.extend(["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
     let proc = Learner::spawn_args(&args, &work.join("sidecar"));
     proc.wait(Duration::from_secs(60))

@@ -15,7 +15,6 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::core::JobParams;
-use crate::engine::sampler::SamplingParams;
 use crate::engine::vllm::{SupervisorOrder, VllmShared, VllmState};
 use crate::engine::vllm_api::{is_tested, PauseMode, VllmApi};
 
@@ -107,23 +106,11 @@ fn log_tail(path: &std::path::Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A one-token generation that any model can answer.
 fn probe_params() -> JobParams {
     JobParams {
-        n: 1,
-        max_tokens: 1,
-        min_tokens: 0,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-        },
-        stop_token_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        include_stop_str: false,
-        skip_special_tokens: true,
         ignore_eos: true,
-        seed: None,
-        top_logprobs: 0,
+        ..JobParams::greedy(1)
     }
 }
 

@@ -30,6 +30,29 @@ pub struct JobParams {
     pub top_logprobs: usize,
 }
 
+impl JobParams {
+    /// One greedy completion of at most `max_tokens`, no stops but EOS, special tokens skipped.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            n: 1,
+            max_tokens,
+            min_tokens: 0,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            include_stop_str: false,
+            skip_special_tokens: true,
+            ignore_eos: false,
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+}
+
 /// One generated sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
