@@ -80,6 +80,8 @@ enum Command {
     Generate(Vec<i64>, JobParams, Reply<Vec<Completion>>),
     Swap(Vec<(String, Tensor)>, PolicyVersion, Reply<Result<(), String>>),
     Snapshot(Reply<(PolicyVersion, Vec<(String, Tensor)>)>),
+    /// Version, parameter count and digest of the served weights, computed in place.
+    Served(Reply<Result<(PolicyVersion, u64, crate::version::Digest), String>>),
     Info(Reply<EngineInfo>),
 }
 
@@ -172,6 +174,11 @@ impl EngineHandle {
         self.ask(Command::Snapshot).await
     }
 
+    /// Version, size and digest of the served weights, without copying the model out.
+    pub async fn served(&self) -> Result<Result<(PolicyVersion, u64, crate::version::Digest), String>, EngineError> {
+        self.ask(Command::Served).await
+    }
+
     /// Version and shape facts.
     pub async fn info(&self) -> Result<EngineInfo, EngineError> {
         self.ask(Command::Info).await
@@ -258,6 +265,12 @@ impl Engine {
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send((self.version(), self.m.params.snapshot()));
+            }
+            Command::Served(reply) => {
+                let named: Vec<(String, Tensor)> =
+                    self.m.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+                let digest = crate::version::digest_tensors(&named).map_err(|e| e.to_string());
+                let _ = reply.send(digest.map(|d| (self.version(), self.m.params.numel() as u64, d)));
             }
             Command::Info(reply) => {
                 let _ = reply.send(EngineInfo {

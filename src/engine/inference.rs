@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 use super::core::{Completion, EngineHandle, JobParams, PolicyVersion};
 use crate::model::safetensors_io::load_params;
 use crate::model::ModelSpec;
-use crate::version::{digest_tensors, Digest};
+use crate::version::Digest;
 
 /// Why an engine call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,11 +126,14 @@ impl InferenceEngine for EngineHandle {
     }
 
     async fn served(&self) -> Result<Served, EngineFailure> {
-        let (version, weights) = self.snapshot().await.map_err(gone)?;
+        let (version, parameters, digest) = EngineHandle::served(self)
+            .await
+            .map_err(gone)?
+            .map_err(EngineFailure::Failed)?;
         Ok(Served {
             version,
-            parameters: weights.iter().map(|(_, t)| t.numel() as u64).sum(),
-            digest: Some(digest_tensors(&weights).map_err(|e| EngineFailure::Failed(e.to_string()))?),
+            parameters,
+            digest: Some(digest),
         })
     }
 
