@@ -267,8 +267,12 @@ impl Engine {
                 let _ = reply.send((self.version(), self.m.params.snapshot()));
             }
             Command::Served(reply) => {
-                let named: Vec<(String, Tensor)> =
-                    self.m.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+                let named: Vec<(String, Tensor)> = self
+                    .m
+                    .params
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect();
                 let digest = crate::version::digest_tensors(&named).map_err(|e| e.to_string());
                 let _ = reply.send(digest.map(|d| (self.version(), self.m.params.numel() as u64, d)));
             }
