@@ -76,7 +76,11 @@ impl VllmSidecar {
     fn spawn(model: &Path, work: &Path, extra: &[&str]) -> Self {
         let (http, grpc) = (common::free_port(), common::free_port());
         let log = work.join("vllm.log");
-        let command = format!("{} -m vllm.entrypoints.openai.api_server", vllm_python().display());
+        // Usage stats off in the command too (the sidecar also sets both on every vLLM it starts).
+        let command = format!(
+            "env VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 {} -m vllm.entrypoints.openai.api_server",
+            vllm_python().display()
+        );
         let mut args = vllm_sidecar_args(model, &command, &log, &work.join("weights"));
         let rest = [
             "--auth-token",

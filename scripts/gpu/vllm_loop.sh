@@ -25,7 +25,8 @@ if [ ! -d /tmp/pylib/atroposlib ]; then
     || { tail -5 "$OUT/pip.log"; exit 1; }
 fi
 export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled
-export GRPO_VLLM_COMMAND="env PYTHONPATH=/tmp/vllm-site python3 -m vllm.entrypoints.openai.api_server"
+# Usage stats off here too (the sidecar also sets both on every vLLM it starts).
+export GRPO_VLLM_COMMAND="env PYTHONPATH=/tmp/vllm-site VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 python3 -m vllm.entrypoints.openai.api_server"
 STEPS=${STEPS:-200}
 if [ "$MODE" = vllm ] || [ "$MODE" = vllm-keep ]; then
   MANIFEST=cluster/local-gpu-vllm.toml

@@ -40,8 +40,9 @@ pub struct SidecarArgs {
     /// a reload from anywhere else is refused [default: none, so checkpoint reloads are refused].
     #[arg(long, env = "GRPO_CHECKPOINT_ROOT")]
     pub checkpoint_root: Option<PathBuf>,
-    /// vLLM: program and leading arguments, split on whitespace [default: $GRPO_VLLM_PYTHON (or
-    /// python3) -m vllm.entrypoints.openai.api_server]. The sidecar adds --model,
+    /// vLLM: program and leading arguments, split on whitespace [default: env
+    /// VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 $GRPO_VLLM_PYTHON (or python3) -m
+    /// vllm.entrypoints.openai.api_server]. Whatever the command, the sidecar sets both variables. The sidecar adds --model,
     /// --served-model-name, --host 127.0.0.1, --port, --logprobs-mode processed_logprobs.
     #[arg(long, env = "GRPO_VLLM_COMMAND")]
     pub vllm_command: Option<String>,
@@ -116,7 +117,10 @@ impl SidecarArgs {
             Some(c) => words(c),
             None => {
                 let python = std::env::var("GRPO_VLLM_PYTHON").unwrap_or_else(|_| "python3".into());
-                vec![python, "-m".into(), "vllm.entrypoints.openai.api_server".into()]
+                // Usage stats off in the command itself, besides the supervisor's environment.
+                ["env", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1", &python, "-m", "vllm.entrypoints.openai.api_server"]
+                    .map(String::from)
+                    .to_vec()
             }
         };
         if command.is_empty() {
