@@ -25,18 +25,10 @@ fn local_loop_on_real_vllm_learns_the_copy_task() {
     let log = loop_learns("local-vllm", &["vllm"]);
     assert!(log.contains("vLLM ready"), "the sidecar drove vLLM");
     // vLLM runs in a process group of its own, which the sidecar stopped.
-    let groups: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("vLLM launched"))
-        .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next())
-        .collect();
+    let groups = common::vllm_groups(&log);
     assert!(!groups.is_empty(), "{log}");
     for pgid in groups {
-        let alive = Command::new("kill")
-            .args(["-0", "--", &format!("-{pgid}")])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let alive = common::group_alive(pgid);
         assert!(!alive, "vLLM's group {pgid} outlived the launch");
     }
 }

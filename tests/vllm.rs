@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{metrics, path_str, wait_until, Learner, RunApi};
+use common::{group_alive, metrics, path_str, wait_until, Learner, RunApi};
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
 use serde_json::{json, Value};
@@ -142,21 +142,8 @@ impl VllmSidecar {
 
     /// Process-group ids of the vLLM launches, from the sidecar's log.
     fn vllm_pids(&self) -> Vec<i32> {
-        self.proc
-            .log()
-            .lines()
-            .filter(|l| l.contains("vLLM launched"))
-            .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
-            .collect()
+        common::vllm_groups(&self.proc.log())
     }
-}
-
-fn group_alive(pgid: i32) -> bool {
-    std::process::Command::new("kill")
-        .args(["-0", "--", &format!("-{pgid}")])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn model_of(dir: &Path) -> Transformer {
@@ -417,11 +404,7 @@ fn a_vllm_that_never_becomes_ready_fails_naming_its_log() {
         "and quotes its last lines: {log}"
     );
     // Its process group is gone.
-    let pgid: i32 = log
-        .lines()
-        .find(|l| l.contains("vLLM launched"))
-        .and_then(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .expect("launch line");
+    let pgid = *common::vllm_groups(&log).first().expect("launch line");
     assert!(!group_alive(pgid), "the never-ready launch was stopped");
 }
 

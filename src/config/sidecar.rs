@@ -118,9 +118,16 @@ impl SidecarArgs {
             None => {
                 let python = std::env::var("GRPO_VLLM_PYTHON").unwrap_or_else(|_| "python3".into());
                 // Usage stats off in the command itself, besides the supervisor's environment.
-                ["env", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1", &python, "-m", "vllm.entrypoints.openai.api_server"]
-                    .map(String::from)
-                    .to_vec()
+                [
+                    "env",
+                    "VLLM_NO_USAGE_STATS=1",
+                    "DO_NOT_TRACK=1",
+                    &python,
+                    "-m",
+                    "vllm.entrypoints.openai.api_server",
+                ]
+                .map(String::from)
+                .to_vec()
             }
         };
         if command.is_empty() {

@@ -46,6 +46,9 @@ struct Supervised {
     weights_dir: std::path::PathBuf,
 }
 
+/// Deadline of each vLLM update route (pause, reload, resume), for updates and resyncs alike.
+const VLLM_UPDATE_DEADLINE: Duration = Duration::from_secs(60);
+
 fn free_loopback_port() -> Result<u16, SidecarError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -74,7 +77,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         probe_timeout: Duration::from_secs(v.probe_timeout_s),
         max_restarts: v.max_restarts,
         allow_untested: v.allow_untested,
-        update_deadline: Duration::from_secs(60),
+        update_deadline: VLLM_UPDATE_DEADLINE,
     };
     let shared = Arc::new(VllmShared {
         current: Mutex::new(None),
@@ -114,7 +117,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         model_dir: cfg.model_name.clone(),
         weights_dir: v.weights_dir.clone(),
         ready_wait: Duration::from_secs(v.ready_timeout_s),
-        update_deadline: Duration::from_secs(60),
+        update_deadline: VLLM_UPDATE_DEADLINE,
         generate_deadline: Duration::from_secs(600),
         canary_tokens: v.canary_tokens,
         pause_mode: v.pause_mode,

@@ -451,3 +451,20 @@ pub fn learner_logprobs(model: &grpo_node::model::Transformer, prompt: &[i64], c
     let lp: Vec<f32> = Vec::try_from(lp.view([-1])).expect("logprobs");
     lp[prompt.len() - 1..].iter().map(|&x| f64::from(x)).collect()
 }
+
+/// The process groups of the vLLM launches a sidecar's log names ("vLLM launched pid=N").
+pub fn vllm_groups(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter(|l| l.contains("vLLM launched"))
+        .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Whether any process of group `pgid` is alive.
+pub fn group_alive(pgid: i32) -> bool {
+    Command::new("kill")
+        .args(["-0", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
