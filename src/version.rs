@@ -1,5 +1,5 @@
-//! Leaf types every side of the weight bridge shares: the policy version and the digest of a
-//! version's weights. Nothing here imports another module of the crate.
+//! Leaf types every side of the weight bridge shares: the policy version, the size of a
+//! manifest shape, and the digest of a version's weights. Nothing here imports another module of the crate.
 
 use tch::{Device, Kind, Tensor};
 use xxhash_rust::xxh3::Xxh3;
@@ -35,6 +35,13 @@ impl std::str::FromStr for Digest {
             reason: e.to_string(),
         })
     }
+}
+
+/// Elements of a manifest shape, or `None` for a negative dimension or an overflow.
+pub fn numel_of(shape: &[i64]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
 }
 
 /// Digest of raw bytes.

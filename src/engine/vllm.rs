@@ -326,9 +326,14 @@ impl InferenceEngine for VllmEngine {
         let (version, digest) = current
             .as_ref()
             .map_or((PolicyVersion(0), None), |c| (c.version, c.digest));
+        let parameters = self
+            .manifest
+            .iter()
+            .map(|(_, shape)| crate::version::numel_of(shape).unwrap_or(0))
+            .sum();
         Ok(Served {
             version,
-            parameters: 0,
+            parameters,
             digest,
         })
     }

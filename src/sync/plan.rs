@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::rpc::pb;
 
-pub use crate::version::{digest_bytes, Digest};
+pub use crate::version::{digest_bytes, numel_of, Digest};
 
 /// Named fp32 tensors flattened into one buffer, with their manifest.
 pub struct WeightSet {
@@ -61,13 +61,6 @@ impl WeightSet {
         let end = (start + plan.bucket_bytes as usize).min(self.bytes.len());
         &self.bytes[start.min(end)..end]
     }
-}
-
-/// Elements of a shape, or `None` for a negative dimension or an overflow.
-pub fn numel_of(shape: &[i64]) -> Option<u64> {
-    shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
 }
 
 /// Checks a plan's internal consistency (sizes add up without overflow, dtypes known) before
