@@ -136,7 +136,7 @@ impl VllmSidecar {
 
     fn ok(&self, body: Value) -> Value {
         let (code, v) = self.generate(&body.to_string());
-        assert_eq!(code, 200, "{v}");
+        assert_eq!(code, 200, "{v}\nsidecar log:\n{}", self.proc.log());
         v
     }
 
@@ -257,8 +257,15 @@ fn check_generate_contract(sidecar: &VllmSidecar, base: &Path) {
     }
 }
 
+/// One real vLLM at a time: two of them beside their learners overload a 2-core machine.
+fn one_vllm_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
+    let _turn = one_vllm_at_a_time();
     let model = vllm_model();
     let work = tempfile::tempdir().expect("work");
     let sidecar = VllmSidecar::start(model.path(), work.path(), &[]);
@@ -326,6 +333,7 @@ fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
 
 #[test]
 fn checkpoint_mode_reloads_vllm_from_checkpoints() {
+    let _turn = one_vllm_at_a_time();
     let model = vllm_model();
     let work = tempfile::tempdir().expect("work");
     let save = work.path().join("run");
