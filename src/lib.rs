@@ -15,12 +15,13 @@
 //! ```
 //!
 //! ## Module map
-//! Lower rows never import higher ones: `version` is a leaf; `model`, `grpo`, `train`, `comm`
+//! Lower rows never import higher ones: `version` and `lock` are leaves; `model`, `grpo`, `train`, `comm`
 //! and `engine` sit below `sync`; `actors` and `roles` are on top.
 //!
 //! | module | job |
 //! |---|---|
 //! | [`version`] | leaf types of the weight bridge: `PolicyVersion`, the weight digest |
+//! | [`lock`] | leaf: mutex locking that survives a panicked holder |
 //! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated |
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
@@ -48,6 +49,7 @@ pub mod config;
 pub mod engine;
 pub mod grpo;
 pub mod launch;
+pub mod lock;
 pub mod model;
 pub mod roles;
 pub mod rpc;

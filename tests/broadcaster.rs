@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use grpo_node::actors::weight_broadcaster::{
-    BroadcasterArgs, BroadcasterMsg, Payload, PublishJob, SyncStats, WeightBroadcaster,
+    put_latest, BroadcasterArgs, BroadcasterMsg, Payload, PublishJob, SyncStats, WeightBroadcaster,
 };
 use grpo_node::engine::PolicyVersion;
 use grpo_node::rpc::auth::Token;
@@ -144,14 +144,14 @@ impl Harness {
         )];
         let job = PublishJob {
             version: PolicyVersion(step),
-            payload: Payload::Weights(Arc::new(WeightSet::pack(&weights))),
+            payload: Payload::Weights(Arc::new(WeightSet::pack(&weights).expect("pack"))),
         };
-        *self.slot.lock().expect("slot") = Some(Arc::new(job));
+        put_latest(&self.slot, job);
         self.broadcaster.cast(BroadcasterMsg::Publish).expect("cast");
     }
 
     fn stats(&self) -> SyncStats {
-        self.stats.lock().expect("stats").clone()
+        grpo_node::lock::recover(&self.stats).clone()
     }
 }
 
@@ -233,5 +233,30 @@ async fn a_slow_sidecar_skips_to_the_newest_version_and_delays_no_other() {
     let versions = slow.committed.lock().expect("lock").clone();
     assert!(versions.len() < 6, "the slow sidecar skipped versions: {versions:?}");
     assert!(versions.windows(2).all(|w| w[0] < w[1]), "in order: {versions:?}");
+    h.broadcaster.stop(None);
+}
+
+/// A panic while the slot or the stats were held (poisoned mutexes) used to make every later
+/// publication vanish without a word; now versions keep flowing and keep being recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_slot_or_stats_lock_drops_no_publication() {
+    let fake = Arc::new(FakeState::default());
+    let h = Harness::start(vec![serve(fake.clone()).await]).await;
+    h.publish(1);
+    until("version 1", || last(&fake) == Some(1)).await;
+    let (slot, stats) = (h.slot.clone(), h.stats.clone());
+    let poisoned = std::thread::spawn(move || {
+        let _slot = slot.lock().expect("slot");
+        let _stats = stats.lock().expect("stats");
+        panic!("a holder dies");
+    })
+    .join();
+    assert!(poisoned.is_err() && h.slot.is_poisoned() && h.stats.is_poisoned());
+    h.publish(2);
+    until("version 2 after the poisoning", || last(&fake) == Some(2)).await;
+    until("recorded", || {
+        grpo_node::lock::recover(&h.stats).engine_version == Some(2)
+    })
+    .await;
     h.broadcaster.stop(None);
 }

@@ -64,6 +64,7 @@ fn roundtrip(arch: &str, extra: &[&str], max_shard_bytes: u64) {
         optimizer_steps,
         batches_consumed: BatchSeq(1),
         rejected_groups: 0,
+        skipped_steps: 0,
         seed: 0,
         lr: 1e-2,
         warmup_steps: 0,

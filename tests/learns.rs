@@ -128,3 +128,49 @@ fn a_lent_version_holds_the_optimizer_until_given_back() {
     let m = trainer.train(&batch(1)).expect("step");
     assert!(m.sync_hold_s < 1.0, "a lease holds one step only: {}", m.sync_hold_s);
 }
+
+/// Scores of 1.5e308 are finite (the validator passes them) but their group mean overflows:
+/// every advantage is NaN, and so were the loss, the gradients and then the weights. Such a
+/// step is skipped and counted, the weights stay bit for bit, and training goes on after it.
+#[test]
+fn a_non_finite_step_is_skipped_and_leaves_the_weights_untouched() {
+    use grpo_node::train::SkipReason;
+
+    let dir = common::tiny_model("llama", &[]);
+    let (mut trainer, batch) = trainer_and_batches(dir.path(), 4);
+    let spec = ModelSpec::from_dir(dir.path()).expect("spec");
+    let limits = Limits {
+        vocab_size: spec.vocab_size,
+        seq_len: 64,
+        truncate_long: false,
+        allow_missing_logprobs: true,
+    };
+    let mut poisoned = groups();
+    poisoned[0]["scores"] = json!([1.5e308, 1.5e308, 0.0, 0.0]);
+    let raw = RawBatch {
+        seq: BatchSeq(1),
+        groups: poisoned,
+        wait_time_s: 0.0,
+    };
+    let bad = prepare(raw, &limits, 4)
+        .batch
+        .expect("the validator passes finite scores");
+    let before = trainer.master_snapshot();
+    let m = trainer.train(&bad).expect("step");
+    assert_eq!(m.skip_reason, Some(SkipReason::NonFiniteLoss), "loss {}", m.loss);
+    assert_eq!((m.step, m.skipped_steps), (1, 1));
+    for ((name, a), (_, b)) in before.iter().zip(trainer.master_snapshot()) {
+        assert!(a.equal(&b), "{name} changed in a skipped step");
+    }
+    let (_, adam_steps) = trainer.optimizer_state();
+    assert_eq!(adam_steps, 0, "the optimizer did not step");
+
+    let m = trainer.train(&batch(2)).expect("step");
+    assert_eq!((m.skip_reason, m.step, m.skipped_steps), (None, 2, 1));
+    assert!(m.loss.is_finite() && m.grad_norm.is_finite());
+    let finite = trainer
+        .master_snapshot()
+        .iter()
+        .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1);
+    assert!(finite, "the next step trains on finite weights");
+}

@@ -126,7 +126,7 @@ fn weights_of_dir(dir: &Path) -> WeightSet {
     let spec = ModelSpec::from_dir(dir).expect("spec");
     let params = load_params(&spec, dir, Device::Cpu).expect("params");
     let named: Vec<(String, Tensor)> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-    WeightSet::pack(&named)
+    WeightSet::pack(&named).expect("pack")
 }
 
 fn digest_of_dir(dir: &Path) -> String {

@@ -15,9 +15,10 @@ use crate::telemetry::metrics::{human_line, MetricsFile, StepRecord};
 
 use super::messages::{CheckpointJob, CheckpointerMsg, LearnerMsg, PreparedBatch, RunOutcome};
 use super::model_worker::ModelWorker;
-use super::weight_broadcaster::{BroadcasterMsg, LatestSlot, Payload, PublishJob, SyncStats};
+use super::weight_broadcaster::{put_latest, BroadcasterMsg, LatestSlot, Payload, PublishJob, SyncStats};
 use crate::config::BridgeMode;
 use crate::engine::PolicyVersion;
+use crate::lock::recover;
 use crate::sync::WeightSet;
 
 /// How the learner hands new versions to the WeightBroadcaster.
@@ -94,8 +95,15 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
         }
         _ => {
             let (step, weights) = worker.weights().await?;
-            let set = tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await?;
-            hook.put(step, Payload::Weights(Arc::new(set)))
+            match tokio::task::spawn_blocking(move || WeightSet::pack(&weights)).await? {
+                Ok(set) => hook.put(step, Payload::Weights(Arc::new(set))),
+                Err(e) => {
+                    // Nothing is sent: the sidecars keep the version they have until the next
+                    // publication packs cleanly.
+                    tracing::error!(step, error = %e, "packing the weights failed; this version is not published");
+                    Ok(())
+                }
+            }
         }
     }
 }
@@ -108,9 +116,7 @@ impl SyncHook {
             version: PolicyVersion(step),
             payload,
         };
-        if let Ok(mut slot) = self.slot.lock() {
-            *slot = Some(Arc::new(job));
-        }
+        put_latest(&self.slot, job);
         self.broadcaster.cast(BroadcasterMsg::Publish)?;
         Ok(())
     }
@@ -172,6 +178,7 @@ impl LearnerState {
             optimizer_steps: 0,
             batches_consumed: self.args.batches_consumed,
             rejected_groups: self.args.rejected_groups,
+            skipped_steps: 0,
             seed: c.seed,
             lr: c.lr,
             warmup_steps: c.warmup_steps,
@@ -184,6 +191,7 @@ impl LearnerState {
         let snap = self.args.worker.snapshot().await?;
         let mut state = self.training_state();
         state.optimizer_steps = snap.optimizer_steps;
+        state.skipped_steps = snap.skipped_steps;
         let shallow = |v: &[(String, tch::Tensor)]| v.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         for &kind in kinds {
             let job = CheckpointJob {
@@ -278,11 +286,7 @@ impl LearnerState {
         self.args.credits.add_permits(1);
         let now = Instant::now();
         let by_reason = std::mem::take(&mut self.pending_rejections);
-        let stats = self
-            .args
-            .sync
-            .as_ref()
-            .and_then(|h| h.stats.lock().ok().map(|s| s.clone()));
+        let stats = self.args.sync.as_ref().map(|h| recover(&h.stats).clone());
         let record = StepRecord {
             reward_mean,
             engine_version: stats.as_ref().and_then(|s| s.engine_version),
@@ -307,7 +311,8 @@ impl LearnerState {
         self.last_step_end = now;
         // The status is updated before the record reaches metrics.jsonl, so anyone who has seen
         // the step in the file also sees it over gRPC.
-        if let Ok(mut status) = self.args.status.lock() {
+        {
+            let mut status = recover(&self.args.status);
             status.step = self.steps_done;
             status.rejected_groups = self.args.rejected_groups;
             status.last = Some(record.clone());

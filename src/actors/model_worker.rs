@@ -16,6 +16,7 @@ pub struct Snapshot {
     pub weights: Vec<(String, Tensor)>,
     pub optimizer: Vec<(String, Tensor)>,
     pub optimizer_steps: u64,
+    pub skipped_steps: u64,
     pub steps_done: u64,
 }
 
@@ -71,6 +72,7 @@ impl ModelWorker {
                                 weights: trainer.master_snapshot(),
                                 optimizer,
                                 optimizer_steps,
+                                skipped_steps: trainer.skipped_steps(),
                                 steps_done: trainer.steps_done(),
                             });
                         }

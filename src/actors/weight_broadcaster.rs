@@ -12,6 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::engine::PolicyVersion;
+use crate::lock::recover;
 use crate::rpc::auth::Token;
 use crate::sync::client::{Deadlines, Published, SidecarClient, SyncError};
 use crate::sync::WeightSet;
@@ -74,6 +75,11 @@ pub enum Outcome {
 
 /// The newest job, overwritten by the learner; a slow sync therefore skips stale versions.
 pub type LatestSlot = Arc<Mutex<Option<Arc<PublishJob>>>>;
+
+/// Makes `job` the newest one in `slot` (overwriting an older one not yet taken).
+pub fn put_latest(slot: &LatestSlot, job: PublishJob) {
+    *recover(slot) = Some(Arc::new(job));
+}
 
 /// Sync measurements the learner copies into its step records.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -377,16 +383,15 @@ impl BroadcasterState {
                 Status::Stale | Status::New => None,
             })
             .collect();
-        if let Ok(mut s) = self.args.stats.lock() {
-            s.engine_version = synced.iter().min().map(|v| v.0);
-            if bytes > 0 || seconds > 0.0 {
-                s.sync_time_s = seconds;
-                s.sync_bytes = bytes;
-                s.canary_max_abs_diff = canary;
-            }
-            s.synced_sidecars = synced.len();
-            s.stale_sidecars = self.sidecars.len() - synced.len();
+        let mut s = recover(&self.args.stats);
+        s.engine_version = synced.iter().min().map(|v| v.0);
+        if bytes > 0 || seconds > 0.0 {
+            s.sync_time_s = seconds;
+            s.sync_bytes = bytes;
+            s.canary_max_abs_diff = canary;
         }
+        s.synced_sidecars = synced.len();
+        s.stale_sidecars = self.sidecars.len() - synced.len();
     }
 }
 
@@ -423,7 +428,7 @@ impl Actor for WeightBroadcaster {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             BroadcasterMsg::Publish => {
-                let job = state.args.slot.lock().ok().and_then(|mut s| s.take());
+                let job = recover(&state.args.slot).take();
                 let Some(job) = job else { return Ok(()) };
                 state.latest = Some(job.clone());
                 let targets: Vec<String> = state

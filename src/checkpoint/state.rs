@@ -32,6 +32,9 @@ pub struct TrainingState {
     pub batches_consumed: BatchSeq,
     /// Groups rejected so far, all reasons.
     pub rejected_groups: u64,
+    /// Steps skipped for a non-finite loss or gradient norm (absent in older checkpoints).
+    #[serde(default)]
+    pub skipped_steps: u64,
     pub seed: u64,
     pub lr: f64,
     pub warmup_steps: u64,

@@ -186,6 +186,10 @@ impl TokenInputs {
     }
 }
 
+/// Largest |log-ratio| the loss exponentiates: `exp(20)` is about 4.9e8, far past any clip
+/// range and finite in fp32.
+pub const LOG_RATIO_LIMIT: f64 = 20.0;
+
 /// Log-probabilities `[N]` (fp32) of `labels` under `logits [N, V] / temperature`; 0 at ignored
 /// positions.
 fn flat_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Tensor {
@@ -205,7 +209,9 @@ pub fn token_chunk_loss(logits: &Tensor, tok: &TokenInputs, cfg: &LossConfig) ->
     let mask = tok.labels.ne(IGNORE).to_kind(Kind::Float);
     // On-policy rows compare against the current policy itself: ratio 1, gradient of A*logp.
     let ref_lp = logp.detach().where_self(&tok.on_policy, &tok.ref_logprobs);
-    let log_ratio = &logp - &ref_lp;
+    // Clamped before `exp`: an extreme rollout logprob (finite in the batch, or -inf once cast
+    // to fp32) gives a large but finite ratio instead of inf and a NaN gradient.
+    let log_ratio = (&logp - &ref_lp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT);
     let ratio = log_ratio.exp();
     let r = match cfg.is_cap {
         Some(cap) => ratio.clamp_max(cap),
@@ -223,7 +229,7 @@ pub fn token_chunk_loss(logits: &Tensor, tok: &TokenInputs, cfg: &LossConfig) ->
             .where_self(&a.ge(0.0), &unclipped_obj.maximum(&clipped_obj)),
     };
     let mut per_tok = -surrogate;
-    let d = &ref_lp - &logp;
+    let d = -&log_ratio;
     let kl = d.exp() - &d - 1.0;
     if cfg.kl_coef > 0.0 {
         per_tok = &per_tok + &kl * cfg.kl_coef;
@@ -329,6 +335,30 @@ mod tests {
             },
             Device::Cpu,
         )
+    }
+
+    /// A rollout logprob of -1e30 (finite, valid for the validator) with a negative advantage
+    /// made the ratio inf, the loss inf and the gradient NaN; the clamped log-ratio keeps all
+    /// three finite, with the KL term on.
+    #[test]
+    fn extreme_rollout_logprob_gives_a_finite_loss_and_gradient() {
+        let logits = Tensor::zeros([1, 1, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mut mt = one_token(1.0, -1.0);
+        mt.ref_logprobs = Tensor::from_slice(&[-1e30f32]).view([1, 1]);
+        let norm = StepNorm {
+            sequences: 1.0,
+            scored_tokens: 1.0,
+        };
+        for mode in [ClipMode::Standard, ClipMode::Atropos] {
+            let mut c = cfg(mode);
+            c.kl_coef = 0.1;
+            let (loss, stats) = micro_batch_loss(&logits, &mt, &c, norm);
+            assert!(stats.loss.is_finite(), "{mode:?}: loss {}", stats.loss);
+            assert!(stats.kl_sum.is_finite(), "{mode:?}: kl {}", stats.kl_sum);
+            let grad = Tensor::run_backward(&[loss], &[&logits], false, false);
+            let g = grad[0].abs().max().double_value(&[]);
+            assert!(g.is_finite(), "{mode:?}: gradient {g}");
+        }
     }
 
     /// The contract's numerical check: eps 0.2, A = -1.

@@ -195,7 +195,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         let params = load_params(&init_spec, &weights_dir, device)?;
         let mut trainer = Trainer::new(&init_spec, params, layers.as_ref(), tcfg)?;
         if let Some((state, opt)) = restore {
-            trainer.restore(opt, state.optimizer_steps, state.step)?;
+            trainer.restore(opt, state.optimizer_steps, state.step, state.skipped_steps)?;
         }
         tracing::info!(params = trainer.param_count(), trainable = trainer.trainable_names().len(),
             step = trainer.steps_done(), device = ?device, "model ready");

@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::nccl::{deadline_for, device_context, mark_torch_stream, new_unique_id, Communicator};
 use crate::comm::CommError;
 use crate::engine::PolicyVersion;
+use crate::lock::recover;
 use crate::rpc::pb;
 
 use super::client::{Published, SidecarClient, SyncError};
@@ -153,9 +154,7 @@ impl PackedWeights {
     /// Records a failed packing, so that a sender waiting for a bucket stops waiting.
     fn settle(&self, outcome: Result<(), CommError>) -> Result<(), CommError> {
         if let Err(e) = &outcome {
-            if let Ok(mut p) = self.progress.lock() {
-                p.failed = Some(e.to_string());
-            }
+            recover(&self.progress).failed = Some(e.to_string());
             self.packed.notify_all();
         }
         outcome
@@ -164,9 +163,7 @@ impl PackedWeights {
     /// Records that the next bucket's packing is queued on tch's stream, and wakes the senders.
     fn mark_ready(&self, ctx: &Arc<cudarc::driver::CudaContext>) -> Result<(), CommError> {
         let ev = mark_torch_stream(ctx)?;
-        if let Ok(mut p) = self.progress.lock() {
-            p.ready.push(ev);
-        }
+        recover(&self.progress).ready.push(ev);
         self.packed.notify_all();
         Ok(())
     }
@@ -250,7 +247,8 @@ impl PackedWeights {
         if !self.is_current() {
             return Err(Self::void());
         }
-        Ok(self.cpu.get_or_init(|| Arc::new(WeightSet::pack(&named))).clone())
+        let set = WeightSet::pack(&named).map_err(|e| CommError::Cuda(e.to_string()))?;
+        Ok(self.cpu.get_or_init(|| Arc::new(set)).clone())
     }
 
     /// Broadcasts the buckets over `comm` (as rank 0), each as soon as it is packed; returns

@@ -94,8 +94,8 @@ impl ReceiverState {
     }
 
     fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
-        check_plan(&plan)?;
-        check_against(&plan, self.engine.manifest())?;
+        check_plan(&plan).map_err(|e| e.to_string())?;
+        check_against(&plan, self.engine.manifest()).map_err(|e| e.to_string())?;
         if let Some(old) = &self.staging {
             tracing::warn!(
                 abandoned = old.version.0,
@@ -158,7 +158,7 @@ impl ReceiverState {
             return Err(format!("digest mismatch: received {got}, learner sent {digest}"));
         }
         let started = Instant::now();
-        let weights = unpack(&st.plan, &st.bytes)?;
+        let weights = unpack(&st.plan, &st.bytes).map_err(|e| e.to_string())?;
         drop(st);
         self.install(weights, version, started).await
     }
@@ -255,7 +255,7 @@ impl Actor for WeightReceiver {
             ReceiverMsg::BeginNccl(v, plan, reply) => {
                 let result = match check_against(&plan, state.engine.manifest()) {
                     Ok(()) => state.nccl.begin(v, plan).await,
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.to_string()),
                 };
                 let _ = reply.send(result);
             }
@@ -389,7 +389,7 @@ mod tests {
             ),
             ("b".to_string(), Tensor::from_slice(&[0.5f32, -1.5])),
         ];
-        let set = WeightSet::pack(&named);
+        let set = WeightSet::pack(&named).expect("pack");
         let plan = set.plan(12);
         (set, plan)
     }
@@ -473,7 +473,7 @@ mod tests {
     fn an_update_for_another_model_is_refused_before_allocating() {
         let (mut st, _board) = state(FakeEngine::new(false));
         let other = vec![("a".to_string(), Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)))];
-        let plan = WeightSet::pack(&other).plan(12);
+        let plan = WeightSet::pack(&other).expect("pack").plan(12);
         let err = st.begin(PolicyVersion(1), plan).expect_err("wrong model");
         assert!(err.contains("shape"), "{err}");
         assert!(st.staging.is_none(), "nothing staged");

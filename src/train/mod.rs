@@ -14,4 +14,6 @@ pub mod trainer;
 pub use adamw::{AdamW, AdamWConfig, MasterParam};
 pub use layers::LayerSet;
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{ComputeConfig, Precision, SharedWeights, StepMetrics, TrainError, Trainer, TrainerConfig};
+pub use trainer::{
+    ComputeConfig, Precision, SharedWeights, SkipReason, StepMetrics, TrainError, Trainer, TrainerConfig,
+};

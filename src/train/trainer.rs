@@ -106,6 +106,32 @@ pub struct StepMetrics {
     /// Seconds this step's optimizer update waited for a weight sync sending straight from the
     /// live weights (see [`crate::train::lease`]).
     pub sync_hold_s: f64,
+    /// Why this step left the weights untouched (null when it trained).
+    pub skip_reason: Option<SkipReason>,
+    /// Steps skipped so far in the run, this one included.
+    pub skipped_steps: u64,
+}
+
+/// Why an optimizer step was skipped: its batch is consumed and counted, the weights and the
+/// optimizer state stay as they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    NonFiniteLoss,
+    NonFiniteGradNorm,
+}
+
+impl SkipReason {
+    /// The reason to skip a step with this loss and pre-clip gradient norm, if any.
+    pub fn of(loss: f64, grad_norm: f64) -> Option<Self> {
+        if !loss.is_finite() {
+            Some(Self::NonFiniteLoss)
+        } else if !grad_norm.is_finite() {
+            Some(Self::NonFiniteGradNorm)
+        } else {
+            None
+        }
+    }
 }
 
 /// Errors building a trainer.
@@ -151,6 +177,7 @@ pub struct Trainer {
     optimizer: AdamW,
     config: TrainerConfig,
     steps_done: u64,
+    skipped_steps: u64,
     /// `GRPO_PROFILE_STEP=1`: log stage times (synchronizes the device; slows steps down).
     profile: bool,
 }
@@ -247,13 +274,19 @@ impl Trainer {
             optimizer,
             config,
             steps_done: 0,
+            skipped_steps: 0,
             profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
         })
     }
 
-    /// Optimizer steps completed.
+    /// Optimizer steps completed (skipped ones included: each consumed its batch).
     pub fn steps_done(&self) -> u64 {
         self.steps_done
+    }
+
+    /// Steps skipped for a non-finite loss or gradient norm.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
     }
 
     /// The model (for evaluation and parity checks).
@@ -348,11 +381,13 @@ impl Trainer {
         optimizer: Vec<(String, Tensor)>,
         optimizer_steps: u64,
         steps_done: u64,
+        skipped_steps: u64,
     ) -> Result<(), TrainError> {
         self.optimizer
             .load_state_tensors(optimizer, optimizer_steps)
             .map_err(TrainError::OptimizerState)?;
         self.steps_done = steps_done;
+        self.skipped_steps = skipped_steps;
         Ok(())
     }
 
@@ -386,19 +421,15 @@ impl Trainer {
         let grads: Vec<Tensor> = self.trainable.iter().map(|p| p.value.grad()).collect();
         let (grad_norm, grad_scale) = self.clip_coefficient(&grads);
         let lr = self.config.schedule.lr_at(self.steps_done);
-        let sync_hold_s = self.end_leases();
-        {
-            let gate = self.shared.as_ref().map(|s| s.gate.clone());
-            let _exclusive = gate.as_ref().map(|g| g.write());
-            self.optimizer
-                .step(&self.trainable, &grads, lr, grad_scale)
-                .map_err(TrainError::Optimizer)?;
-            drop(grads);
-            self.steps_done += 1;
-            if let Some(s) = &self.shared {
-                s.version.store(self.steps_done, Ordering::SeqCst);
+        let skip_reason = SkipReason::of(stats.loss, grad_norm);
+        let sync_hold_s = match skip_reason {
+            Some(reason) => {
+                drop(grads);
+                self.skip(reason, stats.loss, grad_norm);
+                0.0
             }
-        }
+            None => self.apply(grads, lr, grad_scale)?,
+        };
         if self.profile {
             if let Device::Cuda(i) = self.config.device {
                 tch::Cuda::synchronize(i as i64);
@@ -428,7 +459,48 @@ impl Trainer {
             padded_tokens: padded,
             compute_time_s: started.elapsed().as_secs_f64(),
             sync_hold_s,
+            skip_reason,
+            skipped_steps: self.skipped_steps,
         })
+    }
+
+    /// The optimizer update, once the syncs reading the live weights are done with them;
+    /// returns the seconds waited for those.
+    fn apply(&mut self, grads: Vec<Tensor>, lr: f64, grad_scale: f64) -> Result<f64, TrainError> {
+        let sync_hold_s = self.end_leases();
+        let gate = self.shared.as_ref().map(|s| s.gate.clone());
+        let _exclusive = gate.as_ref().map(|g| g.write());
+        self.optimizer
+            .step(&self.trainable, &grads, lr, grad_scale)
+            .map_err(TrainError::Optimizer)?;
+        drop(grads);
+        self.steps_done += 1;
+        if let Some(s) = &self.shared {
+            s.version.store(self.steps_done, Ordering::SeqCst);
+        }
+        Ok(sync_hold_s)
+    }
+
+    /// Counts a skipped step: the batch is consumed, the gradients are dropped, the weights
+    /// and the optimizer state are untouched.
+    fn skip(&mut self, reason: SkipReason, loss: f64, grad_norm: f64) {
+        for p in &self.trainable {
+            let mut v = p.value.shallow_clone();
+            v.zero_grad();
+        }
+        self.steps_done += 1;
+        self.skipped_steps += 1;
+        if let Some(s) = &self.shared {
+            s.version.store(self.steps_done, Ordering::SeqCst);
+        }
+        tracing::warn!(
+            step = self.steps_done,
+            reason = ?reason,
+            loss,
+            grad_norm,
+            skipped_steps = self.skipped_steps,
+            "non-finite step skipped; the weights are untouched"
+        );
     }
 
     /// Global L2 norm of the gradients before clipping (accumulated in fp32 whatever their
