@@ -2,8 +2,9 @@
 //! round (left-padded prefill, then cached decode for all rows together), and swaps weights
 //! only between rounds, so a request always finishes on the weights it started with.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
@@ -73,11 +74,13 @@ pub struct EngineInfo {
 }
 
 type Reply<T> = oneshot::Sender<T>;
+/// What a generation request gets back: its completions, or why its round failed.
+type Generated = Result<Vec<Completion>, EngineError>;
 /// A generation request waiting for its round: prompt, parameters, where the answer goes.
-type Job = (Vec<i64>, JobParams, Reply<Vec<Completion>>);
+type Job = (Vec<i64>, JobParams, Reply<Generated>);
 
 enum Command {
-    Generate(Vec<i64>, JobParams, Reply<Vec<Completion>>),
+    Generate(Vec<i64>, JobParams, Reply<Generated>),
     Swap(Vec<(String, Tensor)>, PolicyVersion, Reply<Result<(), String>>),
     Snapshot(Reply<(PolicyVersion, Vec<(String, Tensor)>)>),
     /// Version, parameter count and digest of the served weights, computed in place.
@@ -86,10 +89,77 @@ enum Command {
 }
 
 /// Errors of the engine handle.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("the engine thread is gone")]
     Gone,
+    /// The round this request was in panicked; the engine caught it and serves on.
+    #[error("the generation round failed: {0}")]
+    RoundFailed(String),
+}
+
+/// The engine thread could not start: its model did not build, or no thread was made.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine did not start: {0}")]
+pub struct EngineStartError(pub String);
+
+/// How long the engine thread may go without a beat before it counts as stalled.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
+/// The idle engine thread beats at least this often.
+const BEAT_EVERY: Duration = Duration::from_millis(500);
+
+/// The engine thread's heartbeat, read without going through its queue (a health check must
+/// not wait behind a generation round). The thread beats while idle and at every decode step.
+#[derive(Debug)]
+pub struct Pulse {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last beat.
+    beat_ms: AtomicU64,
+    exited: AtomicBool,
+    round_panics: AtomicU64,
+    stall_after: Duration,
+}
+
+impl Pulse {
+    fn new(stall_after: Duration) -> Self {
+        Self {
+            epoch: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            exited: AtomicBool::new(false),
+            round_panics: AtomicU64::new(0),
+            stall_after,
+        }
+    }
+
+    fn beat(&self) {
+        self.beat_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn silence(&self) -> Duration {
+        let last = Duration::from_millis(self.beat_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Whether the thread runs and beat within its stall limit.
+    pub fn alive(&self) -> bool {
+        !self.exited.load(Ordering::SeqCst) && self.silence() < self.stall_after
+    }
+
+    /// Generation rounds that panicked (each caught; the engine served on).
+    pub fn round_panics(&self) -> u64 {
+        self.round_panics.load(Ordering::Relaxed)
+    }
+}
+
+/// Marks the pulse dead when the engine thread ends, however it ends.
+struct ExitMark(Arc<Pulse>);
+
+impl Drop for ExitMark {
+    fn drop(&mut self) {
+        self.0.exited.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The model an engine serves. In `shared` mode the parameters are the learner's own tensors
@@ -126,26 +196,53 @@ pub struct EngineHandle {
     pub device: Device,
     /// The served tensors' names and shapes.
     pub manifest: Arc<Vec<(String, Vec<i64>)>>,
+    /// The engine thread's heartbeat and failure counts.
+    pub pulse: Arc<Pulse>,
 }
 
 impl EngineHandle {
-    /// Starts the engine thread.
-    pub fn start(model: EngineModel, batch: BatchConfig) -> Result<Self, ModelErrorString> {
+    /// Starts the engine thread and returns once its model is built; a model that does not
+    /// build is this call's error.
+    pub fn start(model: EngineModel, batch: BatchConfig) -> Result<Self, EngineStartError> {
+        Self::start_with(model, batch, DEFAULT_STALL_AFTER)
+    }
+
+    /// [`Self::start`], counting the engine stalled after `stall_after` without a beat.
+    pub fn start_with(model: EngineModel, batch: BatchConfig, stall_after: Duration) -> Result<Self, EngineStartError> {
         let (tx, rx) = mpsc::channel();
         let tokenizer = model.tokenizer.clone();
         let vocab_size = model.spec.vocab_size;
         let device = model.device;
         let manifest = Arc::new(model.params.iter().map(|(n, t)| (n.clone(), t.size())).collect());
+        let pulse = Arc::new(Pulse::new(stall_after));
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let thread_pulse = pulse.clone();
         std::thread::Builder::new()
             .name("grpo-engine".into())
-            .spawn(move || Engine::new(model, batch).map(|e| e.run(rx)))
-            .map_err(|e| ModelErrorString(e.to_string()))?;
+            .spawn(move || {
+                let _exit = ExitMark(thread_pulse.clone());
+                match Engine::new(model, batch, thread_pulse) {
+                    Ok(engine) => {
+                        let _ = ready_tx.send(Ok(()));
+                        engine.run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| EngineStartError(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|_| EngineStartError("the engine thread ended while starting".into()))?
+            .map_err(EngineStartError)?;
         Ok(Self {
             tx,
             tokenizer,
             vocab_size,
             device,
             manifest,
+            pulse,
         })
     }
 
@@ -157,7 +254,7 @@ impl EngineHandle {
 
     /// Generates `params.n` completions of `prompt`.
     pub async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineError> {
-        self.ask(|r| Command::Generate(prompt, params, r)).await
+        self.ask(|r| Command::Generate(prompt, params, r)).await?
     }
 
     /// Replaces the weights (same names and shapes) between rounds.
@@ -185,16 +282,12 @@ impl EngineHandle {
     }
 }
 
-/// A thread start failure.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ModelErrorString(pub String);
-
 struct Engine {
     m: EngineModel,
     model: Transformer,
     batch: BatchConfig,
     seed_counter: u64,
+    pulse: Arc<Pulse>,
 }
 
 struct Row {
@@ -209,13 +302,15 @@ struct Row {
 }
 
 impl Engine {
-    fn new(m: EngineModel, batch: BatchConfig) -> Result<Self, String> {
+    fn new(m: EngineModel, batch: BatchConfig, pulse: Arc<Pulse>) -> Result<Self, String> {
         let model = Transformer::new(&m.spec, &m.params).map_err(|e| e.to_string())?;
+        pulse.beat();
         Ok(Self {
             m,
             model,
             batch,
             seed_counter: 0x5EED,
+            pulse,
         })
     }
 
@@ -227,7 +322,13 @@ impl Engine {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            self.pulse.beat();
+            let first = match rx.recv_timeout(BEAT_EVERY) {
+                Ok(cmd) => cmd,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             let mut jobs = Vec::new();
             let mut pending = Some(first);
             let mut rows = 0;
@@ -237,7 +338,7 @@ impl Engine {
                         rows += params.n;
                         jobs.push((prompt, params, reply));
                     }
-                    Some(other) => self.control(other),
+                    Some(other) => self.guarded_control(other),
                     None => {}
                 }
                 if rows >= self.batch.max_rows {
@@ -255,6 +356,15 @@ impl Engine {
             if !jobs.is_empty() {
                 self.round(jobs);
             }
+        }
+    }
+
+    /// A control command; a panic in one is caught and logged (its caller sees its reply
+    /// dropped) so the engine serves on.
+    fn guarded_control(&mut self, cmd: Command) {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.control(cmd)));
+        if let Err(panic) = ran {
+            tracing::error!(error = %panic_text(panic.as_ref()), "an engine command panicked; the engine serves on");
         }
     }
 
@@ -316,12 +426,29 @@ impl Engine {
         Ok(())
     }
 
+    /// One generation round. A panic inside it (a libtorch error, a bad request that got
+    /// past validation) is caught, counted and reported to the round's requests; the engine
+    /// serves on.
     fn round(&mut self, jobs: Vec<Job>) {
         let gate = self.m.gate.clone();
-        let _guard = gate.as_ref().map(|g| g.read());
-        let results = tch::no_grad(|| self.generate(&jobs));
-        for ((_, _, reply), completions) in jobs.into_iter().zip(results) {
-            let _ = reply.send(completions);
+        let _guard = gate.as_ref().map(|g| g.read().unwrap_or_else(|p| p.into_inner()));
+        self.pulse.beat();
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tch::no_grad(|| self.generate(&jobs))));
+        match ran {
+            Ok(results) => {
+                for ((_, _, reply), completions) in jobs.into_iter().zip(results) {
+                    let _ = reply.send(Ok(completions));
+                }
+            }
+            Err(panic) => {
+                let what = panic_text(panic.as_ref());
+                let count = self.pulse.round_panics.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(requests = jobs.len(), round_panics = count, error = %what,
+                    "a generation round panicked; its requests fail and the engine serves on");
+                for (_, _, reply) in jobs {
+                    let _ = reply.send(Err(EngineError::RoundFailed(what.clone())));
+                }
+            }
         }
     }
 
@@ -380,6 +507,7 @@ impl Engine {
         let max_new = jobs.iter().map(|(_, p, _)| p.max_tokens).max().unwrap_or(1);
         let max_pos = self.m.spec.rope.max_position_embeddings as usize;
         for step in 0..max_new {
+            self.pulse.beat();
             let temps: Vec<f32> = rows
                 .iter()
                 .map(|row| {
@@ -486,4 +614,13 @@ impl Engine {
         }
         at_limit.then_some(FinishReason::Length)
     }
+}
+
+/// The message of a caught panic.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 use tokenizers::Tokenizer;
 
-use super::core::{Completion, EngineHandle, JobParams, PolicyVersion};
+use super::core::{Completion, EngineError, EngineHandle, JobParams, PolicyVersion};
 use crate::model::safetensors_io::load_params;
 use crate::model::ModelSpec;
 use crate::version::Digest;
@@ -103,7 +103,10 @@ impl InferenceEngine for EngineHandle {
     }
 
     async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure> {
-        EngineHandle::generate(self, prompt, params).await.map_err(gone)
+        EngineHandle::generate(self, prompt, params).await.map_err(|e| match e {
+            EngineError::RoundFailed(why) => EngineFailure::Failed(why),
+            EngineError::Gone => gone(e),
+        })
     }
 
     async fn install(
@@ -137,9 +140,9 @@ impl InferenceEngine for EngineHandle {
         })
     }
 
-    /// Always true: the embedded engine's thread answers between generation rounds only, and
-    /// a health check must not wait for a round (a heartbeat is not built yet).
+    /// From the engine thread's heartbeat (it answers its queue between rounds only, and a
+    /// health check must not wait for a round): alive, and beat within its stall limit.
     async fn healthy(&self) -> bool {
-        true
+        self.pulse.alive()
     }
 }
