@@ -15,13 +15,14 @@
 //! ```
 //!
 //! ## Module map
-//! Lower rows never import higher ones: `version` and `lock` are leaves; `model`, `grpo`, `train`, `comm`
+//! Lower rows never import higher ones: `version`, `lock` and `secret` are leaves; `model`, `grpo`, `train`, `comm`
 //! and `engine` sit below `sync`; `actors` and `roles` are on top.
 //!
 //! | module | job |
 //! |---|---|
 //! | [`version`] | leaf types of the weight bridge: `PolicyVersion`, the weight digest |
 //! | [`lock`] | leaf: mutex locking that survives a panicked holder |
+//! | [`secret`] | leaf: constant-time comparison of a presented token |
 //! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated |
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
@@ -54,6 +55,7 @@ pub mod model;
 pub mod roles;
 pub mod rpc;
 pub mod runtime;
+pub mod secret;
 pub mod sync;
 pub mod telemetry;
 pub mod torch_ext;

@@ -79,9 +79,13 @@ async fn a_wedged_engine_reads_unhealthy_until_it_beats_again() {
     let engine = EngineHandle::start_with(model, batch(), Duration::from_millis(400)).expect("engine");
     let pulse = engine.pulse.clone();
     let shared: grpo_node::engine::inference::SharedEngine = Arc::new(engine.clone());
-    let (addr, _) = http::serve("127.0.0.1:0".parse().expect("addr"), shared)
-        .await
-        .expect("serve");
+    let (addr, _) = http::serve(
+        "127.0.0.1:0".parse().expect("addr"),
+        shared,
+        http::HttpPolicy::default(),
+    )
+    .await
+    .expect("serve");
     let health = || async move {
         let url = format!("http://{addr}/health");
         reqwest::get(url).await.expect("health").status().as_u16()

@@ -21,6 +21,10 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::start_with(http::HttpPolicy::default())
+    }
+
+    fn start_with(policy: http::HttpPolicy) -> Self {
         let dir = common::tiny_model("llama", &[]);
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let model = load::load(dir.path(), Device::Cpu).expect("load");
@@ -36,6 +40,7 @@ impl Server {
             .block_on(http::serve(
                 "127.0.0.1:0".parse().expect("addr"),
                 std::sync::Arc::new(engine),
+                policy,
             ))
             .expect("serve");
         Self {
@@ -50,15 +55,19 @@ impl Server {
     }
 
     fn post_raw(&self, body: String) -> (u16, Value) {
+        self.post_as(body, None)
+    }
+
+    fn post_as(&self, body: String, authorization: Option<&str>) -> (u16, Value) {
         let url = format!("http://{}/generate", self.addr);
         self.runtime.block_on(async {
-            let resp = reqwest::Client::new()
+            let mut req = reqwest::Client::new()
                 .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .expect("send");
+                .header("content-type", "application/json");
+            if let Some(a) = authorization {
+                req = req.header("authorization", a);
+            }
+            let resp = req.body(body).send().await.expect("send");
             let status = resp.status().as_u16();
             (status, resp.json().await.expect("json body"))
         })
@@ -210,4 +219,49 @@ fn concurrent_requests_are_served_together_and_logprobs_match_the_learner() {
     }
     println!("max |engine - learner| logprob: {worst:.2e}");
     assert!(worst < 1e-5, "engine logprobs differ from the learner's by {worst}");
+}
+
+/// `/generate` refuses requests over the configured caps with a 400 that names the cap, and
+/// serves those within them.
+#[test]
+fn generate_enforces_the_configured_limits() {
+    let s = Server::start_with(http::HttpPolicy {
+        limits: grpo_node::engine::protocol::GenerateLimits {
+            max_tokens: 8,
+            max_prompt_tokens: Some(6),
+            max_n: 2,
+        },
+        token: None,
+    });
+    let ok = |n: usize, max_tokens: usize, prompt: Vec<i64>| json!({"prompt": {"prompt_token_ids": prompt}, "n": n, "max_tokens": max_tokens});
+    let (status, r) = s.post(ok(2, 8, prompt()));
+    assert_eq!(status, 200, "at the limits: {r}");
+    for (body, what) in [
+        (ok(2, 9, prompt()), "max_tokens"),
+        (ok(3, 8, prompt()), "n 3"),
+        (ok(1, 8, vec![5; 7]), "prompt has 7 tokens"),
+    ] {
+        let (status, r) = s.post(body);
+        assert_eq!(status, 400, "{what}: {r}");
+        let msg = r["error"].as_str().expect("error");
+        assert!(msg.contains(what) && msg.contains("limit"), "{what}: {msg}");
+    }
+    // A text prompt is held to the limit by its encoded length.
+    let (status, r) = s.post(json!({"prompt": "a b c d e f g h i j k l", "max_tokens": 2}));
+    assert_eq!(status, 400, "{r}");
+}
+
+/// With a token configured for it, `/generate` answers 401 without it or with a wrong one.
+#[test]
+fn generate_can_require_the_token() {
+    let s = Server::start_with(http::HttpPolicy {
+        limits: Default::default(),
+        token: Some("s3cret".into()),
+    });
+    let body = json!({"prompt": {"prompt_token_ids": prompt()}, "max_tokens": 2}).to_string();
+    assert_eq!(s.post_as(body.clone(), None).0, 401);
+    assert_eq!(s.post_as(body.clone(), Some("Bearer s3cre")).0, 401);
+    assert_eq!(s.post_as(body.clone(), Some("s3cret")).0, 401);
+    let (status, r) = s.post_as(body, Some("Bearer s3cret"));
+    assert_eq!(status, 200, "{r}");
 }

@@ -644,6 +644,20 @@ fn a_grpc_listener_off_loopback_needs_a_token() {
         ])
         .collect();
     refused(sidecar, "sidecar");
+    let http_open: Vec<String> = ["--role", "inference-sidecar", "--model-name", path_str(model.path())]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--listen".into(),
+            "0.0.0.0:0".into(),
+        ])
+        .collect();
+    let proc = Learner::spawn_args(&http_open, &work.path().join("http-open"));
+    let (code, log) = proc.wait(Duration::from_secs(60));
+    assert_ne!(code, 0, "an HTTP listener off loopback started without a token: {log}");
+    assert!(log.contains("--listen") && log.contains("--auth-token-file"), "{log}");
     let save = work.path().join("run");
     let learner: Vec<String> = ["--role", "learner", "--model-name", path_str(model.path())]
         .iter()
@@ -657,4 +671,51 @@ fn a_grpc_listener_off_loopback_needs_a_token() {
         .chain(["--grpc-listen".into(), "0.0.0.0:0".into()])
         .collect();
     refused(learner, "learner");
+}
+
+/// `Info` names the model's directory only to a caller that presented the token; a sidecar
+/// without one (loopback only) answers with an empty path.
+#[test]
+fn info_names_the_model_directory_only_behind_the_token() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let with_token = Sidecar::start(model.path(), &work.path().join("a"));
+    let info = with_token
+        .rt
+        .block_on(async { with_token.client(Some(TOKEN)).info().await })
+        .expect("info");
+    assert_eq!(info.model_dir, path_str(model.path()));
+    drop(with_token);
+
+    let grpc = common::free_port();
+    let args: Vec<String> = ["--role", "inference-sidecar", "--model-name", path_str(model.path())]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--listen".into(),
+            format!("127.0.0.1:{}", common::free_port()),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{grpc}"),
+        ])
+        .collect();
+    let _open = Learner::spawn_args(&args, &work.path().join("b"));
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let _in_rt = rt.enter();
+    let client = SidecarClient::new(
+        &format!("http://127.0.0.1:{grpc}"),
+        Token(None),
+        Deadlines {
+            rpc: Duration::from_secs(5),
+            min_bytes_per_s: 20e6,
+        },
+    )
+    .expect("client");
+    let mut info = None;
+    wait_until(Duration::from_secs(60), "the open sidecar", || {
+        info = rt.block_on(client.info()).ok();
+        info.is_some()
+    });
+    let info = info.expect("info");
+    assert_eq!(info.model_dir, "", "no path without the token");
+    assert!(info.parameters > 0, "the rest of Info is still there");
 }

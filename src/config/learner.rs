@@ -506,6 +506,9 @@ impl LearnerArgs {
         if let Some(addr) = args.grpc_listen {
             super::auth::loopback_or_token(addr, &auth_token, "grpc-listen")?;
         }
+        if let Some(addr) = engine_listen {
+            super::auth::loopback_or_token(addr, &auth_token, "engine-listen")?;
+        }
         let sync = SyncConfig {
             mode,
             sidecars,

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{ConfigError, DeviceSpec, LearnerArgs};
+use crate::engine::http::HttpPolicy;
+use crate::engine::protocol::{GenerateLimits, MAX_N};
 use crate::engine::vllm_api::PauseMode;
 
 /// The inference engine a sidecar drives.
@@ -81,6 +83,18 @@ pub struct SidecarArgs {
     /// vLLM: tokens of the logprob canary checked after every weight update (0: off) [default: 16].
     #[arg(long, env = "GRPO_CANARY_TOKENS")]
     pub canary_tokens: Option<usize>,
+    /// Largest max_tokens one /generate request may ask for [default: 8192].
+    #[arg(long, env = "GRPO_GENERATE_MAX_TOKENS")]
+    pub generate_max_tokens: Option<usize>,
+    /// Longest /generate prompt in tokens [default: the model's context window].
+    #[arg(long, env = "GRPO_GENERATE_MAX_PROMPT_TOKENS")]
+    pub generate_max_prompt_tokens: Option<usize>,
+    /// Largest n (completions) one /generate request may ask for [default: 256].
+    #[arg(long, env = "GRPO_GENERATE_MAX_N")]
+    pub generate_max_n: Option<usize>,
+    /// /generate requires `authorization: Bearer <token>` (the --auth-token-file token).
+    #[arg(long, env = "GRPO_GENERATE_REQUIRES_TOKEN")]
+    pub generate_requires_token: bool,
 }
 
 /// A validated vLLM launch and driver configuration.
@@ -182,6 +196,8 @@ pub struct SidecarConfig {
     pub vllm: Option<VllmConfig>,
     /// Where checkpoint reloads may come from.
     pub checkpoint_root: Option<PathBuf>,
+    /// What /generate allows.
+    pub http: HttpPolicy,
 }
 
 impl SidecarArgs {
@@ -228,10 +244,13 @@ impl SidecarArgs {
             .grpc_listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         super::auth::loopback_or_token(grpc_listen, &auth_token, "grpc-listen")?;
+        let http_listen = self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)));
+        super::auth::loopback_or_token(http_listen, &auth_token, "listen")?;
+        let http = self.http_policy(&auth_token)?;
         Ok(SidecarConfig {
             model_name,
             device,
-            http_listen: self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001))),
+            http_listen,
             grpc_listen,
             learner_url: self.learner_url,
             advertise_url: self.advertise_url,
@@ -239,6 +258,43 @@ impl SidecarArgs {
             max_batch_rows,
             vllm,
             checkpoint_root: self.checkpoint_root,
+            http,
+        })
+    }
+
+    /// The limits and token of /generate.
+    fn http_policy(&self, auth_token: &Option<String>) -> Result<HttpPolicy, ConfigError> {
+        let defaults = GenerateLimits::default();
+        let limits = GenerateLimits {
+            max_tokens: self.generate_max_tokens.unwrap_or(defaults.max_tokens),
+            max_prompt_tokens: self.generate_max_prompt_tokens,
+            max_n: self.generate_max_n.unwrap_or(defaults.max_n),
+        };
+        for (flag, value, most) in [
+            ("generate-max-tokens", limits.max_tokens, usize::MAX),
+            (
+                "generate-max-prompt-tokens",
+                limits.max_prompt_tokens.unwrap_or(1),
+                usize::MAX,
+            ),
+            ("generate-max-n", limits.max_n, MAX_N),
+        ] {
+            if value == 0 || value > most {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    reason: format!("must be in 1..={most}"),
+                });
+            }
+        }
+        if self.generate_requires_token && auth_token.is_none() {
+            return Err(ConfigError::Invalid {
+                flag: "generate-requires-token",
+                reason: "needs the token: pass --auth-token-file".into(),
+            });
+        }
+        Ok(HttpPolicy {
+            limits,
+            token: auth_token.clone().filter(|_| self.generate_requires_token),
         })
     }
 }

@@ -192,6 +192,8 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     pub tokenizer: Arc<Tokenizer>,
     pub vocab_size: i64,
+    /// The model's context window in tokens.
+    pub context_len: usize,
     /// Where the engine's weights live.
     pub device: Device,
     /// The served tensors' names and shapes.
@@ -212,6 +214,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let tokenizer = model.tokenizer.clone();
         let vocab_size = model.spec.vocab_size;
+        let context_len = model.spec.rope.max_position_embeddings.max(1) as usize;
         let device = model.device;
         let manifest = Arc::new(model.params.iter().map(|(n, t)| (n.clone(), t.size())).collect());
         let pulse = Arc::new(Pulse::new(stall_after));
@@ -240,6 +243,7 @@ impl EngineHandle {
             tx,
             tokenizer,
             vocab_size,
+            context_len,
             device,
             manifest,
             pulse,

@@ -55,6 +55,8 @@ pub trait InferenceEngine: Send + Sync + 'static {
     fn tokenizer(&self) -> &Arc<Tokenizer>;
     /// The served model's vocabulary size.
     fn vocab_size(&self) -> i64;
+    /// The served model's context window in tokens.
+    fn context_len(&self) -> usize;
     /// The served model's tensors (names and shapes) that an update must match.
     fn manifest(&self) -> &[(String, Vec<i64>)];
     /// The device NCCL receives land on, or `None` when the engine takes weights only as host
@@ -92,6 +94,10 @@ impl InferenceEngine for EngineHandle {
 
     fn vocab_size(&self) -> i64 {
         self.vocab_size
+    }
+
+    fn context_len(&self) -> usize {
+        self.context_len
     }
 
     fn manifest(&self) -> &[(String, Vec<i64>)] {

@@ -128,6 +128,65 @@ impl GenerateRequest {
     }
 }
 
+/// What one `/generate` request may ask of this server (`--generate-max-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerateLimits {
+    /// Largest `max_tokens`.
+    pub max_tokens: usize,
+    /// Longest prompt in tokens (`None`: the model's context window).
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `n`.
+    pub max_n: usize,
+}
+
+impl Default for GenerateLimits {
+    fn default() -> Self {
+        Self {
+            max_tokens: 8192,
+            max_prompt_tokens: None,
+            max_n: MAX_N,
+        }
+    }
+}
+
+/// A request over this server's limits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitExceeded {
+    #[error("max_tokens {asked} is over this server's limit of {limit}")]
+    MaxTokens { asked: usize, limit: usize },
+    #[error("the prompt has {asked} tokens, over this server's limit of {limit}")]
+    Prompt { asked: usize, limit: usize },
+    #[error("n {asked} is over this server's limit of {limit}")]
+    N { asked: usize, limit: usize },
+}
+
+impl GenerateLimits {
+    /// Checks a request with a prompt of `prompt_tokens` against the limits; `context` is
+    /// the model's window, the prompt limit when none is configured.
+    pub fn check(&self, req: &GenerateRequest, prompt_tokens: usize, context: usize) -> Result<(), LimitExceeded> {
+        if req.max_tokens > self.max_tokens {
+            return Err(LimitExceeded::MaxTokens {
+                asked: req.max_tokens,
+                limit: self.max_tokens,
+            });
+        }
+        if req.n > self.max_n {
+            return Err(LimitExceeded::N {
+                asked: req.n,
+                limit: self.max_n,
+            });
+        }
+        let limit = self.max_prompt_tokens.unwrap_or(context);
+        if prompt_tokens > limit {
+            return Err(LimitExceeded::Prompt {
+                asked: prompt_tokens,
+                limit,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -227,6 +227,10 @@ impl InferenceEngine for VllmEngine {
         self.spec.vocab_size
     }
 
+    fn context_len(&self) -> usize {
+        self.spec.rope.max_position_embeddings.max(1) as usize
+    }
+
     fn manifest(&self) -> &[(String, Vec<i64>)] {
         &self.manifest
     }

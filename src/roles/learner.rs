@@ -310,12 +310,13 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 },
             )
             .map_err(|e| LearnerError::Engine(e.to_string()))?;
-            let (bound, task) = engine_http::serve(addr, std::sync::Arc::new(engine))
-                .await
-                .map_err(|source| LearnerError::Io {
-                    context: format!("binding --engine-listen {addr}"),
-                    source,
-                })?;
+            let (bound, task) =
+                engine_http::serve(addr, std::sync::Arc::new(engine), engine_http::HttpPolicy::default())
+                    .await
+                    .map_err(|source| LearnerError::Io {
+                        context: format!("binding --engine-listen {addr}"),
+                        source,
+                    })?;
             tracing::info!(addr = %bound, "colocated engine serving /generate on the learner's own weights");
             Some(task)
         }

@@ -220,13 +220,12 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
         None => (start_embedded(&cfg).await?, None),
     };
-    let (http_addr, http_task) =
-        http::serve(cfg.http_listen, engine.clone())
-            .await
-            .map_err(|source| SidecarError::Io {
-                context: format!("binding --listen {}", cfg.http_listen),
-                source,
-            })?;
+    let (http_addr, http_task) = http::serve(cfg.http_listen, engine.clone(), cfg.http.clone())
+        .await
+        .map_err(|source| SidecarError::Io {
+            context: format!("binding --listen {}", cfg.http_listen),
+            source,
+        })?;
     let (receiver_args, health) = ReceiverArgs::new(engine.clone());
     let (receiver, receiver_handle) = Actor::spawn(Some("weight_receiver".into()), WeightReceiver, receiver_args)
         .await
@@ -237,7 +236,8 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
         receiver: receiver.clone(),
         health,
         engine,
-        model_dir: cfg.model_name.clone(),
+        // Only a caller that passed the token learns where the model lives.
+        model_dir: cfg.auth_token.is_some().then(|| cfg.model_name.clone()),
         http_address: format!("http://{http_addr}"),
         checkpoint_root: cfg.checkpoint_root.clone(),
     };

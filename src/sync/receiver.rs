@@ -325,6 +325,10 @@ mod tests {
         fn vocab_size(&self) -> i64 {
             8
         }
+
+        fn context_len(&self) -> usize {
+            64
+        }
         fn manifest(&self) -> &[(String, Vec<i64>)] {
             &self.manifest
         }

@@ -21,7 +21,8 @@ pub struct SidecarService {
     pub receiver: ActorRef<ReceiverMsg>,
     pub health: HealthBoard,
     pub engine: SharedEngine,
-    pub model_dir: PathBuf,
+    /// The served model's directory, told by `Info` only where calls are authenticated.
+    pub model_dir: Option<PathBuf>,
     pub http_address: String,
     /// Checkpoint reloads must come from under this directory (`--checkpoint-root`).
     pub checkpoint_root: Option<PathBuf>,
@@ -69,7 +70,11 @@ impl Sidecar for SidecarService {
         let served = self.engine.served().await.map_err(internal)?;
         Ok(Response::new(pb::InfoResponse {
             version: pv(served.version),
-            model_dir: self.model_dir.display().to_string(),
+            model_dir: self
+                .model_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
             vocab_size: self.engine.vocab_size(),
             parameters: served.parameters,
             digest: served.digest.map(|d| d.to_string()).unwrap_or_default(),
