@@ -232,6 +232,7 @@ fn generate_enforces_the_configured_limits() {
             max_n: 2,
         },
         token: None,
+        metrics_token: None,
     });
     let ok = |n: usize, max_tokens: usize, prompt: Vec<i64>| json!({"prompt": {"prompt_token_ids": prompt}, "n": n, "max_tokens": max_tokens});
     let (status, r) = s.post(ok(2, 8, prompt()));
@@ -257,6 +258,7 @@ fn generate_can_require_the_token() {
     let s = Server::start_with(http::HttpPolicy {
         limits: Default::default(),
         token: Some("s3cret".into()),
+        metrics_token: None,
     });
     let body = json!({"prompt": {"prompt_token_ids": prompt()}, "max_tokens": 2}).to_string();
     assert_eq!(s.post_as(body.clone(), None).0, 401);

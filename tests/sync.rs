@@ -719,3 +719,101 @@ fn info_names_the_model_directory_only_behind_the_token() {
     assert_eq!(info.model_dir, "", "no path without the token");
     assert!(info.parameters > 0, "the rest of Info is still there");
 }
+
+/// One sample of a parsed exposition: a counter's or gauge's value, or a histogram's count;
+/// `label` picks the sample with that label value.
+fn prom_value(
+    exp: &openmetrics_parser::MetricsExposition<
+        openmetrics_parser::OpenMetricsType,
+        openmetrics_parser::OpenMetricsValue,
+    >,
+    family: &str,
+    label: Option<(&str, &str)>,
+) -> Option<f64> {
+    use openmetrics_parser::OpenMetricsValue as V;
+    let fam = exp.families.get(family)?;
+    let sample = fam.iter_samples().find(|s| match label {
+        None => true,
+        Some((k, v)) => s.get_labelset().is_ok_and(|l| l.get_label_value(k) == Some(v)),
+    })?;
+    match &sample.value {
+        V::Counter(c) => Some(c.value.as_f64()),
+        V::Gauge(g) => Some(g.as_f64()),
+        V::Histogram(h) => h.count.map(|c| c as f64),
+        _ => None,
+    }
+}
+
+fn scrape(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+) -> openmetrics_parser::MetricsExposition<openmetrics_parser::OpenMetricsType, openmetrics_parser::OpenMetricsValue> {
+    let resp = rt.block_on(reqwest::get(url)).expect("scrape");
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    assert!(content_type.is_some_and(|c| c.starts_with("application/openmetrics-text")));
+    let body = rt.block_on(resp.text()).expect("body");
+    openmetrics_parser::openmetrics::parse_openmetrics(&body).unwrap_or_else(|e| panic!("not OpenMetrics: {e}\n{body}"))
+}
+
+/// Both nodes serve Prometheus `/metrics`; a strict OpenMetrics parser reads them, and their
+/// numbers agree with what happened: 3 steps, one rejected group, every version on the sidecar.
+#[test]
+fn prometheus_metrics_on_the_learner_and_the_sidecar_parse_and_agree() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = Sidecar::start(model.path(), &work.path().join("sidecar"));
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let metrics_port = common::free_port();
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        &save,
+        &synced_to(&sidecar.url(), &["--training-steps", "10", "--metrics-listen", &listen]),
+    );
+    api.wait_registered(4);
+    let mut bad = group(9);
+    bad["tokens"][0][6] = json!(999_999);
+    bad["masks"][0][6] = json!(999_999);
+    let groups = vec![group(0), bad, group(1), group(2), group(3), group(4)];
+    api.post("/scored_data_list", &json!(groups));
+    wait_until(Duration::from_secs(120), "3 steps", || metrics(&save).len() == 3);
+    wait_until(Duration::from_secs(30), "version 3 on the sidecar", || {
+        sidecar.health().map(|h| h.0) == Some(3)
+    });
+    let r = sidecar.generate(json!({"prompt": {"prompt_token_ids": [3, 4, 5]}, "max_tokens": 4}));
+    assert!(r["text"].is_array(), "{r}");
+
+    let learner_url = format!("http://{listen}/metrics");
+    let mut l = scrape(&sidecar.rt, &learner_url);
+    wait_until(Duration::from_secs(10), "the learner's gauges of version 3", || {
+        l = scrape(&sidecar.rt, &learner_url);
+        prom_value(&l, "grpo_sidecar_policy_version", Some(("sidecar", &sidecar.url()))) == Some(3.0)
+    });
+    assert_eq!(prom_value(&l, "grpo_steps", None), Some(3.0));
+    assert_eq!(
+        prom_value(&l, "grpo_rejected_groups", Some(("reason", "token_out_of_vocab"))),
+        Some(1.0)
+    );
+    assert_eq!(prom_value(&l, "grpo_sidecar_staleness_versions", None), Some(0.0));
+    assert!(prom_value(&l, "grpo_sync_seconds", Some(("phase", "total"))).is_some_and(|n| n >= 3.0));
+    assert!(prom_value(&l, "grpo_sync_bytes", None).is_some_and(|b| b > 0.0));
+    assert_eq!(prom_value(&l, "grpo_api_wait_seconds", None), Some(3.0));
+    assert!(prom_value(&l, "grpo_loss", None).is_some_and(f64::is_finite));
+    assert!(prom_value(&l, "grpo_queue_depth", Some(("queue", "batches"))).is_some());
+
+    let s = scrape(&sidecar.rt, &format!("http://127.0.0.1:{}/metrics", sidecar.http));
+    assert_eq!(prom_value(&s, "grpo_policy_version", None), Some(3.0));
+    assert_eq!(prom_value(&s, "grpo_engine_up", None), Some(1.0));
+    assert!(prom_value(&s, "grpo_weight_updates", Some(("reason", "installed"))).is_some_and(|n| n >= 3.0));
+    assert_eq!(
+        prom_value(&s, "grpo_generate_requests", Some(("code", "200"))),
+        Some(1.0)
+    );
+    assert!(prom_value(&s, "grpo_generated_tokens", None).is_some_and(|n| n >= 1.0));
+    drop(learner);
+}

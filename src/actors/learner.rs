@@ -318,6 +318,14 @@ impl LearnerState {
             status.last = Some(record.clone());
         }
         self.args.metrics.append(&record)?;
+        let prom = crate::telemetry::prom::learner();
+        prom.observe_step(&record);
+        let waiting = self
+            .args
+            .config
+            .prefetch
+            .saturating_sub(self.args.credits.available_permits());
+        prom.queue("batches", waiting);
         eprintln!("{}", human_line(&record, self.args.config.training_steps));
         self.sync().await?;
         let total = self.args.config.training_steps;

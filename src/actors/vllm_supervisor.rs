@@ -266,6 +266,7 @@ impl VllmSupervisorState {
         }
         let delay = Duration::from_secs(1u64 << self.failures.min(5).saturating_sub(1)).min(Duration::from_secs(30));
         self.restarts += 1;
+        crate::telemetry::prom::sidecar().engine_restarts.inc();
         tracing::warn!(why = %why, delay_s = delay.as_secs(), restart = self.restarts, "restarting vLLM");
         self.state.send_replace(VllmState::Starting {
             launch: self.generation,

@@ -336,8 +336,10 @@ impl BroadcasterState {
             return;
         };
         entry.link = Some(link);
+        let prom = crate::telemetry::prom::learner();
         let (seconds, bytes, canary) = match outcome {
             Outcome::Published(p) => {
+                prom.observe_send("published", &[("total", p.seconds)], p.bytes);
                 entry.status = Status::Synced(p.version);
                 entry.failures = 0;
                 tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds,
@@ -350,6 +352,7 @@ impl BroadcasterState {
                 (0.0, 0, None)
             }
             Outcome::Failed(e) => {
+                prom.observe_send("failed", &[], 0);
                 entry.failures += 1;
                 if entry.status != Status::Stale || entry.failures == 1 {
                     tracing::warn!(sidecar = %addr, error = %e, "sync failed; sidecar marked stale, training goes on");
@@ -392,6 +395,14 @@ impl BroadcasterState {
         }
         s.synced_sidecars = synced.len();
         s.stale_sidecars = self.sidecars.len() - synced.len();
+        let newest = self.latest.as_ref().map(|j| j.version.0);
+        for (addr, e) in &self.sidecars {
+            let held = match e.status {
+                Status::Synced(v) => Some(v.0),
+                Status::Stale | Status::New => None,
+            };
+            crate::telemetry::prom::learner().sidecar_at(addr, held, newest);
+        }
     }
 }
 
@@ -490,6 +501,7 @@ impl Actor for WeightBroadcaster {
                 }
                 let Some(job) = state.latest.clone() else { return Ok(()) };
                 tracing::info!(sidecar = %addr, version = job.version.0, "sidecar answers again: full sync");
+                crate::telemetry::prom::learner().sidecar_resyncs.inc();
                 state.dispatch(job, vec![addr], &myself).await;
             }
         }

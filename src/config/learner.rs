@@ -208,6 +208,18 @@ pub struct LearnerArgs {
     /// HTTP address of the colocated engine [default: 127.0.0.1:9001].
     #[arg(long, env = "GRPO_ENGINE_LISTEN")]
     pub engine_listen: Option<SocketAddr>,
+    /// HTTP address of the learner's Prometheus /metrics; off loopback it needs the token,
+    /// and scrapers must present it [default: 127.0.0.1:9400].
+    #[arg(long, env = "GRPO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Hosts (IP addresses) allowed to RegisterSidecar, besides loopback and the hosts of
+    /// --sidecar (repeatable, comma-separated) [default: none more].
+    #[arg(long, env = "GRPO_SIDECAR_ALLOW", value_delimiter = ',')]
+    pub sidecar_allow: Option<Vec<std::net::IpAddr>>,
+    /// A registered sidecar that stays unreachable this many seconds is forgotten (it may
+    /// register again) [default: 600].
+    #[arg(long, env = "GRPO_SIDECAR_FORGET_AFTER_S")]
+    pub sidecar_forget_after_s: Option<u64>,
 }
 
 /// A validated learner configuration.
@@ -253,6 +265,8 @@ pub struct LearnerConfig {
     pub api_timeout_s: u64,
     pub prefetch: usize,
     pub grpc_listen: Option<SocketAddr>,
+    /// Where /metrics is served.
+    pub metrics_listen: SocketAddr,
     pub sync: SyncConfig,
 }
 
@@ -281,6 +295,10 @@ pub struct SyncConfig {
     pub auth_token: Option<String>,
     /// Shared mode: where the colocated engine serves HTTP.
     pub engine_listen: Option<SocketAddr>,
+    /// Who may RegisterSidecar: loopback, the --sidecar hosts, and these.
+    pub sidecar_allow: Vec<std::net::IpAddr>,
+    /// A sidecar unreachable this long is forgotten.
+    pub forget_after: std::time::Duration,
 }
 
 impl SyncConfig {
@@ -361,6 +379,9 @@ impl LearnerArgs {
             auth_token_file,
             colocate_engine,
             engine_listen,
+            metrics_listen,
+            sidecar_allow,
+            sidecar_forget_after_s,
         )
     }
 
@@ -371,7 +392,13 @@ impl LearnerArgs {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| file_err(e.to_string()))
+        Self::from_toml_str(&text).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// Parses learner settings from TOML text (what [`LearnerArgs::from_file`] reads); the
+    /// values are checked later, by [`LearnerArgs::resolve`].
+    pub fn from_toml_str(text: &str) -> Result<LearnerArgs, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Merges the `--config` file (if any), applies defaults and validates every value.
@@ -509,6 +536,14 @@ impl LearnerArgs {
         if let Some(addr) = engine_listen {
             super::auth::loopback_or_token(addr, &auth_token, "engine-listen")?;
         }
+        let metrics_listen = args
+            .metrics_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400)));
+        super::auth::loopback_or_token(metrics_listen, &auth_token, "metrics-listen")?;
+        let forget_after_s = args.sidecar_forget_after_s.unwrap_or(600);
+        check(forget_after_s > 0, "sidecar-forget-after-s", || {
+            "must be at least 1".into()
+        })?;
         let sync = SyncConfig {
             mode,
             sidecars,
@@ -520,6 +555,8 @@ impl LearnerArgs {
             deadline_s,
             auth_token: auth_token.clone(),
             engine_listen,
+            sidecar_allow: args.sidecar_allow.clone().unwrap_or_default(),
+            forget_after: std::time::Duration::from_secs(forget_after_s),
         };
         Ok(LearnerConfig {
             sync,
@@ -565,6 +602,7 @@ impl LearnerArgs {
             api_timeout_s,
             prefetch,
             grpc_listen: args.grpc_listen,
+            metrics_listen,
         })
     }
 }

@@ -292,9 +292,11 @@ impl SidecarArgs {
                 reason: "needs the token: pass --auth-token-file".into(),
             });
         }
+        let off_loopback = self.listen.is_some_and(|a| !a.ip().is_loopback());
         Ok(HttpPolicy {
             limits,
             token: auth_token.clone().filter(|_| self.generate_requires_token),
+            metrics_token: auth_token.clone().filter(|_| off_loopback),
         })
     }
 }

@@ -447,6 +447,7 @@ impl Engine {
             Err(panic) => {
                 let what = panic_text(panic.as_ref());
                 let count = self.pulse.round_panics.fetch_add(1, Ordering::Relaxed) + 1;
+                crate::telemetry::prom::sidecar().round_panics.inc();
                 tracing::error!(requests = jobs.len(), round_panics = count, error = %what,
                     "a generation round panicked; its requests fail and the engine serves on");
                 for (_, _, reply) in jobs {

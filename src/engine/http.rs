@@ -16,6 +16,7 @@ use super::core::JobParams;
 use super::inference::{EngineFailure, SharedEngine};
 use super::protocol::{GenerateLimits, GenerateRequest, GenerateResponse, Prompt};
 use super::sampler::SamplingParams;
+use crate::telemetry::prom;
 
 /// What `/generate` allows: the request limits, and the token it requires (if any).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub struct HttpPolicy {
     pub limits: GenerateLimits,
     /// When set, `/generate` needs `authorization: Bearer <token>` (`--generate-requires-token`).
     pub token: Option<String>,
+    /// When set, `/metrics` needs the token (a listener off loopback).
+    pub metrics_token: Option<String>,
 }
 
 /// The router's state: the engine, and the policy its `/generate` enforces.
@@ -64,7 +67,30 @@ fn failure(e: EngineFailure) -> Response {
     }
 }
 
-async fn generate(State(Served { engine, policy }): State<Served>, headers: HeaderMap, body: Bytes) -> Response {
+async fn metrics(State(s): State<Served>, headers: HeaderMap) -> Response {
+    let up = i64::from(s.engine.healthy().await);
+    prom::sidecar().engine_up.set(up);
+    let access = prom::Access {
+        token: s.policy.metrics_token.clone(),
+    };
+    prom::respond(prom::Role::Sidecar, &access, &headers)
+}
+
+/// `/generate`, counted by status on `/metrics`.
+async fn generate(state: State<Served>, headers: HeaderMap, body: Bytes) -> Response {
+    let m = prom::sidecar();
+    m.generate_in_flight.inc();
+    let response = generate_inner(state, headers, body).await;
+    m.generate_in_flight.dec();
+    m.generate_requests
+        .get_or_create(&prom::Code {
+            code: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn generate_inner(State(Served { engine, policy }): State<Served>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(token) = &policy.token {
         let presented = headers.get("authorization").map(|v| v.as_bytes());
         if !crate::secret::bearer_matches(presented, token) {
@@ -95,6 +121,8 @@ async fn generate(State(Served { engine, policy }): State<Served>, headers: Head
         Ok(c) => c,
         Err(e) => return failure(e),
     };
+    let generated: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+    prom::sidecar().generated_tokens.inc_by(generated as u64);
     let with_logprobs = req.logprobs.is_some();
     let resp = GenerateResponse {
         text: completions.iter().map(|c| c.text.clone()).collect(),
@@ -159,6 +187,7 @@ pub fn router(engine: SharedEngine, policy: HttpPolicy) -> Router {
         .route("/generate", post(generate))
         .route("/health", get(health))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(Served {
             engine,

@@ -95,7 +95,16 @@ impl Manifest {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
-        let m: Manifest = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and checks a manifest's TOML text; `path` only names it in errors.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ManifestError> {
+        let invalid = |reason: String| ManifestError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let m: Manifest = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if m.process.iter().filter(|p| p.main).count() != 1 {
             return Err(invalid("exactly one process must have main = true".into()));
         }

@@ -416,6 +416,17 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         None => None,
     };
 
+    let metrics_access = crate::telemetry::prom::Access {
+        token: token.0.clone().filter(|_| !cfg.metrics_listen.ip().is_loopback()),
+    };
+    let (metrics_addr, metrics_server) = crate::telemetry::prom::serve_learner(cfg.metrics_listen, metrics_access)
+        .await
+        .map_err(|source| LearnerError::Io {
+            context: format!("binding --metrics-listen {}", cfg.metrics_listen),
+            source,
+        })?;
+    tracing::info!(addr = %metrics_addr, "Prometheus /metrics listening");
+
     let outcome = tokio::select! {
         o = outcome_rx.recv() => o.unwrap_or_else(|| RunOutcome::Failed("the node stopped without an outcome".into())),
         _ = &mut shutdown => {
@@ -430,6 +441,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     if let Some(task) = status_server {
         task.abort();
     }
+    metrics_server.abort();
     if let Some(task) = colocated {
         task.abort();
     }

@@ -87,6 +87,8 @@ pub struct ReceiverState {
 
 impl ReceiverState {
     fn post_health(&self) {
+        let served = i64::try_from(self.version.0).unwrap_or(i64::MAX);
+        crate::telemetry::prom::sidecar().policy_version.set(served);
         self.health.send_replace(Health {
             version: self.version,
             updating: self.staging.is_some() || self.nccl.busy(),

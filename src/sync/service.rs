@@ -13,7 +13,7 @@ use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
 
 use super::plan::Digest;
-use super::receiver::{HealthBoard, ReceiverMsg};
+use super::receiver::{Applied, HealthBoard, ReceiverMsg};
 use crate::rpc::auth::{CheckToken, Token};
 
 /// The service state.
@@ -62,6 +62,25 @@ fn pv(v: PolicyVersion) -> Option<pb::PolicyVersion> {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+impl SidecarService {
+    /// Has the receiver verify and install the version a commit names.
+    async fn commit(&self, req: pb::CommitUpdateRequest, version: PolicyVersion) -> Result<Applied, Status> {
+        if req.transport == pb::Transport::Nccl as i32 {
+            ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest)
+                .map_err(internal)?
+                .map_err(Status::data_loss)
+        } else {
+            let digest: Digest = req
+                .digest
+                .parse()
+                .map_err(|e: crate::version::BadDigest| Status::invalid_argument(e.to_string()))?;
+            ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
+                .map_err(internal)?
+                .map_err(Status::data_loss)
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -144,19 +163,17 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
         let req = req.into_inner();
         let version = version_of(req.version)?;
-        let applied = if req.transport == pb::Transport::Nccl as i32 {
-            ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest)
-                .map_err(internal)?
-                .map_err(Status::data_loss)?
-        } else {
-            let digest: Digest = req
-                .digest
-                .parse()
-                .map_err(|e: crate::version::BadDigest| Status::invalid_argument(e.to_string()))?;
-            ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
-                .map_err(internal)?
-                .map_err(Status::data_loss)?
-        };
+        let applied = self.commit(req, version).await;
+        let prom = crate::telemetry::prom::sidecar();
+        let outcome = if applied.is_ok() { "installed" } else { "refused" };
+        prom.weight_updates
+            .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
+            .inc();
+        let applied = applied?;
+        prom.apply_seconds.observe(applied.seconds);
+        if let Some(c) = applied.installed.canary_max_abs_diff {
+            prom.canary_max_abs_diff.set(c);
+        }
         Ok(Response::new(pb::CommitUpdateResponse {
             version: pv(version),
             apply_seconds: applied.seconds,

@@ -1,6 +1,8 @@
-//! Logging setup and the per-step metrics sinks (JSONL file, one human line on stderr).
+//! Logging setup and the metrics sinks: `metrics.jsonl`, one human line on stderr per step,
+//! and Prometheus `/metrics`.
 
 pub mod metrics;
+pub mod prom;
 
 use tracing_subscriber::EnvFilter;
 

@@ -122,6 +122,14 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// The reason's name in `metrics.jsonl` and on `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NonFiniteLoss => "non_finite_loss",
+            Self::NonFiniteGradNorm => "non_finite_grad_norm",
+        }
+    }
+
     /// The reason to skip a step with this loss and pre-clip gradient norm, if any.
     pub fn of(loss: f64, grad_norm: f64) -> Option<Self> {
         if !loss.is_finite() {

@@ -275,6 +275,8 @@ pub fn http_post(url: &str, body: &str) -> Result<String, String> {
 pub fn grpo_node() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_grpo-node"));
     cmd.env("RUST_LOG", "info");
+    // Learners run side by side in the tests: none takes the default /metrics port.
+    cmd.env("GRPO_METRICS_LISTEN", "127.0.0.1:0");
     cmd
 }
 
