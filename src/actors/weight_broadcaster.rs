@@ -128,6 +128,10 @@ struct Entry {
     link: Option<Link>,
     /// A health check of it is running.
     checking: bool,
+    /// Dialled in with RegisterSidecar (not a --sidecar): forgotten once dead long enough.
+    registered: bool,
+    /// When it last became stale.
+    stale_since: Option<std::time::Instant>,
 }
 
 /// How weights reach one sidecar.
@@ -154,6 +158,8 @@ pub struct BroadcasterArgs {
     pub slot: LatestSlot,
     pub stats: Arc<Mutex<SyncStats>>,
     pub health_every: Duration,
+    /// A registered sidecar stale this long is dropped (it may register again).
+    pub forget_after: Duration,
 }
 
 pub struct BroadcasterState {
@@ -243,7 +249,7 @@ async fn send(
 }
 
 impl BroadcasterState {
-    fn add(&mut self, addr: String) -> Result<(), SyncError> {
+    fn add(&mut self, addr: String, registered: bool) -> Result<(), SyncError> {
         if !self.sidecars.contains_key(&addr) {
             let client = SidecarClient::new(&addr, self.args.token.clone(), self.args.deadlines)?;
             tracing::info!(sidecar = %addr, "sidecar added");
@@ -255,6 +261,8 @@ impl BroadcasterState {
                     failures: 0,
                     link: Some(Link::default()),
                     checking: false,
+                    registered,
+                    stale_since: None,
                 },
             );
         }
@@ -353,6 +361,9 @@ impl BroadcasterState {
             }
             Outcome::Failed(e) => {
                 prom.observe_send("failed", &[], 0);
+                if entry.status != Status::Stale {
+                    entry.stale_since = Some(std::time::Instant::now());
+                }
                 entry.failures += 1;
                 if entry.status != Status::Stale || entry.failures == 1 {
                     tracing::warn!(sidecar = %addr, error = %e, "sync failed; sidecar marked stale, training goes on");
@@ -374,6 +385,32 @@ impl BroadcasterState {
             for reply in self.flushes.drain(..) {
                 let _ = reply.send(());
             }
+        }
+    }
+
+    /// Drops registered sidecars that stayed stale past `forget_after` (a `--sidecar` stays:
+    /// it is part of the configuration and nobody would register it again).
+    fn forget_dead(&mut self) {
+        let limit = self.args.forget_after;
+        let dead: Vec<String> = self
+            .sidecars
+            .iter()
+            .filter(|(_, e)| {
+                e.registered
+                    && e.status == Status::Stale
+                    && e.link.is_some()
+                    && e.stale_since.is_some_and(|t| t.elapsed() >= limit)
+            })
+            .map(|(a, _)| a.clone())
+            .collect();
+        let forgot = !dead.is_empty();
+        for addr in dead {
+            self.sidecars.remove(&addr);
+            tracing::warn!(sidecar = %addr, after_s = limit.as_secs_f64(), "registered sidecar unreachable too long: forgotten");
+            crate::telemetry::prom::learner().forget_sidecar(&addr);
+        }
+        if forgot {
+            self.record(0.0, 0, None);
         }
     }
 
@@ -425,7 +462,7 @@ impl Actor for WeightBroadcaster {
             flushes: Vec::new(),
         };
         for addr in initial {
-            state.add(addr)?;
+            state.add(addr, false)?;
         }
         myself.send_interval(state.args.health_every, || BroadcasterMsg::Tick);
         Ok(state)
@@ -453,7 +490,7 @@ impl Actor for WeightBroadcaster {
                 drop(state.hold_for(&job));
             }
             BroadcasterMsg::AddSidecar(addr, reply) => {
-                if let Err(e) = state.add(addr.clone()) {
+                if let Err(e) = state.add(addr.clone(), reply.is_some()) {
                     tracing::warn!(sidecar = %addr, error = %e, "cannot add sidecar");
                 }
                 if let Some(reply) = reply {
@@ -478,6 +515,7 @@ impl Actor for WeightBroadcaster {
                 if state.latest.is_none() {
                     return Ok(());
                 }
+                state.forget_dead();
                 // Each check runs in its own task: a sidecar that hangs instead of refusing
                 // costs its own RPC deadline and delays nothing else.
                 for (addr, e) in state.sidecars.iter_mut() {

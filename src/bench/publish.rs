@@ -73,6 +73,7 @@ pub async fn run(args: &PublishBenchArgs) -> Result<(), BenchError> {
             slot: slot.clone(),
             stats: stats.clone(),
             health_every: Duration::from_secs(1),
+            forget_after: Duration::from_secs(600),
         },
     )
     .await

@@ -29,7 +29,7 @@ use crate::engine::{http as engine_http, BatchConfig, EngineHandle};
 use crate::grpo::{Limits, LossConfig};
 use crate::model::safetensors_io::load_params;
 use crate::model::{ModelError, ModelSpec};
-use crate::roles::learner_service::{serve, LearnerService};
+use crate::roles::learner_service::{serve, LearnerService, SidecarAllow};
 use crate::rpc::auth::Token;
 use crate::sync::client::Deadlines;
 use crate::telemetry::metrics::MetricsFile;
@@ -255,6 +255,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             slot: slot.clone(),
             stats: stats.clone(),
             health_every: Duration::from_secs(1),
+            forget_after: cfg.sync.forget_after,
         };
         let (b, _) = Actor::spawn(Some("weight_broadcaster".into()), WeightBroadcaster, args)
             .await
@@ -400,6 +401,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let status_server = match cfg.grpc_listen {
         Some(addr) => {
             let service = LearnerService {
+                allow: SidecarAllow::new(&cfg.sync.sidecars, &cfg.sync.sidecar_allow),
                 status: status.clone(),
                 training_steps: cfg.training_steps,
                 broadcaster: broadcaster.clone(),

@@ -1,7 +1,8 @@
 //! `grpo.v1.Learner`: the run's status for operators, and registration of sidecars that dial
 //! in (`grpo-node --role inference-sidecar --learner-url ...`).
 
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use ractor::ActorRef;
@@ -22,6 +23,67 @@ pub struct LearnerService {
     pub training_steps: u64,
     /// Absent when the run has no weight sync.
     pub broadcaster: Option<ActorRef<BroadcasterMsg>>,
+    /// Who may register a sidecar.
+    pub allow: SidecarAllow,
+}
+
+/// The hosts allowed to `RegisterSidecar` (`--sidecar-allow`): loopback, the hosts of
+/// `--sidecar`, and the listed ones. Both the caller and the address it asks the learner to
+/// dial must be allowed, so a caller cannot point the learner at a third machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SidecarAllow {
+    pub hosts: BTreeSet<IpAddr>,
+}
+
+impl SidecarAllow {
+    /// Loopback, the IP hosts of `sidecars`' URLs, and `extra`.
+    pub fn new(sidecars: &[String], extra: &[IpAddr]) -> Self {
+        let hosts = sidecars
+            .iter()
+            .filter_map(|u| url_host(u)?.parse().ok())
+            .chain(extra.iter().copied())
+            .collect();
+        Self { hosts }
+    }
+
+    fn permits(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.hosts.contains(&ip)
+    }
+
+    /// Whether a caller at `peer` may register `url`.
+    pub fn check(&self, peer: Option<IpAddr>, url: &str) -> Result<(), Status> {
+        let Some(peer) = peer.filter(|ip| self.permits(*ip)) else {
+            return Err(Status::permission_denied(format!(
+                "{} may not register sidecars (allow it with --sidecar-allow on the learner)",
+                peer.map_or("an unknown caller".to_string(), |p| p.to_string())
+            )));
+        };
+        let host = url_host(url).ok_or_else(|| Status::invalid_argument(format!("no host in {url:?}")))?;
+        let dialed: Option<IpAddr> = match host {
+            "localhost" => Some(IpAddr::from([127, 0, 0, 1])),
+            other => other.parse().ok(),
+        };
+        match dialed {
+            Some(ip) if self.permits(ip) => Ok(()),
+            Some(ip) => Err(Status::permission_denied(format!(
+                "{peer} asked the learner to dial {ip}, which is not allowed (--sidecar-allow)"
+            ))),
+            None => Err(Status::invalid_argument(format!(
+                "{url:?}: register with an IP address (a name could point anywhere)"
+            ))),
+        }
+    }
+}
+
+/// The host of an `http(s)://host[:port][/...]` URL (brackets of an IPv6 host removed).
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 #[tonic::async_trait]
@@ -52,12 +114,14 @@ impl Learner for LearnerService {
         &self,
         req: Request<RegisterSidecarRequest>,
     ) -> Result<Response<RegisterSidecarResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
         let addr = req.into_inner().address;
         if !(addr.starts_with("http://") || addr.starts_with("https://")) {
             return Err(Status::invalid_argument(format!(
                 "address {addr:?} must be an http:// URL"
             )));
         }
+        self.allow.check(peer, &addr)?;
         let Some(b) = &self.broadcaster else {
             return Err(Status::failed_precondition("this learner runs without weight sync"));
         };
@@ -89,4 +153,31 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allowed_callers_register_only_allowed_addresses() {
+        let allow = SidecarAllow::new(&["http://10.0.0.5:50051".into()], &["10.0.0.7".parse().expect("ip")]);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        assert!(allow.check(ip("127.0.0.1"), "http://127.0.0.1:50051").is_ok());
+        assert!(allow.check(ip("127.0.0.1"), "http://localhost:50051").is_ok());
+        assert!(allow.check(ip("10.0.0.5"), "http://10.0.0.5:9").is_ok(), "a --sidecar host");
+        assert!(allow.check(ip("10.0.0.7"), "http://10.0.0.7:9").is_ok(), "a --sidecar-allow host");
+        assert!(allow.check(ip("::1"), "http://[::1]:9").is_ok());
+        let denied = |peer, url| allow.check(peer, url).map_err(|s| s.code());
+        assert_eq!(denied(ip("10.0.0.9"), "http://10.0.0.9:9"), Err(tonic::Code::PermissionDenied));
+        assert_eq!(denied(None, "http://127.0.0.1:9"), Err(tonic::Code::PermissionDenied));
+        assert_eq!(
+            denied(ip("10.0.0.5"), "http://10.0.0.9:9"),
+            Err(tonic::Code::PermissionDenied),
+            "an allowed caller cannot point the learner elsewhere"
+        );
+        assert_eq!(denied(ip("10.0.0.5"), "http://evil.example:9"), Err(tonic::Code::InvalidArgument));
+        assert_eq!(url_host("http://[fe80::1]:5/x"), Some("fe80::1"));
+        assert_eq!(url_host("ftp://x"), None);
+    }
 }

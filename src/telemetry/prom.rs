@@ -174,6 +174,13 @@ impl LearnerMetrics {
             .set(i64::try_from(behind).unwrap_or(i64::MAX));
     }
 
+    /// Drops a forgotten sidecar's gauges.
+    pub fn forget_sidecar(&self, sidecar: &str) {
+        let label = Sidecar { sidecar: sidecar.into() };
+        self.sidecar_policy_version.remove(&label);
+        self.sidecar_staleness.remove(&label);
+    }
+
     fn register(&self, r: &mut Registry) {
         r.register(
             "steps",
