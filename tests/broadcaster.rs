@@ -119,6 +119,7 @@ impl Harness {
         let args = BroadcasterArgs {
             sidecars,
             token: Token(None),
+            tls: Default::default(),
             deadlines: Deadlines {
                 rpc: Duration::from_secs(2),
                 min_bytes_per_s: 20e6,
@@ -274,7 +275,10 @@ async fn a_registered_sidecar_dead_past_the_limit_is_forgotten() {
     let version = ractor::call!(h.broadcaster, |r| BroadcasterMsg::AddSidecar(url.clone(), Some(r))).expect("register");
     assert_eq!(version, 0);
     h.publish(1);
-    until("version 1 on both", || last(&configured) == Some(1) && last(&registered) == Some(1)).await;
+    until("version 1 on both", || {
+        last(&configured) == Some(1) && last(&registered) == Some(1)
+    })
+    .await;
     configured.broken.store(true, Ordering::SeqCst);
     registered.broken.store(true, Ordering::SeqCst);
     h.publish(2);
@@ -288,7 +292,14 @@ async fn a_registered_sidecar_dead_past_the_limit_is_forgotten() {
     registered.broken.store(false, Ordering::SeqCst);
     h.publish(3);
     until("the configured one resynced", || last(&configured) == Some(3)).await;
-    until("counted", || h.stats().synced_sidecars == 1 && h.stats().stale_sidecars == 0).await;
-    assert_eq!(*registered.committed.lock().expect("lock"), vec![1], "a forgotten sidecar gets nothing");
+    until("counted", || {
+        h.stats().synced_sidecars == 1 && h.stats().stale_sidecars == 0
+    })
+    .await;
+    assert_eq!(
+        *registered.committed.lock().expect("lock"),
+        vec![1],
+        "a forgotten sidecar gets nothing"
+    );
     h.broadcaster.stop(None);
 }

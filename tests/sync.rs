@@ -817,3 +817,69 @@ fn prometheus_metrics_on_the_learner_and_the_sidecar_parse_and_agree() {
     assert!(prom_value(&s, "grpo_generated_tokens", None).is_some_and(|n| n >= 1.0));
     drop(learner);
 }
+
+/// gRPC over TLS with a certificate made here: the learner verifies the sidecar against
+/// --tls-ca and syncs every version; a client trusting another CA, or speaking plaintext, is
+/// refused.
+#[test]
+fn weight_sync_runs_over_verified_tls() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let pem = |names: Vec<String>| {
+        let c = rcgen::generate_simple_self_signed(names).expect("cert");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    };
+    let (cert, key) = pem(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (other, _) = pem(vec!["localhost".into(), "127.0.0.1".into()]);
+    let file = |name: &str, text: &str| {
+        let p = work.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (cert_file, key_file) = (file("cert.pem", &cert), file("key.pem", &key));
+    let (http, grpc) = (common::free_port(), common::free_port());
+    let tls_args = ["--tls-cert", path_str(&cert_file), "--tls-key", path_str(&key_file)];
+    let sidecar = Sidecar::spawn(model.path(), &work.path().join("sidecar"), http, grpc, &tls_args);
+    let url = format!("https://127.0.0.1:{grpc}");
+    let client = |ca: Option<&str>, url: &str| {
+        let tls = grpo_node::rpc::tls::Tls {
+            identity: None,
+            ca: ca.map(String::from),
+        };
+        let deadlines = Deadlines {
+            rpc: Duration::from_secs(5),
+            min_bytes_per_s: 20e6,
+        };
+        let _rt = sidecar.rt.enter();
+        SidecarClient::with_tls(url, Token(Some(TOKEN.into())), deadlines, &tls).expect("client")
+    };
+    let version = |c: &SidecarClient| sidecar.rt.block_on(c.health()).map(|h| h.version.map_or(0, |v| v.step));
+    let trusted = client(Some(&cert), &url);
+    wait_until(Duration::from_secs(60), "the TLS sidecar", || version(&trusted).is_ok());
+
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let ca_file = path_str(&cert_file);
+    let learner = Learner::spawn(
+        model.path(),
+        &api,
+        &save,
+        &synced_to(&url, &["--training-steps", "2", "--tls-ca", ca_file]),
+    );
+    api.wait_registered(4);
+    api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
+    let (code, log) = learner.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    wait_until(Duration::from_secs(30), "version 2 over TLS", || {
+        version(&trusted).ok() == Some(2)
+    });
+
+    let untrusted = client(Some(&other), &url);
+    assert!(
+        version(&untrusted).is_err(),
+        "a certificate from another CA must not verify"
+    );
+    let plaintext = client(None, &format!("http://127.0.0.1:{grpc}"));
+    assert!(version(&plaintext).is_err(), "plaintext is not served");
+    drop(sidecar);
+}

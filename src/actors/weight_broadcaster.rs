@@ -14,6 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::engine::PolicyVersion;
 use crate::lock::recover;
 use crate::rpc::auth::Token;
+use crate::rpc::tls::Tls;
 use crate::sync::client::{Deadlines, Published, SidecarClient, SyncError};
 use crate::sync::WeightSet;
 
@@ -151,6 +152,8 @@ pub struct WeightBroadcaster;
 pub struct BroadcasterArgs {
     pub sidecars: Vec<String>,
     pub token: Token,
+    /// TLS for `https://` sidecars.
+    pub tls: Tls,
     pub deadlines: Deadlines,
     pub bucket_bytes: u64,
     /// NCCL buckets (groups of whole tensors).
@@ -251,7 +254,7 @@ async fn send(
 impl BroadcasterState {
     fn add(&mut self, addr: String, registered: bool) -> Result<(), SyncError> {
         if !self.sidecars.contains_key(&addr) {
-            let client = SidecarClient::new(&addr, self.args.token.clone(), self.args.deadlines)?;
+            let client = SidecarClient::with_tls(&addr, self.args.token.clone(), self.args.deadlines, &self.args.tls)?;
             tracing::info!(sidecar = %addr, "sidecar added");
             self.sidecars.insert(
                 addr,

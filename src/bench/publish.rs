@@ -64,6 +64,7 @@ pub async fn run(args: &PublishBenchArgs) -> Result<(), BenchError> {
         BroadcasterArgs {
             sidecars: args.sidecar.clone(),
             token: Token(None),
+            tls: Default::default(),
             deadlines: Deadlines {
                 rpc: Duration::from_secs(10),
                 min_bytes_per_s: 20e6,

@@ -2,9 +2,10 @@
 //! and the rule that a gRPC service off loopback never runs without one.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::ConfigError;
+use crate::rpc::tls::Tls;
 
 /// The token from the flag or the file (its first line, trimmed); both at once is an error,
 /// and so is an empty or unreadable file.
@@ -31,6 +32,34 @@ pub fn token(flag: Option<String>, file: Option<PathBuf>) -> Result<Option<Strin
             }
         }
     }
+}
+
+/// TLS material from `--tls-cert`, `--tls-key` and `--tls-ca` (cert and key together).
+pub fn tls(cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>) -> Result<Tls, ConfigError> {
+    if cert.is_some() != key.is_some() {
+        return Err(ConfigError::Invalid {
+            flag: "tls-key",
+            reason: "--tls-cert and --tls-key go together".into(),
+        });
+    }
+    Tls::load(cert, key, ca).map_err(|e| ConfigError::Invalid {
+        flag: "tls-cert",
+        reason: e.to_string(),
+    })
+}
+
+/// A peer URL: `http://`, or `https://` when a CA can verify it.
+pub fn peer_url(url: &str, tls: &Tls, flag: &'static str) -> Result<(), ConfigError> {
+    let ok = url.starts_with("http://") || (url.starts_with("https://") && tls.ca.is_some());
+    if ok {
+        return Ok(());
+    }
+    let reason = if url.starts_with("https://") {
+        format!("{url:?} is https://: pass --tls-ca to verify its certificate")
+    } else {
+        format!("{url:?} must be an http:// or https:// gRPC address")
+    };
+    Err(ConfigError::Invalid { flag, reason })
 }
 
 /// A gRPC service bound off loopback must require the token.

@@ -202,6 +202,15 @@ pub struct LearnerArgs {
     /// File holding the shared token (its first line); the way to pass the token.
     #[arg(long, env = "GRPO_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// PEM certificate (chain) this node's gRPC listener serves TLS with (with --tls-key).
+    #[arg(long, env = "GRPO_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "GRPO_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate that https:// peers' certificates are verified against.
+    #[arg(long, env = "GRPO_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Shared mode: run the embedded engine inside the learner process, on the same tensors.
     #[arg(long, env = "GRPO_COLOCATE_ENGINE", num_args = 0..=1, default_missing_value = "true")]
     pub colocate_engine: Option<bool>,
@@ -299,6 +308,8 @@ pub struct SyncConfig {
     pub sidecar_allow: Vec<std::net::IpAddr>,
     /// A sidecar unreachable this long is forgotten.
     pub forget_after: std::time::Duration,
+    /// TLS of the learner's gRPC listener and of its `https://` sidecars.
+    pub tls: crate::rpc::tls::Tls,
 }
 
 impl SyncConfig {
@@ -377,6 +388,9 @@ impl LearnerArgs {
             sync_deadline_s,
             auth_token,
             auth_token_file,
+            tls_cert,
+            tls_key,
+            tls_ca,
             colocate_engine,
             engine_listen,
             metrics_listen,
@@ -498,11 +512,14 @@ impl LearnerArgs {
         check(colocate == (mode == BridgeMode::Shared), "colocate-engine", || {
             "--colocate-engine and --weight-bridge-mode shared go together".into()
         })?;
-        let sidecars = args.sidecar.unwrap_or_default();
+        let tls = super::auth::tls(
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+            args.tls_ca.as_deref(),
+        )?;
+        let sidecars = args.sidecar.clone().unwrap_or_default();
         for s in &sidecars {
-            check(s.starts_with("http://"), "sidecar", || {
-                format!("{s:?} must be an http:// gRPC address")
-            })?;
+            super::auth::peer_url(s, &tls, "sidecar")?;
         }
         let sync_every = args.sync_every.unwrap_or(1);
         check(sync_every > 0, "sync-every", || "must be at least 1".into())?;
@@ -556,6 +573,7 @@ impl LearnerArgs {
             auth_token: auth_token.clone(),
             engine_listen,
             sidecar_allow: args.sidecar_allow.clone().unwrap_or_default(),
+            tls,
             forget_after: std::time::Duration::from_secs(forget_after_s),
         };
         Ok(LearnerConfig {

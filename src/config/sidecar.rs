@@ -198,6 +198,8 @@ pub struct SidecarConfig {
     pub checkpoint_root: Option<PathBuf>,
     /// What /generate allows.
     pub http: HttpPolicy,
+    /// TLS of the gRPC listener, and of an https:// learner.
+    pub tls: crate::rpc::tls::Tls,
 }
 
 impl SidecarArgs {
@@ -219,17 +221,22 @@ impl SidecarArgs {
             });
         }
         let device = DeviceSpec::resolve(common.device.as_deref())?;
-        for (flag, url) in [
-            ("learner-url", &self.learner_url),
-            ("advertise-url", &self.advertise_url),
-        ] {
-            if let Some(u) = url {
-                if !u.starts_with("http://") {
-                    return Err(ConfigError::Invalid {
-                        flag,
-                        reason: format!("{u:?} must be an http:// URL"),
-                    });
-                }
+        let tls = super::auth::tls(
+            common.tls_cert.as_deref(),
+            common.tls_key.as_deref(),
+            common.tls_ca.as_deref(),
+        )?;
+        if let Some(u) = &self.learner_url {
+            super::auth::peer_url(u, &tls, "learner-url")?;
+        }
+        if let Some(u) = &self.advertise_url {
+            // The learner dials it: its own --tls-ca verifies it.
+            let dialled_back = u.starts_with("http://") || u.starts_with("https://");
+            if !dialled_back {
+                return Err(ConfigError::Invalid {
+                    flag: "advertise-url",
+                    reason: format!("{u:?} must be an http:// or https:// URL"),
+                });
             }
         }
         let max_batch_rows = self.max_batch_rows.unwrap_or(128);
@@ -259,6 +266,7 @@ impl SidecarArgs {
             vllm,
             checkpoint_root: self.checkpoint_root,
             http,
+            tls,
         })
     }
 

@@ -246,6 +246,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         let args = BroadcasterArgs {
             sidecars: cfg.sync.sidecars.clone(),
             token: token.clone(),
+            tls: cfg.sync.tls.clone(),
             deadlines: Deadlines {
                 rpc: Duration::from_secs(cfg.sync.deadline_s),
                 min_bytes_per_s: 20e6,
@@ -406,7 +407,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 training_steps: cfg.training_steps,
                 broadcaster: broadcaster.clone(),
             };
-            let (bound, task) = serve(addr, service, token.clone())
+            let (bound, task) = serve(addr, service, token.clone(), &cfg.sync.tls)
                 .await
                 .map_err(|source| LearnerError::Io {
                     context: format!("binding --grpc-listen {addr}"),

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::actors::learner::LearnerStatus;
 use crate::actors::weight_broadcaster::BroadcasterMsg;
 use crate::rpc::auth::{CheckToken, Token};
+use crate::rpc::tls::Tls;
 
 use crate::rpc::pb::learner_server::{Learner, LearnerServer};
 use crate::rpc::pb::{
@@ -138,17 +139,15 @@ pub async fn serve(
     addr: SocketAddr,
     service: LearnerService,
     token: Token,
+    tls: &Tls,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut server = tls.server().map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let svc = tonic::service::interceptor::InterceptedService::new(LearnerServer::new(service), CheckToken(token));
     let task = tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(incoming)
-            .await
-        {
+        if let Err(e) = server.add_service(svc).serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "learner gRPC server stopped");
         }
     });
@@ -165,18 +164,30 @@ mod tests {
         let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
         assert!(allow.check(ip("127.0.0.1"), "http://127.0.0.1:50051").is_ok());
         assert!(allow.check(ip("127.0.0.1"), "http://localhost:50051").is_ok());
-        assert!(allow.check(ip("10.0.0.5"), "http://10.0.0.5:9").is_ok(), "a --sidecar host");
-        assert!(allow.check(ip("10.0.0.7"), "http://10.0.0.7:9").is_ok(), "a --sidecar-allow host");
+        assert!(
+            allow.check(ip("10.0.0.5"), "http://10.0.0.5:9").is_ok(),
+            "a --sidecar host"
+        );
+        assert!(
+            allow.check(ip("10.0.0.7"), "http://10.0.0.7:9").is_ok(),
+            "a --sidecar-allow host"
+        );
         assert!(allow.check(ip("::1"), "http://[::1]:9").is_ok());
         let denied = |peer, url| allow.check(peer, url).map_err(|s| s.code());
-        assert_eq!(denied(ip("10.0.0.9"), "http://10.0.0.9:9"), Err(tonic::Code::PermissionDenied));
+        assert_eq!(
+            denied(ip("10.0.0.9"), "http://10.0.0.9:9"),
+            Err(tonic::Code::PermissionDenied)
+        );
         assert_eq!(denied(None, "http://127.0.0.1:9"), Err(tonic::Code::PermissionDenied));
         assert_eq!(
             denied(ip("10.0.0.5"), "http://10.0.0.9:9"),
             Err(tonic::Code::PermissionDenied),
             "an allowed caller cannot point the learner elsewhere"
         );
-        assert_eq!(denied(ip("10.0.0.5"), "http://evil.example:9"), Err(tonic::Code::InvalidArgument));
+        assert_eq!(
+            denied(ip("10.0.0.5"), "http://evil.example:9"),
+            Err(tonic::Code::InvalidArgument)
+        );
         assert_eq!(url_host("http://[fe80::1]:5/x"), Some("fe80::1"));
         assert_eq!(url_host("ftp://x"), None);
     }

@@ -175,12 +175,13 @@ async fn vllm_failed(state: Option<watch::Receiver<VllmState>>) -> String {
 
 /// Registers with the learner, retrying until it answers, then again every 10 s (so a
 /// restarted learner learns about us); runs until aborted.
-async fn keep_registered(learner: String, advertise: String, token: Token) {
+async fn keep_registered(learner: String, advertise: String, token: Token, tls: crate::rpc::tls::Tls) {
     let mut delay = Duration::from_millis(200);
     let mut registered = false;
     loop {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(learner.clone())?
+            let channel = tls
+                .endpoint(&learner)?
                 .connect_timeout(Duration::from_secs(5))
                 .connect()
                 .await?;
@@ -241,7 +242,7 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
         http_address: format!("http://{http_addr}"),
         checkpoint_root: cfg.checkpoint_root.clone(),
     };
-    let (grpc_addr, grpc_task) = service::serve(cfg.grpc_listen, svc, token.clone())
+    let (grpc_addr, grpc_task) = service::serve(cfg.grpc_listen, svc, token.clone(), &cfg.tls)
         .await
         .map_err(|source| SidecarError::Io {
             context: format!("binding --grpc-listen {}", cfg.grpc_listen),
@@ -249,11 +250,11 @@ pub async fn run(cfg: SidecarConfig, shutdown: impl Future<Output = ()>) -> Resu
         })?;
     tracing::info!(http = %http_addr, grpc = %grpc_addr, engine = kind, model = %cfg.model_name.display(), "sidecar ready");
     let registration = cfg.learner_url.clone().map(|learner| {
-        let advertise = cfg
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{grpc_addr}"));
-        tokio::spawn(keep_registered(learner, advertise, token))
+        let advertise = cfg.advertise_url.clone().unwrap_or_else(|| {
+            let scheme = if cfg.tls.identity.is_some() { "https" } else { "http" };
+            format!("{scheme}://{grpc_addr}")
+        });
+        tokio::spawn(keep_registered(learner, advertise, token, cfg.tls.clone()))
     });
     let failed = tokio::select! {
         () = shutdown => None,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
@@ -13,6 +13,7 @@ use crate::rpc::pb::sidecar_client::SidecarClient as Raw;
 
 use super::plan::WeightSet;
 use crate::rpc::auth::{AddToken, Token};
+use crate::rpc::tls::Tls;
 
 /// Errors of one sync; all mean "mark the sidecar stale and move on".
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +66,16 @@ pub struct SidecarClient {
 }
 
 impl SidecarClient {
-    /// A lazily connecting client (no I/O until the first call).
+    /// A lazily connecting plaintext (`http://`) client (no I/O until the first call).
     pub fn new(addr: &str, token: Token, deadlines: Deadlines) -> Result<Self, SyncError> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
+        Self::with_tls(addr, token, deadlines, &Tls::default())
+    }
+
+    /// A lazily connecting client; an `https://` address is dialled over TLS and its
+    /// certificate verified against `tls`'s CA.
+    pub fn with_tls(addr: &str, token: Token, deadlines: Deadlines, tls: &Tls) -> Result<Self, SyncError> {
+        let endpoint = tls
+            .endpoint(addr)
             .map_err(|e| SyncError::Connect {
                 addr: addr.into(),
                 reason: e.to_string(),

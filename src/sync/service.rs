@@ -13,6 +13,8 @@ use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
 
 use super::plan::Digest;
+use crate::rpc::tls::Tls;
+
 use super::receiver::{Applied, HealthBoard, ReceiverMsg};
 use crate::rpc::auth::{CheckToken, Token};
 
@@ -208,7 +210,9 @@ pub async fn serve(
     addr: SocketAddr,
     service: SidecarService,
     token: Token,
+    tls: &Tls,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut server = tls.server().map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -217,11 +221,7 @@ pub async fn serve(
         CheckToken(token),
     );
     let task = tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(incoming)
-            .await
-        {
+        if let Err(e) = server.add_service(svc).serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "sidecar gRPC server stopped");
         }
     });
