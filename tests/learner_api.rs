@@ -159,10 +159,6 @@ fn malformed_groups_are_rejected_counted_and_never_trained() {
         m[0]["rejected_by_reason"],
         json!({"logprobs_invalid": 1, "token_out_of_vocab": 1})
     );
-    assert!(
-        log.contains("rejected group") && log.contains("no optimizer step"),
-        "{log}"
-    );
 }
 
 #[test]
@@ -171,19 +167,33 @@ fn survives_an_api_restart() {
     let mut api = RunApi::start();
     let port = api.port;
     let save = tempfile::tempdir().expect("save");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let prom = format!("http://{listen}/metrics");
     let learner = Learner::spawn(
         model.path(),
         &api,
         save.path(),
-        &["--training-steps", "1", "--poll-max-ms", "200"],
+        &[
+            "--training-steps",
+            "1",
+            "--poll-max-ms",
+            "200",
+            "--metrics-listen",
+            &listen,
+        ],
     );
     api.wait_registered(4);
     api.kill();
     wait_until(Duration::from_secs(30), "the learner to meet the dead API", || {
-        learner.log().contains("Atropos API unavailable")
+        common::scraped(&prom, "grpo_api_errors", None) >= 1.0
     });
     let api = RunApi::start_on(port);
     api.wait_registered_by(4, &learner); // the learner noticed "not registered" and registered again
+    assert_eq!(
+        common::scraped(&prom, "grpo_api_registrations", None),
+        2.0,
+        "registered again"
+    );
     wait_until(Duration::from_secs(30), "env registration", || {
         api.post(
             "/register-env",
@@ -194,7 +204,6 @@ fn survives_an_api_restart() {
     api.post("/scored_data_list", &json!([group(1), group(2)]));
     let (code, log) = learner.wait(Duration::from_secs(120));
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("lost our registration"), "{log}");
 }
 
 fn losses(save: &Path) -> Vec<(u64, f64)> {
@@ -241,15 +250,15 @@ fn kill_and_resume_matches_an_uninterrupted_run() {
     assert!(!killed.path().join("step_3").exists(), "step 3 was not checkpointed");
     let resumed = Learner::spawn(model.path(), &api, killed.path(), &[&args[..], &["--resume"]].concat());
     wait_until(Duration::from_secs(120), "the replayed step 3", || {
-        resumed.log().contains("step 3/6")
+        metrics(killed.path()).iter().any(|r| r["step"] == 3)
     });
     api.post("/scored_data_list", &json!(data[6..]));
     let (code, log) = resumed.wait(Duration::from_secs(180));
     assert_eq!(code, 0, "{log}");
-    assert!(
-        log.contains("resumed") && log.contains("replaying spooled batch"),
-        "{log}"
-    );
+    // Step 3 trained on the spooled batch 3 (replayed, not fetched anew).
+    let m = metrics(killed.path());
+    let third = m.iter().find(|r| r["step"] == 3).expect("step 3");
+    assert_eq!(third["batch_seq"], 3, "{third}");
 
     let (a, b) = (losses(straight.path()), losses(killed.path()));
     assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{metrics, path_str, wait_until, wait_until_fast, Learner, RunApi};
+use common::{metrics, path_str, prom_value, scrape, wait_until, wait_until_fast, Learner, RunApi};
 use grpo_node::engine::PolicyVersion;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
@@ -290,7 +290,19 @@ fn a_sidecar_killed_mid_stream_is_marked_stale_then_fully_resynced() {
     let api = RunApi::start();
     let save = work.path().join("run");
     let url = sidecar.url();
-    let args = synced_to(&url, &["--training-steps", "4", "--sync-bucket-mb", "1"]);
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let prom = format!("http://{listen}/metrics");
+    let args = synced_to(
+        &url,
+        &[
+            "--training-steps",
+            "4",
+            "--sync-bucket-mb",
+            "1",
+            "--metrics-listen",
+            &listen,
+        ],
+    );
     let learner = Learner::spawn(model.path(), &api, &save, &args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
@@ -300,16 +312,21 @@ fn a_sidecar_killed_mid_stream_is_marked_stale_then_fully_resynced() {
     });
     sidecar.proc.signal("-KILL");
     wait_until(Duration::from_secs(60), "steps 1 and 2", || metrics(&save).len() >= 2);
-    assert!(learner.log().contains("marked stale"), "{}", learner.log());
+    wait_until(Duration::from_secs(30), "the failed send counted", || {
+        common::scraped(&prom, "grpo_publications", Some(("reason", "failed"))) >= 1.0
+    });
     // Back on the same ports: the broadcaster's health check finds it and sends a full sync.
     sidecar = Sidecar::start_on(model.path(), &work.path().join("sidecar2"), http, grpc);
     wait_until(Duration::from_secs(60), "full resync", || {
         sidecar.health().is_some_and(|h| h.0 >= 2)
     });
+    assert!(
+        common::scraped(&prom, "grpo_sidecar_resyncs", None) >= 1.0,
+        "counted as a full resync"
+    );
     api.post("/scored_data_list", &json!((4..8).map(group).collect::<Vec<_>>()));
     let (code, log) = learner.wait(Duration::from_secs(120));
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("full sync"), "{log}");
     wait_until(Duration::from_secs(30), "version 4", || {
         sidecar.health().map(|h| h.0) == Some(4)
     });
@@ -432,12 +449,14 @@ fn checkpoint_mode_reloads_the_sidecar_from_checkpoints() {
     });
     assert_eq!(sidecar.digest().1, digest_of_dir(&save.join("final_model")));
     assert!(save.join("sync_step_4/config.json").is_file());
-    // The reload after step 2 happened too (asynchronously: training does not wait for it).
-    assert!(
-        log.lines()
-            .any(|l| l.contains("weights published") && l.contains("version=2")),
-        "no reload at step 2: {log}"
+    // The reload after step 2 happened too (asynchronously: training does not wait for it),
+    // besides the one after step 4.
+    let loads = common::scraped(
+        &format!("http://127.0.0.1:{}/metrics", sidecar.http),
+        "grpo_weight_updates",
+        Some(("reason", "checkpoint_loaded")),
     );
+    assert!(loads >= 2.0, "checkpoint reloads: {loads}: {log}");
 }
 
 #[test]
@@ -515,6 +534,7 @@ fn a_sidecar_that_dials_in_is_registered_and_synced() {
     let api = RunApi::start();
     let save = work.path().join("run");
     let grpc_listen = format!("127.0.0.1:{learner_grpc}");
+    let listen = format!("127.0.0.1:{}", common::free_port());
     let learner = Learner::spawn(
         model.path(),
         &api,
@@ -526,6 +546,8 @@ fn a_sidecar_that_dials_in_is_registered_and_synced() {
             &grpc_listen,
             "--auth-token",
             TOKEN,
+            "--metrics-listen",
+            &listen,
         ],
     );
     api.wait_registered(4);
@@ -539,8 +561,16 @@ fn a_sidecar_that_dials_in_is_registered_and_synced() {
         grpc,
         &["--learner-url", &learner_url],
     );
+    let prom = format!("http://{listen}/metrics");
+    let sidecar_url = format!("http://127.0.0.1:{grpc}");
     wait_until(Duration::from_secs(60), "registration and the first sync", || {
-        sidecar.health().is_some() && sidecar.proc.log().contains("registered with the learner")
+        let tracked = sidecar
+            .rt
+            .block_on(async { reqwest::get(&prom).await.ok()?.text().await.ok() });
+        let tracked = tracked
+            .and_then(|b| openmetrics_parser::openmetrics::parse_openmetrics(&b).ok())
+            .and_then(|exp| prom_value(&exp, "grpo_sidecar_policy_version", Some(("sidecar", &sidecar_url))));
+        sidecar.health().is_some() && tracked.is_some()
     });
     api.post("/scored_data_list", &json!((0..4).map(group).collect::<Vec<_>>()));
     let (code, log) = learner.wait(Duration::from_secs(120));
@@ -720,44 +750,6 @@ fn info_names_the_model_directory_only_behind_the_token() {
     assert!(info.parameters > 0, "the rest of Info is still there");
 }
 
-/// One sample of a parsed exposition: a counter's or gauge's value, or a histogram's count;
-/// `label` picks the sample with that label value.
-fn prom_value(
-    exp: &openmetrics_parser::MetricsExposition<
-        openmetrics_parser::OpenMetricsType,
-        openmetrics_parser::OpenMetricsValue,
-    >,
-    family: &str,
-    label: Option<(&str, &str)>,
-) -> Option<f64> {
-    use openmetrics_parser::OpenMetricsValue as V;
-    let fam = exp.families.get(family)?;
-    let sample = fam.iter_samples().find(|s| match label {
-        None => true,
-        Some((k, v)) => s.get_labelset().is_ok_and(|l| l.get_label_value(k) == Some(v)),
-    })?;
-    match &sample.value {
-        V::Counter(c) => Some(c.value.as_f64()),
-        V::Gauge(g) => Some(g.as_f64()),
-        V::Histogram(h) => h.count.map(|c| c as f64),
-        _ => None,
-    }
-}
-
-fn scrape(
-    rt: &tokio::runtime::Runtime,
-    url: &str,
-) -> openmetrics_parser::MetricsExposition<openmetrics_parser::OpenMetricsType, openmetrics_parser::OpenMetricsValue> {
-    let resp = rt.block_on(reqwest::get(url)).expect("scrape");
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap_or("").to_string());
-    assert!(content_type.is_some_and(|c| c.starts_with("application/openmetrics-text")));
-    let body = rt.block_on(resp.text()).expect("body");
-    openmetrics_parser::openmetrics::parse_openmetrics(&body).unwrap_or_else(|e| panic!("not OpenMetrics: {e}\n{body}"))
-}
-
 /// Both nodes serve Prometheus `/metrics`; a strict OpenMetrics parser reads them, and their
 /// numbers agree with what happened: 3 steps, one rejected group, every version on the sidecar.
 #[test]
@@ -800,7 +792,10 @@ fn prometheus_metrics_on_the_learner_and_the_sidecar_parse_and_agree() {
         Some(1.0)
     );
     assert_eq!(prom_value(&l, "grpo_sidecar_staleness_versions", None), Some(0.0));
-    assert!(prom_value(&l, "grpo_sync_seconds", Some(("phase", "total"))).is_some_and(|n| n >= 3.0));
+    for phase in ["total", "begin", "stream", "commit"] {
+        let sends = prom_value(&l, "grpo_sync_seconds", Some(("phase", phase)));
+        assert!(sends.is_some_and(|n| n >= 3.0), "{phase}: {sends:?}");
+    }
     assert!(prom_value(&l, "grpo_sync_bytes", None).is_some_and(|b| b > 0.0));
     assert_eq!(prom_value(&l, "grpo_api_wait_seconds", None), Some(3.0));
     assert!(prom_value(&l, "grpo_loss", None).is_some_and(f64::is_finite));

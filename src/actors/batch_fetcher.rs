@@ -62,6 +62,7 @@ impl FetcherState {
 
     fn note_failure(&mut self, err: &AtroposError) {
         self.failures += 1;
+        crate::telemetry::prom::learner().api_errors.inc();
         // First failure, then every 20th, so an API that is down for minutes stays readable.
         if self.failures == 1 || self.failures % 20 == 0 {
             tracing::warn!(failures = self.failures, error = %err, retry_in_ms = self.backoff.as_millis() as u64,
@@ -120,7 +121,8 @@ impl Actor for BatchFetcher {
             }
         }
         if let Some(seq) = state.replay.pop_front() {
-            let groups = state.args.spool.read(seq)?;
+            let spool = state.args.spool.clone();
+            let groups = tokio::task::spawn_blocking(move || spool.read(seq)).await??;
             tracing::info!(batch_seq = seq.0, groups = groups.len(), "replaying spooled batch");
             state.hand_on(seq, groups)?;
             myself.cast(FetcherMsg::Poll)?;
@@ -135,7 +137,9 @@ impl Actor for BatchFetcher {
                 state.failures = 0;
                 let seq = state.args.next_seq;
                 state.args.next_seq = BatchSeq(seq.0 + 1);
-                state.args.spool.write(seq, &groups)?;
+                // The spool write ends in an fsync: on a blocking thread.
+                let spool = state.args.spool.clone();
+                let groups = tokio::task::spawn_blocking(move || spool.write(seq, &groups).map(|()| groups)).await??;
                 tracing::debug!(batch_seq = seq.0, groups = groups.len(), "batch received");
                 state.hand_on(seq, groups)?;
                 myself.cast(FetcherMsg::Poll)?;
@@ -152,7 +156,10 @@ impl Actor for BatchFetcher {
                     .register_checked(&state.args.registration, state.args.reset_api)
                     .await
                 {
-                    Ok(uuid) => tracing::info!(uuid = %uuid.0, "registered again"),
+                    Ok(uuid) => {
+                        crate::telemetry::prom::learner().api_registrations.inc();
+                        tracing::info!(uuid = %uuid.0, "registered again");
+                    }
                     Err(e @ AtroposError::Wedged { .. }) => return Err(e.into()),
                     Err(e) => state.note_failure(&e),
                 }

@@ -350,7 +350,10 @@ impl BroadcasterState {
         let prom = crate::telemetry::prom::learner();
         let (seconds, bytes, canary) = match outcome {
             Outcome::Published(p) => {
-                prom.observe_send("published", &[("total", p.seconds)], p.bytes);
+                let phases: Vec<(&str, f64)> = std::iter::once(("total", p.seconds))
+                    .chain(p.phases.iter().copied())
+                    .collect();
+                prom.observe_send("published", &phases, p.bytes);
                 entry.status = Status::Synced(p.version);
                 entry.failures = 0;
                 tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds,

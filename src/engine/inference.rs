@@ -128,9 +128,20 @@ impl InferenceEngine for EngineHandle {
     }
 
     async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure> {
-        let spec = ModelSpec::from_dir(dir).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
-        let params = load_params(&spec, dir, Device::Cpu).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
-        let weights: Vec<_> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        // Reading a checkpoint is blocking file I/O: off the async threads.
+        let dir = dir.to_path_buf();
+        let weights = tokio::task::spawn_blocking(move || {
+            let spec = ModelSpec::from_dir(&dir).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+            let params = load_params(&spec, &dir, Device::Cpu).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+            Ok::<_, EngineFailure>(
+                params
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .map_err(|e| EngineFailure::Failed(format!("loading the checkpoint: {e}")))??;
         self.install(weights, version).await.map(|_| ())
     }
 

@@ -233,6 +233,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         registered = client.register_when_up(&registration, cfg.reset_api) => registered?,
         _ = &mut shutdown => return Ok(RunOutcome::Interrupted { steps: steps_done }),
     };
+    crate::telemetry::prom::learner().api_registrations.inc();
     tracing::info!(uuid = %uuid.0, batch_size = registration.batch_size, url = %client.base(), "registered with the Atropos API");
 
     // Weight sync: a broadcaster for sidecars (given, or registering over gRPC), or the

@@ -35,13 +35,15 @@ pub enum SyncError {
 }
 
 /// What a publish measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Published {
     pub version: PolicyVersion,
     pub bytes: u64,
     pub seconds: f64,
     /// The sidecar's logprob canary after installing it, where its engine checks one.
     pub canary_max_abs_diff: Option<f64>,
+    /// Seconds of each phase (`begin`, `stream`, `commit`; `load` for a checkpoint).
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// Deadlines: a fixed allowance per RPC plus the stream's bytes at a floor bandwidth.
@@ -143,6 +145,7 @@ impl SidecarClient {
         };
         self.within("begin", self.deadlines.rpc, raw.begin_update(begin))
             .await?;
+        let begun = Instant::now();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let feeder_set = set.clone();
         let feeder_plan = plan.clone();
@@ -161,6 +164,7 @@ impl SidecarClient {
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let deadline = self.deadlines.stream(plan.total_bytes);
         self.within("stream", deadline, raw.stream_weights(stream)).await?;
+        let streamed = Instant::now();
         let commit = pb::CommitUpdateRequest {
             version: pbv,
             digest: set.digest().to_string(),
@@ -174,6 +178,11 @@ impl SidecarClient {
             bytes: plan.total_bytes,
             seconds: started.elapsed().as_secs_f64(),
             canary_max_abs_diff: done.canary_max_abs_diff,
+            phases: vec![
+                ("begin", begun.duration_since(started).as_secs_f64()),
+                ("stream", streamed.duration_since(begun).as_secs_f64()),
+                ("commit", streamed.elapsed().as_secs_f64()),
+            ],
         })
     }
 
@@ -232,6 +241,7 @@ impl SidecarClient {
             bytes: 0,
             seconds: started.elapsed().as_secs_f64(),
             canary_max_abs_diff: None,
+            phases: vec![("load", started.elapsed().as_secs_f64())],
         })
     }
 }

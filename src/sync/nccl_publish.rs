@@ -386,6 +386,7 @@ pub async fn publish(
             bytes,
             seconds: started.elapsed().as_secs_f64(),
             canary_max_abs_diff: None,
+            phases: Vec::new(),
         }),
         Some(comm),
     )

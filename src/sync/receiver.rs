@@ -155,13 +155,11 @@ impl ReceiverState {
         if let Some(missing) = st.received.iter().position(|r| !r) {
             return Err(format!("bucket {missing} never arrived"));
         }
-        let got = digest_bytes(&st.bytes);
-        if got != digest {
-            return Err(format!("digest mismatch: received {got}, learner sent {digest}"));
-        }
         let started = Instant::now();
-        let weights = unpack(&st.plan, &st.bytes).map_err(|e| e.to_string())?;
-        drop(st);
+        // Digesting and unpacking a whole model is CPU work: off the async threads.
+        let weights = tokio::task::spawn_blocking(move || verify_and_unpack(st, digest))
+            .await
+            .map_err(|e| format!("verifying the update: {e}"))??;
         self.install(weights, version, started).await
     }
 
@@ -192,6 +190,15 @@ impl ReceiverState {
         self.version = version;
         Ok(())
     }
+}
+
+/// Checks the staged stream against the learner's digest and cuts it into tensors.
+fn verify_and_unpack(st: Staging, digest: Digest) -> Result<Vec<(String, Tensor)>, String> {
+    let got = digest_bytes(&st.bytes);
+    if got != digest {
+        return Err(format!("digest mismatch: received {got}, learner sent {digest}"));
+    }
+    unpack(&st.plan, &st.bytes).map_err(|e| e.to_string())
 }
 
 impl Actor for WeightReceiver {
@@ -249,6 +256,15 @@ impl Actor for WeightReceiver {
                 if let Err(e) = &result {
                     tracing::warn!(version = v.0, error = %e, "checkpoint load failed");
                 }
+                let outcome = if result.is_ok() {
+                    "checkpoint_loaded"
+                } else {
+                    "checkpoint_refused"
+                };
+                crate::telemetry::prom::sidecar()
+                    .weight_updates
+                    .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
+                    .inc();
                 let _ = reply.send(result);
             }
             ReceiverMsg::JoinNccl(id, rank, world, reply) => {

@@ -82,6 +82,8 @@ pub struct LearnerMetrics {
     pub sidecar_resyncs: Counter,
     pub queue_depth: Family<Queue, Gauge>,
     pub api_wait: Histogram,
+    pub api_errors: Counter,
+    pub api_registrations: Counter,
 }
 
 /// The sidecar's metrics.
@@ -116,6 +118,8 @@ impl Default for LearnerMetrics {
             sidecar_resyncs: Counter::default(),
             queue_depth: Family::default(),
             api_wait: seconds_histogram(),
+            api_errors: Counter::default(),
+            api_registrations: Counter::default(),
         }
     }
 }
@@ -176,7 +180,9 @@ impl LearnerMetrics {
 
     /// Drops a forgotten sidecar's gauges.
     pub fn forget_sidecar(&self, sidecar: &str) {
-        let label = Sidecar { sidecar: sidecar.into() };
+        let label = Sidecar {
+            sidecar: sidecar.into(),
+        };
         self.sidecar_policy_version.remove(&label);
         self.sidecar_staleness.remove(&label);
     }
@@ -243,6 +249,16 @@ impl LearnerMetrics {
             "api_wait_seconds",
             "Time the learner waited for each Atropos batch",
             self.api_wait.clone(),
+        );
+        r.register(
+            "api_errors",
+            "Failed calls to the Atropos API (each retried)",
+            self.api_errors.clone(),
+        );
+        r.register(
+            "api_registrations",
+            "Registrations with the Atropos API (the first, and again after it lost ours)",
+            self.api_registrations.clone(),
         );
     }
 }

@@ -470,3 +470,47 @@ pub fn group_alive(pgid: i32) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// `url`'s value of `family` (see [`prom_value`]), 0 while unreachable or absent.
+pub fn scraped(url: &str, family: &str, label: Option<(&str, &str)>) -> f64 {
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        return 0.0;
+    };
+    let body = rt.block_on(async { reqwest::get(url).await.ok()?.text().await.ok() });
+    body.and_then(|b| openmetrics_parser::openmetrics::parse_openmetrics(&b).ok())
+        .and_then(|exp| prom_value(&exp, family, label))
+        .unwrap_or(0.0)
+}
+
+/// One sample of a parsed exposition: a counter's or gauge's value, or a histogram's count;
+/// `label` picks the sample with that label value.
+pub fn prom_value(exp: &Exposition, family: &str, label: Option<(&str, &str)>) -> Option<f64> {
+    use openmetrics_parser::OpenMetricsValue as V;
+    let fam = exp.families.get(family)?;
+    let sample = fam.iter_samples().find(|s| match label {
+        None => true,
+        Some((k, v)) => s.get_labelset().is_ok_and(|l| l.get_label_value(k) == Some(v)),
+    })?;
+    match &sample.value {
+        V::Counter(c) => Some(c.value.as_f64()),
+        V::Gauge(g) => Some(g.as_f64()),
+        V::Histogram(h) => h.count.map(|c| c as f64),
+        _ => None,
+    }
+}
+
+/// A parsed `/metrics` exposition.
+pub type Exposition =
+    openmetrics_parser::MetricsExposition<openmetrics_parser::OpenMetricsType, openmetrics_parser::OpenMetricsValue>;
+
+/// GETs `url` (checking the content type) and parses it with a strict OpenMetrics parser.
+pub fn scrape(rt: &tokio::runtime::Runtime, url: &str) -> Exposition {
+    let resp = rt.block_on(reqwest::get(url)).expect("scrape");
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    assert!(content_type.is_some_and(|c| c.starts_with("application/openmetrics-text")));
+    let body = rt.block_on(resp.text()).expect("body");
+    openmetrics_parser::openmetrics::parse_openmetrics(&body).unwrap_or_else(|e| panic!("not OpenMetrics: {e}\n{body}"))
+}
