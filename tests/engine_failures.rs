@@ -92,13 +92,23 @@ async fn a_wedged_engine_reads_unhealthy_until_it_beats_again() {
     };
     assert_eq!(health().await, 200);
 
-    let held = gate.write().expect("gate");
+    // The write lock is held on its own thread until released.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder_gate = gate.clone();
+    let holder = std::thread::spawn(move || {
+        let _held = holder_gate.write().expect("gate");
+        let _ = held_tx.send(());
+        let _ = release_rx.recv();
+    });
+    held_rx.recv().expect("the gate is held");
     let stuck = tokio::spawn(async move { engine.generate(vec![1, 2], JobParams::greedy(2)).await });
     until("the stall to show", Duration::from_secs(10), || !pulse.alive()).await;
     assert_eq!(health().await, 503, "a wedged engine is not healthy");
     assert!(!stuck.is_finished());
 
-    drop(held);
+    release_tx.send(()).expect("release");
+    holder.join().expect("holder");
     let done = stuck.await.expect("join").expect("the round finishes once unwedged");
     assert_eq!(done[0].token_ids.len(), 2);
     until("the heartbeat to come back", Duration::from_secs(10), || pulse.alive()).await;

@@ -64,7 +64,7 @@ impl FetcherState {
         self.failures += 1;
         crate::telemetry::prom::learner().api_errors.inc();
         // First failure, then every 20th, so an API that is down for minutes stays readable.
-        if self.failures == 1 || self.failures % 20 == 0 {
+        if self.failures == 1 || self.failures.is_multiple_of(20) {
             tracing::warn!(failures = self.failures, error = %err, retry_in_ms = self.backoff.as_millis() as u64,
                 "Atropos API unavailable; retrying");
         }

@@ -223,11 +223,11 @@ impl LearnerState {
         };
         let step = self.steps_done;
         match mode {
-            BridgeMode::Broadcast if step % every == 0 => match &self.args.sync {
+            BridgeMode::Broadcast if step.is_multiple_of(every) => match &self.args.sync {
                 Some(hook) => publish_weights(&self.args.worker, hook).await,
                 None => Ok(()),
             },
-            BridgeMode::Checkpoint if step % self.args.config.sync.restart_interval == 0 => {
+            BridgeMode::Checkpoint if step.is_multiple_of(self.args.config.sync.restart_interval) => {
                 self.checkpoint_only(CheckpointKind::Sync(step)).await?;
                 let path = self.args.config.save_path.join(CheckpointKind::Sync(step).dir_name());
                 let path = std::path::absolute(&path).unwrap_or(path).display().to_string();
@@ -338,7 +338,7 @@ impl LearnerState {
                 .outcome
                 .send(RunOutcome::Completed { steps: self.steps_done })
                 .await;
-        } else if interval > 0 && self.steps_done % interval == 0 {
+        } else if interval > 0 && self.steps_done.is_multiple_of(interval) {
             self.checkpoint(&[CheckpointKind::Step(self.steps_done)], false).await?;
         }
         Ok(())

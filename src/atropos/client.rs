@@ -222,7 +222,7 @@ impl AtroposClient {
                 Ok(uuid) => return Ok(uuid),
                 Err(e) if e.is_transient() => {
                     tries += 1;
-                    if tries == 1 || tries % 10 == 0 {
+                    if tries == 1 || tries.is_multiple_of(10) {
                         tracing::info!(url = %self.base, tries, error = %e, "waiting for the Atropos API");
                     }
                 }

@@ -109,7 +109,7 @@ async fn generate_inner(State(Served { engine, policy }): State<Served>, headers
     }
     let (prompt_ids, prompt_text) = match encode_prompt(&req, &engine) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     // Bodies are capped at 2 MB (axum's default), so a text prompt is encoded before its
     // token count is checked.
@@ -136,14 +136,14 @@ async fn generate_inner(State(Served { engine, policy }): State<Served>, headers
 }
 
 /// The prompt's token ids and text, or the 4xx that refuses it.
-fn encode_prompt(req: &GenerateRequest, engine: &SharedEngine) -> Result<(Vec<i64>, String), Response> {
+fn encode_prompt(req: &GenerateRequest, engine: &SharedEngine) -> Result<(Vec<i64>, String), Box<Response>> {
     match &req.prompt {
         Prompt::Ids { prompt_token_ids } => {
             if let Some(bad) = prompt_token_ids.iter().find(|&&t| t < 0 || t >= engine.vocab_size()) {
-                return Err(error(
+                return Err(Box::new(error(
                     StatusCode::BAD_REQUEST,
                     format!("prompt token {bad} outside vocabulary 0..{}", engine.vocab_size()),
-                ));
+                )));
             }
             let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
             Ok((
@@ -155,8 +155,11 @@ fn encode_prompt(req: &GenerateRequest, engine: &SharedEngine) -> Result<(Vec<i6
             Ok(enc) if !enc.get_ids().is_empty() => {
                 Ok((enc.get_ids().iter().map(|&i| i64::from(i)).collect(), text.clone()))
             }
-            Ok(_) => Err(error(StatusCode::BAD_REQUEST, "prompt encodes to no tokens")),
-            Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("cannot tokenize prompt: {e}"))),
+            Ok(_) => Err(Box::new(error(StatusCode::BAD_REQUEST, "prompt encodes to no tokens"))),
+            Err(e) => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot tokenize prompt: {e}"),
+            ))),
         },
     }
 }

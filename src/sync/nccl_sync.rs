@@ -50,7 +50,7 @@ pub fn plan_layout(plan: &pb::BucketPlan) -> Result<(PackLayout, Kind), String> 
         numels.push(t.shape.iter().product::<i64>());
     }
     let elt = wire.elt_size_in_bytes() as u64;
-    if plan.bucket_bytes == 0 || plan.bucket_bytes % BUCKET_ALIGN != 0 {
+    if plan.bucket_bytes == 0 || !plan.bucket_bytes.is_multiple_of(BUCKET_ALIGN) {
         return Err(format!(
             "bucket size {} is not a multiple of {BUCKET_ALIGN}",
             plan.bucket_bytes
