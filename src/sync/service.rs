@@ -41,7 +41,17 @@ pub fn confine(root: Option<&std::path::Path>, path: &str) -> Result<PathBuf, St
     let root = root
         .canonicalize()
         .map_err(|e| Status::failed_precondition(format!("--checkpoint-root {}: {e}", root.display())))?;
-    let full = std::path::Path::new(path)
+    // A step number names that step's checkpoint under the root (checkpoint mode's
+    // `sync_step_N`, else `step_N`); a relative path is taken under the root too.
+    let named = match path.parse::<u64>() {
+        Ok(n) => [format!("sync_step_{n}"), format!("step_{n}")]
+            .into_iter()
+            .map(|d| root.join(d))
+            .find(|d| d.is_dir())
+            .unwrap_or_else(|| root.join(format!("step_{n}"))),
+        Err(_) => root.join(path),
+    };
+    let full = named
         .canonicalize()
         .map_err(|e| Status::invalid_argument(format!("checkpoint {path:?}: {e}")))?;
     if !full.starts_with(&root) || full == root {
@@ -226,4 +236,38 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloads_take_a_step_number_or_a_path_under_the_root() {
+        let root = tempfile::tempdir().expect("root");
+        let outside = tempfile::tempdir().expect("outside");
+        std::fs::create_dir(root.path().join("step_3")).expect("step_3");
+        std::fs::create_dir(root.path().join("sync_step_4")).expect("sync_step_4");
+        let canon = |p: &std::path::Path| p.canonicalize().expect("canon");
+        let r = Some(root.path());
+        assert_eq!(confine(r, "3").expect("step 3"), canon(&root.path().join("step_3")));
+        assert_eq!(
+            confine(r, "4").expect("step 4"),
+            canon(&root.path().join("sync_step_4"))
+        );
+        let abs = root.path().join("step_3");
+        assert_eq!(confine(r, abs.to_str().expect("utf8")).expect("absolute"), canon(&abs));
+        assert_eq!(confine(r, "step_3").expect("relative"), canon(&abs));
+        let code = |p: &str| confine(r, p).map_err(|s| s.code()).err();
+        assert_eq!(code("9"), Some(tonic::Code::InvalidArgument), "no such step");
+        assert_eq!(code("step_3/../.."), Some(tonic::Code::PermissionDenied));
+        assert_eq!(
+            code(outside.path().to_str().expect("utf8")),
+            Some(tonic::Code::PermissionDenied)
+        );
+        assert_eq!(
+            confine(None, "3").map_err(|s| s.code()).err(),
+            Some(tonic::Code::PermissionDenied)
+        );
+    }
 }
