@@ -37,6 +37,7 @@
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
 //! | [`launch`] | `grpo-node launch`: manifests, process start-up, readiness, the progress bar |
 //! | [`actors`] | the nodes' ractor actors (learner side, and the sidecar's VllmSupervisor) and their messages |
+//! | [`fuzz`] | `grpo-node bench fuzz`: seeded stable-Rust fuzzing of the batch, `/generate`, sync-plan, config and manifest parsers |
 //! | [`roles`] | each `--role`: builds its supervision tree and runs it; the learner's gRPC status service |
 //! | [`runtime`] | the async runtime, and leaving it past threads stuck inside NCCL or the driver |
 //! | [`telemetry`] | logging, `metrics.jsonl`, the per-step stderr line |
@@ -48,6 +49,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod engine;
+pub mod fuzz;
 pub mod grpo;
 pub mod launch;
 pub mod lock;

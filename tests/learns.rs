@@ -129,32 +129,18 @@ fn a_lent_version_holds_the_optimizer_until_given_back() {
     assert!(m.sync_hold_s < 1.0, "a lease holds one step only: {}", m.sync_hold_s);
 }
 
-/// Scores of 1.5e308 are finite (the validator passes them) but their group mean overflows:
-/// every advantage is NaN, and so were the loss, the gradients and then the weights. Such a
-/// step is skipped and counted, the weights stay bit for bit, and training goes on after it.
+/// A batch that reaches the trainer with a NaN advantage made the loss, the gradients and
+/// then the weights NaN (the validator refuses the ones it can see, such as scores whose group
+/// mean overflows; this one is crafted past it). Such a step is skipped and counted, the
+/// weights stay bit for bit, and training goes on after it.
 #[test]
 fn a_non_finite_step_is_skipped_and_leaves_the_weights_untouched() {
     use grpo_node::train::SkipReason;
 
     let dir = common::tiny_model("llama", &[]);
     let (mut trainer, batch) = trainer_and_batches(dir.path(), 4);
-    let spec = ModelSpec::from_dir(dir.path()).expect("spec");
-    let limits = Limits {
-        vocab_size: spec.vocab_size,
-        seq_len: 64,
-        truncate_long: false,
-        allow_missing_logprobs: true,
-    };
-    let mut poisoned = groups();
-    poisoned[0]["scores"] = json!([1.5e308, 1.5e308, 0.0, 0.0]);
-    let raw = RawBatch {
-        seq: BatchSeq(1),
-        groups: poisoned,
-        wait_time_s: 0.0,
-    };
-    let bad = prepare(raw, &limits, 4)
-        .batch
-        .expect("the validator passes finite scores");
+    let mut bad = batch(1);
+    bad.micro_batches[0].advantages[0] = f32::NAN;
     let before = trainer.master_snapshot();
     let m = trainer.train(&bad).expect("step");
     assert_eq!(m.skip_reason, Some(SkipReason::NonFiniteLoss), "loss {}", m.loss);

@@ -22,6 +22,8 @@ pub enum BenchCommand {
     /// Fault drill: a stand-in learner publishing every step to real sidecars (feature `cuda`).
     #[cfg(feature = "cuda")]
     Publish(publish::PublishBenchArgs),
+    /// Seeded fuzzing of the input parsers and validators: cases/s and panics per target.
+    Fuzz(crate::fuzz::FuzzArgs),
 }
 
 /// Errors of a benchmark run.
@@ -37,12 +39,15 @@ pub enum BenchError {
     Train(#[from] crate::train::TrainError),
     #[error("--device: {0}")]
     Device(String),
+    #[error(transparent)]
+    Fuzz(#[from] crate::fuzz::FuzzError),
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> Result<(), BenchError> {
     match cmd {
         BenchCommand::Learner(args) => learner::run(&args),
+        BenchCommand::Fuzz(args) => Ok(crate::fuzz::run(&args)?),
         #[cfg(feature = "cuda")]
         BenchCommand::Sync(args) => sync::run(&args),
         #[cfg(feature = "cuda")]

@@ -319,6 +319,10 @@ impl SyncConfig {
     }
 }
 
+/// Longest `--sync-deadline-s` (a year): the sync client multiplies it by up to 12 and adds
+/// to it, which must not overflow a `Duration`.
+pub const MAX_DEADLINE_S: u64 = 365 * 86_400;
+
 macro_rules! merge_fields {
     ($a:ident, $b:ident, $($f:ident),* $(,)?) => {
         LearnerArgs { config: $a.config.or($b.config), $($f: $a.$f.or($b.$f)),* }
@@ -447,9 +451,16 @@ impl LearnerArgs {
         check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || {
             "must be at least 1".into()
         })?;
+        let per_step = batch_size.checked_mul(gradient_accumulation_steps);
+        check(per_step.is_some_and(|n| i64::try_from(n).is_ok()), "batch-size", || {
+            format!("{batch_size} x --gradient-accumulation-steps {gradient_accumulation_steps} (the API's batch size) overflows an i64")
+        })?;
         let seq_len = args.seq_len.unwrap_or(2048);
         check(seq_len >= 2, "seq-len", || {
             format!("must be at least 2 (got {seq_len})")
+        })?;
+        check(i64::try_from(seq_len).is_ok(), "seq-len", || {
+            format!("is registered as max_token_len, an i64 (got {seq_len})")
         })?;
         let clip_eps = args.clip_eps.unwrap_or(0.2);
         check(clip_eps > 0.0 && clip_eps < 1.0, "clip-eps", || {
@@ -497,8 +508,15 @@ impl LearnerArgs {
         })?;
         let max_shard_mb = args.max_shard_mb.unwrap_or(2048);
         check(max_shard_mb > 0, "max-shard-mb", || "must be at least 1".into())?;
+        check(max_shard_mb <= u64::MAX >> 20, "max-shard-mb", || {
+            format!("must be at most {} (got {max_shard_mb})", u64::MAX >> 20)
+        })?;
         let prefetch = args.prefetch.unwrap_or(2);
         check(prefetch > 0, "prefetch", || "must be at least 1".into())?;
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        check(prefetch <= most, "prefetch", || {
+            format!("must be at most {most} (got {prefetch})")
+        })?;
         let api_timeout_s = args.api_timeout_s.unwrap_or(30);
         check(api_timeout_s > 0, "api-timeout-s", || "must be at least 1".into())?;
         let mode = args
@@ -541,7 +559,9 @@ impl LearnerArgs {
             || "nccl needs --device cuda:N and a build with --features cuda".into(),
         )?;
         let deadline_s = args.sync_deadline_s.unwrap_or(10);
-        check(deadline_s > 0, "sync-deadline-s", || "must be at least 1".into())?;
+        check((1..=MAX_DEADLINE_S).contains(&deadline_s), "sync-deadline-s", || {
+            format!("must be in 1..={MAX_DEADLINE_S} (got {deadline_s})")
+        })?;
         let auth_token = super::auth::token(args.auth_token, args.auth_token_file)?;
         let engine_listen = colocate.then(|| {
             args.engine_listen

@@ -3,7 +3,7 @@
 //! round-tripped through the spool's JSON, and handed to the preprocessor's
 //! [`prepare_with`]: each group parsed, checked by `grpo::validate`, aligned and packed by
 //! `grpo::pack`. Accepted batches must be what the trainer expects: shapes that add up, ids
-//! inside the vocabulary, finite f32 values.
+//! inside the vocabulary, finite f32 advantages.
 //!
 //! Inputs: byte-mutated valid bodies, and structure-aware bodies (the `ScoredData` shape with
 //! hostile values: ids outside the vocabulary, mismatched lengths, numbers such as `1e308`,
@@ -20,7 +20,9 @@ use crate::grpo::pack::{MicroBatch, Packing, PAD_MULTIPLE};
 use crate::grpo::validate::IGNORE;
 use crate::grpo::Limits;
 
-use super::hostile::{int, json_list, json_number, json_str, json_value, mutate, string, JSON_DICTIONARY};
+use super::hostile::{
+    int, json_list, json_number, json_str, json_value, mutate, not_json_number, rare, string, JSON_DICTIONARY,
+};
 use super::{ensure, FuzzTarget, Verdict, Violation};
 
 /// The `batch` target.
@@ -148,18 +150,25 @@ pub fn build(u: &mut Unstructured) -> ArbResult<BatchCase> {
         allow_missing_logprobs: u.arbitrary()?,
     };
     let micro_batch = *u.choose(&[0usize, 1, 2, 3, 4, 8, 32])?;
-    let packing = if u.arbitrary()? { Packing::Sorted } else { Packing::Padded };
-    let body = match u.int_in_range(0..=9u8)? {
-        0 | 1 => {
-            let seed = if u.ratio(1, 4)? {
+    let packing = if u.arbitrary()? {
+        Packing::Sorted
+    } else {
+        Packing::Padded
+    };
+    let body = match u.int_in_range(0..=19u8)? {
+        0..=3 => {
+            let seed = if rare(u, 4)? {
                 u.choose(SEEDS)?.to_string()
             } else {
-                body(u, &limits, false)?
+                body(u, &limits, Mood::CALM)?
             };
             mutate(u, seed.as_bytes(), JSON_DICTIONARY)?
         }
-        2 => u.bytes(u.len().min(512))?.to_vec(),
-        _ => body(u, &limits, true)?.into_bytes(),
+        4 => u.bytes(u.len().min(512))?.to_vec(),
+        _ => {
+            let mood = Mood::hostile(u)?;
+            body(u, &limits, mood)?.into_bytes()
+        }
     };
     Ok(BatchCase {
         body,
@@ -177,10 +186,45 @@ const SEEDS: &[&str] = &[
     r#"{"status":"error","message":"Trainer not registered"}"#,
 ];
 
-/// A body of the `/batch` shape; `hostile` lets values, types and shapes go wrong.
-fn body(u: &mut Unstructured, limits: &Limits, hostile: bool) -> ArbResult<String> {
+/// How hostile a structured body is: not at all, or often (scale 1) to seldom (scale 16);
+/// `invalid` also allows number texts that are not JSON.
+#[derive(Debug, Clone, Copy)]
+struct Mood {
+    scale: u32,
+    invalid: bool,
+}
+
+impl Mood {
+    const CALM: Mood = Mood {
+        scale: 0,
+        invalid: false,
+    };
+
+    fn hostile(u: &mut Unstructured) -> ArbResult<Mood> {
+        Ok(Mood {
+            scale: *u.choose(&[1, 4, 16])?,
+            invalid: rare(u, 8)?,
+        })
+    }
+
+    fn on(self) -> bool {
+        self.scale > 0
+    }
+
+    /// True about once in `n x scale` calls, never when calm.
+    fn odd(self, u: &mut Unstructured, n: u32) -> ArbResult<bool> {
+        if self.on() {
+            rare(u, n * self.scale)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+/// A body of the `/batch` shape; a hostile `mood` lets values, types and shapes go wrong.
+fn body(u: &mut Unstructured, limits: &Limits, mood: Mood) -> ArbResult<String> {
     let mut out = String::new();
-    if hostile && u.ratio(1, 12)? {
+    if mood.odd(u, 12)? {
         match u.int_in_range(0..=3u8)? {
             0 => out.push_str(r#"{"batch":null}"#),
             1 => {
@@ -198,7 +242,7 @@ fn body(u: &mut Unstructured, limits: &Limits, hostile: bool) -> ArbResult<Strin
         return Ok(out);
     }
     out.push_str(r#"{"batch":"#);
-    json_list(u, &mut out, 0..=6, |u, out| group(u, out, limits, hostile))?;
+    json_list(u, &mut out, 0..=6, |u, out| group(u, out, limits, mood))?;
     out.push('}');
     Ok(out)
 }
@@ -210,16 +254,20 @@ struct Shape {
     tokens: Vec<Vec<i64>>,
 }
 
-fn shape(u: &mut Unstructured, limits: &Limits, hostile: bool) -> ArbResult<Shape> {
-    let n = if hostile && u.ratio(1, 20)? { u.int_in_range(0..=40usize)? } else { u.int_in_range(1..=6usize)? };
+fn shape(u: &mut Unstructured, limits: &Limits, mood: Mood) -> ArbResult<Shape> {
+    let n = if mood.odd(u, 20)? {
+        u.int_in_range(0..=40usize)?
+    } else {
+        u.int_in_range(1..=6usize)?
+    };
     let longest = (limits.seq_len + 3).min(48);
     let (mut lens, mut prompts, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
-        let low = if hostile && u.ratio(1, 30)? { 0 } else { 2 };
+        let low = if mood.odd(u, 30)? { 0 } else { 2 };
         let len = u.int_in_range(low..=longest.max(low))?;
         prompts.push(u.int_in_range(0..=len.saturating_sub(1))?);
         let row = (0..len)
-            .map(|_| token(u, limits.vocab_size, hostile))
+            .map(|_| token(u, limits.vocab_size, mood))
             .collect::<ArbResult<Vec<i64>>>()?;
         lens.push(len);
         tokens.push(row);
@@ -227,8 +275,8 @@ fn shape(u: &mut Unstructured, limits: &Limits, hostile: bool) -> ArbResult<Shap
     Ok(Shape { lens, prompts, tokens })
 }
 
-fn token(u: &mut Unstructured, vocab: i64, hostile: bool) -> ArbResult<i64> {
-    if hostile && u.ratio(1, 64)? {
+fn token(u: &mut Unstructured, vocab: i64, mood: Mood) -> ArbResult<i64> {
+    if mood.odd(u, 64)? {
         return Ok(match u.int_in_range(0..=2u8)? {
             0 => vocab,
             1 => -1,
@@ -238,12 +286,13 @@ fn token(u: &mut Unstructured, vocab: i64, hostile: bool) -> ArbResult<i64> {
     u.int_in_range(0..=vocab - 1)
 }
 
-/// Writes `"key":` (after a comma unless `obj` is just its `{`) then either `value` or, when hostile and unlucky, any JSON value.
+/// Writes `"key":` (after a comma unless `out` is just its `{`), then `value` or, when the
+/// mood strikes, any JSON value.
 fn field(
     u: &mut Unstructured,
     out: &mut String,
     key: &str,
-    hostile: bool,
+    mood: Mood,
     value: impl FnOnce(&mut Unstructured, &mut String) -> ArbResult<()>,
 ) -> ArbResult<()> {
     if out.len() > 1 {
@@ -251,7 +300,7 @@ fn field(
     }
     json_str(out, key);
     out.push(':');
-    if hostile && u.ratio(1, 40)? {
+    if mood.odd(u, 40)? {
         json_value(u, out, 2)
     } else {
         value(u, out)
@@ -263,17 +312,25 @@ fn numbers(
     u: &mut Unstructured,
     out: &mut String,
     n: usize,
-    hostile: bool,
+    mood: Mood,
     mut normal: impl FnMut(&mut Unstructured, usize) -> ArbResult<String>,
 ) -> ArbResult<()> {
-    let n = if hostile && u.ratio(1, 40)? { n.saturating_sub(1) + 2 * usize::from(u.arbitrary::<bool>()?) } else { n };
+    let n = if mood.odd(u, 40)? {
+        n.saturating_sub(1) + 2 * usize::from(u.arbitrary::<bool>()?)
+    } else {
+        n
+    };
     out.push('[');
     for i in 0..n {
         if i > 0 {
             out.push(',');
         }
-        if hostile && u.ratio(1, 48)? {
-            json_number(u, out)?;
+        if mood.odd(u, 48)? {
+            if mood.invalid && rare(u, 4)? {
+                not_json_number(u, out)?;
+            } else {
+                json_number(u, out)?;
+            }
         } else {
             out.push_str(&normal(u, i)?);
         }
@@ -283,35 +340,41 @@ fn numbers(
 }
 
 /// One `ScoredData` group.
-fn group(u: &mut Unstructured, out: &mut String, limits: &Limits, hostile: bool) -> ArbResult<()> {
-    let s = shape(u, limits, hostile)?;
+fn group(u: &mut Unstructured, out: &mut String, limits: &Limits, mood: Mood) -> ArbResult<()> {
+    let s = shape(u, limits, mood)?;
     let n = s.lens.len();
     let token = |i: usize, j: usize| s.tokens[i].get(j).copied().unwrap_or(1);
     let mut obj = String::from("{");
-    field(u, &mut obj, "tokens", hostile, |u, out| {
-        rows(u, out, &s, hostile, |_, i, j| Ok(token(i, j).to_string()))
+    field(u, &mut obj, "tokens", mood, |u, out| {
+        rows(u, out, &s, mood, |_, i, j| Ok(token(i, j).to_string()))
     })?;
-    field(u, &mut obj, "masks", hostile, |u, out| {
-        rows(u, out, &s, hostile, |_, i, j| {
+    field(u, &mut obj, "masks", mood, |u, out| {
+        rows(u, out, &s, mood, |_, i, j| {
             Ok(if j < s.prompts[i] { IGNORE } else { token(i, j) }.to_string())
         })
     })?;
-    field(u, &mut obj, "scores", hostile, |u, out| {
-        numbers(u, out, n, hostile, |u, _| Ok(format!("{}", f64::from(u.int_in_range(-4..=4i8)?) / 2.0)))
+    field(u, &mut obj, "scores", mood, |u, out| {
+        numbers(u, out, n, mood, |u, _| {
+            Ok(format!("{}", f64::from(u.int_in_range(-4..=4i8)?) / 2.0))
+        })
     })?;
-    if !u.ratio(1, 5)? {
-        field(u, &mut obj, "inference_logprobs", hostile, |u, out| {
-            rows(u, out, &s, hostile, |u, i, j| {
-                Ok(if j < s.prompts[i] { "1.0".into() } else { format!("-{}e-3", u.int_in_range(0..=9000u16)?) })
+    if !rare(u, 5)? {
+        field(u, &mut obj, "inference_logprobs", mood, |u, out| {
+            rows(u, out, &s, mood, |u, i, j| {
+                Ok(if j < s.prompts[i] {
+                    "1.0".into()
+                } else {
+                    format!("-{}e-3", u.int_in_range(0..=9000u16)?)
+                })
             })
         })?;
     }
-    if u.ratio(1, 4)? {
-        field(u, &mut obj, "advantages", hostile, |u, out| {
-            rows(u, out, &s, hostile, |u, _, _| Ok(format!("{}", u.int_in_range(-3..=3i8)?)))
+    if rare(u, 4)? {
+        field(u, &mut obj, "advantages", mood, |u, out| {
+            rows(u, out, &s, mood, |u, _, _| Ok(format!("{}", u.int_in_range(-3..=3i8)?)))
         })?;
     }
-    extras(u, &mut obj, n, hostile)?;
+    extras(u, &mut obj, n, mood)?;
     out.push_str(&obj);
     out.push('}');
     Ok(())
@@ -322,7 +385,7 @@ fn rows(
     u: &mut Unstructured,
     out: &mut String,
     s: &Shape,
-    hostile: bool,
+    mood: Mood,
     mut item: impl FnMut(&mut Unstructured, usize, usize) -> ArbResult<String>,
 ) -> ArbResult<()> {
     out.push('[');
@@ -330,17 +393,17 @@ fn rows(
         if i > 0 {
             out.push(',');
         }
-        numbers(u, out, len, hostile, |u, j| item(u, i, j))?;
+        numbers(u, out, len, mood, |u, j| item(u, i, j))?;
     }
     out.push(']');
     Ok(())
 }
 
 /// The optional fields: overrides, generation params, env id, unknown keys.
-fn extras(u: &mut Unstructured, out: &mut String, n: usize, hostile: bool) -> ArbResult<()> {
+fn extras(u: &mut Unstructured, out: &mut String, n: usize, mood: Mood) -> ArbResult<()> {
     let temperature = |u: &mut Unstructured, out: &mut String| -> ArbResult<()> {
         out.push_str(r#"{"temperature":"#);
-        if hostile && u.ratio(1, 4)? {
+        if mood.odd(u, 4)? {
             json_number(u, out)?;
         } else {
             out.push_str(&format!("0.{}", u.int_in_range(1..=9u8)?));
@@ -348,13 +411,13 @@ fn extras(u: &mut Unstructured, out: &mut String, n: usize, hostile: bool) -> Ar
         out.push('}');
         Ok(())
     };
-    if u.ratio(1, 4)? {
-        field(u, out, "overrides", hostile, |u, out| {
+    if rare(u, 4)? {
+        field(u, out, "overrides", mood, |u, out| {
             json_list(u, out, n..=n, |u, out| {
                 match u.int_in_range(0..=3u8)? {
                     0 => out.push_str("null"),
                     1 => temperature(u, out)?,
-                    2 if hostile => {
+                    2 if mood.on() => {
                         out.push_str(r#"{"set_advantage_to_zero":"#);
                         json_value(u, out, 1)?;
                         out.push('}');
@@ -365,21 +428,21 @@ fn extras(u: &mut Unstructured, out: &mut String, n: usize, hostile: bool) -> Ar
             })
         })?;
     }
-    if u.ratio(1, 4)? {
-        field(u, out, "generation_params", hostile, temperature)?;
+    if rare(u, 4)? {
+        field(u, out, "generation_params", mood, temperature)?;
     }
-    if u.ratio(1, 8)? {
-        field(u, out, "group_overrides", hostile, temperature)?;
+    if rare(u, 8)? {
+        field(u, out, "group_overrides", mood, temperature)?;
     }
-    if u.ratio(1, 2)? {
-        field(u, out, "env_id", hostile, |u, out| {
+    if rare(u, 2)? {
+        field(u, out, "env_id", mood, |u, out| {
             out.push_str(&int(u)?.to_string());
             Ok(())
         })?;
     }
-    if hostile && u.ratio(1, 8)? {
+    if mood.odd(u, 8)? {
         let key = *u.choose(&["messages", "images", "distill_token_ids", "tokens", "scores"])?;
-        field(u, out, key, hostile, |u, out| json_value(u, out, 3))?;
+        field(u, out, key, mood, |u, out| json_value(u, out, 3))?;
     }
     Ok(())
 }
@@ -389,7 +452,13 @@ pub fn check_prepared(p: &PreparedBatch, groups: usize, case: &BatchCase) -> Res
     ensure(
         p.batch.is_none() == (p.rejections.len() == groups),
         "a batch exactly when a group survives",
-        || format!("{} of {groups} groups rejected, batch {}", p.rejections.len(), p.batch.is_some()),
+        || {
+            format!(
+                "{} of {groups} groups rejected, batch {}",
+                p.rejections.len(),
+                p.batch.is_some()
+            )
+        },
     )?;
     if let Some(r) = p.rejections.iter().find(|r| r.detail.is_empty()) {
         return Err(Violation {
@@ -402,9 +471,11 @@ pub fn check_prepared(p: &PreparedBatch, groups: usize, case: &BatchCase) -> Res
     ensure(rows == b.sequences, "micro-batch rows add up to the sequences", || {
         format!("{rows} rows for {} sequences", b.sequences)
     })?;
-    ensure(b.scored_tokens >= b.sequences, "every sequence has a scored token", || {
-        format!("{} scored tokens for {} sequences", b.scored_tokens, b.sequences)
-    })?;
+    ensure(
+        b.scored_tokens >= b.sequences,
+        "every sequence has a scored token",
+        || format!("{} scored tokens for {} sequences", b.scored_tokens, b.sequences),
+    )?;
     b.micro_batches.iter().try_for_each(|mb| check_micro(mb, case))
 }
 
@@ -412,11 +483,18 @@ fn check_micro(mb: &MicroBatch, case: &BatchCase) -> Result<(), Violation> {
     let cells = mb.rows * mb.seq_len;
     let widest = case.limits.seq_len.div_ceil(PAD_MULTIPLE).max(1) * PAD_MULTIPLE;
     ensure(
-        (1..=case.micro_batch.max(1)).contains(&mb.rows) && mb.seq_len % PAD_MULTIPLE == 0 && mb.seq_len <= widest,
+        (1..=case.micro_batch.max(1)).contains(&mb.rows)
+            && mb.seq_len.is_multiple_of(PAD_MULTIPLE)
+            && mb.seq_len <= widest,
         "micro-batch shape",
         || format!("{} rows x {} positions", mb.rows, mb.seq_len),
     )?;
-    let lens = [mb.input_ids.len(), mb.labels.len(), mb.ref_logprobs.len(), mb.advantages.len()];
+    let lens = [
+        mb.input_ids.len(),
+        mb.labels.len(),
+        mb.ref_logprobs.len(),
+        mb.advantages.len(),
+    ];
     ensure(
         lens.iter().all(|&l| l == cells) && mb.on_policy.len() == mb.rows && mb.temperatures.len() == mb.rows,
         "micro-batch arrays match its shape",
@@ -424,12 +502,22 @@ fn check_micro(mb: &MicroBatch, case: &BatchCase) -> Result<(), Violation> {
     )?;
     let vocab = 0..case.limits.vocab_size;
     first_bad(&mb.input_ids, |t| vocab.contains(t), "input ids inside the vocabulary")?;
-    first_bad(&mb.labels, |t| *t == IGNORE || vocab.contains(t), "labels inside the vocabulary")?;
+    first_bad(
+        &mb.labels,
+        |t| *t == IGNORE || vocab.contains(t),
+        "labels inside the vocabulary",
+    )?;
+    // Every position's advantage meets a weight (0 where unscored): inf or NaN makes the loss
+    // NaN. Rollout logprobs and temperatures need no check here: the loss clamps the log-ratio
+    // (an infinite logprob gives a finite ratio) and treats a temperature <= 0 as 1.
     first_bad(&mb.advantages, |a| a.is_finite(), "advantages are finite f32")?;
-    first_bad(&mb.ref_logprobs, |a| a.is_finite(), "rollout logprobs are finite f32")?;
-    first_bad(&mb.temperatures, |t| t.is_finite() && *t > 0.0, "temperatures are finite and positive f32")?;
-    let unscored = mb.labels.chunks(mb.seq_len.max(1)).position(|row| row.iter().all(|&l| l == IGNORE));
-    ensure(unscored.is_none(), "every row has a scored label", || format!("row {unscored:?}"))
+    let unscored = mb
+        .labels
+        .chunks(mb.seq_len.max(1))
+        .position(|row| row.iter().all(|&l| l == IGNORE));
+    ensure(unscored.is_none(), "every row has a scored label", || {
+        format!("row {unscored:?}")
+    })
 }
 
 fn first_bad<T: std::fmt::Debug>(xs: &[T], ok: impl Fn(&T) -> bool, check: &'static str) -> Result<(), Violation> {

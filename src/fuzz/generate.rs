@@ -10,7 +10,7 @@ use arbitrary::{Result as ArbResult, Unstructured};
 
 use crate::engine::protocol::{GenerateLimits, GenerateRequest, LimitExceeded, Prompt, MAX_LOGPROBS, MAX_N};
 
-use super::hostile::{int, json_list, json_number, json_str, json_value, mutate, string, JSON_DICTIONARY};
+use super::hostile::{int, json_list, json_number, json_str, json_value, mutate, rare, string, JSON_DICTIONARY};
 use super::{ensure, FuzzTarget, Verdict, Violation};
 
 /// The `generate` target.
@@ -137,7 +137,10 @@ pub fn build(u: &mut Unstructured) -> ArbResult<GenerateCase> {
     };
     let context = *u.choose(&[0usize, 1, 64, 2048, 131_072])?;
     let body = match u.int_in_range(0..=5u8)? {
-        0 => mutate(u, u.choose(SEEDS)?.as_bytes(), JSON_DICTIONARY)?,
+        0 => {
+            let seed = *u.choose(SEEDS)?;
+            mutate(u, seed.as_bytes(), JSON_DICTIONARY)?
+        }
         1 => {
             let seed = object(u, false)?;
             mutate(u, seed.as_bytes(), JSON_DICTIONARY)?
@@ -150,31 +153,36 @@ pub fn build(u: &mut Unstructured) -> ArbResult<GenerateCase> {
 /// The request's keys, and the kind of value each takes.
 const KEYS: &[(&str, Kind)] = &[
     ("stream", Kind::Bool),
-    ("n", Kind::Count),
-    ("max_tokens", Kind::Count),
-    ("temperature", Kind::Float),
-    ("top_p", Kind::Float),
+    ("n", Kind::Count(8)),
+    ("max_tokens", Kind::Count(512)),
+    ("temperature", Kind::Unit(2.0)),
+    ("top_p", Kind::Unit(1.0)),
     ("top_k", Kind::Int),
     ("stop", Kind::Stop),
     ("stop_token_ids", Kind::Ids),
-    ("seed", Kind::Int),
-    ("logprobs", Kind::Count),
+    ("seed", Kind::Count(1 << 20)),
+    ("logprobs", Kind::Count(5)),
     ("ignore_eos", Kind::Bool),
-    ("min_tokens", Kind::Count),
+    ("min_tokens", Kind::Count(4)),
     ("include_stop_str_in_output", Kind::Bool),
     ("skip_special_tokens", Kind::Bool),
-    ("presence_penalty", Kind::Float),
-    ("frequency_penalty", Kind::Float),
-    ("repetition_penalty", Kind::Float),
-    ("best_of", Kind::Count),
+    ("presence_penalty", Kind::Neutral(0.0)),
+    ("frequency_penalty", Kind::Neutral(0.0)),
+    ("repetition_penalty", Kind::Neutral(1.0)),
+    ("best_of", Kind::Count(4)),
     ("use_beam_search", Kind::Bool),
 ];
 
+/// What a key takes: plausible values first, edge ones when hostile.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Bool,
-    Count,
-    Float,
+    /// An integer in `0..=max`.
+    Count(u32),
+    /// A float in `0..=max`, in tenths.
+    Unit(f64),
+    /// A float that must stay at this neutral value.
+    Neutral(f64),
     Int,
     Stop,
     Ids,
@@ -189,7 +197,7 @@ fn object(u: &mut Unstructured, hostile: bool) -> ArbResult<String> {
             out.push(',');
         }
     };
-    if !hostile || !u.ratio(1, 20)? {
+    if !hostile || !rare(u, 20)? {
         sep(&mut out);
         out.push_str(r#""prompt":"#);
         prompt(u, &mut out, hostile)?;
@@ -197,15 +205,15 @@ fn object(u: &mut Unstructured, hostile: bool) -> ArbResult<String> {
     for &(key, kind) in KEYS {
         let unknown = key == "best_of" || key == "use_beam_search";
         let chance = if unknown { 40 } else { 3 };
-        if !u.ratio(1, chance)? || (unknown && !hostile) {
+        if !rare(u, chance)? || (unknown && !hostile) {
             continue;
         }
-        let times = if hostile && u.ratio(1, 40)? { 2 } else { 1 };
+        let times = if hostile && rare(u, 40)? { 2 } else { 1 };
         for _ in 0..times {
             sep(&mut out);
             json_str(&mut out, key);
             out.push(':');
-            if hostile && u.ratio(1, 6)? {
+            if hostile && rare(u, 24)? {
                 json_value(u, &mut out, 2)?;
             } else {
                 value(u, &mut out, kind, hostile)?;
@@ -217,13 +225,13 @@ fn object(u: &mut Unstructured, hostile: bool) -> ArbResult<String> {
 }
 
 fn prompt(u: &mut Unstructured, out: &mut String, hostile: bool) -> ArbResult<()> {
-    match u.int_in_range(0..=4u8)? {
-        0 | 1 => json_str(out, &string(u)?),
-        2 if hostile => json_value(u, out, 2)?,
+    match u.int_in_range(0..=9u8)? {
+        0..=3 => json_str(out, &string(u)?),
+        4 if hostile => json_value(u, out, 2)?,
         _ => {
             out.push_str(r#"{"prompt_token_ids":"#);
             value(u, out, Kind::Ids, hostile)?;
-            if hostile && u.ratio(1, 10)? {
+            if hostile && rare(u, 10)? {
                 out.push_str(r#","extra":1"#);
             }
             out.push('}');
@@ -233,13 +241,16 @@ fn prompt(u: &mut Unstructured, out: &mut String, hostile: bool) -> ArbResult<()
 }
 
 fn value(u: &mut Unstructured, out: &mut String, kind: Kind, hostile: bool) -> ArbResult<()> {
-    let edge = hostile && u.ratio(1, 4)?;
+    let edge = hostile && rare(u, 8)?;
     match kind {
         Kind::Bool => out.push_str(if u.arbitrary()? { "true" } else { "false" }),
-        Kind::Count if edge => json_number(u, out)?,
-        Kind::Count => out.push_str(&u.int_in_range(0..=300u32)?.to_string()),
-        Kind::Float if edge => json_number(u, out)?,
-        Kind::Float => out.push_str(&format!("{}", f64::from(u.int_in_range(0..=20u8)?) / 10.0)),
+        Kind::Count(_) | Kind::Unit(_) | Kind::Neutral(_) if edge => json_number(u, out)?,
+        Kind::Count(max) => out.push_str(&u.int_in_range(0..=max)?.to_string()),
+        Kind::Unit(max) => {
+            let tenths = u.int_in_range(0..=(max * 10.0) as u32)?;
+            out.push_str(&format!("{:.1}", f64::from(tenths) / 10.0));
+        }
+        Kind::Neutral(x) => out.push_str(&format!("{x:.1}")),
         Kind::Int => out.push_str(&int(u)?.to_string()),
         Kind::Stop if u.arbitrary()? => json_str(out, &string(u)?),
         Kind::Stop => json_list(u, out, 0..=3, |u, out| {
@@ -247,7 +258,14 @@ fn value(u: &mut Unstructured, out: &mut String, kind: Kind, hostile: bool) -> A
             Ok(())
         })?,
         Kind::Ids => json_list(u, out, 0..=16, |u, out| {
-            out.push_str(&if edge { int(u)? } else { i64::from(u.int_in_range(0..=50_000u32)?) }.to_string());
+            out.push_str(
+                &if edge {
+                    int(u)?
+                } else {
+                    i64::from(u.int_in_range(0..=50_000u32)?)
+                }
+                .to_string(),
+            );
             Ok(())
         })?,
     }

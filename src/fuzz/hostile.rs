@@ -30,7 +30,7 @@ pub const EDGE_INTS: &[i64] = &[
     i64::MIN + 1,
 ];
 
-/// Number texts that JSON parsers have opinions on.
+/// Valid JSON number texts that parsers have opinions on (edges of i64, u64, f32, f64).
 const JSON_NUMBERS: &[&str] = &[
     "0",
     "-0",
@@ -65,6 +65,10 @@ const JSON_NUMBERS: &[&str] = &[
     "340282366920938463463374607431768211456",
     "1E2",
     "1e+2",
+];
+
+/// Number-like texts that are not JSON.
+const NOT_JSON_NUMBERS: &[&str] = &[
     "NaN",
     "nan",
     "Infinity",
@@ -80,6 +84,15 @@ const JSON_NUMBERS: &[&str] = &[
     "1_000",
 ];
 
+/// True about once in `n` calls; false once the bytes run out (`ratio` would then say yes
+/// every time, making every exhausted input hostile).
+pub fn rare(u: &mut Unstructured, n: u32) -> Result<bool> {
+    if u.is_empty() {
+        return Ok(false);
+    }
+    u.ratio(1, n)
+}
+
 /// Integers: mostly small, sometimes at an edge, sometimes anything.
 pub fn int(u: &mut Unstructured) -> Result<i64> {
     Ok(match u.int_in_range(0..=9u8)? {
@@ -87,6 +100,15 @@ pub fn int(u: &mut Unstructured) -> Result<i64> {
         2 => u.arbitrary()?,
         _ => u.int_in_range(-3..=300)?,
     })
+}
+
+/// An integer's text: [`int`], or past `i64` (TOML and JSON read those into u64, or fail).
+pub fn int_text(u: &mut Unstructured) -> Result<String> {
+    const WIDE: &[&str] = &["9223372036854775808", "18446744073709551615", "18446744073709551616"];
+    if rare(u, 6)? {
+        return Ok((*u.choose(WIDE)?).to_string());
+    }
+    Ok(int(u)?.to_string())
 }
 
 /// Floats, including non-finite ones and the edges of f32 and f64.
@@ -174,10 +196,16 @@ pub fn json_number(u: &mut Unstructured, out: &mut String) -> Result<()> {
         0 => out.push_str(u.choose(JSON_NUMBERS)?),
         1 => {
             let x = float(u)?;
-            out.push_str(&serde_json::Number::from_f64(x).map_or_else(|| format!("{x}"), |n| n.to_string()));
+            out.push_str(&serde_json::Number::from_f64(x).map_or_else(|| "1e999".to_string(), |n| n.to_string()));
         }
-        _ => out.push_str(&int(u)?.to_string()),
+        _ => out.push_str(&int_text(u)?),
     }
+    Ok(())
+}
+
+/// Appends a number that JSON does not allow (`NaN`, `+1`, `0x10`, ...).
+pub fn not_json_number(u: &mut Unstructured, out: &mut String) -> Result<()> {
+    out.push_str(u.choose(NOT_JSON_NUMBERS)?);
     Ok(())
 }
 
@@ -198,8 +226,13 @@ pub fn json_deep(u: &mut Unstructured, out: &mut String) -> Result<()> {
 
 /// Appends any JSON value (sometimes not quite JSON), at most `depth` levels of containers.
 pub fn json_value(u: &mut Unstructured, out: &mut String, depth: u32) -> Result<()> {
-    let pick = if depth == 0 { u.int_in_range(0..=3u8)? } else { u.int_in_range(0..=6u8)? };
+    let pick = if depth == 0 {
+        u.int_in_range(0..=3u8)?
+    } else {
+        u.int_in_range(0..=6u8)?
+    };
     match pick {
+        0 if rare(u, 8)? => not_json_number(u, out)?,
         0 => json_number(u, out)?,
         1 => json_str(out, &string(u)?),
         2 => out.push_str(u.choose(&["true", "false", "null"])?),
@@ -218,7 +251,8 @@ pub fn json_value(u: &mut Unstructured, out: &mut String, depth: u32) -> Result<
             }
             out.push('}');
         }
-        _ => json_deep(u, out)?,
+        _ if rare(u, 3)? => json_deep(u, out)?,
+        _ => json_number(u, out)?,
     }
     Ok(())
 }
@@ -242,42 +276,48 @@ pub fn json_list(
     Ok(())
 }
 
+/// TOML value texts at the edges of the format.
+const TOML_TEXTS: &[&str] = &[
+    "nan",
+    "+inf",
+    "-inf",
+    "-0.0",
+    "1e308",
+    "1e309",
+    "5e-324",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775808",
+    "0x7fffffffffffffff",
+    "0o777",
+    "0b101",
+    "1_000",
+    "1979-05-27T07:32:00Z",
+    "07:32:00",
+    "1979-05-27",
+    "true",
+    "false",
+    "''",
+    "'''a\nb'''",
+    "\"\"\"\n\"\"\"",
+    "\"\\u0000\"",
+    "\"\\uD800\"",
+    "\"\\x\"",
+    "{}",
+    "[]",
+];
+
 /// Appends a TOML value: edge integers and floats (`nan`, `inf`), strings, booleans, dates,
 /// arrays, inline tables, deep nesting.
 pub fn toml_value(u: &mut Unstructured, out: &mut String, depth: u32) -> Result<()> {
-    const TEXTS: &[&str] = &[
-        "nan",
-        "+inf",
-        "-inf",
-        "-0.0",
-        "1e308",
-        "1e309",
-        "5e-324",
-        "9223372036854775807",
-        "9223372036854775808",
-        "-9223372036854775808",
-        "0x7fffffffffffffff",
-        "0o777",
-        "0b101",
-        "1_000",
-        "1979-05-27T07:32:00Z",
-        "07:32:00",
-        "1979-05-27",
-        "true",
-        "false",
-        "''",
-        "'''a\nb'''",
-        "\"\"\"\n\"\"\"",
-        "\"\\u0000\"",
-        "\"\\uD800\"",
-        "\"\\x\"",
-        "{}",
-        "[]",
-    ];
-    let pick = if depth == 0 { u.int_in_range(0..=4u8)? } else { u.int_in_range(0..=7u8)? };
+    let pick = if depth == 0 {
+        u.int_in_range(0..=4u8)?
+    } else {
+        u.int_in_range(0..=7u8)?
+    };
     match pick {
-        0 => out.push_str(u.choose(TEXTS)?),
-        1 | 2 => out.push_str(&int(u)?.to_string()),
+        0 => out.push_str(u.choose(TOML_TEXTS)?),
+        1 | 2 => out.push_str(&int_text(u)?),
         3 => toml_float(u, out)?,
         4 => toml_str(out, &string(u)?),
         5 => {
@@ -380,12 +420,58 @@ pub fn mutate(u: &mut Unstructured, seed: &[u8], dictionary: &[&str]) -> Result<
 
 /// JSON tokens for [`mutate`].
 pub const JSON_DICTIONARY: &[&str] = &[
-    "null", "true", "false", "[", "]", "{", "}", "\"", ",", ":", "-", "1e308", "NaN", "-1", "-100", "1e309", "0.5",
-    "[]", "{}", "\"tokens\"", "\"masks\"", "\"scores\"", "\"batch\"", "\\u0000", "\\ud800", "9999999999999999999",
+    "null",
+    "true",
+    "false",
+    "[",
+    "]",
+    "{",
+    "}",
+    "\"",
+    ",",
+    ":",
+    "-",
+    "1e308",
+    "NaN",
+    "-1",
+    "-100",
+    "1e309",
+    "0.5",
+    "[]",
+    "{}",
+    "\"tokens\"",
+    "\"masks\"",
+    "\"scores\"",
+    "\"batch\"",
+    "\\u0000",
+    "\\ud800",
+    "9999999999999999999",
 ];
 
 /// TOML tokens for [`mutate`].
 pub const TOML_DICTIONARY: &[&str] = &[
-    "=", "[", "]", "[[", "]]", "\"", "'", "\n", "#", ".", ",", "{", "}", "nan", "inf", "-", "9223372036854775808",
-    "true", "\n[[process]]\n", "\nmain = true\n", "{port:", "}", "\"\"\"", "\\u0000",
+    "=",
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "\"",
+    "'",
+    "\n",
+    "#",
+    ".",
+    ",",
+    "{",
+    "}",
+    "nan",
+    "inf",
+    "-",
+    "9223372036854775808",
+    "true",
+    "\n[[process]]\n",
+    "\nmain = true\n",
+    "{port:",
+    "}",
+    "\"\"\"",
+    "\\u0000",
 ];

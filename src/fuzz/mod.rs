@@ -104,7 +104,7 @@ impl TargetName {
 /// Why a fuzz run could not run or did not pass.
 #[derive(Debug, thiserror::Error)]
 pub enum FuzzError {
-    #[error("setting up the {target} target: {source}")]
+    #[error("setting up the {target} target")]
     Setup {
         target: &'static str,
         #[source]
@@ -185,12 +185,17 @@ fn run_on_fuzz_thread(name: TargetName, args: &FuzzArgs) -> Result<Report, FuzzE
         .name(format!("fuzz-{name:?}").to_lowercase())
         .stack_size(FUZZ_STACK)
         .spawn(move || -> Result<Report, FuzzError> {
+            // The code under test logs every rejection; a million of them would drown the report.
+            let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
             let mut target = make_target(name)?;
             let hang = Duration::from_secs(args.hang_s.max(1));
             Ok(match args.case {
                 Some(case) => {
                     println!("case {case} of seed {} ({}):", args.seed, target.name());
-                    println!("{}", run::clip(&target.render(&run::case_bytes(args.seed, case)), 20_000));
+                    println!(
+                        "{}",
+                        run::clip(&target.render(&run::case_bytes(args.seed, case)), 20_000)
+                    );
                     run_range(target.as_mut(), args.seed, case..case + 1, Some(hang))
                 }
                 None => run_target(target.as_mut(), args.seed, args.cases, Some(hang)),

@@ -39,7 +39,11 @@ const MAX_CASE_BYTES: usize = 8192;
 pub fn case_bytes(seed: u64, case: u64) -> Vec<u8> {
     let mut rng = SplitMix64::new(SplitMix64::new(seed).next_u64() ^ case.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let r = rng.next_u64() as usize;
-    let len = if r % 8 == 0 { (r >> 3) % 64 } else { 64 + (r >> 3) % (MAX_CASE_BYTES - 64) };
+    let len = if r.is_multiple_of(8) {
+        (r >> 3) % 64
+    } else {
+        64 + (r >> 3) % (MAX_CASE_BYTES - 64)
+    };
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         out.extend_from_slice(&rng.next_u64().to_le_bytes());
@@ -92,7 +96,11 @@ impl std::fmt::Display for Site {
             self.count,
             first.target,
             first.message,
-            first.location.as_deref().map(|l| format!(" (at {l})")).unwrap_or_default()
+            first
+                .location
+                .as_deref()
+                .map(|l| format!(" (at {l})"))
+                .unwrap_or_default()
         )?;
         writeln!(
             f,
@@ -169,8 +177,10 @@ fn install_hook() {
                 previous(info);
                 return;
             }
-            let message = info.payload_as_str().unwrap_or("(a panic payload that is not text)").to_string();
-            let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            let message = payload_text(info.payload());
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
             CAPTURED.with(|c| *c.borrow_mut() = Some((message, location)));
         }));
     });
@@ -245,7 +255,8 @@ impl Watchdog {
 
     fn enter(&self, case: u64) {
         self.case.store(case, Ordering::Relaxed);
-        self.started.store(self.base.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        self.started
+            .store(self.base.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
     }
 
     fn leave(&self) {

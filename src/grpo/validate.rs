@@ -122,6 +122,18 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
             format!("score {i} is {}", group.scores[i]),
         ));
     }
+    // Advantages are trained on in fp32: a finite score can still overflow the group's mean
+    // (scores near f64::MAX) or fp32 itself.
+    let advantages = super::advantages::sequence_advantages(&group);
+    if let Some(i) = advantages.iter().position(|a| !fits_f32(*a)) {
+        return Err(reject(
+            RejectReason::AdvantagesNonFinite,
+            format!(
+                "sequence {i}: the group's scores give advantage {} (not a finite fp32)",
+                advantages[i]
+            ),
+        ));
+    }
     if group.masks.len() != n {
         return Err(reject(
             RejectReason::MaskLength,
@@ -218,7 +230,7 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
                     format!("sequence {i}: advantages do not match its {} tokens", tokens.len()),
                 ));
             };
-            if let Some(j) = adv.iter().position(|a| !a.is_finite()) {
+            if let Some(j) = adv.iter().position(|a| !fits_f32(*a)) {
                 return Err(reject(
                     RejectReason::AdvantagesNonFinite,
                     format!("sequence {i} position {j}: advantage {}", adv[j]),
@@ -227,6 +239,11 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
         }
     }
     Ok(group)
+}
+
+/// Whether `x` is finite once stored as fp32.
+fn fits_f32(x: f64) -> bool {
+    x.is_finite() && x.abs() <= f64::from(f32::MAX)
 }
 
 fn truncate(group: &mut ScoredGroup, i: usize, len: usize) {
@@ -295,6 +312,16 @@ mod tests {
                 "infinite score",
                 |g| g.scores[1] = f64::INFINITY,
                 RejectReason::NonFiniteScore,
+            ),
+            (
+                "scores whose group mean overflows",
+                |g| g.scores = vec![1.5e308, 1.5e308],
+                RejectReason::AdvantagesNonFinite,
+            ),
+            (
+                "an env advantage past fp32",
+                |g| g.advantages = Some(vec![vec![0.0, 0.0, 1e300, 0.0], vec![0.0; 4]]),
+                RejectReason::AdvantagesNonFinite,
             ),
             (
                 "mask list short",

@@ -76,6 +76,9 @@ pub struct Process {
     pub main: bool,
 }
 
+/// Longest `ready_timeout_s` (a year; the runner adds it to `Instant::now()`).
+pub const MAX_READY_TIMEOUT_S: u64 = 365 * 86_400;
+
 fn default_ready_s() -> u64 {
     120
 }
@@ -108,13 +111,17 @@ impl Manifest {
         if m.process.iter().filter(|p| p.main).count() != 1 {
             return Err(invalid("exactly one process must have main = true".into()));
         }
-        if let Some(p) = m
-            .process
-            .iter()
-            .chain(std::iter::empty())
-            .find(|p| p.command.is_empty())
-        {
+        if let Some(p) = m.process.iter().find(|p| p.command.is_empty()) {
             return Err(invalid(format!("process {} has an empty command", p.name)));
+        }
+        if let Some(s) = m.setup.iter().chain(&m.finally).find(|s| s.command.is_empty()) {
+            return Err(invalid(format!("step {} has an empty command", s.name)));
+        }
+        if let Some(p) = m.process.iter().find(|p| p.ready_timeout_s > MAX_READY_TIMEOUT_S) {
+            return Err(invalid(format!(
+                "process {}: ready_timeout_s must be at most {MAX_READY_TIMEOUT_S} (got {})",
+                p.name, p.ready_timeout_s
+            )));
         }
         let mut names: Vec<&str> = m.process.iter().map(|p| p.name.as_str()).collect();
         names.sort_unstable();

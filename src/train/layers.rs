@@ -6,6 +6,9 @@ use std::collections::BTreeSet;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerSet(pub BTreeSet<i64>);
 
+/// Indices at or above this are refused (no model has that many layers; a range up to it is
+/// expanded into a set).
+pub const MAX_LAYERS: i64 = 1 << 16;
 impl std::str::FromStr for LayerSet {
     type Err = String;
 
@@ -30,10 +33,21 @@ impl std::str::FromStr for LayerSet {
                     if a > b {
                         return Err(format!("range {part:?} starts after it ends"));
                     }
+                    if b >= MAX_LAYERS {
+                        return Err(format!(
+                            "layer index {b} in {s:?}: models have fewer than {MAX_LAYERS} layers"
+                        ));
+                    }
                     set.extend(a..=b);
                 }
                 None => {
-                    set.insert(parse(part)?);
+                    let v = parse(part)?;
+                    if v >= MAX_LAYERS {
+                        return Err(format!(
+                            "layer index {v} in {s:?}: models have fewer than {MAX_LAYERS} layers"
+                        ));
+                    }
+                    set.insert(v);
                 }
             }
         }
