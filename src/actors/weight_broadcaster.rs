@@ -133,6 +133,19 @@ struct Entry {
     registered: bool,
     /// When it last became stale.
     stale_since: Option<std::time::Instant>,
+    /// No health check (and so no full sync) before this: failures in a row back off, so a
+    /// sidecar that answers health but fails every update does not get the model every second.
+    retry_at: Option<std::time::Instant>,
+}
+
+/// The wait before retrying a sidecar after `failures` failed sends in a row: 0 s after the
+/// first, then 2, 4, ... up to 60 s.
+fn retry_delay(failures: u64) -> Duration {
+    if failures <= 1 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(1u64 << (failures - 1).min(6)).min(Duration::from_secs(60))
+    }
 }
 
 /// How weights reach one sidecar.
@@ -266,6 +279,7 @@ impl BroadcasterState {
                     checking: false,
                     registered,
                     stale_since: None,
+                    retry_at: None,
                 },
             );
         }
@@ -356,6 +370,7 @@ impl BroadcasterState {
                 prom.observe_send("published", &phases, p.bytes);
                 entry.status = Status::Synced(p.version);
                 entry.failures = 0;
+                entry.retry_at = None;
                 tracing::info!(sidecar = %addr, version = p.version.0, bytes = p.bytes, seconds = p.seconds,
                     canary_max_abs_diff = p.canary_max_abs_diff, "weights published");
                 (p.seconds, p.bytes, p.canary_max_abs_diff)
@@ -371,6 +386,7 @@ impl BroadcasterState {
                     entry.stale_since = Some(std::time::Instant::now());
                 }
                 entry.failures += 1;
+                entry.retry_at = Some(std::time::Instant::now() + retry_delay(entry.failures));
                 if entry.status != Status::Stale || entry.failures == 1 {
                     tracing::warn!(sidecar = %addr, error = %e, "sync failed; sidecar marked stale, training goes on");
                 }
@@ -525,7 +541,8 @@ impl Actor for WeightBroadcaster {
                 // Each check runs in its own task: a sidecar that hangs instead of refusing
                 // costs its own RPC deadline and delays nothing else.
                 for (addr, e) in state.sidecars.iter_mut() {
-                    if e.status == Status::Stale && e.link.is_some() && !e.checking {
+                    let due = e.retry_at.is_none_or(|t| t <= std::time::Instant::now());
+                    if e.status == Status::Stale && e.link.is_some() && !e.checking && due {
                         e.checking = true;
                         let (client, addr, me) = (e.client.clone(), addr.clone(), myself.clone());
                         tokio::spawn(async move {
@@ -550,5 +567,18 @@ impl Actor for WeightBroadcaster {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn failures_in_a_row_back_off_to_a_minute() {
+        let secs: Vec<u64> = (1..=9).map(|f| retry_delay(f).as_secs()).collect();
+        assert_eq!(secs, vec![0, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(u64::MAX), Duration::from_secs(60));
     }
 }

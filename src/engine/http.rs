@@ -49,9 +49,9 @@ async fn health(State(s): State<Served>) -> StatusCode {
 }
 
 async fn info(State(Served { engine, .. }): State<Served>) -> Response {
-    match engine.served().await {
-        Ok(s) => Json(json!({
-            "version": s.version.0,
+    match engine.version().await {
+        Ok(version) => Json(json!({
+            "version": version.0,
             "vocab_size": engine.vocab_size(),
             "engine": engine.kind(),
         }))

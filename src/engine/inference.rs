@@ -71,6 +71,10 @@ pub trait InferenceEngine: Send + Sync + 'static {
     async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure>;
     /// The served version, size and digest.
     async fn served(&self) -> Result<Served, EngineFailure>;
+    /// The served version alone (cheap: what `/info` answers anyone with).
+    async fn version(&self) -> Result<PolicyVersion, EngineFailure> {
+        self.served().await.map(|s| s.version)
+    }
     /// Whether the engine answers now.
     async fn healthy(&self) -> bool;
 }
@@ -155,6 +159,11 @@ impl InferenceEngine for EngineHandle {
             parameters,
             digest: Some(digest),
         })
+    }
+
+    /// Between rounds, without digesting the weights.
+    async fn version(&self) -> Result<PolicyVersion, EngineFailure> {
+        self.info().await.map(|i| i.version).map_err(gone)
     }
 
     /// From the engine thread's heartbeat (it answers its queue between rounds only, and a

@@ -228,6 +228,21 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         starting_step: steps_done,
         num_steps: cfg.training_steps,
     };
+    // Bound before registering: a port in use fails the start before any batch is taken.
+    let metrics_access = crate::telemetry::prom::Access {
+        token: cfg
+            .sync
+            .auth_token
+            .clone()
+            .filter(|_| !cfg.metrics_listen.ip().is_loopback()),
+    };
+    let (metrics_addr, metrics_server) = crate::telemetry::prom::serve_learner(cfg.metrics_listen, metrics_access)
+        .await
+        .map_err(|source| LearnerError::Io {
+            context: format!("binding --metrics-listen {}", cfg.metrics_listen),
+            source,
+        })?;
+    tracing::info!(addr = %metrics_addr, "Prometheus /metrics listening");
     tokio::pin!(shutdown);
     let uuid = tokio::select! {
         registered = client.register_when_up(&registration, cfg.reset_api) => registered?,
@@ -305,21 +320,27 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 .map_err(|e| LearnerError::Engine(e.to_string()))?;
             model.gate = Some(shared.gate);
             model.shared_version = Some(shared.version);
-            let engine = EngineHandle::start(
-                model,
-                BatchConfig {
-                    max_rows: 256,
-                    window: Duration::from_millis(5),
-                },
-            )
-            .map_err(|e| LearnerError::Engine(e.to_string()))?;
-            let (bound, task) =
-                engine_http::serve(addr, std::sync::Arc::new(engine), engine_http::HttpPolicy::default())
-                    .await
-                    .map_err(|source| LearnerError::Io {
-                        context: format!("binding --engine-listen {addr}"),
-                        source,
-                    })?;
+            let batch = BatchConfig {
+                max_rows: 256,
+                window: Duration::from_millis(5),
+            };
+            let engine = tokio::task::spawn_blocking(move || EngineHandle::start(model, batch))
+                .await
+                .map_err(|e| LearnerError::Engine(e.to_string()))?
+                .map_err(|e| LearnerError::Engine(e.to_string()))?;
+            // Off loopback (allowed only with a token) both /generate and /metrics need it.
+            let guarded = cfg.sync.auth_token.clone().filter(|_| !addr.ip().is_loopback());
+            let policy = engine_http::HttpPolicy {
+                token: guarded.clone(),
+                metrics_token: guarded,
+                ..Default::default()
+            };
+            let (bound, task) = engine_http::serve(addr, std::sync::Arc::new(engine), policy)
+                .await
+                .map_err(|source| LearnerError::Io {
+                    context: format!("binding --engine-listen {addr}"),
+                    source,
+                })?;
             tracing::info!(addr = %bound, "colocated engine serving /generate on the learner's own weights");
             Some(task)
         }
@@ -419,17 +440,6 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
         None => None,
     };
-
-    let metrics_access = crate::telemetry::prom::Access {
-        token: token.0.clone().filter(|_| !cfg.metrics_listen.ip().is_loopback()),
-    };
-    let (metrics_addr, metrics_server) = crate::telemetry::prom::serve_learner(cfg.metrics_listen, metrics_access)
-        .await
-        .map_err(|source| LearnerError::Io {
-            context: format!("binding --metrics-listen {}", cfg.metrics_listen),
-            source,
-        })?;
-    tracing::info!(addr = %metrics_addr, "Prometheus /metrics listening");
 
     let outcome = tokio::select! {
         o = outcome_rx.recv() => o.unwrap_or_else(|| RunOutcome::Failed("the node stopped without an outcome".into())),

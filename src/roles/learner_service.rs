@@ -39,15 +39,24 @@ pub struct SidecarAllow {
 impl SidecarAllow {
     /// Loopback, the IP hosts of `sidecars`' URLs, and `extra`.
     pub fn new(sidecars: &[String], extra: &[IpAddr]) -> Self {
-        let hosts = sidecars
-            .iter()
-            .filter_map(|u| url_host(u)?.parse().ok())
-            .chain(extra.iter().copied())
-            .collect();
+        let mut hosts = BTreeSet::new();
+        for url in sidecars {
+            match url_host(url).map(|h| h.parse::<IpAddr>()) {
+                Some(Ok(ip)) => {
+                    hosts.insert(ip.to_canonical());
+                }
+                _ => {
+                    tracing::warn!(sidecar = %url, "not an IP address: it may not register itself unless --sidecar-allow names its IP")
+                }
+            }
+        }
+        hosts.extend(extra.iter().map(|ip| ip.to_canonical()));
         Self { hosts }
     }
 
     fn permits(&self, ip: IpAddr) -> bool {
+        // A dual-stack listener sees IPv4 callers as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
         ip.is_loopback() || self.hosts.contains(&ip)
     }
 
@@ -173,6 +182,14 @@ mod tests {
             "a --sidecar-allow host"
         );
         assert!(allow.check(ip("::1"), "http://[::1]:9").is_ok());
+        assert!(
+            allow.check(ip("::ffff:127.0.0.1"), "http://127.0.0.1:9").is_ok(),
+            "dual-stack loopback"
+        );
+        assert!(
+            allow.check(ip("::ffff:10.0.0.5"), "http://10.0.0.5:9").is_ok(),
+            "dual-stack"
+        );
         let denied = |peer, url| allow.check(peer, url).map_err(|s| s.code());
         assert_eq!(
             denied(ip("10.0.0.9"), "http://10.0.0.9:9"),

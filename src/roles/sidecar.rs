@@ -144,18 +144,17 @@ impl Supervised {
 async fn start_embedded(cfg: &SidecarConfig) -> Result<SharedEngine, SidecarError> {
     let device = cfg.device.to_tch().map_err(SidecarError::Load)?;
     let model_dir = cfg.model_name.clone();
-    let model = tokio::task::spawn_blocking(move || load::load(&model_dir, device))
-        .await
-        .map_err(|e| SidecarError::Load(e.to_string()))?
-        .map_err(|e| SidecarError::Load(e.to_string()))?;
-    let engine = EngineHandle::start(
-        model,
-        BatchConfig {
-            max_rows: cfg.max_batch_rows,
-            window: Duration::from_millis(5),
-        },
-    )
-    .map_err(|e| SidecarError::Load(e.to_string()))?;
+    let batch = BatchConfig {
+        max_rows: cfg.max_batch_rows,
+        window: Duration::from_millis(5),
+    };
+    // Loading and building the model is blocking work.
+    let engine = tokio::task::spawn_blocking(move || {
+        let model = load::load(&model_dir, device).map_err(|e| SidecarError::Load(e.to_string()))?;
+        EngineHandle::start(model, batch).map_err(|e| SidecarError::Load(e.to_string()))
+    })
+    .await
+    .map_err(|e| SidecarError::Load(e.to_string()))??;
     Ok(Arc::new(engine))
 }
 
@@ -178,6 +177,7 @@ async fn vllm_failed(state: Option<watch::Receiver<VllmState>>) -> String {
 async fn keep_registered(learner: String, advertise: String, token: Token, tls: crate::rpc::tls::Tls) {
     let mut delay = Duration::from_millis(200);
     let mut registered = false;
+    let mut warned = false;
     loop {
         let attempt = async {
             let channel = tls
@@ -201,8 +201,9 @@ async fn keep_registered(learner: String, advertise: String, token: Token, tls: 
                 delay = Duration::from_secs(10);
             }
             Err(e) => {
-                if registered {
-                    tracing::warn!(learner = %learner, error = %e, "learner unreachable; will register again");
+                if registered || !warned {
+                    tracing::warn!(learner = %learner, error = %e, "registration with the learner failed; retrying");
+                    warned = true;
                 }
                 registered = false;
                 delay = (delay * 2).min(Duration::from_secs(5));

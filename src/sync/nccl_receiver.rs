@@ -19,6 +19,7 @@ mod imp {
     use super::Received;
     use crate::comm::nccl::{deadline_for, Communicator, UniqueId};
     use crate::engine::PolicyVersion;
+    use crate::lock::recover;
     use crate::rpc::pb;
     use crate::sync::nccl_sync::plan_layout;
 
@@ -60,19 +61,15 @@ mod imp {
             }
             let id = UniqueId::from_hex(id_hex).map_err(|e| e.to_string())?;
             let slot = self.comm.clone();
-            if let Ok(mut old) = slot.lock() {
-                // A new communicator replaces the old one (aborted on drop).
-                *old = None;
-            }
+            // A new communicator replaces the old one (aborted on drop).
+            *recover(&slot) = None;
             let (tx, rx) = oneshot::channel();
             self.joining = Some(rx);
             tokio::task::spawn_blocking(move || {
                 let _call = crate::runtime::DriverCall::enter();
                 let outcome = Communicator::join(&id, rank, world, gpu, Duration::from_secs(120))
                     .map(|c| {
-                        if let Ok(mut s) = slot.lock() {
-                            *s = Some(c);
-                        }
+                        *recover(&slot) = Some(c);
                     })
                     .map_err(|e| e.to_string());
                 if let Err(e) = &outcome {
@@ -95,7 +92,7 @@ mod imp {
                     .map_err(|_| "the NCCL join was abandoned".to_string())??;
             }
             let slot = self.comm.clone();
-            if slot.lock().map(|s| s.is_none()).unwrap_or(true) {
+            if recover(&slot).is_none() {
                 return Err("no NCCL communicator (JoinNccl first)".into());
             }
             let deadline = deadline_for(plan.total_bytes, Duration::from_secs(10));
@@ -103,20 +100,19 @@ mod imp {
             let (tx, rx) = oneshot::channel();
             tokio::task::spawn_blocking(move || {
                 let _call = crate::runtime::DriverCall::enter();
-                let result = match slot.lock() {
-                    Ok(mut guard) => match guard.as_mut() {
-                        Some(comm) => {
-                            let r = crate::sync::nccl_sync::receive(comm, &plan, device, deadline);
-                            if r.is_err() {
-                                // Aborted or broken: the learner will make a new one.
-                                *guard = None;
-                            }
-                            r.map_err(|e| e.to_string())
+                let mut guard = recover(&slot);
+                let result = match guard.as_mut() {
+                    Some(comm) => {
+                        let r = crate::sync::nccl_sync::receive(comm, &plan, device, deadline);
+                        if r.is_err() {
+                            // Aborted or broken: the learner will make a new one.
+                            *guard = None;
                         }
-                        None => Err("the communicator went away".to_string()),
-                    },
-                    Err(_) => Err("communicator lock poisoned".to_string()),
+                        r.map_err(|e| e.to_string())
+                    }
+                    None => Err("the communicator went away".to_string()),
                 };
+                drop(guard);
                 let _ = tx.send(result);
             });
             self.pending = Some(Pending {

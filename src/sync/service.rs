@@ -207,7 +207,15 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::LoadCheckpointResponse>, Status> {
         let req = req.into_inner();
         let version = version_of(req.version)?;
-        let path = confine(self.checkpoint_root.as_deref(), &req.path)?;
+        let path = confine(self.checkpoint_root.as_deref(), &req.path).map_err(|e| {
+            // Without the token the caller learns nothing of the filesystem: not the root, not
+            // whether a path exists.
+            if self.model_dir.is_some() {
+                return e;
+            }
+            tracing::warn!(path = %req.path, error = %e.message(), "checkpoint reload refused");
+            Status::permission_denied("checkpoint reload refused (the sidecar's log says why)")
+        })?;
         ractor::call!(self.receiver, ReceiverMsg::LoadCheckpoint, version, path)
             .map_err(internal)?
             .map_err(Status::failed_precondition)?;
