@@ -74,6 +74,11 @@ impl VllmSidecar {
     }
 
     fn spawn(model: &Path, work: &Path, extra: &[&str]) -> Self {
+        Self::spawn_with(model, work, extra, "")
+    }
+
+    /// [`Self::spawn`], with `more_vllm_args` appended to vLLM's own arguments.
+    fn spawn_with(model: &Path, work: &Path, extra: &[&str], more_vllm_args: &str) -> Self {
         let (http, grpc) = (common::free_port(), common::free_port());
         let log = work.join("vllm.log");
         // Usage stats off in the command too (the sidecar also sets both on every vLLM it starts).
@@ -82,11 +87,13 @@ impl VllmSidecar {
             vllm_python().display()
         );
         let mut args = vllm_sidecar_args(model, &command, &log, &work.join("weights"));
+        let vllm_args =
+            format!("--dtype float32 --enforce-eager --max-model-len 256 --max-num-seqs 8 --seed 0 {more_vllm_args}");
         let rest = [
             "--auth-token",
             TOKEN,
             "--vllm-args",
-            "--dtype float32 --enforce-eager --max-model-len 256 --max-num-seqs 8 --seed 0",
+            vllm_args.trim(),
             // No liveness probe during the tests: a probe batched beside a request changes the
             // batch's numerics, and then a seed no longer reproduces its samples.
             "--vllm-probe-interval-s",
@@ -336,11 +343,31 @@ fn vllm_sidecar_serves_follows_the_learner_and_survives_kill_9() {
 #[test]
 fn checkpoint_mode_reloads_vllm_from_checkpoints() {
     let _turn = one_vllm_at_a_time();
+    let restarts = checkpoint_run("");
+    assert_eq!(
+        restarts, 0.0,
+        "reload_weights served both checkpoints without a restart"
+    );
+}
+
+/// A 4-step checkpoint-mode run (reloads after steps 2 and 4) against a vLLM started with
+/// `more_vllm_args` (none yet: a run whose `reload_weights` fails, to exercise the restart
+/// fallback, is still to come); checks that vLLM ends on the final checkpoint and that both reloads
+/// happened, and returns the sidecar's count of vLLM restarts.
+fn checkpoint_run(more_vllm_args: &str) -> f64 {
     let model = vllm_model();
     let work = tempfile::tempdir().expect("work");
     let save = work.path().join("run");
     std::fs::create_dir_all(&save).expect("save dir");
-    let sidecar = VllmSidecar::start(model.path(), work.path(), &["--checkpoint-root", path_str(&save)]);
+    let sidecar = VllmSidecar::spawn_with(
+        model.path(),
+        work.path(),
+        &["--checkpoint-root", path_str(&save)],
+        more_vllm_args,
+    );
+    wait_until(Duration::from_secs(400), "vLLM sidecar /health", || {
+        common::ureq_get(&sidecar.url("/health")).is_ok()
+    });
     let api = RunApi::start();
     let url = sidecar.grpc_url();
     let args = [
@@ -364,12 +391,12 @@ fn checkpoint_mode_reloads_vllm_from_checkpoints() {
     assert_eq!(code, 0, "{log}");
     assert!(save.join("sync_step_4/config.json").is_file());
     wait_serves(&sidecar, &save.join("final_model"), "vLLM serving step 4's checkpoint");
-    assert!(
-        log.lines()
-            .any(|l| l.contains("weights published") && l.contains("version=2")),
-        "{log}"
-    );
+    let prom = sidecar.url("/metrics");
+    let loads = common::scraped(&prom, "grpo_weight_updates", Some(("reason", "checkpoint_loaded")));
+    assert!(loads >= 2.0, "the reloads after steps 2 and 4: {loads}\n{log}");
+    let restarts = common::scraped(&prom, "grpo_engine_restarts", None);
     drop(sidecar);
+    restarts
 }
 
 /// A test double for a fault real vLLM cannot show on demand: a "server" that never answers.

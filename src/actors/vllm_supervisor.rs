@@ -385,6 +385,8 @@ impl Actor for VllmSupervisor {
             VllmMsg::Probed(..) => {}
             VllmMsg::Order(SupervisorOrder::RestartOn(dir)) => {
                 tracing::info!(model = %dir.display(), "restarting vLLM on a checkpoint");
+                st.restarts += 1;
+                crate::telemetry::prom::sidecar().engine_restarts.inc();
                 st.model_override = Some(dir);
                 st.ready_since = None;
                 st.kill().await;
