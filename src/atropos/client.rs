@@ -245,25 +245,29 @@ impl AtroposClient {
 
     /// `GET /batch`, mapping the three answer shapes.
     pub async fn poll_batch(&self) -> Result<BatchPoll, AtroposError> {
-        let v = self.get_json("/batch").await?;
-        if v.get("status").and_then(Value::as_str) == Some("error") {
-            let msg = v.get("message").and_then(Value::as_str).unwrap_or_default();
-            if msg.contains("not registered") {
-                return Ok(BatchPoll::NotRegistered);
-            }
-            return Err(AtroposError::Protocol {
-                endpoint: "/batch",
-                reason: format!("error: {msg}"),
-            });
+        batch_reply(self.get_json("/batch").await?)
+    }
+}
+
+/// What a `GET /batch` reply means: a batch, none yet, or the API having lost our registration.
+pub fn batch_reply(v: Value) -> Result<BatchPoll, AtroposError> {
+    if v.get("status").and_then(Value::as_str) == Some("error") {
+        let msg = v.get("message").and_then(Value::as_str).unwrap_or_default();
+        if msg.contains("not registered") {
+            return Ok(BatchPoll::NotRegistered);
         }
-        match v.get("batch") {
-            Some(Value::Null) => Ok(BatchPoll::Empty),
-            Some(Value::Array(groups)) => Ok(BatchPoll::Batch(groups.clone())),
-            _ => Err(AtroposError::Protocol {
-                endpoint: "/batch",
-                reason: format!("no batch field in {v}"),
-            }),
-        }
+        return Err(AtroposError::Protocol {
+            endpoint: "/batch",
+            reason: format!("error: {msg}"),
+        });
+    }
+    match v.get("batch") {
+        Some(Value::Null) => Ok(BatchPoll::Empty),
+        Some(Value::Array(groups)) => Ok(BatchPoll::Batch(groups.clone())),
+        _ => Err(AtroposError::Protocol {
+            endpoint: "/batch",
+            reason: format!("no batch field in {v}"),
+        }),
     }
 }
 

@@ -48,27 +48,15 @@ pub enum BodyOutcome {
     Batch { groups: usize, prepared: PreparedBatch },
 }
 
-/// `GET /batch`'s body as the client maps it: the JSON parse of `read_json` and the three
-/// answer shapes of `poll_batch`. Those live inside the client's async HTTP methods, so this
-/// is a line-for-line copy of their parsing half; keep the two in step.
+/// `GET /batch`'s body as the client maps it: the JSON parse (as `read_json` does it), then
+/// the client's own [`crate::atropos::client::batch_reply`].
 pub fn poll_body(body: &[u8]) -> Result<BatchPoll, AtroposError> {
     let protocol = |reason: String| AtroposError::Protocol {
         endpoint: "/batch",
         reason,
     };
     let v: Value = serde_json::from_slice(body).map_err(|e| protocol(e.to_string()))?;
-    if v.get("status").and_then(Value::as_str) == Some("error") {
-        let msg = v.get("message").and_then(Value::as_str).unwrap_or_default();
-        if msg.contains("not registered") {
-            return Ok(BatchPoll::NotRegistered);
-        }
-        return Err(protocol(format!("error: {msg}")));
-    }
-    match v.get("batch") {
-        Some(Value::Null) => Ok(BatchPoll::Empty),
-        Some(Value::Array(groups)) => Ok(BatchPoll::Batch(groups.clone())),
-        _ => Err(protocol(format!("no batch field in {v}"))),
-    }
+    crate::atropos::client::batch_reply(v)
 }
 
 /// The spool's round trip (`Spool::write` then `Spool::read`, without the files).
