@@ -84,11 +84,7 @@ impl ModelWorker {
                             // thread goes on (the job's caller sees its reply channel close).
                             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&trainer)));
                             if let Err(panic) = ran {
-                                let what = panic
-                                    .downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_default();
+                                let what = crate::engine::core::panic_text(panic.as_ref());
                                 tracing::error!(panic = %what, "a job on the model thread panicked");
                             }
                         }

@@ -204,5 +204,5 @@ fn run_on_fuzz_thread(name: TargetName, args: &FuzzArgs) -> Result<Report, FuzzE
         .map_err(FuzzError::Thread)?;
     handle
         .join()
-        .map_err(|p| FuzzError::Died(run::payload_text(p.as_ref())))?
+        .map_err(|p| FuzzError::Died(crate::engine::core::panic_text(p.as_ref())))?
 }

@@ -10,26 +10,8 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use super::{FuzzTarget, Verdict, Violation};
-
-/// SplitMix64: a tiny, fast, seedable generator (Steele, Lea and Flood 2014).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator whose stream depends only on `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+use crate::engine::core::panic_text;
+use crate::engine::sampler::Rng;
 
 /// Longest case buffer, in bytes.
 const MAX_CASE_BYTES: usize = 8192;
@@ -37,7 +19,7 @@ const MAX_CASE_BYTES: usize = 8192;
 /// The bytes of case `case` of a run seeded with `seed`: a length (mostly 64 bytes to 8 KiB,
 /// one case in eight shorter, so the ends of the buffer are reached too), then that many bytes.
 pub fn case_bytes(seed: u64, case: u64) -> Vec<u8> {
-    let mut rng = SplitMix64::new(SplitMix64::new(seed).next_u64() ^ case.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let mut rng = Rng::from_state(Rng::from_state(seed).next_u64() ^ case.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let r = rng.next_u64() as usize;
     let len = if r.is_multiple_of(8) {
         (r >> 3) % 64
@@ -177,22 +159,13 @@ fn install_hook() {
                 previous(info);
                 return;
             }
-            let message = payload_text(info.payload());
+            let message = panic_text(info.payload());
             let location = info
                 .location()
                 .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
             CAPTURED.with(|c| *c.borrow_mut() = Some((message, location)));
         }));
     });
-}
-
-/// The text of a panic payload.
-pub(crate) fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(a panic payload that is not text)".into())
 }
 
 /// `s`, cut to at most `max` characters.
@@ -211,7 +184,7 @@ fn captured<T>(f: impl FnOnce() -> T) -> Result<T, (String, Option<String>)> {
     out.map_err(|payload| {
         CAPTURED
             .with(|c| c.borrow_mut().take())
-            .unwrap_or_else(|| (payload_text(payload.as_ref()), None))
+            .unwrap_or_else(|| (panic_text(payload.as_ref()), None))
     })
 }
 
