@@ -90,6 +90,9 @@ impl Sidecar for FakeSidecar {
     async fn load_checkpoint(&self, _r: Request<pb::LoadCheckpointRequest>) -> Rpc<pb::LoadCheckpointResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn install_ipc(&self, _r: Request<pb::InstallIpcRequest>) -> Rpc<pb::CommitUpdateResponse> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Serves `fake` on a loopback port; returns its URL.

@@ -61,16 +61,32 @@ struct VllmSidecar {
     proc: Learner,
     http: u16,
     grpc: u16,
+    vllm_log: PathBuf,
 }
 
 impl VllmSidecar {
     /// Starts a sidecar with `--engine vllm` and waits for its /health.
     fn start(model: &Path, work: &Path, extra: &[&str]) -> Self {
         let s = Self::spawn(model, work, extra);
-        wait_until(Duration::from_secs(400), "vLLM sidecar /health", || {
-            common::ureq_get(&s.url("/health")).is_ok()
-        });
+        s.wait_healthy();
         s
+    }
+
+    /// Waits for the sidecar's /health; a timeout shows the sidecar's log and vLLM's.
+    fn wait_healthy(&self) {
+        let healthy = common::try_wait_until(Duration::from_secs(400), "vLLM sidecar /health", || {
+            common::ureq_get(&self.url("/health")).is_ok()
+        });
+        if let Err(e) = healthy {
+            let vllm = std::fs::read_to_string(&self.vllm_log).unwrap_or_default();
+            let tail: Vec<&str> = vllm.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{e}\nsidecar log:\n{}\nvLLM log (last 60 lines):\n{}",
+                self.proc.log(),
+                tail.join("\n")
+            );
+        }
     }
 
     fn spawn(model: &Path, work: &Path, extra: &[&str]) -> Self {
@@ -109,6 +125,7 @@ impl VllmSidecar {
             proc: Learner::spawn_args(&args, &work.join("sidecar")),
             http,
             grpc,
+            vllm_log: log,
         }
     }
 
@@ -365,9 +382,7 @@ fn checkpoint_run(more_vllm_args: &str) -> f64 {
         &["--checkpoint-root", path_str(&save)],
         more_vllm_args,
     );
-    wait_until(Duration::from_secs(400), "vLLM sidecar /health", || {
-        common::ureq_get(&sidecar.url("/health")).is_ok()
-    });
+    sidecar.wait_healthy();
     let api = RunApi::start();
     let url = sidecar.grpc_url();
     let args = [
@@ -462,4 +477,76 @@ fn an_untested_vllm_version_is_refused_unless_allowed() {
         !log.contains("outside the tested range") && log.contains("/v1/models"),
         "{log}"
     );
+}
+
+/// The InstallIpc request for the sidecar's model: every tensor of its manifest laid out back
+/// to back in bf16 in an "allocation" that does not exist (no GPU here), `bad_shape` breaking
+/// the first tensor's shape.
+fn fake_ipc_request(model: &Path, bad_shape: bool) -> grpo_node::rpc::pb::InstallIpcRequest {
+    use grpo_node::rpc::pb;
+    let spec = ModelSpec::from_dir(model).expect("spec");
+    let mut offset = 0u64;
+    let mut tensors = Vec::new();
+    for (i, (name, shape)) in grpo_node::model::params::expected_shapes(&spec).into_iter().enumerate() {
+        let bytes = shape.iter().product::<i64>() as u64 * 2;
+        let shape = if bad_shape && i == 0 { vec![shape[0] + 1] } else { shape };
+        tensors.push(pb::IpcTensor {
+            name,
+            dtype: "bf16".into(),
+            shape,
+            offset_bytes: offset,
+        });
+        offset += bytes.div_ceil(256) * 256;
+    }
+    pb::InstallIpcRequest {
+        version: Some(pb::PolicyVersion { step: 1 }),
+        gpu_uuid: "00000000-1111-2222-3333-444444444444".into(),
+        handle: vec![7; 64],
+        alloc_bytes: offset + 4096,
+        tensors,
+        canary_ids: vec![],
+        canary_logprobs: vec![],
+    }
+}
+
+/// `--vllm-weight-transfer ipc` on real vLLM (CPU): vLLM starts with our plugin and the IPC
+/// backend, the sidecar says it takes IPC, a request that does not match the model is refused
+/// before vLLM sees it, and an update vLLM cannot carry out (no GPU to open the handle) fails
+/// with a clear error, restarts vLLM on the base model, and the sidecar serves again.
+#[test]
+fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
+    use grpo_node::rpc::auth::Token;
+    use grpo_node::sync::client::{Deadlines, SidecarClient};
+    let _turn = one_vllm_at_a_time();
+    let model = vllm_model();
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = VllmSidecar::start(model.path(), work.path(), &["--vllm-weight-transfer", "ipc"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let deadlines = Deadlines {
+        rpc: Duration::from_secs(60),
+        min_bytes_per_s: 20e6,
+    };
+    let client = SidecarClient::new(&sidecar.grpc_url(), Token(Some(TOKEN.into())), deadlines).expect("client");
+    let info = rt.block_on(client.info()).expect("info");
+    assert!(info.ipc, "the sidecar says it takes IPC: {info:?}");
+
+    let refused = rt.block_on(client.install_ipc(fake_ipc_request(model.path(), true), 0));
+    let e = refused.expect_err("a wrong shape is refused").to_string();
+    assert!(e.contains("shape"), "{e}");
+    assert_eq!(sidecar.proc.log().matches("vLLM launched").count(), 1, "no restart for a refused request");
+
+    let failed = rt.block_on(client.install_ipc(fake_ipc_request(model.path(), false), 0));
+    let e = failed.expect_err("no GPU here: vLLM cannot open the handle").to_string();
+    assert!(e.contains("vLLM"), "the error names vLLM's answer: {e}");
+    wait_until(Duration::from_secs(400), "vLLM restarted and ready", || {
+        sidecar.proc.log().matches("vLLM ready").count() >= 2
+    });
+    let out = sidecar.ok(json!({"prompt": {"prompt_token_ids": [1, 2, 3]}, "max_tokens": 2, "temperature": 0.0}));
+    assert_eq!(out["token_ids"].as_array().map(Vec::len), Some(1), "{out}");
+    // The base model serves again: its logprobs are the base weights'.
+    wait_serves(&sidecar, model.path(), "vLLM serving the base model after the restart");
+    let prom = sidecar.url("/metrics");
+    assert!(common::scraped(&prom, "grpo_engine_restarts", None) >= 1.0);
+    let health = rt.block_on(client.health()).expect("health");
+    assert_eq!(health.version.map_or(0, |v| v.step), 0, "the base model serves as version 0");
 }

@@ -13,6 +13,7 @@
 #   run("bash .vllm-whl/cK/assemble.sh .vllm-whl/cK", carry=[".vllm-whl/cK"])   for K = 0..5
 #   run("bash scripts/gpu/vllm_loop.sh vllm --install", carry=[".vllm-whl/c6", ".gpu"])
 #   run("bash scripts/gpu/vllm_loop.sh embedded", carry=[".gpu"])
+#   run("bash scripts/gpu/vllm_loop.sh ipc", carry=[".gpu"])   # CUDA IPC instead of gRPC + reload
 set -uo pipefail
 MODE=${1:-vllm}
 if [ "${2:-}" = "--install" ]; then
@@ -25,12 +26,26 @@ if [ ! -d /tmp/pylib/atroposlib ]; then
     || { tail -5 "$OUT/pip.log"; exit 1; }
 fi
 export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled
-# Usage stats off here too (the sidecar also sets both on every vLLM it starts).
-export GRPO_VLLM_COMMAND="env PYTHONPATH=/tmp/vllm-site VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 python3 -m vllm.entrypoints.openai.api_server"
+# vLLM's own site dir first, then our plugin where the sidecar wrote it (ipc mode); usage stats
+# off here too (the sidecar also sets both on every vLLM it starts).
+cat > /tmp/vllm-python <<'SH'
+#!/bin/sh
+export PYTHONPATH=/tmp/vllm-site${GRPO_VLLM_PLUGIN_DIR:+:$GRPO_VLLM_PLUGIN_DIR}
+exec env VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 python3 "$@"
+SH
+chmod +x /tmp/vllm-python
+export GRPO_VLLM_COMMAND="/tmp/vllm-python -m vllm.entrypoints.openai.api_server"
 STEPS=${STEPS:-200}
 if [ "$MODE" = vllm ] || [ "$MODE" = vllm-keep ]; then
   MANIFEST=cluster/local-gpu-vllm.toml
   [ "$MODE" = vllm-keep ] && export GRPO_VLLM_PAUSE_MODE=keep
+elif [ "$MODE" = ipc ]; then
+  # The same loop with CUDA IPC: vLLM's workers copy each version out of the learner's memory.
+  MANIFEST=cluster/.gpu-ipc.toml
+  sed -e 's/"--sync-transport", "grpc"/"--sync-transport", "ipc"/' \
+      -e 's|"--vllm-log", "{run}/logs/vllm.log",|"--vllm-log", "{run}/logs/vllm.log", "--vllm-weight-transfer", "ipc",|' \
+      -e 's/name = "local-gpu-vllm"/name = "local-gpu-ipc"/' cluster/local-gpu-vllm.toml > "$MANIFEST"
+  grep -q '"--vllm-weight-transfer", "ipc"' "$MANIFEST" && grep -q '"--sync-transport", "ipc"' "$MANIFEST" || { echo "ipc manifest edit failed"; exit 1; }
 else
   # The embedded engine on the same model (one 64-wide head, as vLLM needs).
   MANIFEST=cluster/.gpu-embedded.toml
@@ -58,7 +73,7 @@ echo "launch exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1)
 RUN=$(ls -td runs/"$(sed -n 's/^name = "\(.*\)"/\1/p' "$MANIFEST" | head -1)"-* 2>/dev/null | head -1)
 cp "$RUN/checkpoints/metrics.jsonl" "$OUT/metrics_$MODE.jsonl" 2>/dev/null
 for f in "$RUN"/logs/*.log; do tail -40 "$f" > "$OUT/tail_${MODE}_$(basename "$f")"; done
-grep -h "vLLM serves the new version\|vLLM ready\|vLLM launched\|restarting" "$RUN/logs/sidecar.log" 2>/dev/null \
+grep -h "vLLM serves the new version\|vLLM ready\|vLLM launched\|restarting\|CUDA IPC\|update rejected" "$RUN/logs/sidecar.log" 2>/dev/null \
   | sed 's/\x1b\[[0-9;]*m//g' > "$OUT/sidecar_sync_$MODE.log"
 python3 - "$OUT/metrics_$MODE.jsonl" "$OUT/sidecar_sync_$MODE.log" "$MODE" <<'PY'
 import json, re, statistics as st, sys, time
@@ -85,7 +100,7 @@ lines = open(sys.argv[2]).read().splitlines()
 write_s = [float(m.group(1)) for l in lines for m in [re.search(r"write_s=([0-9.e-]+)", l)] if m]
 def field(name):
     return [float(m.group(1)) for l in lines for m in [re.search(name + r"=([0-9.e-]+)", l)] if m]
-total_s, pause_s, reload_s, resume_s, swap_s = (field(n) for n in ["total_s", "pause_s", "reload_s", "resume_s", "swap_s"])
+total_s, pause_s, reload_s, resume_s, swap_s, update_s = (field(n) for n in ["total_s", "pause_s", "reload_s", "resume_s", "swap_s", "update_s"])
 print(f"| engine | steps | wall s | steps/min | trained tok/s | sync / wall | sync s per version (median) | raw copy s | sync / raw | reward first {k} -> last {k} |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 med = st.median(sync) if sync else float("nan")
@@ -93,9 +108,9 @@ print(f"| {mode} | {len(rows)} | {wall:.1f} | {60*len(rows)/wall:.1f} | {tokens/
 print(f"bytes per version {nbytes}; versions with a canary {len(canary)}", end="")
 if canary:
     print(f", canary max |dlogp| median {st.median(canary):.2e}, max {max(canary):.2e}", end="")
-if write_s:
-    print(f"; sidecar medians: write {st.median(write_s):.4f} s", end="")
-    for name, xs in [("pause", pause_s), ("reload", reload_s), ("resume", resume_s), ("write+swap", swap_s), ("with canary", total_s)]:
+if write_s or update_s:
+    print(f"; sidecar medians: write {st.median(write_s) if write_s else 0:.4f} s", end="")
+    for name, xs in [("pause", pause_s), ("reload", reload_s), ("ipc update", update_s), ("resume", resume_s), ("swap", swap_s), ("with canary", total_s)]:
         if xs:
             print(f", {name} {st.median(xs):.4f} s", end="")
 print()

@@ -33,6 +33,23 @@ pub struct SyncHook {
     pub nccl_gpu: Option<usize>,
     /// NCCL bucket size (`--sync-bucket-mb`).
     pub nccl_bucket_bytes: u64,
+    /// CUDA IPC: record the learner's canary logprobs with each version.
+    pub ipc_canary: bool,
+}
+
+/// Tokens of the canary the learner sends along with a CUDA IPC version.
+#[cfg(feature = "cuda")]
+const IPC_CANARY_TOKENS: usize = 16;
+
+/// The learner's logprobs of the canary tokens on its current weights, recorded in `weights`
+/// (a failure only costs the canary).
+#[cfg(feature = "cuda")]
+fn canary_into(t: &crate::train::Trainer, gpu: usize, weights: &crate::sync::nccl_publish::PackedWeights) {
+    let ids = crate::engine::vllm::canary_ids(t.model().spec().vocab_size, IPC_CANARY_TOKENS);
+    match crate::engine::vllm::model_logprobs(t.model(), &ids, tch::Device::Cuda(gpu)) {
+        Ok(lps) => weights.set_canary(ids, lps),
+        Err(e) => tracing::warn!(error = %e, "the learner's canary logprobs failed; this version goes without"),
+    }
 }
 
 /// Puts the current weights in the slot and tells the broadcaster (broadcast mode): packed on
@@ -48,6 +65,7 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
             // buffer, hands it over, then queues the packing copies; the broadcaster sends
             // each bucket as soon as it is packed.
             let bucket_bytes = hook.nccl_bucket_bytes;
+            let ipc_canary = hook.ipc_canary;
             let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
             let packing = worker.with_trainer(move |t| {
                 use crate::sync::nccl_publish::PackedWeights;
@@ -61,11 +79,17 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                     let limit = crate::comm::nccl::deadline_for(bytes, std::time::Duration::from_secs(20));
                     let lease = Arc::new(crate::train::lease::Lease::new(limit));
                     let lent = PackedWeights::lend(&weights, &flat, gpu, bucket_bytes, lease.clone())?;
+                    if ipc_canary {
+                        canary_into(t, gpu, &lent);
+                    }
                     t.lend(lease);
                     let _ = handed_tx.send((t.steps_done(), Arc::new(lent)));
                     return Ok(());
                 }
                 let packed = Arc::new(PackedWeights::new(&weights, gpu, bucket_bytes));
+                if ipc_canary {
+                    canary_into(t, gpu, &packed);
+                }
                 let _ = handed_tx.send((t.steps_done(), packed.clone()));
                 let values: Vec<tch::Tensor> = weights.into_iter().map(|(_, w)| w).collect();
                 packed.pack_from(&values)

@@ -6,7 +6,7 @@
 //! (vLLM's `/health` stays 200 while its engine is wedged). A dead or wedged vLLM is restarted
 //! with capped backoff; stopping kills only its own process group.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +38,9 @@ pub struct VllmLaunch {
     pub allow_untested: bool,
     /// Per-call deadline of a resync's update routes.
     pub update_deadline: Duration,
+    /// CUDA IPC weight transfer: the directory holding our vLLM plugin (see
+    /// [`crate::engine::vllm_ipc`]).
+    pub ipc_plugin: Option<PathBuf>,
 }
 
 /// The supervisor's mailbox.
@@ -167,15 +170,44 @@ async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) 
     api.complete(&[0], &probe_params(), launch.probe_timeout.max(quick))
         .await
         .map_err(|e| not_ready(format!("the first generation failed: {e}")))?;
-    let current = shared.current.lock().await;
-    if let Some(c) = current.as_ref() {
-        api.swap_in(&c.dir, PauseMode::Wait, launch.update_deadline)
-            .await
-            .map_err(|e| not_ready(format!("resync of version {} failed: {e}", c.version.0)))?;
-        tracing::info!(version = c.version.0, dir = %c.dir.display(), "vLLM resynced to the newest version");
+    let mut current = shared.current.lock().await;
+    match current.as_ref().map(|c| (c.version, c.dir.clone())) {
+        Some((version, Some(dir))) => {
+            api.swap_in(&dir, PauseMode::Wait, launch.update_deadline)
+                .await
+                .map_err(|e| not_ready(format!("resync of version {} failed: {e}", version.0)))?;
+            tracing::info!(version = version.0, dir = %dir.display(), "vLLM resynced to the newest version");
+        }
+        Some((version, None)) => {
+            // A version that came over CUDA IPC has no copy here: vLLM serves the base model
+            // (version 0) until the learner's next version, and says so.
+            tracing::warn!(
+                lost = version.0,
+                "the newest version came over CUDA IPC and has no copy here: serving the base model until the next version"
+            );
+            *current = None;
+        }
+        None => {}
     }
+    drop(current);
     tracing::info!(vllm = %version, base = %api.base(), "vLLM ready");
     Ok(())
+}
+
+/// Launches vLLM with CUDA IPC weight transfer: our plugin on `PYTHONPATH` (also in
+/// `GRPO_VLLM_PLUGIN_DIR`, for a command that sets its own `PYTHONPATH`), the backend it
+/// registers, and the unpickling of handles the backend needs.
+fn with_ipc_plugin(cmd: &mut tokio::process::Command, plugin: &Path) {
+    let mut path = std::ffi::OsString::from(plugin.as_os_str());
+    if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
+        path.push(":");
+        path.push(old);
+    }
+    let config = format!("{{\"backend\":\"{}\"}}", crate::engine::vllm_ipc::BACKEND);
+    cmd.args(["--weight-transfer-config", &config])
+        .env("PYTHONPATH", path)
+        .env("GRPO_VLLM_PLUGIN_DIR", plugin)
+        .env("VLLM_ALLOW_INSECURE_SERIALIZATION", "1");
 }
 
 impl VllmSupervisorState {
@@ -229,6 +261,9 @@ impl VllmSupervisorState {
         }
         if std::env::var_os("VLLM_CPU_KVCACHE_SPACE").is_none() {
             cmd.env("VLLM_CPU_KVCACHE_SPACE", "1");
+        }
+        if let Some(plugin) = &l.ipc_plugin {
+            with_ipc_plugin(&mut cmd, plugin);
         }
         let mut child = cmd.spawn().map_err(|e| format!("starting {program}: {e}"))?;
         let pid = child.id().ok_or("vLLM exited at once")? as i32;

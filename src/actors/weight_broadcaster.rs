@@ -157,6 +157,22 @@ pub struct Link {
     /// The live communicator with this sidecar, if any.
     #[cfg(feature = "cuda")]
     comm: Option<crate::comm::nccl::Communicator>,
+    /// Whether the sidecar takes CUDA IPC (its vLLM is on our GPU).
+    #[cfg(feature = "cuda")]
+    ipc: IpcLink,
+}
+
+/// Whether a sidecar is served over CUDA IPC.
+#[cfg(feature = "cuda")]
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum IpcLink {
+    /// Not asked yet (its Info says).
+    #[default]
+    Unknown,
+    /// It takes IPC; `proven` once one install worked (later failures are then transient).
+    Yes { proven: bool },
+    /// It does not, or the first install failed (another GPU): NCCL or the gRPC stream.
+    No,
 }
 
 pub struct WeightBroadcaster;
@@ -212,6 +228,31 @@ async fn send(
         Payload::Device(weights) => {
             use crate::sync::nccl_publish::{connect, publish, NcclPublishError};
             let mut link = link;
+            if link.ipc == IpcLink::Unknown {
+                match client.info().await {
+                    Ok(info) if info.ipc => link.ipc = IpcLink::Yes { proven: false },
+                    Ok(_) => link.ipc = IpcLink::No,
+                    Err(e) => return (Outcome::Failed(e.to_string()), link),
+                }
+            }
+            if let IpcLink::Yes { proven } = link.ipc {
+                let result = crate::sync::ipc_publish::publish(&client, weights.clone(), job.version).await;
+                drop(hold);
+                return match result {
+                    Ok(p) => {
+                        link.ipc = IpcLink::Yes { proven: true };
+                        (Outcome::Published(p), link)
+                    }
+                    Err(e) => {
+                        if !proven {
+                            tracing::warn!(sidecar = %client.addr, error = %e,
+                                "the first CUDA IPC install failed (is its vLLM on another GPU?): using NCCL or the gRPC stream");
+                            link.ipc = IpcLink::No;
+                        }
+                        (Outcome::Failed(format!("ipc: {e}")), link)
+                    }
+                };
+            }
             let mut hold = Some(hold);
             if !link.grpc_only && link.comm.is_none() {
                 // Making a communicator may take long: the lent weights are not held meanwhile.
@@ -246,7 +287,14 @@ async fn send(
             let (result, comm) = publish(&client, comm, weights.clone(), job.version).await;
             drop(hold);
             match result {
-                Ok(p) => (Outcome::Published(p), Link { grpc_only: false, comm }),
+                Ok(p) => (
+                    Outcome::Published(p),
+                    Link {
+                        grpc_only: false,
+                        comm,
+                        ipc: IpcLink::No,
+                    },
+                ),
                 Err(e @ (NcclPublishError::Wedged(_) | NcclPublishError::PeerDead)) => {
                     tracing::error!(sidecar = %client.addr, error = %e,
                         "NCCL send ended early; a new communicator is made when the sidecar answers again");
@@ -255,10 +303,18 @@ async fn send(
                         Link {
                             grpc_only: false,
                             comm: None,
+                            ipc: IpcLink::No,
                         },
                     )
                 }
-                Err(e) => (Outcome::Failed(format!("nccl: {e}")), Link { grpc_only: false, comm }),
+                Err(e) => (
+                    Outcome::Failed(format!("nccl: {e}")),
+                    Link {
+                        grpc_only: false,
+                        comm,
+                        ipc: IpcLink::No,
+                    },
+                ),
             }
         }
     }

@@ -188,8 +188,10 @@ pub struct LearnerArgs {
     #[arg(long, env = "GRPO_SYNC_BUCKET_MB")]
     pub sync_bucket_mb: Option<u64>,
     /// How full weights reach sidecars: nccl (GPU to GPU; needs --device cuda and a `cuda`
-    /// build), grpc (the byte stream), or auto (nccl when possible; a sidecar without NCCL gets
-    /// the gRPC stream either way) [default: auto].
+    /// build), grpc (the byte stream), auto (nccl when possible; a sidecar without NCCL gets
+    /// the gRPC stream either way), or ipc (as auto, and a vLLM sidecar on this GPU started
+    /// with --vllm-weight-transfer ipc copies each version straight out of the learner's
+    /// memory; the learner sends its logprob canary along) [default: auto].
     #[arg(long, env = "GRPO_SYNC_TRANSPORT", value_enum)]
     pub sync_transport: Option<SyncTransport>,
     /// Per-RPC allowance of a weight sync, seconds; streams add bytes at 20 MB/s [default: 10].
@@ -287,6 +289,7 @@ pub enum SyncTransport {
     Auto,
     Grpc,
     Nccl,
+    Ipc,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -554,9 +557,10 @@ impl LearnerArgs {
         let nccl_bucket_mb = args.sync_bucket_mb.unwrap_or(512);
         let transport = args.sync_transport.unwrap_or(SyncTransport::Auto);
         check(
-            transport != SyncTransport::Nccl || (cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_))),
+            !matches!(transport, SyncTransport::Nccl | SyncTransport::Ipc)
+                || (cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_))),
             "sync-transport",
-            || "nccl needs --device cuda:N and a build with --features cuda".into(),
+            || format!("{transport:?} needs --device cuda:N and a build with --features cuda").to_lowercase(),
         )?;
         let deadline_s = args.sync_deadline_s.unwrap_or(10);
         check((1..=MAX_DEADLINE_S).contains(&deadline_s), "sync-deadline-s", || {

@@ -80,6 +80,12 @@ pub struct SidecarArgs {
     /// or keep (they are frozen and continue on the new ones) [default: wait].
     #[arg(long, env = "GRPO_VLLM_PAUSE_MODE", value_enum)]
     pub vllm_pause_mode: Option<PauseMode>,
+    /// vLLM: how full weights get into vLLM: reload (the sidecar writes safetensors on tmpfs and
+    /// vLLM reloads them) or ipc (a learner on vLLM's GPU hands over CUDA IPC handles of its
+    /// weights and vLLM's workers copy them GPU to GPU; vLLM then runs our small plugin and
+    /// `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which lets it unpickle the handles) [default: reload].
+    #[arg(long, env = "GRPO_VLLM_WEIGHT_TRANSFER", value_enum)]
+    pub vllm_weight_transfer: Option<WeightTransfer>,
     /// vLLM: tokens of the logprob canary checked after every weight update (0: off) [default: 16].
     #[arg(long, env = "GRPO_CANARY_TOKENS")]
     pub canary_tokens: Option<usize>,
@@ -95,6 +101,14 @@ pub struct SidecarArgs {
     /// /generate requires `authorization: Bearer <token>` (the --auth-token-file token).
     #[arg(long, env = "GRPO_GENERATE_REQUIRES_TOKEN")]
     pub generate_requires_token: bool,
+}
+
+/// `--vllm-weight-transfer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightTransfer {
+    Reload,
+    Ipc,
 }
 
 /// A validated vLLM launch and driver configuration.
@@ -113,6 +127,7 @@ pub struct VllmConfig {
     pub allow_untested: bool,
     pub canary_tokens: usize,
     pub pause_mode: PauseMode,
+    pub weight_transfer: WeightTransfer,
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -177,6 +192,7 @@ impl SidecarArgs {
             allow_untested: self.allow_untested_vllm,
             canary_tokens,
             pause_mode: self.vllm_pause_mode.unwrap_or(PauseMode::Wait),
+            weight_transfer: self.vllm_weight_transfer.unwrap_or(WeightTransfer::Reload),
         })
     }
 }

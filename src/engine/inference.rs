@@ -35,6 +35,15 @@ pub struct Installed {
     pub canary_max_abs_diff: Option<f64>,
 }
 
+/// A version in the learner's GPU memory, and the learner's own logprobs of canary tokens on
+/// it (the engine compares its own with them after the install).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpcInstall {
+    pub export: super::vllm_ipc::IpcExport,
+    /// Token ids, and the learner's logprob of each of `ids[1..]` after its prefix.
+    pub canary: Option<(Vec<i64>, Vec<f64>)>,
+}
+
 /// The facts of a running engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Served {
@@ -69,6 +78,19 @@ pub trait InferenceEngine: Send + Sync + 'static {
         -> Result<Installed, EngineFailure>;
     /// Serves the HF checkpoint in `dir` as `version`.
     async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure>;
+    /// Whether [`Self::install_ipc`] is served (vLLM launched with the CUDA IPC transfer).
+    fn takes_ipc(&self) -> bool {
+        false
+    }
+    /// Serves `version` from weights its workers read out of the learner's GPU memory; the
+    /// memory must stay unchanged until this returns.
+    async fn install_ipc(&self, update: IpcInstall, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        let _ = (update, version);
+        Err(EngineFailure::Rejected(format!(
+            "the {} engine takes no CUDA IPC weights",
+            self.kind()
+        )))
+    }
     /// The served version, size and digest.
     async fn served(&self) -> Result<Served, EngineFailure>;
     /// The served version alone (cheap: what `/info` answers anyone with).

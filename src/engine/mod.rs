@@ -10,5 +10,6 @@ pub mod protocol;
 pub mod sampler;
 pub mod vllm;
 pub mod vllm_api;
+pub mod vllm_ipc;
 
 pub use self::core::{BatchConfig, Completion, EngineHandle, EngineModel, JobParams, PolicyVersion};

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch, Mutex};
 
 use super::core::{Completion, JobParams, PolicyVersion};
-use super::inference::{EngineFailure, InferenceEngine, Installed, Served};
+use super::inference::{EngineFailure, InferenceEngine, Installed, IpcInstall, Served};
 use super::vllm_api::{PauseMode, VllmApi};
 use crate::model::safetensors_io::write_file;
 use crate::model::{ModelSpec, ParamStore, Transformer};
@@ -31,11 +31,11 @@ pub enum VllmState {
 }
 
 /// The version vLLM serves and where its weights are on disk (a resync after a restart
-/// reloads them).
+/// reloads them; a version that came over CUDA IPC has no copy on disk).
 #[derive(Debug, Clone)]
 pub struct Current {
     pub version: PolicyVersion,
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
     /// Written by the sidecar (deleted when replaced), or a checkpoint of the learner's.
     pub owned: bool,
     pub digest: Option<Digest>,
@@ -73,6 +73,8 @@ pub struct DriverConfig {
     pub canary_tokens: usize,
     /// How a swap pauses vLLM.
     pub pause_mode: PauseMode,
+    /// vLLM runs the CUDA IPC weight transfer (`install_ipc`).
+    pub ipc: bool,
 }
 
 /// The vLLM engine.
@@ -145,6 +147,21 @@ impl VllmEngine {
     }
 }
 
+/// Deletes the directory of a replaced version the sidecar wrote (unless it is `keep`).
+fn remove_replaced(old: Option<Current>, keep: Option<&Path>) {
+    if let Some(Current { owned: true, dir: Some(dir), .. }) = old {
+        if Some(dir.as_path()) != keep {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// The canary's token ids for a vocabulary: fixed, spread over it.
+pub fn canary_ids(vocab: i64, tokens: usize) -> Vec<i64> {
+    let vocab = vocab.max(1);
+    (0..tokens as i64).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
 /// Fixed tokens and our transformer's logprobs of them on a version's weights.
 struct Canary {
     ids: Vec<i64>,
@@ -177,8 +194,7 @@ fn prepare(
     std::fs::rename(&tmp, &dir).map_err(|e| failed("renaming the version directory", &e))?;
     let digest = digest_tensors(weights).map_err(|e| failed("digesting", &e))?;
     let canary = if canary_tokens >= 2 {
-        let vocab = spec.vocab_size.max(1);
-        let ids: Vec<i64> = (0..canary_tokens as i64).map(|i| (i * 7919 + 13) % vocab).collect();
+        let ids = canary_ids(spec.vocab_size, canary_tokens);
         let logprobs = reference_logprobs(spec, weights, &ids)?;
         Some(Canary { ids, logprobs })
     } else {
@@ -200,13 +216,26 @@ pub fn reference_logprobs(
             .collect(),
     );
     let model = Transformer::new(spec, &params).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+    model_logprobs(&model, ids, Device::Cpu)
+}
+
+/// `model`'s logprob of each of `ids[1..]` after its prefix (one forward on `device`, where
+/// the model's weights are), read back as f64.
+pub fn model_logprobs(model: &Transformer, ids: &[i64], device: Device) -> Result<Vec<f64>, EngineFailure> {
+    if ids.len() < 2 {
+        return Err(EngineFailure::Rejected("the canary needs at least 2 tokens".into()));
+    }
     let n = ids.len() as i64;
     let lp = tch::no_grad(|| {
-        let logits = model.forward(&Tensor::from_slice(&ids[..ids.len() - 1]).view([1, n - 1]));
+        let input = Tensor::from_slice(&ids[..ids.len() - 1]).view([1, n - 1]).to_device(device);
+        let next = Tensor::from_slice(&ids[1..]).view([1, n - 1, 1]).to_device(device);
+        let logits = model.forward(&input);
         logits
+            .to_kind(Kind::Float)
             .log_softmax(-1, Kind::Float)
-            .gather(-1, &Tensor::from_slice(&ids[1..]).view([1, n - 1, 1]), false)
+            .gather(-1, &next, false)
             .view([-1])
+            .to_device(Device::Cpu)
     });
     Vec::<f32>::try_from(lp)
         .map(|v| v.into_iter().map(f64::from).collect())
@@ -260,16 +289,13 @@ impl InferenceEngine for VllmEngine {
         let times = api
             .swap_in(&prepared.dir, self.cfg.pause_mode, self.cfg.update_deadline)
             .await?;
-        if let Some(old) = current.replace(Current {
+        let old = current.replace(Current {
             version,
-            dir: prepared.dir.clone(),
+            dir: Some(prepared.dir.clone()),
             owned: true,
             digest: Some(prepared.digest),
-        }) {
-            if old.owned && old.dir != prepared.dir {
-                let _ = std::fs::remove_dir_all(&old.dir);
-            }
-        }
+        });
+        remove_replaced(old, Some(&prepared.dir));
         drop(current);
         let swapped = started.elapsed();
         let canary_max_abs_diff = self.check_canary(&api, prepared.canary).await?;
@@ -292,17 +318,13 @@ impl InferenceEngine for VllmEngine {
         let api = self.ready(Duration::from_secs(5)).await?;
         let entry = Current {
             version,
-            dir: dir.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
             owned: false,
             digest: None,
         };
         match api.swap_in(dir, self.cfg.pause_mode, self.cfg.update_deadline).await {
             Ok(_) => {
-                if let Some(old) = current.replace(entry) {
-                    if old.owned {
-                        let _ = std::fs::remove_dir_all(&old.dir);
-                    }
-                }
+                remove_replaced(current.replace(entry), None);
                 Ok(())
             }
             Err(e) => {
@@ -321,6 +343,64 @@ impl InferenceEngine for VllmEngine {
                 )
                 .await;
                 self.ready(self.cfg.ready_wait).await.map(|_| ())
+            }
+        }
+    }
+
+    fn takes_ipc(&self) -> bool {
+        self.cfg.ipc
+    }
+
+    async fn install_ipc(&self, update: IpcInstall, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        if !self.cfg.ipc {
+            return Err(EngineFailure::Rejected(
+                "this vLLM runs without CUDA IPC weight transfer (--vllm-weight-transfer ipc)".into(),
+            ));
+        }
+        let info = update
+            .export
+            .update_info()
+            .map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+        let mut current = self.shared.current.lock().await;
+        let api = self.ready(Duration::from_secs(5)).await?;
+        let started = Instant::now();
+        api.init_ipc_transfer(self.cfg.update_deadline).await?;
+        match api.swap_in_ipc(info, self.cfg.pause_mode, self.cfg.update_deadline).await {
+            Ok(times) => {
+                let old = current.replace(Current {
+                    version,
+                    dir: None,
+                    owned: false,
+                    digest: None,
+                });
+                remove_replaced(old, None);
+                drop(current);
+                let swapped = started.elapsed();
+                let canary = update.canary.map(|(ids, logprobs)| Canary { ids, logprobs });
+                let canary_max_abs_diff = self.check_canary(&api, canary).await?;
+                tracing::info!(
+                    version = version.0,
+                    transfer = "ipc",
+                    pause_s = times.pause_s,
+                    update_s = times.reload_s,
+                    resume_s = times.resume_s,
+                    swap_s = swapped.as_secs_f64(),
+                    canary_max_abs_diff,
+                    "vLLM serves the new version"
+                );
+                Ok(Installed { canary_max_abs_diff })
+            }
+            Err(e) => {
+                // vLLM's layers may be half loaded now: restart it on the base model, which
+                // then serves version 0 until the next full sync.
+                tracing::error!(version = version.0, error = %e, "the CUDA IPC update failed; restarting vLLM on the base model");
+                *current = None;
+                drop(current);
+                let _ = self
+                    .orders
+                    .send(SupervisorOrder::RestartOn(self.cfg.model_dir.clone()))
+                    .await;
+                Err(e)
             }
         }
     }

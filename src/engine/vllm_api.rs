@@ -205,6 +205,37 @@ impl VllmApi {
             .map(|_| ())
     }
 
+    /// Swaps in weights vLLM's workers read from the learner's GPU memory (the `ipc` weight
+    /// transfer): pause, `/start_weight_update`, `/update_weights`, `/finish_weight_update`,
+    /// resume. The resume runs whatever happened in between; after a failed update vLLM's
+    /// layers may be half loaded, which the caller answers with a restart.
+    pub async fn swap_in_ipc(&self, update_info: Value, mode: PauseMode, limit: Duration) -> Result<SwapTimes, EngineFailure> {
+        let t0 = std::time::Instant::now();
+        self.pause(mode, limit).await?;
+        let paused = t0.elapsed();
+        let updated = async {
+            self.post("/start_weight_update", None, limit).await?;
+            self.post("/update_weights", Some(json!({"update_info": update_info})), limit).await?;
+            self.post("/finish_weight_update", None, limit).await
+        }
+        .await;
+        let update_done = t0.elapsed();
+        let resumed = self.resume(limit).await;
+        updated.and(resumed)?;
+        Ok(SwapTimes {
+            pause_s: paused.as_secs_f64(),
+            reload_s: (update_done - paused).as_secs_f64(),
+            resume_s: (t0.elapsed() - update_done).as_secs_f64(),
+        })
+    }
+
+    /// `POST /init_weight_transfer_engine` with an empty `init_info` (all the `ipc` backend takes).
+    pub async fn init_ipc_transfer(&self, limit: Duration) -> Result<(), EngineFailure> {
+        self.post("/init_weight_transfer_engine", Some(json!({"init_info": {}})), limit)
+            .await
+            .map(|_| ())
+    }
+
     /// Swaps in the weights of `dir`: pause (which clears the KV and prefix caches), reload,
     /// resume. The resume runs even when the reload failed, so a failure never leaves the
     /// server paused.

@@ -68,12 +68,13 @@ fn nccl_device(cfg: &LearnerConfig) -> Option<usize> {
     match cfg.sync.transport {
         SyncTransport::Grpc => None,
         #[cfg(feature = "cuda")]
-        SyncTransport::Auto | SyncTransport::Nccl if crate::comm::nccl::available() => Some(gpu),
-        SyncTransport::Auto | SyncTransport::Nccl => {
-            if cfg.sync.transport == SyncTransport::Nccl {
+        SyncTransport::Auto | SyncTransport::Nccl | SyncTransport::Ipc if crate::comm::nccl::available() => Some(gpu),
+        SyncTransport::Auto | SyncTransport::Nccl | SyncTransport::Ipc => {
+            if cfg.sync.transport != SyncTransport::Auto {
                 tracing::warn!(
                     gpu,
-                    "--sync-transport nccl: NCCL does not load here; using the gRPC stream"
+                    transport = ?cfg.sync.transport,
+                    "the GPU sync path needs libnccl and libcuda, which do not load here; using the gRPC stream"
                 );
             }
             None
@@ -296,6 +297,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         stats: stats.clone(),
         nccl_gpu,
         nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
+        ipc_canary: cfg.sync.transport == SyncTransport::Ipc,
     });
     if let Some(hook) = &sync_hook {
         match cfg.sync.mode {

@@ -244,4 +244,23 @@ impl SidecarClient {
             phases: vec![("load", started.elapsed().as_secs_f64())],
         })
     }
+
+    /// CUDA IPC: has the sidecar's vLLM copy the version `req` points at out of our GPU
+    /// memory; returns once it serves it (the memory may change after that).
+    pub async fn install_ipc(&self, req: pb::InstallIpcRequest, bytes: u64) -> Result<Published, SyncError> {
+        let started = Instant::now();
+        let version = PolicyVersion(req.version.map_or(0, |v| v.step));
+        let mut raw = self.raw.clone();
+        // Pause, the GPU copy, resume and the canary, each under the sidecar's own deadlines.
+        let done = self
+            .within("install_ipc", self.deadlines.rpc * 6, raw.install_ipc(req))
+            .await?;
+        Ok(Published {
+            version,
+            bytes,
+            seconds: started.elapsed().as_secs_f64(),
+            canary_max_abs_diff: done.canary_max_abs_diff,
+            phases: vec![("install_ipc", started.elapsed().as_secs_f64())],
+        })
+    }
 }

@@ -4,6 +4,8 @@
 pub mod client;
 pub mod gpu_digest;
 #[cfg(feature = "cuda")]
+pub mod ipc_publish;
+#[cfg(feature = "cuda")]
 pub mod nccl_publish;
 pub mod nccl_receiver;
 pub mod nccl_sync;

@@ -25,6 +25,7 @@ use super::gpu_digest::GpuDigest;
 use super::nccl_sync::device_plan;
 use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;
+use crate::engine::vllm_ipc::{IpcDtype, IpcExport, IpcTensor};
 use crate::train::lease::Lease;
 
 /// How far the packing got: an event per packed bucket, or why it stopped.
@@ -56,6 +57,8 @@ pub struct PackedWeights {
     packed: Condvar,
     cpu: OnceLock<Arc<WeightSet>>,
     lease: Option<Arc<Lease>>,
+    /// The learner's logprobs of canary tokens on these weights (CUDA IPC sends them along).
+    canary: OnceLock<(Vec<i64>, Vec<f64>)>,
     /// The learner's CUDA device index.
     pub gpu: usize,
 }
@@ -79,6 +82,7 @@ impl PackedWeights {
             packed: Condvar::new(),
             cpu: OnceLock::new(),
             lease: None,
+            canary: OnceLock::new(),
             gpu,
         }
     }
@@ -123,6 +127,7 @@ impl PackedWeights {
             packed: Condvar::new(),
             cpu: OnceLock::new(),
             lease: Some(lease),
+            canary: OnceLock::new(),
             gpu,
         })
     }
@@ -220,6 +225,60 @@ impl PackedWeights {
         }
     }
 
+    /// Records the learner's canary logprobs on these weights (the first call wins).
+    pub fn set_canary(&self, ids: Vec<i64>, logprobs: Vec<f64>) {
+        let _ = self.canary.set((ids, logprobs));
+    }
+
+    /// The canary [`Self::set_canary`] recorded.
+    pub fn canary(&self) -> Option<&(Vec<i64>, Vec<f64>)> {
+        self.canary.get()
+    }
+
+    /// Waits until every bucket is packed and the copies have run on the GPU (another process
+    /// reads the memory next, unordered with our stream), then describes the tensors as CUDA
+    /// IPC exports them: the allocation holding the buffer, and each tensor's offset in it.
+    pub fn ipc_export(&self, until: Instant) -> Result<IpcExport, CommError> {
+        let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
+        let last = self.layout.bucket_count().saturating_sub(1);
+        let ev = self.wait_bucket(last, until)?;
+        let ctx = device_context(self.gpu)?;
+        ctx.bind_to_thread().map_err(cuda)?;
+        // SAFETY: a live event of this context (held by `progress`, which outlives the call).
+        unsafe { cudarc::driver::sys::cuEventSynchronize(ev) }.result().map_err(cuda)?;
+        let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
+        let (base, alloc_bytes) = allocation_of(flat.data_ptr() as u64)?;
+        let mut handle = cudarc::driver::sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: `base` is the start of a live allocation of the bound context.
+        unsafe { cudarc::driver::sys::cuIpcGetMemHandle(&mut handle, base) }
+            .result()
+            .map_err(cuda)?;
+        let uuid = ctx.uuid().map_err(cuda)?;
+        let shapes: Vec<Vec<i64>> = self.names.iter().map(|(_, s)| s.clone()).collect();
+        let views = self.layout.tensor_views(&flat, &shapes);
+        let dtype = if self.wire == Kind::Float { IpcDtype::Float32 } else { IpcDtype::BFloat16 };
+        let tensors = self
+            .names
+            .iter()
+            .zip(&views)
+            .map(|((name, shape), v)| IpcTensor {
+                name: name.clone(),
+                dtype,
+                shape: shape.clone(),
+                offset_bytes: v.data_ptr() as u64 - base,
+            })
+            .collect();
+        if !self.is_current() {
+            return Err(Self::void());
+        }
+        Ok(IpcExport {
+            gpu_uuid: uuid_text(&uuid.bytes),
+            handle: handle.reserved.iter().map(|&b| b as u8).collect(),
+            alloc_bytes: alloc_bytes as u64,
+            tensors,
+        })
+    }
+
     /// The plan announcing these weights.
     pub fn plan(&self) -> pb::BucketPlan {
         device_plan(&self.names, self.wire, &self.layout)
@@ -265,6 +324,23 @@ impl PackedWeights {
         comm.send_when_ready(&buckets, deadline, &mut ready)?;
         Ok(digest.finish_hex(flat.device()))
     }
+}
+
+/// The base and size of the allocation that holds device address `ptr`.
+fn allocation_of(ptr: u64) -> Result<(u64, usize), CommError> {
+    let (mut base, mut size) = (0u64, 0usize);
+    // SAFETY: a query of the bound context's address space; both outputs are plain integers.
+    unsafe { cudarc::driver::sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) }
+        .result()
+        .map_err(|e| CommError::Cuda(format!("cuMemGetAddressRange: {e}")))?;
+    Ok((base, size))
+}
+
+/// A device UUID as torch prints it: lowercase 8-4-4-4-12 hex, no `GPU-` prefix.
+fn uuid_text(bytes: &[std::ffi::c_char; 16]) -> String {
+    let hex: Vec<String> = bytes.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+    let h = hex.concat();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// Names and shapes of `tensors`, and their layout back to back in `wire` in buckets of about

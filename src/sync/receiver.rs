@@ -9,7 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tch::{Device, Tensor};
 use tokio::sync::watch;
 
-use crate::engine::inference::{Installed, SharedEngine};
+use crate::engine::inference::{Installed, IpcInstall, SharedEngine};
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 
@@ -28,6 +28,8 @@ pub enum ReceiverMsg {
     BeginNccl(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
     /// NCCL: check the learner's GPU digest and swap the received weights in.
     CommitNccl(PolicyVersion, String, RpcReplyPort<Result<Applied, String>>),
+    /// CUDA IPC: have the engine copy this version out of the learner's GPU memory.
+    InstallIpc(PolicyVersion, Box<IpcInstall>, RpcReplyPort<Result<Applied, String>>),
 }
 
 /// How a committed version was applied.
@@ -182,6 +184,25 @@ impl ReceiverState {
         self.install(weights, version, Instant::now()).await
     }
 
+    async fn install_ipc(&mut self, version: PolicyVersion, update: IpcInstall) -> Result<Applied, String> {
+        check_ipc_against(&update.export.tensors, self.engine.manifest())?;
+        let started = Instant::now();
+        match self.engine.install_ipc(update, version).await {
+            Ok(installed) => {
+                self.version = version;
+                Ok(Applied {
+                    seconds: started.elapsed().as_secs_f64(),
+                    installed,
+                })
+            }
+            Err(e) => {
+                // A failed IPC update may have cost the engine its weights (vLLM restarts).
+                self.version = self.engine.version().await.unwrap_or(PolicyVersion(0));
+                Err(e.to_string())
+            }
+        }
+    }
+
     async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
         self.engine
             .load_checkpoint(&path, version)
@@ -190,6 +211,36 @@ impl ReceiverState {
         self.version = version;
         Ok(())
     }
+}
+
+/// An IPC update must name exactly the engine's tensors, with their shapes: vLLM processes a
+/// module that gets only some of its weights with the rest uninitialized.
+fn check_ipc_against(
+    tensors: &[crate::engine::vllm_ipc::IpcTensor],
+    manifest: &[(String, Vec<i64>)],
+) -> Result<(), String> {
+    let sent: std::collections::BTreeMap<&str, &[i64]> =
+        tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+    if sent.len() != tensors.len() {
+        return Err("the IPC update names a tensor twice".into());
+    }
+    for (name, shape) in manifest {
+        match sent.get(name.as_str()) {
+            None => return Err(format!("the IPC update lacks {name}")),
+            Some(s) if *s != shape.as_slice() => {
+                return Err(format!("{name}: shape {s:?} in the IPC update, {shape:?} served"))
+            }
+            Some(_) => {}
+        }
+    }
+    if sent.len() != manifest.len() {
+        return Err(format!(
+            "the IPC update has {} tensors, the served model {}",
+            sent.len(),
+            manifest.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the staged stream against the learner's digest and cuts it into tensors.
@@ -287,6 +338,31 @@ impl Actor for WeightReceiver {
                         "weights updated"
                     ),
                     Err(e) => tracing::warn!(version = v.0, error = %e, transport = "nccl", "update rejected"),
+                }
+                let _ = reply.send(result);
+            }
+            ReceiverMsg::InstallIpc(v, update, reply) => {
+                let result = state.install_ipc(v, *update).await;
+                let outcome = match &result {
+                    Ok(a) => {
+                        tracing::info!(version = v.0, apply_s = a.seconds, transport = "ipc",
+                            canary_max_abs_diff = a.installed.canary_max_abs_diff, "weights updated");
+                        "installed"
+                    }
+                    Err(e) => {
+                        tracing::warn!(version = v.0, error = %e, transport = "ipc", "update rejected");
+                        "refused"
+                    }
+                };
+                let prom = crate::telemetry::prom::sidecar();
+                prom.weight_updates
+                    .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
+                    .inc();
+                if let Ok(a) = &result {
+                    prom.apply_seconds.observe(a.seconds);
+                    if let Some(c) = a.installed.canary_max_abs_diff {
+                        prom.canary_max_abs_diff.set(c);
+                    }
                 }
                 let _ = reply.send(result);
             }

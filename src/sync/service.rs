@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use ractor::ActorRef;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::inference::SharedEngine;
+use crate::engine::inference::{IpcInstall, SharedEngine};
+use crate::engine::vllm_ipc::{IpcDtype, IpcExport, IpcTensor};
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};
@@ -111,6 +112,7 @@ impl Sidecar for SidecarService {
             digest: served.digest.map(|d| d.to_string()).unwrap_or_default(),
             http_address: self.http_address.clone(),
             engine: self.engine.kind().into(),
+            ipc: self.engine.takes_ipc(),
         }))
     }
 
@@ -221,6 +223,64 @@ impl Sidecar for SidecarService {
             .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::LoadCheckpointResponse { version: pv(version) }))
     }
+
+    async fn install_ipc(
+        &self,
+        req: Request<pb::InstallIpcRequest>,
+    ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
+        if !self.engine.takes_ipc() {
+            return Err(Status::unimplemented(format!(
+                "the {} engine here takes no CUDA IPC weights",
+                self.engine.kind()
+            )));
+        }
+        let req = req.into_inner();
+        let version = version_of(req.version)?;
+        let update = Box::new(ipc_install_of(req)?);
+        let applied = ractor::call!(self.receiver, ReceiverMsg::InstallIpc, version, update)
+            .map_err(internal)?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::CommitUpdateResponse {
+            version: pv(version),
+            apply_seconds: applied.seconds,
+            canary_max_abs_diff: applied.installed.canary_max_abs_diff,
+        }))
+    }
+}
+
+/// The engine's view of an InstallIpc request.
+fn ipc_install_of(req: pb::InstallIpcRequest) -> Result<IpcInstall, Status> {
+    let tensors = req
+        .tensors
+        .into_iter()
+        .map(|t| {
+            let dtype = IpcDtype::parse(&t.dtype)
+                .ok_or_else(|| Status::invalid_argument(format!("{}: dtype {:?} (bf16 or f32)", t.name, t.dtype)))?;
+            Ok(IpcTensor {
+                name: t.name,
+                dtype,
+                shape: t.shape,
+                offset_bytes: t.offset_bytes,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let export = IpcExport {
+        gpu_uuid: req.gpu_uuid,
+        handle: req.handle,
+        alloc_bytes: req.alloc_bytes,
+        tensors,
+    };
+    export.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let canary = if req.canary_ids.len() >= 2 && req.canary_logprobs.len() + 1 == req.canary_ids.len() {
+        Some((req.canary_ids, req.canary_logprobs))
+    } else if req.canary_ids.is_empty() && req.canary_logprobs.is_empty() {
+        None
+    } else {
+        return Err(Status::invalid_argument(
+            "the canary needs n >= 2 ids and n - 1 logprobs",
+        ));
+    };
+    Ok(IpcInstall { export, canary })
 }
 
 /// Serves the sidecar service on `addr` (port 0 picks one); returns the bound address.

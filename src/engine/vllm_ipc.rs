@@ -1,0 +1,351 @@
+//! CUDA IPC into vLLM 0.26 (a learner on vLLM's GPU): the vLLM plugin that makes the `ipc`
+//! weight-transfer backend loadable, and the `/update_weights` body that points vLLM's workers
+//! at the learner's GPU memory. Pure: no CUDA here (the learner exports the handle, see
+//! `sync::ipc_publish`); the sidecar only builds the request.
+//!
+//! vLLM's `ipc` backend imports `ray` at module level although its worker side never uses it,
+//! and 0.26 does not depend on ray. The plugin registers the same engine as `grpo_ipc` with a
+//! stand-in `ray` module present only while it is imported. The handles travel as vLLM's
+//! `ipc_handles_pickled`: a pickle of one `{gpu_uuid: rebuild_cuda_tensor args}` dict per
+//! tensor, built here from a fixed template (vLLM refuses it unless the server runs with
+//! `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which the supervisor sets in this mode only).
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+/// The weight-transfer backend name the plugin registers.
+pub const BACKEND: &str = "grpo_ipc";
+
+const PLUGIN_INIT: &str = r#""""grpo-node's vLLM plugin: registers vLLM's own CUDA IPC weight-transfer engine as
+"grpo_ipc". vLLM 0.26's ipc_engine imports ray at module level (only its trainer-side helper
+uses it) and does not depend on ray, so a stand-in module is present during that import only."""
+import sys
+import types
+
+
+def register():
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory as factory
+
+    if "grpo_ipc" in factory._registry:
+        return
+    stand_in = "ray" not in sys.modules
+    if stand_in:
+        sys.modules["ray"] = types.ModuleType("ray")
+    try:
+        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+    finally:
+        if stand_in:
+            del sys.modules["ray"]
+    factory.register_engine("grpo_ipc", IPCWeightTransferEngine)
+"#;
+
+const PLUGIN_METADATA: &str = "Metadata-Version: 2.1\nName: grpo-vllm-plugin\nVersion: 0.1\n";
+const PLUGIN_ENTRY_POINTS: &str = "[vllm.general_plugins]\ngrpo_ipc = grpo_vllm_plugin:register\n";
+
+/// Writes the plugin (a package plus the dist-info vLLM discovers its entry point through)
+/// under `dir`, and returns the directory to put on vLLM's `PYTHONPATH`.
+pub fn install_plugin(dir: &Path) -> std::io::Result<PathBuf> {
+    let package = dir.join("grpo_vllm_plugin");
+    let info = dir.join("grpo_vllm_plugin-0.1.dist-info");
+    std::fs::create_dir_all(&package)?;
+    std::fs::create_dir_all(&info)?;
+    std::fs::write(package.join("__init__.py"), PLUGIN_INIT)?;
+    std::fs::write(info.join("METADATA"), PLUGIN_METADATA)?;
+    std::fs::write(info.join("entry_points.txt"), PLUGIN_ENTRY_POINTS)?;
+    Ok(dir.to_path_buf())
+}
+
+/// Where a version's weights are in the learner's GPU memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpcExport {
+    /// `cuDeviceGetUuid` as lowercase 8-4-4-4-12 hex (torch's `str(props.uuid)`).
+    pub gpu_uuid: String,
+    /// `cuIpcGetMemHandle` of the allocation's base (64 bytes).
+    pub handle: Vec<u8>,
+    /// Bytes of the whole allocation.
+    pub alloc_bytes: u64,
+    pub tensors: Vec<IpcTensor>,
+}
+
+/// One contiguous, row-major tensor inside the exported allocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpcTensor {
+    /// HF name (unfused, unsharded).
+    pub name: String,
+    pub dtype: IpcDtype,
+    pub shape: Vec<i64>,
+    /// Byte offset from the allocation's base.
+    pub offset_bytes: u64,
+}
+
+impl IpcTensor {
+    /// Its size in bytes; `None` for a negative or overflowing shape.
+    pub fn bytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| u64::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
+            .and_then(|n| n.checked_mul(self.dtype.size()))
+    }
+}
+
+/// The dtypes that travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcDtype {
+    BFloat16,
+    Float32,
+}
+
+impl IpcDtype {
+    /// vLLM's `dtype_names` entry, and the `torch.<name>` global in the pickle.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            IpcDtype::BFloat16 => "bfloat16",
+            IpcDtype::Float32 => "float32",
+        }
+    }
+
+    pub fn size(self) -> u64 {
+        match self {
+            IpcDtype::BFloat16 => 2,
+            IpcDtype::Float32 => 4,
+        }
+    }
+
+    /// The wire name of the sync protocol ("bf16" / "f32").
+    pub fn parse(wire: &str) -> Option<Self> {
+        match wire {
+            "bf16" => Some(IpcDtype::BFloat16),
+            "f32" => Some(IpcDtype::Float32),
+            _ => None,
+        }
+    }
+
+    pub fn wire(self) -> &'static str {
+        match self {
+            IpcDtype::BFloat16 => "bf16",
+            IpcDtype::Float32 => "f32",
+        }
+    }
+}
+
+/// A request that cannot describe valid memory.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IpcError {
+    #[error("the IPC handle has {0} bytes, not 64")]
+    Handle(usize),
+    #[error("the GPU UUID {0:?} is not 8-4-4-4-12 lowercase hex")]
+    Uuid(String),
+    #[error("tensor {name:?} ({bytes} bytes at {offset}) lies outside the {alloc} byte allocation")]
+    OutOfBounds {
+        name: String,
+        offset: u64,
+        bytes: u64,
+        alloc: u64,
+    },
+    #[error("tensor {0:?} has a negative or overflowing shape")]
+    Shape(String),
+    #[error("tensor {0:?} starts at an offset its dtype does not align to")]
+    Misaligned(String),
+    #[error("no tensors")]
+    Empty,
+}
+
+impl IpcExport {
+    /// Checks that every tensor lies inside the allocation, aligned, with a sane shape.
+    pub fn validate(&self) -> Result<(), IpcError> {
+        if self.handle.len() != 64 {
+            return Err(IpcError::Handle(self.handle.len()));
+        }
+        if !is_uuid(&self.gpu_uuid) {
+            return Err(IpcError::Uuid(self.gpu_uuid.clone()));
+        }
+        if self.tensors.is_empty() {
+            return Err(IpcError::Empty);
+        }
+        for t in &self.tensors {
+            let bytes = t.bytes().ok_or_else(|| IpcError::Shape(t.name.clone()))?;
+            if t.offset_bytes % t.dtype.size() != 0 {
+                return Err(IpcError::Misaligned(t.name.clone()));
+            }
+            if t.offset_bytes.checked_add(bytes).is_none_or(|end| end > self.alloc_bytes) {
+                return Err(IpcError::OutOfBounds {
+                    name: t.name.clone(),
+                    offset: t.offset_bytes,
+                    bytes,
+                    alloc: self.alloc_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The `update_info` of `POST /update_weights` (unpacked: one handle dict per tensor, all
+    /// naming the same allocation at their own offsets).
+    pub fn update_info(&self) -> Result<Value, IpcError> {
+        self.validate()?;
+        let pickled = base64::engine::general_purpose::STANDARD.encode(self.pickle());
+        Ok(json!({
+            "names": self.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            "dtype_names": self.tensors.iter().map(|t| t.dtype.torch_name()).collect::<Vec<_>>(),
+            "shapes": self.tensors.iter().map(|t| t.shape.clone()).collect::<Vec<_>>(),
+            "packed": false,
+            "ipc_handles_pickled": pickled,
+        }))
+    }
+
+    /// Pickle (protocol 4) of `[{uuid: args}, ...]`, `args` being the 15 arguments of
+    /// `torch.multiprocessing.reductions.rebuild_cuda_tensor`.
+    fn pickle(&self) -> Vec<u8> {
+        let mut p = Pickle(vec![0x80, 4]);
+        p.0.extend([0x5D, 0x28]); // EMPTY_LIST, MARK
+        for t in &self.tensors {
+            p.0.push(0x7D); // EMPTY_DICT
+            p.str(&self.gpu_uuid);
+            self.rebuild_args(&mut p, t);
+            p.0.push(0x73); // SETITEM
+        }
+        p.0.extend([0x65, 0x2E]); // APPENDS, STOP
+        p.0
+    }
+
+    fn rebuild_args(&self, p: &mut Pickle, t: &IpcTensor) {
+        p.0.push(0x28); // MARK
+        p.global("torch", "Tensor");
+        p.int_tuple(&t.shape);
+        p.int_tuple(&row_major_strides(&t.shape));
+        p.int(0); // the tensor's offset in its storage, in elements
+        p.global("torch", "UntypedStorage");
+        p.global("torch", t.dtype.torch_name());
+        p.int(0); // device (vLLM overwrites it with the worker's)
+        p.bytes(&self.handle);
+        // The storage is this tensor's bytes, opened at its offset from the allocation's base.
+        p.int(t.bytes().unwrap_or(0) as i64);
+        p.int(t.offset_bytes as i64);
+        p.0.push(0x89); // requires_grad False
+        p.bytes(b"/grpo-node-ipc"); // ref counter name: release is best effort
+        p.int(0);
+        p.bytes(b""); // no event handle
+        p.0.push(0x89); // event_sync_required False
+        p.0.push(0x74); // TUPLE
+    }
+}
+
+/// Element strides of a contiguous tensor.
+fn row_major_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1].max(1);
+    }
+    strides
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
+            g.len() == n && g.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// The few pickle opcodes the template needs.
+struct Pickle(Vec<u8>);
+
+impl Pickle {
+    fn int(&mut self, v: i64) {
+        self.0.extend([0x8A, 8]); // LONG1, 8 bytes
+        self.0.extend(v.to_le_bytes());
+    }
+
+    fn int_tuple(&mut self, vs: &[i64]) {
+        self.0.push(0x28);
+        for &v in vs {
+            self.int(v);
+        }
+        self.0.push(0x74);
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.push(0x42); // BINBYTES, u32 length
+        self.0.extend((b.len() as u32).to_le_bytes());
+        self.0.extend(b);
+    }
+
+    fn str(&mut self, s: &str) {
+        self.0.push(0x58); // BINUNICODE, u32 length
+        self.0.extend((s.len() as u32).to_le_bytes());
+        self.0.extend(s.as_bytes());
+    }
+
+    fn global(&mut self, module: &str, name: &str) {
+        self.0.push(0x63);
+        self.0.extend(format!("{module}\n{name}\n").as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export() -> IpcExport {
+        IpcExport {
+            gpu_uuid: "0a1b2c3d-0000-1111-2222-333344445555".into(),
+            handle: (0..64).collect(),
+            alloc_bytes: 4096,
+            tensors: vec![
+                IpcTensor {
+                    name: "model.embed_tokens.weight".into(),
+                    dtype: IpcDtype::BFloat16,
+                    shape: vec![8, 16],
+                    offset_bytes: 0,
+                },
+                IpcTensor {
+                    name: "model.norm.weight".into(),
+                    dtype: IpcDtype::BFloat16,
+                    shape: vec![16],
+                    offset_bytes: 256,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn strides_are_row_major() {
+        assert_eq!(row_major_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(row_major_strides(&[5]), vec![1]);
+        assert!(row_major_strides(&[]).is_empty());
+    }
+
+    #[test]
+    fn bad_exports_are_refused_before_vllm_sees_them() {
+        let mut e = export();
+        e.handle.pop();
+        assert_eq!(e.update_info(), Err(IpcError::Handle(63)));
+        let mut e = export();
+        e.gpu_uuid = "GPU-0a1b2c3d-0000-1111-2222-333344445555".into();
+        assert!(matches!(e.update_info(), Err(IpcError::Uuid(_))));
+        let mut e = export();
+        e.tensors[1].offset_bytes = 4096 - 2;
+        assert!(matches!(e.update_info(), Err(IpcError::OutOfBounds { .. })));
+        let mut e = export();
+        e.tensors[1].offset_bytes = 255;
+        assert!(matches!(e.update_info(), Err(IpcError::Misaligned(_))));
+        let mut e = export();
+        e.tensors[0].shape = vec![-1, 16];
+        assert!(matches!(e.update_info(), Err(IpcError::Shape(_))));
+        let mut e = export();
+        e.tensors[0].shape = vec![i64::MAX, i64::MAX];
+        assert!(matches!(e.update_info(), Err(IpcError::Shape(_))));
+    }
+
+    #[test]
+    fn the_update_info_names_every_tensor_in_order() {
+        let info = export().update_info().expect("valid");
+        assert_eq!(info["names"][1], "model.norm.weight");
+        assert_eq!(info["dtype_names"][0], "bfloat16");
+        assert_eq!(info["shapes"][0], json!([8, 16]));
+        assert_eq!(info["packed"], false);
+        assert!(info["ipc_handles_pickled"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+}
