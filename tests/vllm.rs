@@ -522,6 +522,7 @@ fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
     let work = tempfile::tempdir().expect("work");
     let sidecar = VllmSidecar::start(model.path(), work.path(), &["--vllm-weight-transfer", "ipc"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _inside = rt.enter();
     let deadlines = Deadlines {
         rpc: Duration::from_secs(60),
         min_bytes_per_s: 20e6,
@@ -542,7 +543,7 @@ fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
         sidecar.proc.log().matches("vLLM ready").count() >= 2
     });
     let out = sidecar.ok(json!({"prompt": {"prompt_token_ids": [1, 2, 3]}, "max_tokens": 2, "temperature": 0.0}));
-    assert_eq!(out["token_ids"].as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(out["text"].as_array().map(Vec::len), Some(1), "{out}");
     // The base model serves again: its logprobs are the base weights'.
     wait_serves(&sidecar, model.path(), "vLLM serving the base model after the restart");
     let prom = sidecar.url("/metrics");

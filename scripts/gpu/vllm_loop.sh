@@ -68,6 +68,20 @@ if [ "${BIG:-0}" = 1 ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 start=$(date +%s.%N)
+if [ -n "${KILL_AT_STEPS:-}" ]; then
+  # Kill drill: kill -9 vLLM's API server (not the sidecar) once the learner has logged each of
+  # these step counts; the supervisor restarts it and the next version is installed again.
+  (
+    for at in $KILL_AT_STEPS; do
+      until run=$(ls -td runs/*-"$STEPS"-* 2>/dev/null | head -1) && [ -n "$run" ] \
+            && [ "$(wc -l < "$run/checkpoints/metrics.jsonl" 2>/dev/null || echo 0)" -ge "$at" ]; do sleep 0.2; done
+      pid=$(sed 's/\x1b\[[0-9;]*m//g' "$run/logs/sidecar.log" | grep -o 'vLLM launched pid=[0-9]*' | tail -1 | cut -d= -f2)
+      echo "kill -9 vLLM pid $pid at step $at ($(date +%T.%N))" >> "$OUT/kills_$MODE.log"
+      kill -9 "$pid"
+      until [ "$(sed 's/\x1b\[[0-9;]*m//g' "$run/logs/sidecar.log" | grep -c 'vLLM ready')" -ge 2 ]; do sleep 0.5; done
+    done
+  ) &
+fi
 timeout "${LIMIT_S:-450}" ./.gpu/grpo-node launch "$MANIFEST" > "$OUT/launch_$MODE.log" 2>&1
 echo "launch exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
 RUN=$(ls -td runs/"$(sed -n 's/^name = "\(.*\)"/\1/p' "$MANIFEST" | head -1)"-* 2>/dev/null | head -1)

@@ -38,9 +38,9 @@ pub struct VllmLaunch {
     pub allow_untested: bool,
     /// Per-call deadline of a resync's update routes.
     pub update_deadline: Duration,
-    /// CUDA IPC weight transfer: the directory holding our vLLM plugin (see
-    /// [`crate::engine::vllm_ipc`]).
-    pub ipc_plugin: Option<PathBuf>,
+    /// vLLM's weight-transfer engine, where one is used: the directory holding our vLLM plugin
+    /// (see [`crate::engine::vllm_transfer`]) and the backend name it registers.
+    pub weight_transfer: Option<(PathBuf, &'static str)>,
 }
 
 /// The supervisor's mailbox.
@@ -194,20 +194,22 @@ async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) 
     Ok(())
 }
 
-/// Launches vLLM with CUDA IPC weight transfer: our plugin on `PYTHONPATH` (also in
-/// `GRPO_VLLM_PLUGIN_DIR`, for a command that sets its own `PYTHONPATH`), the backend it
-/// registers, and the unpickling of handles the backend needs.
-fn with_ipc_plugin(cmd: &mut tokio::process::Command, plugin: &Path) {
+/// Launches vLLM with one of our plugin's weight-transfer engines: the plugin on `PYTHONPATH`
+/// (also in `GRPO_VLLM_PLUGIN_DIR`, for a command that sets its own `PYTHONPATH`), the
+/// backend, and for CUDA IPC the unpickling of handles that backend needs.
+fn with_plugin(cmd: &mut tokio::process::Command, plugin: &Path, backend: &str) {
     let mut path = std::ffi::OsString::from(plugin.as_os_str());
     if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
         path.push(":");
         path.push(old);
     }
-    let config = format!("{{\"backend\":\"{}\"}}", crate::engine::vllm_ipc::BACKEND);
+    let config = format!("{{\"backend\":\"{backend}\"}}");
     cmd.args(["--weight-transfer-config", &config])
         .env("PYTHONPATH", path)
-        .env("GRPO_VLLM_PLUGIN_DIR", plugin)
-        .env("VLLM_ALLOW_INSECURE_SERIALIZATION", "1");
+        .env("GRPO_VLLM_PLUGIN_DIR", plugin);
+    if backend == crate::engine::vllm_transfer::BACKEND {
+        cmd.env("VLLM_ALLOW_INSECURE_SERIALIZATION", "1");
+    }
 }
 
 impl VllmSupervisorState {
@@ -262,8 +264,8 @@ impl VllmSupervisorState {
         if std::env::var_os("VLLM_CPU_KVCACHE_SPACE").is_none() {
             cmd.env("VLLM_CPU_KVCACHE_SPACE", "1");
         }
-        if let Some(plugin) = &l.ipc_plugin {
-            with_ipc_plugin(&mut cmd, plugin);
+        if let Some((plugin, backend)) = &l.weight_transfer {
+            with_plugin(&mut cmd, plugin, backend);
         }
         let mut child = cmd.spawn().map_err(|e| format!("starting {program}: {e}"))?;
         let pid = child.id().ok_or("vLLM exited at once")? as i32;

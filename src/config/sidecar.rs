@@ -9,6 +9,7 @@ use clap::Args;
 use super::{ConfigError, DeviceSpec, LearnerArgs};
 use crate::engine::http::HttpPolicy;
 use crate::engine::protocol::{GenerateLimits, MAX_N};
+use crate::engine::vllm::WeightTransfer;
 use crate::engine::vllm_api::PauseMode;
 
 /// The inference engine a sidecar drives.
@@ -81,9 +82,11 @@ pub struct SidecarArgs {
     #[arg(long, env = "GRPO_VLLM_PAUSE_MODE", value_enum)]
     pub vllm_pause_mode: Option<PauseMode>,
     /// vLLM: how full weights get into vLLM: reload (the sidecar writes safetensors on tmpfs and
-    /// vLLM reloads them) or ipc (a learner on vLLM's GPU hands over CUDA IPC handles of its
-    /// weights and vLLM's workers copy them GPU to GPU; vLLM then runs our small plugin and
-    /// `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which lets it unpickle the handles) [default: reload].
+    /// vLLM reloads them), ipc (a learner on vLLM's GPU hands over CUDA IPC handles of its
+    /// weights and vLLM's workers copy them GPU to GPU; vLLM then also runs with
+    /// `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which lets it unpickle the handles), or nccl (a
+    /// learner on another GPU broadcasts into vLLM's workers, the learner rank 0). Both load our
+    /// small vLLM plugin [default: reload].
     #[arg(long, env = "GRPO_VLLM_WEIGHT_TRANSFER", value_enum)]
     pub vllm_weight_transfer: Option<WeightTransfer>,
     /// vLLM: tokens of the logprob canary checked after every weight update (0: off) [default: 16].
@@ -101,14 +104,6 @@ pub struct SidecarArgs {
     /// /generate requires `authorization: Bearer <token>` (the --auth-token-file token).
     #[arg(long, env = "GRPO_GENERATE_REQUIRES_TOKEN")]
     pub generate_requires_token: bool,
-}
-
-/// `--vllm-weight-transfer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WeightTransfer {
-    Reload,
-    Ipc,
 }
 
 /// A validated vLLM launch and driver configuration.

@@ -39,7 +39,7 @@ pub struct Installed {
 /// it (the engine compares its own with them after the install).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpcInstall {
-    pub export: super::vllm_ipc::IpcExport,
+    pub export: super::vllm_transfer::IpcExport,
     /// Token ids, and the learner's logprob of each of `ids[1..]` after its prefix.
     pub canary: Option<(Vec<i64>, Vec<f64>)>,
 }

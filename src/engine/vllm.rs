@@ -55,6 +55,18 @@ pub struct VllmShared {
     pub current: Mutex<Option<Current>>,
 }
 
+/// How full weights get into vLLM (`--vllm-weight-transfer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightTransfer {
+    /// The sidecar writes safetensors on tmpfs; vLLM's `reload_weights` reads them.
+    Reload,
+    /// vLLM's workers copy out of a learner's GPU memory on the same GPU (CUDA IPC).
+    Ipc,
+    /// A learner on another GPU broadcasts into vLLM's workers (NCCL, the learner rank 0).
+    Nccl,
+}
+
 /// Tunables of the driver.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -73,8 +85,8 @@ pub struct DriverConfig {
     pub canary_tokens: usize,
     /// How a swap pauses vLLM.
     pub pause_mode: PauseMode,
-    /// vLLM runs the CUDA IPC weight transfer (`install_ipc`).
-    pub ipc: bool,
+    /// How full weights get into vLLM.
+    pub transfer: WeightTransfer,
 }
 
 /// The vLLM engine.
@@ -348,11 +360,11 @@ impl InferenceEngine for VllmEngine {
     }
 
     fn takes_ipc(&self) -> bool {
-        self.cfg.ipc
+        self.cfg.transfer == WeightTransfer::Ipc
     }
 
     async fn install_ipc(&self, update: IpcInstall, version: PolicyVersion) -> Result<Installed, EngineFailure> {
-        if !self.cfg.ipc {
+        if !self.takes_ipc() {
             return Err(EngineFailure::Rejected(
                 "this vLLM runs without CUDA IPC weight transfer (--vllm-weight-transfer ipc)".into(),
             ));

@@ -10,11 +10,11 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::actors::vllm_supervisor::{VllmArgs, VllmLaunch, VllmMsg, VllmSupervisor};
-use crate::config::sidecar::{VllmConfig, WeightTransfer};
+use crate::config::sidecar::VllmConfig;
 use crate::config::SidecarConfig;
 use crate::engine::inference::SharedEngine;
-use crate::engine::vllm::{DriverConfig, VllmEngine, VllmShared, VllmState};
-use crate::engine::vllm_ipc::install_plugin;
+use crate::engine::vllm::{DriverConfig, VllmEngine, VllmShared, VllmState, WeightTransfer};
+use crate::engine::vllm_transfer;
 use crate::engine::{http, load, BatchConfig, EngineHandle};
 use crate::rpc::auth::{AddToken, Token};
 use crate::rpc::pb::learner_client::LearnerClient;
@@ -66,15 +66,21 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
     let tokenizer = Arc::new(load::tokenizer(&cfg.model_name).map_err(|e| SidecarError::Load(e.to_string()))?);
     let port = if v.port == 0 { free_loopback_port()? } else { v.port };
     let served_name = "policy".to_string();
-    let ipc = v.weight_transfer == WeightTransfer::Ipc;
-    let plugin = if ipc {
-        let dir = v.weights_dir.join("vllm-plugin");
-        Some(install_plugin(&dir).map_err(|source| SidecarError::Io {
-            context: format!("writing the vLLM plugin under {}", dir.display()),
-            source,
-        })?)
-    } else {
-        None
+    let backend = match v.weight_transfer {
+        WeightTransfer::Reload => None,
+        WeightTransfer::Ipc => Some(vllm_transfer::BACKEND),
+        WeightTransfer::Nccl => Some(vllm_transfer::NCCL_BACKEND),
+    };
+    let weight_transfer = match backend {
+        Some(backend) => {
+            let dir = v.weights_dir.join("vllm-plugin");
+            let plugin = vllm_transfer::install_plugin(&dir).map_err(|source| SidecarError::Io {
+                context: format!("writing the vLLM plugin under {}", dir.display()),
+                source,
+            })?;
+            Some((plugin, backend))
+        }
+        None => None,
     };
     let launch = VllmLaunch {
         command: v.command.clone(),
@@ -89,7 +95,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         max_restarts: v.max_restarts,
         allow_untested: v.allow_untested,
         update_deadline: VLLM_UPDATE_DEADLINE,
-        ipc_plugin: plugin,
+        weight_transfer,
     };
     let shared = Arc::new(VllmShared {
         current: Mutex::new(None),
@@ -133,7 +139,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         generate_deadline: Duration::from_secs(600),
         canary_tokens: v.canary_tokens,
         pause_mode: v.pause_mode,
-        ipc,
+        transfer: v.weight_transfer,
     };
     let engine =
         VllmEngine::new(driver, tokenizer, state, orders_tx, shared).map_err(|e| SidecarError::Vllm(e.to_string()));

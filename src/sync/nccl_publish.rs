@@ -25,7 +25,7 @@ use super::gpu_digest::GpuDigest;
 use super::nccl_sync::device_plan;
 use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;
-use crate::engine::vllm_ipc::{IpcDtype, IpcExport, IpcTensor};
+use crate::engine::vllm_transfer::{IpcDtype, IpcExport, IpcTensor};
 use crate::train::lease::Lease;
 
 /// How far the packing got: an event per packed bucket, or why it stopped.

