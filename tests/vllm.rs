@@ -534,10 +534,16 @@ fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
     let refused = rt.block_on(client.install_ipc(fake_ipc_request(model.path(), true), 0));
     let e = refused.expect_err("a wrong shape is refused").to_string();
     assert!(e.contains("shape"), "{e}");
-    assert_eq!(sidecar.proc.log().matches("vLLM launched").count(), 1, "no restart for a refused request");
+    assert_eq!(
+        sidecar.proc.log().matches("vLLM launched").count(),
+        1,
+        "no restart for a refused request"
+    );
 
     let failed = rt.block_on(client.install_ipc(fake_ipc_request(model.path(), false), 0));
-    let e = failed.expect_err("no GPU here: vLLM cannot open the handle").to_string();
+    let e = failed
+        .expect_err("no GPU here: vLLM cannot open the handle")
+        .to_string();
     assert!(e.contains("vLLM"), "the error names vLLM's answer: {e}");
     wait_until(Duration::from_secs(400), "vLLM restarted and ready", || {
         sidecar.proc.log().matches("vLLM ready").count() >= 2
@@ -549,5 +555,9 @@ fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
     let prom = sidecar.url("/metrics");
     assert!(common::scraped(&prom, "grpo_engine_restarts", None) >= 1.0);
     let health = rt.block_on(client.health()).expect("health");
-    assert_eq!(health.version.map_or(0, |v| v.step), 0, "the base model serves as version 0");
+    assert_eq!(
+        health.version.map_or(0, |v| v.step),
+        0,
+        "the base model serves as version 0"
+    );
 }

@@ -175,13 +175,26 @@ print("SIZES", json.dumps(every))
 #[test]
 fn our_nccl_chunks_are_the_ones_vllm_receives() {
     use grpo_node::engine::vllm_transfer::vllm_nccl_chunks;
-    let shapes: Vec<Vec<i64>> = vec![vec![64, 32], vec![32], vec![96, 32], vec![1000], vec![8, 8], vec![3], vec![512]];
+    let shapes: Vec<Vec<i64>> = vec![
+        vec![64, 32],
+        vec![32],
+        vec![96, 32],
+        vec![1000],
+        vec![8, 8],
+        vec![3],
+        vec![512],
+    ];
     let mut specs = Vec::new();
     let mut ours = Vec::new();
     for (dtype, size) in [("bfloat16", 2u64), ("float32", 4)] {
         for buffer in [1u64, 100, 4096, 6000, 1 << 20] {
             let bytes: Vec<u64> = shapes.iter().map(|s| s.iter().product::<i64>() as u64 * size).collect();
-            ours.push(vllm_nccl_chunks(&bytes, buffer).into_iter().map(|(_, b)| b).collect::<Vec<u64>>());
+            ours.push(
+                vllm_nccl_chunks(&bytes, buffer)
+                    .into_iter()
+                    .map(|(_, b)| b)
+                    .collect::<Vec<u64>>(),
+            );
             specs.push(serde_json::json!({"shapes": shapes, "dtype": dtype, "buffer": buffer}));
         }
     }
@@ -189,7 +202,10 @@ fn our_nccl_chunks_are_the_ones_vllm_receives() {
     let line = out.lines().find_map(|l| l.strip_prefix("SIZES ")).expect("sizes line");
     let theirs: Vec<Vec<u64>> = serde_json::from_str(line).expect("sizes");
     assert_eq!(ours, theirs);
-    assert!(ours.iter().any(|c| c.len() > 2), "some case cuts several chunks: {ours:?}");
+    assert!(
+        ours.iter().any(|c| c.len() > 2),
+        "some case cuts several chunks: {ours:?}"
+    );
 }
 
 const NCCL_ENGINE: &str = r#"

@@ -160,6 +160,9 @@ pub struct Link {
     /// Whether the sidecar takes CUDA IPC (its vLLM is on our GPU).
     #[cfg(feature = "cuda")]
     ipc: IpcLink,
+    /// Who the communicator's other ranks are (the sidecar, or its vLLM's workers).
+    #[cfg(feature = "cuda")]
+    peer: Option<crate::sync::nccl_publish::Peer>,
 }
 
 /// Whether a sidecar is served over CUDA IPC.
@@ -228,36 +231,22 @@ async fn send(
         Payload::Device(weights) => {
             use crate::sync::nccl_publish::{connect, publish, NcclPublishError};
             let mut link = link;
-            if link.ipc == IpcLink::Unknown {
-                match client.info().await {
-                    Ok(info) if info.ipc => link.ipc = IpcLink::Yes { proven: false },
-                    Ok(_) => link.ipc = IpcLink::No,
-                    Err(e) => return (Outcome::Failed(e.to_string()), link),
+            if link.ipc == IpcLink::Unknown || link.peer.is_none() {
+                if let Err(e) = learn_link(&client, weights, &mut link).await {
+                    return (Outcome::Failed(e.to_string()), link);
                 }
             }
+            let peer = link.peer.unwrap_or(crate::sync::nccl_publish::Peer::Sidecar);
             if let IpcLink::Yes { proven } = link.ipc {
                 let result = crate::sync::ipc_publish::publish(&client, weights.clone(), job.version).await;
                 drop(hold);
-                return match result {
-                    Ok(p) => {
-                        link.ipc = IpcLink::Yes { proven: true };
-                        (Outcome::Published(p), link)
-                    }
-                    Err(e) => {
-                        if !proven {
-                            tracing::warn!(sidecar = %client.addr, error = %e,
-                                "the first CUDA IPC install failed (is its vLLM on another GPU?): using NCCL or the gRPC stream");
-                            link.ipc = IpcLink::No;
-                        }
-                        (Outcome::Failed(format!("ipc: {e}")), link)
-                    }
-                };
+                return ipc_outcome(&client, result, proven, link);
             }
             let mut hold = Some(hold);
             if !link.grpc_only && link.comm.is_none() {
                 // Making a communicator may take long: the lent weights are not held meanwhile.
                 let weak = hold.take().map(|h| Arc::downgrade(&h));
-                match connect(&client, weights.gpu).await {
+                match connect(&client, weights.gpu, peer).await {
                     Ok(comm) => link.comm = Some(comm),
                     Err(NcclPublishError::Unsupported(why)) => {
                         tracing::info!(sidecar = %client.addr, reason = %why, "no NCCL with this sidecar: using the gRPC stream");
@@ -284,7 +273,7 @@ async fn send(
             let Some(comm) = link.comm.take() else {
                 return (Outcome::Failed("no NCCL communicator".into()), link);
             };
-            let (result, comm) = publish(&client, comm, weights.clone(), job.version).await;
+            let (result, comm) = publish(&client, comm, weights.clone(), job.version, peer).await;
             drop(hold);
             match result {
                 Ok(p) => (
@@ -293,6 +282,7 @@ async fn send(
                         grpc_only: false,
                         comm,
                         ipc: IpcLink::No,
+                        peer: Some(peer),
                     },
                 ),
                 Err(e @ (NcclPublishError::Wedged(_) | NcclPublishError::PeerDead)) => {
@@ -304,6 +294,7 @@ async fn send(
                             grpc_only: false,
                             comm: None,
                             ipc: IpcLink::No,
+                            peer: Some(peer),
                         },
                     )
                 }
@@ -313,9 +304,60 @@ async fn send(
                         grpc_only: false,
                         comm,
                         ipc: IpcLink::No,
+                        peer: Some(peer),
                     },
                 ),
             }
+        }
+    }
+}
+
+/// Asks the sidecar (its Info) whether it takes CUDA IPC, and who NCCL would reach: the
+/// sidecar, or its vLLM's ranks (vLLM's packed-receive buffer is then our bucket size).
+#[cfg(feature = "cuda")]
+async fn learn_link(
+    client: &SidecarClient,
+    weights: &crate::sync::nccl_publish::PackedWeights,
+    link: &mut Link,
+) -> Result<(), SyncError> {
+    use crate::sync::nccl_publish::Peer;
+    let info = client.info().await?;
+    link.ipc = if info.ipc {
+        IpcLink::Yes { proven: false }
+    } else {
+        IpcLink::No
+    };
+    link.peer = Some(match info.vllm_nccl_world {
+        w if w >= 2 => Peer::Vllm {
+            world: w,
+            buffer_bytes: weights.plan().bucket_bytes,
+        },
+        _ => Peer::Sidecar,
+    });
+    Ok(())
+}
+
+/// How a CUDA IPC send ended. A first install that fails (vLLM on another GPU, say) turns IPC
+/// off for this sidecar; after one worked, a failure is taken as transient.
+#[cfg(feature = "cuda")]
+fn ipc_outcome(
+    client: &SidecarClient,
+    result: Result<Published, crate::sync::ipc_publish::IpcPublishError>,
+    proven: bool,
+    mut link: Link,
+) -> (Outcome, Link) {
+    match result {
+        Ok(p) => {
+            link.ipc = IpcLink::Yes { proven: true };
+            (Outcome::Published(p), link)
+        }
+        Err(e) => {
+            if !proven {
+                tracing::warn!(sidecar = %client.addr, error = %e,
+                    "the first CUDA IPC install failed (is its vLLM on another GPU?): using NCCL or the gRPC stream");
+                link.ipc = IpcLink::No;
+            }
+            (Outcome::Failed(format!("ipc: {e}")), link)
         }
     }
 }

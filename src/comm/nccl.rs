@@ -418,6 +418,32 @@ impl Communicator {
         self.wait_stream("broadcast", until)
     }
 
+    /// The one-float sum all-reduce every vLLM rank runs right after joining (vLLM's
+    /// `PyNcclCommunicator` warm-up): rank 0 must run it too before anything else.
+    pub fn warm_up_all_reduce(&mut self, deadline: Duration) -> Result<(), CommError> {
+        let until = Instant::now() + deadline;
+        self.ctx.bind_to_thread().map_err(|e| CommError::Cuda(e.to_string()))?;
+        let x = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cuda(self.ctx.ordinal())));
+        // The zeros are written on tch's stream: the all-reduce waits for them.
+        let ready = mark_torch_stream(&self.ctx)?;
+        self.stream.wait(&ready).map_err(|e| CommError::Cuda(e.to_string()))?;
+        // SAFETY: a live one-element fp32 tensor on this communicator's device.
+        let r = unsafe {
+            nc::ncclAllReduce(
+                x.data_ptr(),
+                x.data_ptr(),
+                1,
+                nc::ncclDataType_t::ncclFloat32,
+                nc::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as nc::cudaStream_t,
+            )
+        };
+        check("ncclAllReduce", r)?;
+        self.wait_ready("all_reduce", until)?;
+        self.wait_stream("all_reduce", until)
+    }
+
     /// Aborts the communicator: pending kernels return, resources are freed. Idempotent.
     pub fn abort(&mut self) {
         if !self.aborted {

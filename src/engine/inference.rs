@@ -44,6 +44,14 @@ pub struct IpcInstall {
     pub canary: Option<(Vec<i64>, Vec<f64>)>,
 }
 
+/// One tensor of a forwarded NCCL update: HF name, vLLM dtype name, shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub dtype: super::vllm_transfer::IpcDtype,
+    pub shape: Vec<i64>,
+}
+
 /// The facts of a running engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Served {
@@ -90,6 +98,46 @@ pub trait InferenceEngine: Send + Sync + 'static {
             "the {} engine takes no CUDA IPC weights",
             self.kind()
         )))
+    }
+    /// Whether NCCL goes straight into the engine's own ranks (vLLM's workers,
+    /// `--vllm-weight-transfer nccl`) rather than into tensors the sidecar hands over.
+    fn forwards_nccl(&self) -> bool {
+        false
+    }
+    /// With [`Self::forwards_nccl`]: the world a learner makes with the engine's ranks as
+    /// rank 0, or `None` (not ready).
+    async fn forwarded_nccl_world(&self) -> Option<i32> {
+        None
+    }
+    /// Has the engine's ranks join communicator `unique_id` of `world` (in the background: the
+    /// learner joins after this returns).
+    async fn nccl_forward_join(&self, unique_id: Vec<u8>, world: i32) -> Result<(), EngineFailure> {
+        let _ = (unique_id, world);
+        Err(self.no_forwarded_nccl())
+    }
+    /// Gets the engine ready to receive `version` as vLLM's packed NCCL broadcasts of
+    /// `tensors` (name, dtype, shape) in chunks past `buffer_bytes`; the learner sends next.
+    async fn nccl_forward_begin(
+        &self,
+        version: PolicyVersion,
+        tensors: Vec<NamedTensor>,
+        buffer_bytes: u64,
+    ) -> Result<(), EngineFailure> {
+        let _ = (version, tensors, buffer_bytes);
+        Err(self.no_forwarded_nccl())
+    }
+    /// Waits for the receive begun by [`Self::nccl_forward_begin`] and serves `version`.
+    async fn nccl_forward_commit(
+        &self,
+        version: PolicyVersion,
+        canary: Option<(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Installed, EngineFailure> {
+        let _ = (version, canary);
+        Err(self.no_forwarded_nccl())
+    }
+    /// The error of the forwarded-NCCL calls on an engine without them.
+    fn no_forwarded_nccl(&self) -> EngineFailure {
+        EngineFailure::Rejected(format!("the {} engine takes no forwarded NCCL", self.kind()))
     }
     /// The served version, size and digest.
     async fn served(&self) -> Result<Served, EngineFailure>;

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch, Mutex};
 
 use super::core::{Completion, JobParams, PolicyVersion};
-use super::inference::{EngineFailure, InferenceEngine, Installed, IpcInstall, Served};
+use super::inference::{EngineFailure, InferenceEngine, Installed, IpcInstall, NamedTensor, Served};
 use super::vllm_api::{PauseMode, VllmApi};
 use crate::model::safetensors_io::write_file;
 use crate::model::{ModelSpec, ParamStore, Transformer};
@@ -52,7 +52,7 @@ pub enum SupervisorOrder {
 /// lock: a weight update, a checkpoint load and a resync after a restart never overlap, and
 /// the liveness probe skips while it is held (vLLM is paused then).
 pub struct VllmShared {
-    pub current: Mutex<Option<Current>>,
+    pub current: Arc<Mutex<Option<Current>>>,
 }
 
 /// How full weights get into vLLM (`--vllm-weight-transfer`).
@@ -91,6 +91,8 @@ pub struct DriverConfig {
 
 /// The vLLM engine.
 pub struct VllmEngine {
+    /// A forwarded NCCL transfer in progress (`--vllm-weight-transfer nccl`).
+    forward: Mutex<Forward>,
     cfg: DriverConfig,
     spec: ModelSpec,
     manifest: Vec<(String, Vec<i64>)>,
@@ -114,6 +116,7 @@ impl VllmEngine {
             .map_err(|e| EngineFailure::Failed(format!("creating {}: {e}", cfg.weights_dir.display())))?;
         let manifest = crate::model::params::expected_shapes(&spec);
         Ok(Self {
+            forward: Mutex::new(Forward::default()),
             cfg,
             spec,
             manifest,
@@ -159,9 +162,33 @@ impl VllmEngine {
     }
 }
 
+/// Where a forwarded NCCL transfer stands: vLLM's ranks joining the learner's communicator,
+/// then one version's `/update_weights` receiving, with vLLM paused and the update lock held.
+#[derive(Default)]
+struct Forward {
+    join: Option<tokio::task::JoinHandle<Result<(), EngineFailure>>>,
+    pending: Option<Receiving>,
+}
+
+/// One version being received: the task that waits for vLLM's `/update_weights`, then
+/// finishes, resumes and records the version (holding the update lock throughout), or on
+/// failure resumes and restarts vLLM, whose ranks may be stuck in the broadcast.
+struct Receiving {
+    version: PolicyVersion,
+    task: tokio::task::JoinHandle<Result<(), EngineFailure>>,
+}
+
+/// Longest vLLM's ranks wait in a forwarded NCCL receive before vLLM is restarted.
+const FORWARD_RECEIVE_LIMIT: Duration = Duration::from_secs(300);
+
 /// Deletes the directory of a replaced version the sidecar wrote (unless it is `keep`).
 fn remove_replaced(old: Option<Current>, keep: Option<&Path>) {
-    if let Some(Current { owned: true, dir: Some(dir), .. }) = old {
+    if let Some(Current {
+        owned: true,
+        dir: Some(dir),
+        ..
+    }) = old
+    {
         if Some(dir.as_path()) != keep {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -172,6 +199,47 @@ fn remove_replaced(old: Option<Current>, keep: Option<&Path>) {
 pub fn canary_ids(vocab: i64, tokens: usize) -> Vec<i64> {
     let vocab = vocab.max(1);
     (0..tokens as i64).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+impl VllmEngine {
+    /// The body of one forwarded receive (see [`Receiving`]).
+    async fn receive_forwarded(
+        api: VllmApi,
+        info: serde_json::Value,
+        mut lock: tokio::sync::OwnedMutexGuard<Option<Current>>,
+        version: PolicyVersion,
+        cfg: DriverConfig,
+        orders: mpsc::Sender<SupervisorOrder>,
+    ) -> Result<(), EngineFailure> {
+        let received = async {
+            api.update_weights(info, FORWARD_RECEIVE_LIMIT).await?;
+            api.finish_weight_update(cfg.update_deadline).await
+        }
+        .await;
+        let resumed = api.resume(cfg.update_deadline).await;
+        match received.and(resumed) {
+            Ok(()) => {
+                remove_replaced(
+                    lock.replace(Current {
+                        version,
+                        dir: None,
+                        owned: false,
+                        digest: None,
+                    }),
+                    None,
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(version = version.0, error = %e,
+                    "the forwarded NCCL receive failed; restarting vLLM (its ranks may sit in the broadcast)");
+                *lock = None;
+                drop(lock);
+                let _ = orders.send(SupervisorOrder::RestartOn(cfg.model_dir.clone())).await;
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Fixed tokens and our transformer's logprobs of them on a version's weights.
@@ -239,7 +307,9 @@ pub fn model_logprobs(model: &Transformer, ids: &[i64], device: Device) -> Resul
     }
     let n = ids.len() as i64;
     let lp = tch::no_grad(|| {
-        let input = Tensor::from_slice(&ids[..ids.len() - 1]).view([1, n - 1]).to_device(device);
+        let input = Tensor::from_slice(&ids[..ids.len() - 1])
+            .view([1, n - 1])
+            .to_device(device);
         let next = Tensor::from_slice(&ids[1..]).view([1, n - 1, 1]).to_device(device);
         let logits = model.forward(&input);
         logits
@@ -377,7 +447,10 @@ impl InferenceEngine for VllmEngine {
         let api = self.ready(Duration::from_secs(5)).await?;
         let started = Instant::now();
         api.init_ipc_transfer(self.cfg.update_deadline).await?;
-        match api.swap_in_ipc(info, self.cfg.pause_mode, self.cfg.update_deadline).await {
+        match api
+            .swap_in_ipc(info, self.cfg.pause_mode, self.cfg.update_deadline)
+            .await
+        {
             Ok(times) => {
                 let old = current.replace(Current {
                     version,
@@ -415,6 +488,99 @@ impl InferenceEngine for VllmEngine {
                 Err(e)
             }
         }
+    }
+
+    fn forwards_nccl(&self) -> bool {
+        self.cfg.transfer == WeightTransfer::Nccl
+    }
+
+    async fn forwarded_nccl_world(&self) -> Option<i32> {
+        if !self.forwards_nccl() {
+            return None;
+        }
+        let api = self.ready(Duration::from_secs(5)).await.ok()?;
+        api.world_size(self.cfg.update_deadline).await.ok().map(|w| w + 1)
+    }
+
+    async fn nccl_forward_join(&self, unique_id: Vec<u8>, world: i32) -> Result<(), EngineFailure> {
+        if self.cfg.transfer != WeightTransfer::Nccl {
+            return Err(self.no_forwarded_nccl());
+        }
+        let api = self.ready(Duration::from_secs(5)).await?;
+        let mut forward = self.forward.lock().await;
+        if let Some(old) = forward.pending.take() {
+            old.task.abort();
+        }
+        // vLLM's ranks block in ncclCommInitRank until the learner joins too.
+        forward.join = Some(tokio::spawn(async move {
+            api.init_nccl_transfer(&unique_id, world, FORWARD_RECEIVE_LIMIT).await
+        }));
+        Ok(())
+    }
+
+    async fn nccl_forward_begin(
+        &self,
+        version: PolicyVersion,
+        tensors: Vec<NamedTensor>,
+        buffer_bytes: u64,
+    ) -> Result<(), EngineFailure> {
+        let mut forward = self.forward.lock().await;
+        if let Some(join) = forward.join.take() {
+            join.await
+                .map_err(|e| EngineFailure::Failed(format!("vLLM's NCCL join: {e}")))??;
+        }
+        let lock = self.shared.current.clone().lock_owned().await;
+        let api = self.ready(Duration::from_secs(5)).await?;
+        api.pause(self.cfg.pause_mode, self.cfg.update_deadline).await?;
+        if let Err(e) = api.start_weight_update(self.cfg.update_deadline).await {
+            let _ = api.resume(self.cfg.update_deadline).await;
+            return Err(e);
+        }
+        let info = serde_json::json!({
+            "names": tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            "dtype_names": tensors.iter().map(|t| t.dtype.torch_name()).collect::<Vec<_>>(),
+            "shapes": tensors.iter().map(|t| t.shape.clone()).collect::<Vec<_>>(),
+            "packed": true,
+            "packed_buffer_size_bytes": buffer_bytes,
+            "packed_num_buffers": 2,
+        });
+        let task = tokio::spawn(Self::receive_forwarded(
+            api,
+            info,
+            lock,
+            version,
+            self.cfg.clone(),
+            self.orders.clone(),
+        ));
+        forward.pending = Some(Receiving { version, task });
+        Ok(())
+    }
+
+    async fn nccl_forward_commit(
+        &self,
+        version: PolicyVersion,
+        canary: Option<(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Installed, EngineFailure> {
+        let pending = self.forward.lock().await.pending.take();
+        let Some(r) = pending.filter(|r| r.version == version) else {
+            return Err(EngineFailure::Rejected(format!(
+                "no forwarded receive of version {} began",
+                version.0
+            )));
+        };
+        r.task
+            .await
+            .map_err(|e| EngineFailure::Failed(format!("the forwarded receive: {e}")))??;
+        let api = self.ready(Duration::from_secs(5)).await?;
+        let canary = canary.map(|(ids, logprobs)| Canary { ids, logprobs });
+        let canary_max_abs_diff = self.check_canary(&api, canary).await?;
+        tracing::info!(
+            version = version.0,
+            transfer = "nccl",
+            canary_max_abs_diff,
+            "vLLM serves the new version"
+        );
+        Ok(Installed { canary_max_abs_diff })
     }
 
     async fn served(&self) -> Result<Served, EngineFailure> {

@@ -209,14 +209,19 @@ impl VllmApi {
     /// transfer): pause, `/start_weight_update`, `/update_weights`, `/finish_weight_update`,
     /// resume. The resume runs whatever happened in between; after a failed update vLLM's
     /// layers may be half loaded, which the caller answers with a restart.
-    pub async fn swap_in_ipc(&self, update_info: Value, mode: PauseMode, limit: Duration) -> Result<SwapTimes, EngineFailure> {
+    pub async fn swap_in_ipc(
+        &self,
+        update_info: Value,
+        mode: PauseMode,
+        limit: Duration,
+    ) -> Result<SwapTimes, EngineFailure> {
         let t0 = std::time::Instant::now();
         self.pause(mode, limit).await?;
         let paused = t0.elapsed();
         let updated = async {
-            self.post("/start_weight_update", None, limit).await?;
-            self.post("/update_weights", Some(json!({"update_info": update_info})), limit).await?;
-            self.post("/finish_weight_update", None, limit).await
+            self.start_weight_update(limit).await?;
+            self.update_weights(update_info, limit).await?;
+            self.finish_weight_update(limit).await
         }
         .await;
         let update_done = t0.elapsed();
@@ -227,6 +232,45 @@ impl VllmApi {
             reload_s: (update_done - paused).as_secs_f64(),
             resume_s: (t0.elapsed() - update_done).as_secs_f64(),
         })
+    }
+
+    /// `GET /get_world_size`: vLLM's ranks (TP x PP x DP), each of which joins an NCCL transfer.
+    pub async fn world_size(&self, limit: Duration) -> Result<i32, EngineFailure> {
+        let v = self.get("/get_world_size", limit).await?;
+        v["world_size"]
+            .as_i64()
+            .and_then(|n| i32::try_from(n).ok())
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| EngineFailure::Failed(format!("vLLM /get_world_size answered {v}")))
+    }
+
+    /// `POST /init_weight_transfer_engine` for our `grpo_nccl` engine: every vLLM rank joins
+    /// the communicator `unique_id` (as ranks 1..world); returns once all of them (and so the
+    /// learner, rank 0) have joined.
+    pub async fn init_nccl_transfer(&self, unique_id: &[u8], world: i32, limit: Duration) -> Result<(), EngineFailure> {
+        use base64::Engine as _;
+        let uid = base64::engine::general_purpose::STANDARD.encode(unique_id);
+        let body = json!({"init_info": {"nccl_unique_id_b64": uid, "rank_offset": 1, "world_size": world}});
+        self.post("/init_weight_transfer_engine", Some(body), limit)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /start_weight_update`.
+    pub async fn start_weight_update(&self, limit: Duration) -> Result<(), EngineFailure> {
+        self.post("/start_weight_update", None, limit).await.map(|_| ())
+    }
+
+    /// `POST /update_weights` (returns once the workers received and loaded everything).
+    pub async fn update_weights(&self, update_info: Value, limit: Duration) -> Result<(), EngineFailure> {
+        self.post("/update_weights", Some(json!({"update_info": update_info})), limit)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /finish_weight_update`.
+    pub async fn finish_weight_update(&self, limit: Duration) -> Result<(), EngineFailure> {
+        self.post("/finish_weight_update", None, limit).await.map(|_| ())
     }
 
     /// `POST /init_weight_transfer_engine` with an empty `init_info` (all the `ipc` backend takes).

@@ -223,7 +223,10 @@ impl IpcExport {
             if t.offset_bytes % t.dtype.size() != 0 {
                 return Err(IpcError::Misaligned(t.name.clone()));
             }
-            if t.offset_bytes.checked_add(bytes).is_none_or(|end| end > self.alloc_bytes) {
+            if t.offset_bytes
+                .checked_add(bytes)
+                .is_none_or(|end| end > self.alloc_bytes)
+            {
                 return Err(IpcError::OutOfBounds {
                     name: t.name.clone(),
                     offset: t.offset_bytes,
@@ -322,9 +325,10 @@ fn row_major_strides(shape: &[i64]) -> Vec<i64> {
 fn is_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| {
-            g.len() == n && g.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 /// The few pickle opcodes the template needs.

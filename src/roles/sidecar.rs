@@ -98,7 +98,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         weight_transfer,
     };
     let shared = Arc::new(VllmShared {
-        current: Mutex::new(None),
+        current: Arc::new(Mutex::new(None)),
     });
     let (state_tx, mut state) = watch::channel(VllmState::Starting { launch: 0 });
     let (orders_tx, orders) = mpsc::channel(4);

@@ -169,6 +169,7 @@ impl SidecarClient {
             version: pbv,
             digest: set.digest().to_string(),
             transport: pb::Transport::GrpcStream as i32,
+            ..Default::default()
         };
         let done = self
             .within("commit", self.deadlines.rpc * 4, raw.commit_update(commit))
@@ -213,17 +214,28 @@ impl SidecarClient {
         Ok(())
     }
 
-    /// NCCL: the sidecar waits for its receive (at most `wait`), checks `digest` and swaps.
-    pub async fn commit_nccl(&self, version: PolicyVersion, digest: String, wait: Duration) -> Result<(), SyncError> {
+    /// NCCL: the sidecar waits for its receive (at most `wait`), checks `digest` (vLLM's
+    /// ranks: compares `canary` instead) and swaps; returns the sidecar's canary.
+    pub async fn commit_nccl(
+        &self,
+        version: PolicyVersion,
+        digest: String,
+        wait: Duration,
+        canary: Option<&(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Option<f64>, SyncError> {
         let mut raw = self.raw.clone();
+        let (canary_ids, canary_logprobs) = canary.cloned().unwrap_or_default();
         let req = pb::CommitUpdateRequest {
             version: Some(pb::PolicyVersion { step: version.0 }),
             digest,
             transport: pb::Transport::Nccl as i32,
+            canary_ids,
+            canary_logprobs,
         };
-        self.within("commit", self.deadlines.rpc * 4 + wait, raw.commit_update(req))
+        let done = self
+            .within("commit", self.deadlines.rpc * 4 + wait, raw.commit_update(req))
             .await?;
-        Ok(())
+        Ok(done.canary_max_abs_diff)
     }
 
     /// Checkpoint mode: has the sidecar reload its engine from `path`.

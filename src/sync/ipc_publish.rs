@@ -28,13 +28,13 @@ pub enum IpcPublishError {
 }
 
 /// The InstallIpc request for `weights` as `version`.
-fn request(weights: &PackedWeights, version: PolicyVersion, until: Instant) -> Result<(pb::InstallIpcRequest, u64), CommError> {
+fn request(
+    weights: &PackedWeights,
+    version: PolicyVersion,
+    until: Instant,
+) -> Result<(pb::InstallIpcRequest, u64), CommError> {
     let export = weights.ipc_export(until)?;
-    let bytes = export
-        .tensors
-        .iter()
-        .map(|t| t.bytes().unwrap_or(0))
-        .sum::<u64>();
+    let bytes = export.tensors.iter().map(|t| t.bytes().unwrap_or(0)).sum::<u64>();
     let (canary_ids, canary_logprobs) = weights.canary().cloned().unwrap_or_default();
     let tensors = export
         .tensors

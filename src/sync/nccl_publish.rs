@@ -25,7 +25,7 @@ use super::gpu_digest::GpuDigest;
 use super::nccl_sync::device_plan;
 use super::packing::{flat_buffer, pack_into, PackLayout};
 use super::plan::WeightSet;
-use crate::engine::vllm_transfer::{IpcDtype, IpcExport, IpcTensor};
+use crate::engine::vllm_transfer::{vllm_nccl_chunks, IpcDtype, IpcExport, IpcTensor};
 use crate::train::lease::Lease;
 
 /// How far the packing got: an event per packed bucket, or why it stopped.
@@ -245,7 +245,9 @@ impl PackedWeights {
         let ctx = device_context(self.gpu)?;
         ctx.bind_to_thread().map_err(cuda)?;
         // SAFETY: a live event of this context (held by `progress`, which outlives the call).
-        unsafe { cudarc::driver::sys::cuEventSynchronize(ev) }.result().map_err(cuda)?;
+        unsafe { cudarc::driver::sys::cuEventSynchronize(ev) }
+            .result()
+            .map_err(cuda)?;
         let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
         let (base, alloc_bytes) = allocation_of(flat.data_ptr() as u64)?;
         let mut handle = cudarc::driver::sys::CUipcMemHandle_st { reserved: [0; 64] };
@@ -256,7 +258,11 @@ impl PackedWeights {
         let uuid = ctx.uuid().map_err(cuda)?;
         let shapes: Vec<Vec<i64>> = self.names.iter().map(|(_, s)| s.clone()).collect();
         let views = self.layout.tensor_views(&flat, &shapes);
-        let dtype = if self.wire == Kind::Float { IpcDtype::Float32 } else { IpcDtype::BFloat16 };
+        let dtype = if self.wire == Kind::Float {
+            IpcDtype::Float32
+        } else {
+            IpcDtype::BFloat16
+        };
         let tensors = self
             .names
             .iter()
@@ -340,7 +346,43 @@ fn allocation_of(ptr: u64) -> Result<(u64, usize), CommError> {
 fn uuid_text(bytes: &[std::ffi::c_char; 16]) -> String {
     let hex: Vec<String> = bytes.iter().map(|&b| format!("{:02x}", b as u8)).collect();
     let h = hex.concat();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl PackedWeights {
+    /// Broadcasts the weights into vLLM's ranks as vLLM's packed receive expects them: uint8
+    /// chunks of the tensors' concatenation, each closed after the tensor that takes it past
+    /// `buffer_bytes` (see [`vllm_nccl_chunks`]); each chunk goes once the bucket holding its
+    /// last byte is packed.
+    pub fn broadcast_vllm(
+        &self,
+        comm: &mut Communicator,
+        buffer_bytes: u64,
+        deadline: Duration,
+    ) -> Result<(), CommError> {
+        let flat = self.flat.lock().map(|f| f.shallow_clone()).map_err(|_| poisoned())?;
+        let elt = self.wire.elt_size_in_bytes() as u64;
+        let bytes: Vec<u64> = self.layout.numels.iter().map(|&n| n as u64 * elt).collect();
+        let chunks = vllm_nccl_chunks(&bytes, buffer_bytes);
+        let raw = flat.view_dtype(Kind::Uint8);
+        let views: Vec<Tensor> = chunks
+            .iter()
+            .map(|&(start, len)| raw.narrow(0, start as i64, len as i64))
+            .collect();
+        let per_bucket = (self.layout.bucket_elems.max(1) as u64) * elt;
+        let mut ready = |k: usize, until: Instant| {
+            let (start, len) = chunks[k];
+            self.wait_bucket(((start + len).saturating_sub(1) / per_bucket) as usize, until)
+        };
+        comm.send_when_ready(&views, deadline, &mut ready)
+    }
 }
 
 /// Names and shapes of `tensors`, and their layout back to back in `wire` in buckets of about
@@ -400,6 +442,25 @@ async fn until_dead(client: &SidecarClient) {
     }
 }
 
+/// Who receives the broadcasts of one sidecar's communicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The sidecar itself (the embedded engine): rank 1 of 2, our buckets, the GPU digest.
+    Sidecar,
+    /// vLLM's own ranks (1..world), through our `grpo_nccl` vLLM engine: vLLM's packed
+    /// chunks past `buffer_bytes`, no digest (the canary checks the install).
+    Vllm { world: i32, buffer_bytes: u64 },
+}
+
+impl Peer {
+    fn world(self) -> i32 {
+        match self {
+            Peer::Sidecar => 2,
+            Peer::Vllm { world, .. } => world,
+        }
+    }
+}
+
 /// Publishes `weights` as `version` over NCCL to one sidecar on `comm` (made by [`connect`]);
 /// returns the outcome and the communicator to keep (none after a failure).
 pub async fn publish(
@@ -407,9 +468,13 @@ pub async fn publish(
     comm: Communicator,
     weights: Arc<PackedWeights>,
     version: PolicyVersion,
+    peer: Peer,
 ) -> (Result<Published, NcclPublishError>, Option<Communicator>) {
     let started = Instant::now();
-    let plan = weights.plan();
+    let mut plan = weights.plan();
+    if let Peer::Vllm { buffer_bytes, .. } = peer {
+        plan.bucket_bytes = buffer_bytes;
+    }
     let bytes = plan.total_bytes;
     if let Err(e) = client.begin_nccl(version, plan).await {
         return (Err(e.into()), None);
@@ -420,7 +485,12 @@ pub async fn publish(
     let mut sending = tokio::task::spawn_blocking(move || {
         let _call = crate::runtime::DriverCall::enter();
         let mut comm = comm;
-        let result = w.broadcast(&mut comm, deadline);
+        let result = match peer {
+            Peer::Sidecar => w.broadcast(&mut comm, deadline),
+            Peer::Vllm { buffer_bytes, .. } => w
+                .broadcast_vllm(&mut comm, buffer_bytes, deadline)
+                .map(|()| String::new()),
+        };
         (result, comm)
     });
     // The blocking thread polls its own deadline and aborts the communicator. Two watchers
@@ -453,15 +523,20 @@ pub async fn publish(
         Ok((Err(e), _)) => return (Err(e.into()), None),
         Err(e) => return (Err(NcclPublishError::Thread(e.to_string())), None),
     };
-    if let Err(e) = client.commit_nccl(version, digest, deadline).await {
-        return (Err(e.into()), None);
-    }
+    let canary = match peer {
+        Peer::Sidecar => None,
+        Peer::Vllm { .. } => weights.canary(),
+    };
+    let canary_max_abs_diff = match client.commit_nccl(version, digest, deadline, canary).await {
+        Ok(c) => c,
+        Err(e) => return (Err(e.into()), None),
+    };
     (
         Ok(Published {
             version,
             bytes,
             seconds: started.elapsed().as_secs_f64(),
-            canary_max_abs_diff: None,
+            canary_max_abs_diff,
             phases: Vec::new(),
         }),
         Some(comm),
@@ -475,10 +550,12 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// (seen after a peer died mid-transfer) means NCCL with this sidecar is not to be trusted.
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Creates a communicator with the sidecar: a new unique id, JoinNccl, and our own join.
-pub async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator, NcclPublishError> {
+/// Creates a communicator with the sidecar (or vLLM's ranks behind it): a new unique id,
+/// JoinNccl, our own join, and for vLLM its warm-up all-reduce.
+pub async fn connect(client: &SidecarClient, gpu: usize, peer: Peer) -> Result<Communicator, NcclPublishError> {
     let id = new_unique_id()?;
-    match client.join_nccl(id.to_hex(), 1, 2).await {
+    let world = peer.world();
+    match client.join_nccl(id.to_hex(), 1, world).await {
         Ok(()) => {}
         Err(SyncError::Rpc { status, .. }) if status.code() == tonic::Code::Unimplemented => {
             return Err(NcclPublishError::Unsupported(status.message().to_string()));
@@ -487,7 +564,11 @@ pub async fn connect(client: &SidecarClient, gpu: usize) -> Result<Communicator,
     }
     let joining = tokio::task::spawn_blocking(move || {
         let _call = crate::runtime::DriverCall::enter();
-        Communicator::join(&id, 0, 2, gpu, JOIN_DEADLINE)
+        let mut comm = Communicator::join(&id, 0, world, gpu, JOIN_DEADLINE)?;
+        if peer != Peer::Sidecar {
+            comm.warm_up_all_reduce(JOIN_DEADLINE)?;
+        }
+        Ok(comm)
     });
     // The join polls its own deadline; should CUDA or NCCL block the thread before it can,
     // the thread is abandoned a little later.

@@ -27,7 +27,13 @@ pub enum ReceiverMsg {
     /// NCCL: receive this version as the plan says.
     BeginNccl(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
     /// NCCL: check the learner's GPU digest and swap the received weights in.
-    CommitNccl(PolicyVersion, String, RpcReplyPort<Result<Applied, String>>),
+    /// (With the learner's canary, for an engine whose own ranks received: vLLM.)
+    CommitNccl(
+        PolicyVersion,
+        String,
+        Option<(Vec<i64>, Vec<f64>)>,
+        RpcReplyPort<Result<Applied, String>>,
+    ),
     /// CUDA IPC: have the engine copy this version out of the learner's GPU memory.
     InstallIpc(PolicyVersion, Box<IpcInstall>, RpcReplyPort<Result<Applied, String>>),
 }
@@ -203,6 +209,27 @@ impl ReceiverState {
         }
     }
 
+    async fn commit_forwarded(
+        &mut self,
+        version: PolicyVersion,
+        canary: Option<(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Applied, String> {
+        let started = Instant::now();
+        match self.engine.nccl_forward_commit(version, canary).await {
+            Ok(installed) => {
+                self.version = version;
+                Ok(Applied {
+                    seconds: started.elapsed().as_secs_f64(),
+                    installed,
+                })
+            }
+            Err(e) => {
+                self.version = self.engine.version().await.unwrap_or(PolicyVersion(0));
+                Err(e.to_string())
+            }
+        }
+    }
+
     async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
         self.engine
             .load_checkpoint(&path, version)
@@ -211,6 +238,51 @@ impl ReceiverState {
         self.version = version;
         Ok(())
     }
+}
+
+/// Forwarded NCCL: the engine's own ranks join the learner's communicator as ranks 1.. of
+/// `world` (the learner asks for rank 1, the first of them).
+async fn forward_join(engine: &SharedEngine, id_hex: &str, rank: i32, world: i32) -> Result<(), String> {
+    let id = unique_id_bytes(id_hex).ok_or("the unique id is not 128 bytes of hex")?;
+    if rank != 1 || world < 2 {
+        return Err(format!(
+            "the engine's ranks start at 1 of a world of 2 or more (asked: rank {rank} of {world})"
+        ));
+    }
+    engine.nccl_forward_join(id, world).await.map_err(|e| e.to_string())
+}
+
+/// An ncclUniqueId from its 256 hex digits.
+fn unique_id_bytes(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.trim();
+    if hex.len() != 256 || !hex.is_ascii() {
+        return None;
+    }
+    (0..128)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+/// Forwarded NCCL: the engine gets ready to receive the plan's tensors (vLLM's packed chunks
+/// past the plan's bucket size).
+async fn forward_begin(engine: &SharedEngine, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
+    let tensors = plan
+        .tensors
+        .iter()
+        .map(|t| {
+            let dtype = crate::engine::vllm_transfer::IpcDtype::parse(&t.dtype)
+                .ok_or_else(|| format!("{}: dtype {:?}", t.name, t.dtype))?;
+            Ok(crate::engine::inference::NamedTensor {
+                name: t.name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    engine
+        .nccl_forward_begin(version, tensors, plan.bucket_bytes)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// An IPC update must name exactly the engine's tensors, with their shapes: vLLM processes a
@@ -319,17 +391,27 @@ impl Actor for WeightReceiver {
                 let _ = reply.send(result);
             }
             ReceiverMsg::JoinNccl(id, rank, world, reply) => {
-                let _ = reply.send(state.nccl.join(&id, rank, world));
+                let result = if state.engine.forwards_nccl() {
+                    forward_join(&state.engine, &id, rank, world).await
+                } else {
+                    state.nccl.join(&id, rank, world)
+                };
+                let _ = reply.send(result);
             }
             ReceiverMsg::BeginNccl(v, plan, reply) => {
                 let result = match check_against(&plan, state.engine.manifest()) {
+                    Ok(()) if state.engine.forwards_nccl() => forward_begin(&state.engine, v, plan).await,
                     Ok(()) => state.nccl.begin(v, plan).await,
                     Err(e) => Err(e.to_string()),
                 };
                 let _ = reply.send(result);
             }
-            ReceiverMsg::CommitNccl(v, digest, reply) => {
-                let result = state.commit_nccl(v, &digest).await;
+            ReceiverMsg::CommitNccl(v, digest, canary, reply) => {
+                let result = if state.engine.forwards_nccl() {
+                    state.commit_forwarded(v, canary).await
+                } else {
+                    state.commit_nccl(v, &digest).await
+                };
                 match &result {
                     Ok(a) => tracing::info!(
                         version = v.0,
@@ -345,8 +427,13 @@ impl Actor for WeightReceiver {
                 let result = state.install_ipc(v, *update).await;
                 let outcome = match &result {
                     Ok(a) => {
-                        tracing::info!(version = v.0, apply_s = a.seconds, transport = "ipc",
-                            canary_max_abs_diff = a.installed.canary_max_abs_diff, "weights updated");
+                        tracing::info!(
+                            version = v.0,
+                            apply_s = a.seconds,
+                            transport = "ipc",
+                            canary_max_abs_diff = a.installed.canary_max_abs_diff,
+                            "weights updated"
+                        );
                         "installed"
                     }
                     Err(e) => {

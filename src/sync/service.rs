@@ -81,7 +81,9 @@ impl SidecarService {
     /// Has the receiver verify and install the version a commit names.
     async fn commit(&self, req: pb::CommitUpdateRequest, version: PolicyVersion) -> Result<Applied, Status> {
         if req.transport == pb::Transport::Nccl as i32 {
-            ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest)
+            let canary = (req.canary_ids.len() >= 2 && req.canary_logprobs.len() + 1 == req.canary_ids.len())
+                .then(|| (req.canary_ids.clone(), req.canary_logprobs.clone()));
+            ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest, canary)
                 .map_err(internal)?
                 .map_err(Status::data_loss)
         } else {
@@ -113,6 +115,7 @@ impl Sidecar for SidecarService {
             http_address: self.http_address.clone(),
             engine: self.engine.kind().into(),
             ipc: self.engine.takes_ipc(),
+            vllm_nccl_world: self.engine.forwarded_nccl_world().await.unwrap_or(0),
         }))
     }
 
