@@ -74,7 +74,7 @@ if [ -n "${KILL_AT_STEPS:-}" ]; then
   (
     for at in $KILL_AT_STEPS; do
       until run=$(ls -td runs/*-"$STEPS"-* 2>/dev/null | head -1) && [ -n "$run" ] \
-            && [ "$(wc -l < "$run/checkpoints/metrics.jsonl" 2>/dev/null || echo 0)" -ge "$at" ]; do sleep 0.2; done
+            && [ "$(cat "$run/checkpoints/metrics.jsonl" 2>/dev/null | wc -l)" -ge "$at" ]; do sleep 0.2; done
       pid=$(sed 's/\x1b\[[0-9;]*m//g' "$run/logs/sidecar.log" | grep -o 'vLLM launched pid=[0-9]*' | tail -1 | cut -d= -f2)
       echo "kill -9 vLLM pid $pid at step $at ($(date +%T.%N))" >> "$OUT/kills_$MODE.log"
       kill -9 "$pid"
