@@ -367,9 +367,21 @@ fn checkpoint_mode_reloads_vllm_from_checkpoints() {
     );
 }
 
+/// vLLM 0.26's `reload_weights` fails when the server runs with `--enable-lora` (a real bug
+/// users meet): each checkpoint then comes in through the fallback, a supervised restart of vLLM
+/// on that checkpoint, and vLLM still ends on the final one.
+#[test]
+fn checkpoint_mode_falls_back_to_a_restart_when_reload_fails() {
+    let _turn = one_vllm_at_a_time();
+    let restarts = checkpoint_run("--enable-lora --max-lora-rank 8 --max-loras 1");
+    assert!(
+        restarts >= 1.0,
+        "a failed reload restarted vLLM on the checkpoint: {restarts}"
+    );
+}
+
 /// A 4-step checkpoint-mode run (reloads after steps 2 and 4) against a vLLM started with
-/// `more_vllm_args` (none yet: a run whose `reload_weights` fails, to exercise the restart
-/// fallback, is still to come); checks that vLLM ends on the final checkpoint and that both reloads
+/// `more_vllm_args`; checks that vLLM ends on the final checkpoint and that both reloads
 /// happened, and returns the sidecar's count of vLLM restarts.
 fn checkpoint_run(more_vllm_args: &str) -> f64 {
     let model = vllm_model();
@@ -506,6 +518,7 @@ fn fake_ipc_request(model: &Path, bad_shape: bool) -> grpo_node::rpc::pb::Instal
         tensors,
         canary_ids: vec![],
         canary_logprobs: vec![],
+        deadline_ms: 60_000,
     }
 }
 

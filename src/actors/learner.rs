@@ -33,8 +33,9 @@ pub struct SyncHook {
     pub nccl_gpu: Option<usize>,
     /// NCCL bucket size (`--sync-bucket-mb`).
     pub nccl_bucket_bytes: u64,
-    /// CUDA IPC: record the learner's canary logprobs with each version.
-    pub ipc_canary: bool,
+    /// CUDA IPC is on: each version carries the learner's canary logprobs, and lent weights
+    /// stay lent for the IPC deadline.
+    pub ipc: bool,
 }
 
 /// Tokens of the canary the learner sends along with a CUDA IPC version.
@@ -65,7 +66,7 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
             // buffer, hands it over, then queues the packing copies; the broadcaster sends
             // each bucket as soon as it is packed.
             let bucket_bytes = hook.nccl_bucket_bytes;
-            let ipc_canary = hook.ipc_canary;
+            let ipc = hook.ipc;
             let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
             let packing = worker.with_trainer(move |t| {
                 use crate::sync::nccl_publish::PackedWeights;
@@ -76,10 +77,15 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                     .collect();
                 if let Some(flat) = t.flat_compute() {
                     let bytes = (flat.numel() * flat.kind().elt_size_in_bytes()) as u64;
-                    let limit = crate::comm::nccl::deadline_for(bytes, std::time::Duration::from_secs(20));
+                    let mut limit = crate::comm::nccl::deadline_for(bytes, std::time::Duration::from_secs(20));
+                    if ipc {
+                        // vLLM may copy straight out of these weights until the IPC deadline.
+                        use crate::sync::ipc_publish::{IPC_DEADLINE, IPC_LEASE_MARGIN};
+                        limit = limit.max(IPC_DEADLINE + IPC_LEASE_MARGIN);
+                    }
                     let lease = Arc::new(crate::train::lease::Lease::new(limit));
                     let lent = PackedWeights::lend(&weights, &flat, gpu, bucket_bytes, lease.clone())?;
-                    if ipc_canary {
+                    if ipc {
                         canary_into(t, gpu, &lent);
                     }
                     t.lend(lease);
@@ -87,7 +93,7 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                     return Ok(());
                 }
                 let packed = Arc::new(PackedWeights::new(&weights, gpu, bucket_bytes));
-                if ipc_canary {
+                if ipc {
                     canary_into(t, gpu, &packed);
                 }
                 let _ = handed_tx.send((t.steps_done(), packed.clone()));

@@ -134,8 +134,14 @@ pub async fn stop_group(pgid: i32, grace: Duration) {
     }
 }
 
-/// The readiness checks of one launch, then the resync of the newest installed version.
-async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) -> Result<(), Readiness> {
+/// The readiness checks of one launch, then the resync of the newest installed version (unless
+/// the launch loaded it already: `loaded` is the model directory vLLM started on).
+async fn check_ready(
+    api: VllmApi,
+    launch: VllmLaunch,
+    shared: Arc<VllmShared>,
+    loaded: PathBuf,
+) -> Result<(), Readiness> {
     let quick = Duration::from_secs(5);
     let until = Instant::now() + launch.ready_timeout;
     let not_ready = |what: String| {
@@ -172,6 +178,9 @@ async fn check_ready(api: VllmApi, launch: VllmLaunch, shared: Arc<VllmShared>) 
         .map_err(|e| not_ready(format!("the first generation failed: {e}")))?;
     let mut current = shared.current.lock().await;
     match current.as_ref().map(|c| (c.version, c.dir.clone())) {
+        Some((version, Some(dir))) if dir == loaded => {
+            tracing::info!(version = version.0, dir = %dir.display(), "vLLM started on the newest version");
+        }
         Some((version, Some(dir))) => {
             api.swap_in(&dir, PauseMode::Wait, launch.update_deadline)
                 .await
@@ -280,8 +289,9 @@ impl VllmSupervisorState {
         });
         let api = VllmApi::new(base_of(l.port), l.served_name.clone()).map_err(|e| e.to_string())?;
         let (launch, shared, me) = (l.clone(), self.shared.clone(), myself.clone());
+        let loaded = model.clone();
         tokio::spawn(async move {
-            let result = check_ready(api, launch, shared).await;
+            let result = check_ready(api, launch, shared, loaded).await;
             let _ = me.cast(VllmMsg::ReadyCheck(generation, result));
         });
         self.state.send_replace(VllmState::Starting { launch: generation });

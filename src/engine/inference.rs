@@ -40,6 +40,9 @@ pub struct Installed {
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpcInstall {
     pub export: super::vllm_transfer::IpcExport,
+    /// The learner keeps the memory unchanged this long from the request: the engine must be
+    /// done reading (or have given up) by then.
+    pub deadline: std::time::Duration,
     /// Token ids, and the learner's logprob of each of `ids[1..]` after its prefix.
     pub canary: Option<(Vec<i64>, Vec<f64>)>,
 }

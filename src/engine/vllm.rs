@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use super::core::{Completion, JobParams, PolicyVersion};
 use super::inference::{EngineFailure, InferenceEngine, Installed, IpcInstall, NamedTensor, Served};
-use super::vllm_api::{PauseMode, VllmApi};
+use super::vllm_api::{PauseMode, SwapTimes, VllmApi};
 use crate::model::safetensors_io::write_file;
 use crate::model::{ModelSpec, ParamStore, Transformer};
 use crate::version::{digest_tensors, Digest};
@@ -152,7 +152,7 @@ impl VllmEngine {
         let Some(c) = reference else {
             return Ok(None);
         };
-        let served = api.prompt_logprobs(&c.ids, self.cfg.generate_deadline).await?;
+        let served = api.prompt_logprobs(&c.ids, self.cfg.update_deadline).await?;
         let worst = served
             .iter()
             .zip(&c.logprobs)
@@ -166,8 +166,29 @@ impl VllmEngine {
 /// then one version's `/update_weights` receiving, with vLLM paused and the update lock held.
 #[derive(Default)]
 struct Forward {
-    join: Option<tokio::task::JoinHandle<Result<(), EngineFailure>>>,
+    /// vLLM's ranks joining; yields the vLLM launch that joined.
+    join: Option<tokio::task::JoinHandle<Result<u64, EngineFailure>>>,
+    /// The launch whose ranks are in the learner's communicator.
+    joined_launch: Option<u64>,
     pending: Option<Receiving>,
+}
+
+/// Waits (at most `wait`) for a ready vLLM: its launch number and base URL.
+async fn ready_launch(state: &mut watch::Receiver<VllmState>, wait: Duration) -> Result<(u64, String), EngineFailure> {
+    let ready = tokio::time::timeout(wait, async {
+        loop {
+            match &*state.borrow_and_update() {
+                VllmState::Ready { launch, base } => return Ok((*launch, base.clone())),
+                VllmState::Failed { reason } => return Err(EngineFailure::Unavailable(reason.clone())),
+                VllmState::Starting { .. } => {}
+            }
+            if state.changed().await.is_err() {
+                return Err(EngineFailure::Unavailable("the vLLM supervisor has stopped".into()));
+            }
+        }
+    })
+    .await;
+    ready.map_err(|_| EngineFailure::Unavailable(format!("vLLM not ready within {wait:?}")))?
 }
 
 /// One version being received: the task that waits for vLLM's `/update_weights`, then
@@ -180,6 +201,61 @@ struct Receiving {
 
 /// Longest vLLM's ranks wait in a forwarded NCCL receive before vLLM is restarted.
 const FORWARD_RECEIVE_LIMIT: Duration = Duration::from_secs(300);
+
+/// How a CUDA IPC swap failed: before vLLM touched its weights (it serves the old ones), or
+/// after (a restart is needed).
+enum IpcSwapError {
+    Untouched(EngineFailure),
+    Touched(EngineFailure),
+}
+
+impl VllmEngine {
+    /// Pause, `/start_weight_update`, `/update_weights`, `/finish_weight_update`, resume, all
+    /// by `until` (the learner keeps its memory unchanged until then). The resume runs
+    /// whatever happened in between.
+    async fn ipc_swap(
+        &self,
+        api: &VllmApi,
+        info: serde_json::Value,
+        until: Instant,
+    ) -> Result<SwapTimes, IpcSwapError> {
+        let limit = || {
+            until
+                .saturating_duration_since(Instant::now())
+                .min(self.cfg.update_deadline)
+        };
+        let t0 = Instant::now();
+        api.init_ipc_transfer(limit()).await.map_err(IpcSwapError::Untouched)?;
+        api.pause(self.cfg.pause_mode, limit())
+            .await
+            .map_err(IpcSwapError::Untouched)?;
+        let paused = t0.elapsed();
+        let started = if limit() < Duration::from_secs(1) {
+            Err(EngineFailure::Unavailable(
+                "too little of the learner's deadline left to copy".into(),
+            ))
+        } else {
+            api.start_weight_update(limit()).await
+        };
+        if let Err(e) = started {
+            let _ = api.resume(self.cfg.update_deadline).await;
+            return Err(IpcSwapError::Untouched(e));
+        }
+        let updated = async {
+            api.update_weights(info, limit()).await?;
+            api.finish_weight_update(limit()).await
+        }
+        .await;
+        let update_done = t0.elapsed();
+        let resumed = api.resume(self.cfg.update_deadline).await;
+        updated.and(resumed).map_err(IpcSwapError::Touched)?;
+        Ok(SwapTimes {
+            pause_s: paused.as_secs_f64(),
+            reload_s: (update_done - paused).as_secs_f64(),
+            resume_s: (t0.elapsed() - update_done).as_secs_f64(),
+        })
+    }
+}
 
 /// Deletes the directory of a replaced version the sidecar wrote (unless it is `keep`).
 fn remove_replaced(old: Option<Current>, keep: Option<&Path>) {
@@ -202,6 +278,23 @@ pub fn canary_ids(vocab: i64, tokens: usize) -> Vec<i64> {
 }
 
 impl VllmEngine {
+    /// Cleans up after a forwarded receive the learner gave up on (its task was aborted, so the
+    /// update lock is free): resume, forget the served version, restart vLLM.
+    async fn abandon_receive(&self, version: PolicyVersion) {
+        tracing::warn!(
+            version = version.0,
+            "a forwarded NCCL receive was abandoned; restarting vLLM"
+        );
+        if let Ok(api) = self.ready(Duration::from_secs(1)).await {
+            let _ = api.resume(Duration::from_secs(5)).await;
+        }
+        *self.shared.current.lock().await = None;
+        let _ = self
+            .orders
+            .send(SupervisorOrder::RestartOn(self.cfg.model_dir.clone()))
+            .await;
+    }
+
     /// The body of one forwarded receive (see [`Receiving`]).
     async fn receive_forwarded(
         api: VllmApi,
@@ -443,41 +536,16 @@ impl InferenceEngine for VllmEngine {
             .export
             .update_info()
             .map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+        let until = Instant::now() + update.deadline;
         let mut current = self.shared.current.lock().await;
         let api = self.ready(Duration::from_secs(5)).await?;
         let started = Instant::now();
-        api.init_ipc_transfer(self.cfg.update_deadline).await?;
-        match api
-            .swap_in_ipc(info, self.cfg.pause_mode, self.cfg.update_deadline)
-            .await
-        {
-            Ok(times) => {
-                let old = current.replace(Current {
-                    version,
-                    dir: None,
-                    owned: false,
-                    digest: None,
-                });
-                remove_replaced(old, None);
-                drop(current);
-                let swapped = started.elapsed();
-                let canary = update.canary.map(|(ids, logprobs)| Canary { ids, logprobs });
-                let canary_max_abs_diff = self.check_canary(&api, canary).await?;
-                tracing::info!(
-                    version = version.0,
-                    transfer = "ipc",
-                    pause_s = times.pause_s,
-                    update_s = times.reload_s,
-                    resume_s = times.resume_s,
-                    swap_s = swapped.as_secs_f64(),
-                    canary_max_abs_diff,
-                    "vLLM serves the new version"
-                );
-                Ok(Installed { canary_max_abs_diff })
-            }
-            Err(e) => {
-                // vLLM's layers may be half loaded now: restart it on the base model, which
-                // then serves version 0 until the next full sync.
+        let times = match self.ipc_swap(&api, info, until).await {
+            Ok(times) => times,
+            Err(IpcSwapError::Untouched(e)) => return Err(e),
+            Err(IpcSwapError::Touched(e)) => {
+                // vLLM's layers may be half loaded (or still reading the learner's memory):
+                // restart it on the base model, which serves version 0 until the next version.
                 tracing::error!(version = version.0, error = %e, "the CUDA IPC update failed; restarting vLLM on the base model");
                 *current = None;
                 drop(current);
@@ -485,9 +553,33 @@ impl InferenceEngine for VllmEngine {
                     .orders
                     .send(SupervisorOrder::RestartOn(self.cfg.model_dir.clone()))
                     .await;
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        remove_replaced(
+            current.replace(Current {
+                version,
+                dir: None,
+                owned: false,
+                digest: None,
+            }),
+            None,
+        );
+        drop(current);
+        let swapped = started.elapsed();
+        let canary = update.canary.map(|(ids, logprobs)| Canary { ids, logprobs });
+        let canary_max_abs_diff = self.check_canary(&api, canary).await?;
+        tracing::info!(
+            version = version.0,
+            transfer = "ipc",
+            pause_s = times.pause_s,
+            update_s = times.reload_s,
+            resume_s = times.resume_s,
+            swap_s = swapped.as_secs_f64(),
+            canary_max_abs_diff,
+            "vLLM serves the new version"
+        );
+        Ok(Installed { canary_max_abs_diff })
     }
 
     fn forwards_nccl(&self) -> bool {
@@ -506,14 +598,40 @@ impl InferenceEngine for VllmEngine {
         if self.cfg.transfer != WeightTransfer::Nccl {
             return Err(self.no_forwarded_nccl());
         }
-        let api = self.ready(Duration::from_secs(5)).await?;
         let mut forward = self.forward.lock().await;
-        if let Some(old) = forward.pending.take() {
-            old.task.abort();
-        }
+        let restarting = match forward.pending.take() {
+            Some(old) => {
+                // The learner gave up on that receive: vLLM's ranks may sit in its broadcast,
+                // which only a restart ends.
+                old.task.abort();
+                self.abandon_receive(old.version).await;
+                true
+            }
+            None => false,
+        };
+        let mut state = self.state.clone();
+        let ready_wait = self.cfg.ready_wait;
+        let (served_name, update_deadline) = (self.cfg.served_name.clone(), self.cfg.update_deadline);
         // vLLM's ranks block in ncclCommInitRank until the learner joins too.
         forward.join = Some(tokio::spawn(async move {
-            api.init_nccl_transfer(&unique_id, world, FORWARD_RECEIVE_LIMIT).await
+            if restarting {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    state.wait_for(|s| !matches!(s, VllmState::Ready { .. })),
+                )
+                .await;
+            }
+            let (launch, base) = ready_launch(&mut state, ready_wait).await?;
+            let api = VllmApi::new(base, served_name)?;
+            let vllm_world = api.world_size(update_deadline).await?;
+            if world != vllm_world + 1 {
+                return Err(EngineFailure::Rejected(format!(
+                    "a world of {world} for vLLM's {vllm_world} ranks (it must be {})",
+                    vllm_world + 1
+                )));
+            }
+            api.init_nccl_transfer(&unique_id, world, FORWARD_RECEIVE_LIMIT).await?;
+            Ok(launch)
         }));
         Ok(())
     }
@@ -526,8 +644,19 @@ impl InferenceEngine for VllmEngine {
     ) -> Result<(), EngineFailure> {
         let mut forward = self.forward.lock().await;
         if let Some(join) = forward.join.take() {
-            join.await
+            let launch = join
+                .await
                 .map_err(|e| EngineFailure::Failed(format!("vLLM's NCCL join: {e}")))??;
+            forward.joined_launch = Some(launch);
+        }
+        let now = match &*self.state.borrow() {
+            VllmState::Ready { launch, .. } => Some(*launch),
+            _ => None,
+        };
+        if forward.joined_launch.is_none() || forward.joined_launch != now {
+            return Err(EngineFailure::Unavailable(
+                "vLLM has not joined this communicator (it restarted since): the learner makes a new one".into(),
+            ));
         }
         let lock = self.shared.current.clone().lock_owned().await;
         let api = self.ready(Duration::from_secs(5)).await?;

@@ -205,35 +205,6 @@ impl VllmApi {
             .map(|_| ())
     }
 
-    /// Swaps in weights vLLM's workers read from the learner's GPU memory (the `ipc` weight
-    /// transfer): pause, `/start_weight_update`, `/update_weights`, `/finish_weight_update`,
-    /// resume. The resume runs whatever happened in between; after a failed update vLLM's
-    /// layers may be half loaded, which the caller answers with a restart.
-    pub async fn swap_in_ipc(
-        &self,
-        update_info: Value,
-        mode: PauseMode,
-        limit: Duration,
-    ) -> Result<SwapTimes, EngineFailure> {
-        let t0 = std::time::Instant::now();
-        self.pause(mode, limit).await?;
-        let paused = t0.elapsed();
-        let updated = async {
-            self.start_weight_update(limit).await?;
-            self.update_weights(update_info, limit).await?;
-            self.finish_weight_update(limit).await
-        }
-        .await;
-        let update_done = t0.elapsed();
-        let resumed = self.resume(limit).await;
-        updated.and(resumed)?;
-        Ok(SwapTimes {
-            pause_s: paused.as_secs_f64(),
-            reload_s: (update_done - paused).as_secs_f64(),
-            resume_s: (t0.elapsed() - update_done).as_secs_f64(),
-        })
-    }
-
     /// `GET /get_world_size`: vLLM's ranks (TP x PP x DP), each of which joins an NCCL transfer.
     pub async fn world_size(&self, limit: Duration) -> Result<i32, EngineFailure> {
         let v = self.get("/get_world_size", limit).await?;

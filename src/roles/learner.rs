@@ -297,7 +297,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         stats: stats.clone(),
         nccl_gpu,
         nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
-        ipc_canary: cfg.sync.transport == SyncTransport::Ipc,
+        ipc: cfg.sync.transport == SyncTransport::Ipc,
     });
     if let Some(hook) = &sync_hook {
         match cfg.sync.mode {

@@ -263,10 +263,9 @@ impl SidecarClient {
         let started = Instant::now();
         let version = PolicyVersion(req.version.map_or(0, |v| v.step));
         let mut raw = self.raw.clone();
-        // Pause, the GPU copy, resume and the canary, each under the sidecar's own deadlines.
-        let done = self
-            .within("install_ipc", self.deadlines.rpc * 6, raw.install_ipc(req))
-            .await?;
+        // The sidecar is done copying by the request's deadline; its canary follows.
+        let limit = Duration::from_millis(req.deadline_ms) + self.deadlines.rpc.max(Duration::from_secs(5));
+        let done = self.within("install_ipc", limit, raw.install_ipc(req)).await?;
         Ok(Published {
             version,
             bytes,

@@ -14,6 +14,14 @@ use crate::rpc::pb;
 use super::client::{Published, SidecarClient, SyncError};
 use super::nccl_publish::PackedWeights;
 
+/// How long the learner keeps a version's memory unchanged for vLLM to copy it: the sidecar
+/// must be done (or have given up, restarting vLLM if it had begun) by then. Lent weights are
+/// lent at least this long plus [`IPC_LEASE_MARGIN`].
+pub const IPC_DEADLINE: Duration = Duration::from_secs(120);
+/// What a lease of lent weights adds to [`IPC_DEADLINE`]: the learner's RPC gives up 5 s after
+/// it, and only then gives the weights back.
+pub const IPC_LEASE_MARGIN: Duration = Duration::from_secs(15);
+
 /// Why an IPC publish failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IpcPublishError {
@@ -54,6 +62,7 @@ fn request(
         tensors,
         canary_ids,
         canary_logprobs,
+        deadline_ms: IPC_DEADLINE.as_millis() as u64,
     };
     Ok((req, bytes))
 }

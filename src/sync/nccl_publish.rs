@@ -550,11 +550,19 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// (seen after a peer died mid-transfer) means NCCL with this sidecar is not to be trusted.
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long our join into vLLM's ranks may take (they may be restarting).
+const VLLM_JOIN_DEADLINE: Duration = Duration::from_secs(240);
+
 /// Creates a communicator with the sidecar (or vLLM's ranks behind it): a new unique id,
 /// JoinNccl, our own join, and for vLLM its warm-up all-reduce.
 pub async fn connect(client: &SidecarClient, gpu: usize, peer: Peer) -> Result<Communicator, NcclPublishError> {
     let id = new_unique_id()?;
     let world = peer.world();
+    // vLLM's ranks may first have to come back from a restart.
+    let join_deadline = match peer {
+        Peer::Sidecar => JOIN_DEADLINE,
+        Peer::Vllm { .. } => VLLM_JOIN_DEADLINE,
+    };
     match client.join_nccl(id.to_hex(), 1, world).await {
         Ok(()) => {}
         Err(SyncError::Rpc { status, .. }) if status.code() == tonic::Code::Unimplemented => {
@@ -564,7 +572,7 @@ pub async fn connect(client: &SidecarClient, gpu: usize, peer: Peer) -> Result<C
     }
     let joining = tokio::task::spawn_blocking(move || {
         let _call = crate::runtime::DriverCall::enter();
-        let mut comm = Communicator::join(&id, 0, world, gpu, JOIN_DEADLINE)?;
+        let mut comm = Communicator::join(&id, 0, world, gpu, join_deadline)?;
         if peer != Peer::Sidecar {
             comm.warm_up_all_reduce(JOIN_DEADLINE)?;
         }
@@ -572,17 +580,19 @@ pub async fn connect(client: &SidecarClient, gpu: usize, peer: Peer) -> Result<C
     });
     // The join polls its own deadline; should CUDA or NCCL block the thread before it can,
     // the thread is abandoned a little later.
-    let joined = match tokio::time::timeout(JOIN_DEADLINE + Duration::from_secs(10), joining).await {
+    let joined = match tokio::time::timeout(join_deadline + Duration::from_secs(10), joining).await {
         Ok(joined) => joined.map_err(|e| NcclPublishError::Thread(e.to_string()))?,
         Err(_) => {
             return Err(NcclPublishError::Unsupported(format!(
                 "the NCCL join blocked past {:.0}s",
-                JOIN_DEADLINE.as_secs_f64() + 10.0
+                join_deadline.as_secs_f64() + 10.0
             )))
         }
     };
     match joined {
         Ok(c) => Ok(c),
+        // vLLM's ranks that missed the join are retried with a new communicator later.
+        Err(e @ CommError::Deadline { .. }) if peer != Peer::Sidecar => Err(e.into()),
         Err(CommError::Deadline { secs, .. }) => Err(NcclPublishError::Unsupported(format!(
             "the NCCL join did not complete in {secs:.1}s"
         ))),

@@ -102,6 +102,16 @@ impl SidecarService {
 impl Sidecar for SidecarService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let served = self.engine.served().await.map_err(internal)?;
+        // A learner decides how to reach the engine from this reply: never answer without the
+        // forwarded world when there is one.
+        let vllm_nccl_world = match self.engine.forwards_nccl() {
+            true => self
+                .engine
+                .forwarded_nccl_world()
+                .await
+                .ok_or_else(|| Status::unavailable("vLLM is not ready: its NCCL world is not known yet"))?,
+            false => 0,
+        };
         Ok(Response::new(pb::InfoResponse {
             version: pv(served.version),
             model_dir: self
@@ -115,7 +125,7 @@ impl Sidecar for SidecarService {
             http_address: self.http_address.clone(),
             engine: self.engine.kind().into(),
             ipc: self.engine.takes_ipc(),
-            vllm_nccl_world: self.engine.forwarded_nccl_world().await.unwrap_or(0),
+            vllm_nccl_world,
         }))
     }
 
@@ -283,7 +293,16 @@ fn ipc_install_of(req: pb::InstallIpcRequest) -> Result<IpcInstall, Status> {
             "the canary needs n >= 2 ids and n - 1 logprobs",
         ));
     };
-    Ok(IpcInstall { export, canary })
+    if req.deadline_ms < 1000 {
+        return Err(Status::invalid_argument("deadline_ms under 1 s"));
+    }
+    // The reply and the learner's own bookkeeping need a little of it.
+    let deadline = std::time::Duration::from_millis(req.deadline_ms).saturating_sub(std::time::Duration::from_secs(2));
+    Ok(IpcInstall {
+        export,
+        canary,
+        deadline,
+    })
 }
 
 /// Serves the sidecar service on `addr` (port 0 picks one); returns the bound address.
