@@ -91,6 +91,7 @@ fn run(
             kind: ScheduleKind::Constant,
         },
         adamw: AdamWConfig::default(),
+        optimizer: Default::default(),
         max_grad_norm: 1.0,
         device,
         compute,

@@ -9,7 +9,7 @@ use grpo_node::checkpoint::BatchSeq;
 use grpo_node::grpo::{Limits, TrainBatch};
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::ModelSpec;
-use grpo_node::train::Trainer;
+use grpo_node::train::{OptimizerKind, Trainer};
 use serde_json::{json, Value};
 use tch::Device;
 
@@ -45,9 +45,21 @@ fn groups() -> Vec<Value> {
 /// A trainer for the tiny llama in `dir`, and one batch builder over [`groups`] (no rollout
 /// logprobs: on-policy training, ratio 1, as with --allow-missing-logprobs).
 fn trainer_and_batches(dir: &std::path::Path, steps: u64) -> (Trainer, impl Fn(u64) -> TrainBatch) {
+    trainer_and_batches_with(dir, steps, OptimizerKind::Adamw, 3e-3)
+}
+
+fn trainer_and_batches_with(
+    dir: &std::path::Path,
+    steps: u64,
+    optimizer: OptimizerKind,
+    lr: f64,
+) -> (Trainer, impl Fn(u64) -> TrainBatch) {
     let spec = ModelSpec::from_dir(dir).expect("spec");
     let params = load_params(&spec, dir, Device::Cpu).expect("load");
-    let config = common::trainer_config(common::ppo_loss(), 3e-3, 2, steps);
+    let config = grpo_node::train::TrainerConfig {
+        optimizer,
+        ..common::trainer_config(common::ppo_loss(), lr, 2, steps)
+    };
     let trainer = Trainer::new(&spec, params, None, config).expect("trainer");
     let limits = Limits {
         vocab_size: spec.vocab_size,
@@ -68,9 +80,20 @@ fn trainer_and_batches(dir: &std::path::Path, steps: u64) -> (Trainer, impl Fn(u
 
 #[test]
 fn positive_completions_gain_probability() {
+    learns_with(OptimizerKind::Adamw, 3e-3);
+}
+
+/// The same learning test with Adafactor (`--optimizer adafactor`; its update is clipped to an
+/// RMS of 1, so it takes a smaller learning rate for the same step size).
+#[test]
+fn adafactor_learns_like_adamw() {
+    learns_with(OptimizerKind::Adafactor, 3e-3);
+}
+
+fn learns_with(optimizer: OptimizerKind, lr: f64) {
     let dir = common::tiny_model("llama", &[]);
     let steps = 12;
-    let (mut trainer, batch) = trainer_and_batches(dir.path(), steps);
+    let (mut trainer, batch) = trainer_and_batches_with(dir.path(), steps, optimizer, lr);
     let mut pos = Vec::new();
     let mut neg = Vec::new();
     for step in 0..steps {

@@ -130,6 +130,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
             kind: ScheduleKind::Constant,
         },
         adamw: AdamWConfig::default(),
+        optimizer: Default::default(),
         max_grad_norm: 1.0,
         device,
         compute: ComputeConfig {

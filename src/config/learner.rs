@@ -12,14 +12,7 @@ use crate::train::{LayerSet, Precision, ScheduleKind};
 
 use super::{ConfigError, DeviceSpec};
 
-/// Optimizers. Only AdamW exists today; the seeds' 8-bit AdamW and Adafactor are planned and
-/// not built yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OptimizerKind {
-    /// torch.optim.AdamW semantics over fp32 master weights.
-    Adamw,
-}
+pub use crate::train::OptimizerKind;
 
 /// How new weights reach the inference engines (the seeds' names in brackets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -97,7 +90,9 @@ pub struct LearnerArgs {
     /// AdamW decoupled weight decay [default: 0.01].
     #[arg(long, env = "GRPO_WEIGHT_DECAY")]
     pub weight_decay: Option<f64>,
-    /// Optimizer (adamw; 8-bit AdamW and Adafactor are not built yet) [default: adamw].
+    /// Optimizer: adamw, or adafactor (transformers' Adafactor with this run's learning rate:
+    /// factored second moment, no first moment; --weight-decay applies to both). 8-bit AdamW is
+    /// not built yet [default: adamw].
     #[arg(long, env = "GRPO_OPTIMIZER", value_enum)]
     pub optimizer: Option<OptimizerKind>,
     /// Train only these decoder layers, e.g. "20-31" or "0-3,28-31"; all else is frozen.

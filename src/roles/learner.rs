@@ -123,6 +123,7 @@ fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &ModelSpec) ->
             weight_decay: cfg.weight_decay,
             ..AdamWConfig::default()
         },
+        optimizer: cfg.optimizer,
         max_grad_norm: cfg.max_grad_norm,
         device,
     }

@@ -1,11 +1,13 @@
-//! The training step: model + AdamW over fp32 master weights (plain, or split into a bf16
+//! The training step: model + AdamW or Adafactor over fp32 master weights (plain, or split into a bf16
 //! compute half and an int16 low half), gradient accumulation over
 //! micro-batches, grad-norm clipping, and the learning-rate schedule. Runs on whatever thread
 //! owns it (the learner gives it a dedicated OS thread).
 
+pub mod adafactor;
 pub mod adamw;
 pub mod layers;
 pub mod lease;
+pub mod optimizer;
 pub mod schedule;
 pub mod split;
 pub mod step;
@@ -13,6 +15,7 @@ pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig, MasterParam};
 pub use layers::LayerSet;
+pub use optimizer::{Optimizer, OptimizerKind};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
     ComputeConfig, Precision, SharedWeights, SkipReason, StepMetrics, TrainError, Trainer, TrainerConfig,

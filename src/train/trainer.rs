@@ -15,8 +15,9 @@ use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
 use crate::train::lease::{Lease, LeaseEnd};
 
-use super::adamw::{AdamW, AdamWConfig, MasterParam, SLICE_ELEMENTS};
+use super::adamw::{AdamWConfig, MasterParam, SLICE_ELEMENTS};
 use super::layers::LayerSet;
+use super::optimizer::Optimizer;
 use super::schedule::LrSchedule;
 use super::split;
 use super::step::{forward_backward, StepPlan};
@@ -73,6 +74,8 @@ pub struct TrainerConfig {
     pub loss: LossConfig,
     pub schedule: LrSchedule,
     pub adamw: AdamWConfig,
+    /// Which optimizer runs (Adafactor takes its weight decay from `adamw`).
+    pub optimizer: super::optimizer::OptimizerKind,
     /// Gradients are rescaled so their global L2 norm is at most this.
     pub max_grad_norm: f64,
     pub device: Device,
@@ -182,7 +185,7 @@ pub struct Trainer {
     lent: Mutex<Vec<Arc<Lease>>>,
     model: Transformer,
     trainable: Vec<MasterParam>,
-    optimizer: AdamW,
+    optimizer: Optimizer,
     config: TrainerConfig,
     steps_done: u64,
     skipped_steps: u64,
@@ -269,8 +272,13 @@ impl Trainer {
             .collect();
         let kind = config.compute.precision.kind();
         let model = Transformer::new(spec, &params)?.with_compute(kind);
-        let mut optimizer = AdamW::new(config.adamw, &trainable, config.compute.exp_avg.kind());
-        optimizer.fused = config.compute.fused_adamw;
+        let optimizer = Optimizer::new(
+            config.optimizer,
+            config.adamw,
+            &trainable,
+            config.compute.exp_avg.kind(),
+            config.compute.fused_adamw,
+        );
         Ok(Self {
             shared: None,
             params,
@@ -380,7 +388,7 @@ impl Trainer {
 
     /// Optimizer moments for a checkpoint, and the optimizer's step count.
     pub fn optimizer_state(&self) -> (Vec<(String, Tensor)>, u64) {
-        (self.optimizer.state_tensors(), self.optimizer.steps)
+        (self.optimizer.state_tensors(), self.optimizer.steps())
     }
 
     /// Restores the optimizer and step counter of a resumed run.

@@ -405,6 +405,7 @@ pub fn trainer_config(
             kind: ScheduleKind::Constant,
         },
         adamw: AdamWConfig::default(),
+        optimizer: Default::default(),
         max_grad_norm: 1.0,
         device: tch::Device::Cpu,
         compute: grpo_node::train::ComputeConfig::default(),
