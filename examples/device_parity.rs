@@ -16,7 +16,7 @@ use grpo_node::checkpoint::BatchSeq;
 use grpo_node::grpo::{ClipMode, Limits, LossAgg, LossConfig};
 use grpo_node::model::{ModelSpec, ParamStore};
 use grpo_node::train::{
-    AdamWConfig, ComputeConfig, LrSchedule, Precision, ScheduleKind, StepMetrics, Trainer, TrainerConfig,
+    AdamWConfig, ComputeConfig, LrSchedule, OptimizerKind, Precision, ScheduleKind, StepMetrics, Trainer, TrainerConfig,
 };
 use serde_json::json;
 use tch::Device;
@@ -71,6 +71,20 @@ fn run(
     compute: ComputeConfig,
     groups: &[serde_json::Value],
 ) -> Result<StepMetrics, String> {
+    run_steps(spec, base, device, compute, groups, OptimizerKind::Adamw, 1)
+}
+
+/// `steps` optimizer steps on the same batch; the last step's metrics (from the second on,
+/// they depend on the optimizer's update).
+fn run_steps(
+    spec: &ModelSpec,
+    base: &ParamStore,
+    device: Device,
+    compute: ComputeConfig,
+    groups: &[serde_json::Value],
+    optimizer: OptimizerKind,
+    steps: u64,
+) -> Result<StepMetrics, String> {
     let tensors = base
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(device).copy()))
@@ -87,11 +101,11 @@ fn run(
         schedule: LrSchedule {
             lr: 1e-3,
             warmup_steps: 0,
-            total_steps: 1,
+            total_steps: steps,
             kind: ScheduleKind::Constant,
         },
         adamw: AdamWConfig::default(),
-        optimizer: Default::default(),
+        optimizer,
         max_grad_norm: 1.0,
         device,
         compute,
@@ -113,13 +127,58 @@ fn run(
         4,
     );
     let batch = prepared.batch.ok_or("batch rejected")?;
-    trainer.train(&batch).map_err(|e| e.to_string())
+    let mut last = trainer.train(&batch).map_err(|e| e.to_string())?;
+    for _ in 1..steps {
+        last = trainer.train(&batch).map_err(|e| e.to_string())?;
+    }
+    Ok(last)
 }
 
 struct Variant {
     name: &'static str,
     device: Device,
     compute: ComputeConfig,
+}
+
+/// Adafactor: the second step's loss (after one Adafactor update) on CUDA, fp32 and bf16 over
+/// split masters, against CPU fp32.
+fn adafactor_parity(spec: &ModelSpec, base: &ParamStore, groups: &[serde_json::Value], plain: ComputeConfig) -> bool {
+    let two = |device, compute| run_steps(spec, base, device, compute, groups, OptimizerKind::Adafactor, 2);
+    let reference = match two(Device::Cpu, plain) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("adafactor cpu: {e}");
+            return false;
+        }
+    };
+    let bf16 = ComputeConfig {
+        precision: Precision::Bf16,
+        exp_avg: Precision::Bf16,
+        ..plain
+    };
+    let mut ok = true;
+    for (name, compute) in [("cuda fp32 adafactor", plain), ("cuda bf16 adafactor", bf16)] {
+        let m = match two(Device::Cuda(0), compute) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                return false;
+            }
+        };
+        let d = (reference.loss - m.loss).abs();
+        let pass = match compute.precision {
+            Precision::Fp32 => d / reference.loss.abs().max(1e-12) <= 1e-5,
+            Precision::Bf16 => d <= 2e-3,
+        };
+        ok &= pass;
+        println!(
+            "| {name}, step 2 | {:.9} (cpu {:.9}) | abs {d:.2e} | | | {} |",
+            m.loss,
+            reference.loss,
+            if pass { "PASS" } else { "FAIL" }
+        );
+    }
+    ok
 }
 
 fn main() -> ExitCode {
@@ -213,7 +272,9 @@ fn main() -> ExitCode {
             if pass { "PASS" } else { "FAIL" }
         );
     }
-    if !cuda {
+    if cuda {
+        ok &= adafactor_parity(&spec, &base, &groups, plain);
+    } else {
         println!("no CUDA device: only the CPU variants ran");
     }
     println!("{}", if ok { "PASS" } else { "FAIL" });

@@ -27,12 +27,12 @@
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O |
-//! | [`train`] | AdamW (fused on libtorch's kernel), LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights |
+//! | [`train`] | AdamW (fused on libtorch's kernel) and Adafactor, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights |
 //! | [`comm`] | NCCL broadcast (feature `cuda`): non-blocking communicators, deadlines, abort |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
-//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver and its HTTP API; `/generate` |
+//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver, its HTTP API and its weight-transfer plugin (CUDA IPC, NCCL); `/generate` |
 //! | [`rpc`] | gRPC (`proto/grpo/v1`): generated types, the shared-token interceptors |
-//! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client and NCCL publisher, the sidecar's service and WeightReceiver |
+//! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client, NCCL and CUDA IPC publishers, the sidecar's service and WeightReceiver |
 //! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
 //! | [`launch`] | `grpo-node launch`: manifests, process start-up, readiness, the progress bar |

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool): CPU fp32 vs CUDA fp32 loss/grad parity of one step.
+# Runs on the GPU machine (device tool): CPU fp32 vs CUDA fp32 loss/grad parity of one step, and
+# of the second step after one Adafactor update.
 # Build first, here:  cargo build --release --features cuda --example device_parity
 #                     mkdir -p .gpu && cp target/release/examples/device_parity .gpu/
 # Then: run(command="bash scripts/gpu/device_parity.sh", carry=[".gpu"])
