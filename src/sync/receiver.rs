@@ -193,7 +193,20 @@ impl ReceiverState {
     async fn install_ipc(&mut self, version: PolicyVersion, update: IpcInstall) -> Result<Applied, String> {
         check_ipc_against(&update.export.tensors, self.engine.manifest())?;
         let started = Instant::now();
-        match self.engine.install_ipc(update, version).await {
+        let result = self.engine.install_ipc(update, version).await;
+        self.settle(version, started, result).await
+    }
+
+    /// Records how an install straight into the engine's own memory ended: the new version, or
+    /// after a failure whatever the engine serves now (a failed update may have cost it its
+    /// weights: vLLM restarts).
+    async fn settle(
+        &mut self,
+        version: PolicyVersion,
+        started: Instant,
+        result: Result<Installed, crate::engine::inference::EngineFailure>,
+    ) -> Result<Applied, String> {
+        match result {
             Ok(installed) => {
                 self.version = version;
                 Ok(Applied {
@@ -202,7 +215,6 @@ impl ReceiverState {
                 })
             }
             Err(e) => {
-                // A failed IPC update may have cost the engine its weights (vLLM restarts).
                 self.version = self.engine.version().await.unwrap_or(PolicyVersion(0));
                 Err(e.to_string())
             }
@@ -215,19 +227,8 @@ impl ReceiverState {
         canary: Option<(Vec<i64>, Vec<f64>)>,
     ) -> Result<Applied, String> {
         let started = Instant::now();
-        match self.engine.nccl_forward_commit(version, canary).await {
-            Ok(installed) => {
-                self.version = version;
-                Ok(Applied {
-                    seconds: started.elapsed().as_secs_f64(),
-                    installed,
-                })
-            }
-            Err(e) => {
-                self.version = self.engine.version().await.unwrap_or(PolicyVersion(0));
-                Err(e.to_string())
-            }
-        }
+        let result = self.engine.nccl_forward_commit(version, canary).await;
+        self.settle(version, started, result).await
     }
 
     async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
