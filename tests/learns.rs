@@ -90,7 +90,23 @@ fn adafactor_learns_like_adamw() {
     learns_with(OptimizerKind::Adafactor, 3e-3);
 }
 
-fn learns_with(optimizer: OptimizerKind, lr: f64) {
+/// The same learning test with 8-bit AdamW (`--optimizer adamw_8bit`), which must also track
+/// AdamW itself: its gain in rewarded logprob is within 20% of AdamW's over the same batches.
+#[test]
+fn adamw_8bit_learns_like_adamw() {
+    let exact = learns_with(OptimizerKind::Adamw, 3e-3);
+    let eight = learns_with(OptimizerKind::Adamw8bit, 3e-3);
+    let gain = |p: &[f64]| p[p.len() - 1] - p[0];
+    assert!(
+        (gain(&eight) - gain(&exact)).abs() < 0.2 * gain(&exact),
+        "8-bit gain {} against AdamW's {}",
+        gain(&eight),
+        gain(&exact)
+    );
+}
+
+/// Trains `steps` and checks it learned; returns the rewarded completions' mean logprob per step.
+fn learns_with(optimizer: OptimizerKind, lr: f64) -> Vec<f64> {
     let dir = common::tiny_model("llama", &[]);
     let steps = 12;
     let (mut trainer, batch) = trainer_and_batches_with(dir.path(), steps, optimizer, lr);
@@ -115,6 +131,7 @@ fn learns_with(optimizer: OptimizerKind, lr: f64) {
         pos.windows(2).filter(|w| w[1] > w[0]).count() >= steps as usize - 2,
         "mostly monotone: {pos:?}"
     );
+    pos
 }
 
 /// Weights lent to a sync (sent without a copy) hold the next optimizer update: a lease given

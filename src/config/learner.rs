@@ -90,9 +90,10 @@ pub struct LearnerArgs {
     /// AdamW decoupled weight decay [default: 0.01].
     #[arg(long, env = "GRPO_WEIGHT_DECAY")]
     pub weight_decay: Option<f64>,
-    /// Optimizer: adamw, or adafactor (transformers' Adafactor with this run's learning rate:
-    /// factored second moment, no first moment; --weight-decay applies to both). 8-bit AdamW is
-    /// not built yet [default: adamw].
+    /// Optimizer: adamw; adamw_8bit (bitsandbytes' AdamW8bit: blockwise 8-bit moments, 2 bytes
+    /// of state per parameter); or adafactor (transformers' Adafactor with this run's learning
+    /// rate: factored second moment, no first moment). --weight-decay applies to all three
+    /// [default: adamw].
     #[arg(long, env = "GRPO_OPTIMIZER", value_enum)]
     pub optimizer: Option<OptimizerKind>,
     /// Train only these decoder layers, e.g. "20-31" or "0-3,28-31"; all else is frozen.

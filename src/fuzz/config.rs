@@ -244,7 +244,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("loss-agg", Kind::Choice(&["seq-mean-token-mean", "token-mean", "sum"])),
     ("max-grad-norm", Kind::Float),
     ("weight-decay", Kind::Float),
-    ("optimizer", Kind::Choice(&["adamw", "adafactor"])),
+    ("optimizer", Kind::Choice(&["adamw", "adamw_8bit", "adafactor"])),
     (
         "train-layer-indices",
         Kind::Choice(&["0-3,28-31", "3-1", "0-999999", "-1", "1,,2", "0-9223372036854775807"]),

@@ -1,9 +1,11 @@
-//! The optimizer a trainer runs: AdamW or Adafactor, behind one step/state interface.
+//! The optimizer a trainer runs: AdamW, 8-bit AdamW or Adafactor, behind one step/state
+//! interface.
 
 use tch::{Kind, Tensor};
 
 use super::adafactor::{Adafactor, AdafactorConfig};
 use super::adamw::{AdamW, AdamWConfig, MasterParam};
+use super::adamw8bit::AdamW8bit;
 
 /// `--optimizer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -12,6 +14,11 @@ pub enum OptimizerKind {
     /// torch.optim.AdamW semantics over fp32 master weights.
     #[default]
     Adamw,
+    /// bitsandbytes' AdamW8bit: blockwise 8-bit moments (2 bytes per parameter instead of 8),
+    /// the same update in fp32.
+    #[value(name = "adamw_8bit", alias = "adamw-8bit")]
+    #[serde(rename = "adamw_8bit", alias = "adamw-8bit")]
+    Adamw8bit,
     /// transformers' Adafactor (factored second moment, no first moment, update clipping) with
     /// the run's learning rate; a fraction of AdamW's optimizer memory.
     Adafactor,
@@ -19,6 +26,7 @@ pub enum OptimizerKind {
 
 pub enum Optimizer {
     AdamW(AdamW),
+    AdamW8bit(AdamW8bit),
     Adafactor(Adafactor),
 }
 
@@ -37,6 +45,7 @@ impl Optimizer {
                 o.fused = fused;
                 Optimizer::AdamW(o)
             }
+            OptimizerKind::Adamw8bit => Optimizer::AdamW8bit(AdamW8bit::new(adamw, params)),
             OptimizerKind::Adafactor => {
                 let config = AdafactorConfig {
                     weight_decay: adamw.weight_decay,
@@ -50,6 +59,7 @@ impl Optimizer {
     pub fn step(&mut self, params: &[MasterParam], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
         match self {
             Optimizer::AdamW(o) => o.step(params, grads, lr, grad_scale),
+            Optimizer::AdamW8bit(o) => o.step(params, grads, lr, grad_scale),
             Optimizer::Adafactor(o) => o.step(params, grads, lr, grad_scale),
         }
     }
@@ -58,6 +68,7 @@ impl Optimizer {
     pub fn steps(&self) -> u64 {
         match self {
             Optimizer::AdamW(o) => o.steps,
+            Optimizer::AdamW8bit(o) => o.steps,
             Optimizer::Adafactor(o) => o.steps,
         }
     }
@@ -65,6 +76,7 @@ impl Optimizer {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         match self {
             Optimizer::AdamW(o) => o.state_tensors(),
+            Optimizer::AdamW8bit(o) => o.state_tensors(),
             Optimizer::Adafactor(o) => o.state_tensors(),
         }
     }
@@ -72,6 +84,7 @@ impl Optimizer {
     pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
         match self {
             Optimizer::AdamW(o) => o.load_state_tensors(tensors, steps),
+            Optimizer::AdamW8bit(o) => o.load_state_tensors(tensors, steps),
             Optimizer::Adafactor(o) => o.load_state_tensors(tensors, steps),
         }
     }
