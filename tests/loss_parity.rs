@@ -2,7 +2,9 @@
 //! (`python/grpo_ref/ref_loss.py`, which runs each sequence unpadded through transformers):
 //! loss within 1e-5 relative and grad norm within 1e-4 relative, for both clip modes,
 //! temperature != 1, `set_advantage_to_zero`, a single-sequence group, env-provided
-//! advantages, the IS cap, the KL term and both aggregations.
+//! advantages, the IS cap, the KL term and both aggregations. The same with LoRA training
+//! (`Trainer::with_lora`) against `peft.PeftModel` with the same adapter: the loss, and the
+//! grad norm of the adapter's parameters.
 
 mod common;
 
@@ -13,6 +15,7 @@ use grpo_node::actors::preprocessor::prepare;
 use grpo_node::checkpoint::BatchSeq;
 use grpo_node::grpo::loss::token_logprobs;
 use grpo_node::grpo::{ClipMode, Limits, LossAgg, LossConfig};
+use grpo_node::model::lora::{load_adapter, save_adapter, LoraSpec, LoraTarget};
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, Transformer};
 use grpo_node::train::{ComputeConfig, Precision, Trainer, TrainerConfig};
@@ -85,7 +88,14 @@ fn groups(model: &Transformer, vocab: i64) -> Vec<Value> {
     ]
 }
 
-fn ours(dir: &Path, spec: &ModelSpec, groups: &[Value], loss: LossConfig, compute: ComputeConfig) -> (f64, f64, u64) {
+fn ours(
+    dir: &Path,
+    spec: &ModelSpec,
+    groups: &[Value],
+    loss: LossConfig,
+    compute: ComputeConfig,
+    adapter: Option<&Path>,
+) -> (f64, f64, u64) {
     let limits = Limits {
         vocab_size: spec.vocab_size,
         seq_len: 64,
@@ -109,16 +119,56 @@ fn ours(dir: &Path, spec: &ModelSpec, groups: &[Value], loss: LossConfig, comput
         ..common::trainer_config(loss, 1e-3, 0, 1)
     };
     let params = load_params(spec, dir, Device::Cpu).expect("load");
-    let mut trainer = Trainer::new(spec, params, None, config).expect("trainer");
+    let mut trainer = match adapter {
+        Some(a) => {
+            let (lora, tensors) = load_adapter(a, spec).expect("adapter");
+            Trainer::with_lora(spec, params, lora, tensors, config).expect("LoRA trainer")
+        }
+        None => Trainer::new(spec, params, None, config).expect("trainer"),
+    };
     let m = trainer.train(&batch).expect("train step");
     (m.loss, m.grad_norm, m.tokens)
 }
 
+/// A LoRA adapter for the model in `dir` with non-zero B (so that A's gradient is not zero
+/// and the adapter changes the loss), written in PEFT format to `dir/adapter`.
+fn adapter(dir: &Path, spec: &ModelSpec, targets: &[LoraTarget], layers: Option<&[i64]>) -> std::path::PathBuf {
+    let lora = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: targets.iter().copied().collect(),
+        layers: layers.map(|l| l.iter().copied().collect()),
+    };
+    tch::manual_seed(11);
+    let tensors: Vec<(String, Tensor)> = lora
+        .init(spec, 5, Device::Cpu)
+        .into_iter()
+        .map(|(n, t)| {
+            if n.ends_with("lora_B.weight") {
+                let b = Tensor::randn(t.size().as_slice(), (tch::Kind::Float, Device::Cpu)) * 0.3;
+                (n, b)
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    let out = dir.join("adapter");
+    save_adapter(&out, &lora, &tensors, dir.to_str().expect("utf8")).expect("save adapter");
+    out
+}
+
 fn case(arch: &str, extra: &[&str]) {
+    case_with(arch, extra, None);
+}
+
+fn case_with(arch: &str, extra: &[&str], lora: Option<(&[LoraTarget], Option<&[i64]>)>) {
     let dir = common::tiny_model(arch, extra);
     let spec = ModelSpec::from_dir(dir.path()).expect("spec");
     let params = load_params(&spec, dir.path(), Device::Cpu).expect("load");
     let model = Transformer::new(&spec, &params).expect("bind");
+    let adapter_dir = lora.map(|(targets, layers)| adapter(dir.path(), &spec, targets, layers));
+    let adapter_arg = adapter_dir.as_ref().map(|p| p.to_str().expect("utf8").to_string());
     let groups = groups(&model, spec.vocab_size);
     let configs = [
         (ClipMode::Standard, 0.2, None, None, 0.0, LossAgg::SeqMeanTokenMean),
@@ -135,15 +185,16 @@ fn case(arch: &str, extra: &[&str]) {
         });
         let case_path = dir.path().join("case.json");
         std::fs::write(&case_path, json!({"groups": groups, "config": cfg_json}).to_string()).expect("write case");
-        let out = common::run_ref(
-            "ref_loss.py",
-            &[
-                "--model",
-                dir.path().to_str().expect("utf8"),
-                "--case",
-                case_path.to_str().expect("utf8"),
-            ],
-        );
+        let mut args = vec![
+            "--model",
+            dir.path().to_str().expect("utf8"),
+            "--case",
+            case_path.to_str().expect("utf8"),
+        ];
+        if let Some(a) = &adapter_arg {
+            args.extend(["--adapter", a.as_str()]);
+        }
+        let out = common::run_ref("ref_loss.py", &args);
         let reference: Value = serde_json::from_str(out.trim().lines().last().expect("output")).expect("json");
         let loss = LossConfig {
             clip_mode: mode,
@@ -172,7 +223,7 @@ fn case(arch: &str, extra: &[&str]) {
             ..ComputeConfig::default()
         };
         for compute in [plain, staged] {
-            let (l, g, tokens) = ours(dir.path(), &spec, &groups, loss, compute);
+            let (l, g, tokens) = ours(dir.path(), &spec, &groups, loss, compute, adapter_dir.as_deref());
             println!("{arch} {cfg_json} {compute:?}: loss {l:.8} vs {rl:.8}, grad norm {g:.6} vs {rg:.6}");
             assert_eq!(tokens, reference["tokens"].as_u64().expect("tokens"));
             assert!(
@@ -184,14 +235,14 @@ fn case(arch: &str, extra: &[&str]) {
                 losses.push(l);
             }
         }
-        if arch == "qwen2" && mode == ClipMode::Standard && agg == LossAgg::SeqMeanTokenMean {
+        if arch == "qwen2" && lora.is_none() && mode == ClipMode::Standard && agg == LossAgg::SeqMeanTokenMean {
             // bf16 compute over fp32 masters: within bf16's resolution of the fp32 reference.
             let bf16 = ComputeConfig {
                 precision: Precision::Bf16,
                 exp_avg: Precision::Bf16,
                 ..staged
             };
-            let (l, g, _) = ours(dir.path(), &spec, &groups, loss, bf16);
+            let (l, g, _) = ours(dir.path(), &spec, &groups, loss, bf16, None);
             println!("{arch} bf16: loss {l:.6} vs {rl:.6}, grad norm {g:.5} vs {rg:.5}");
             assert!(
                 (l - rl).abs() <= 5e-3 * rl.abs().max(1.0),
@@ -222,4 +273,17 @@ fn qwen2_loss_and_grad_match_pytorch() {
 #[test]
 fn qwen3_loss_and_grad_match_pytorch() {
     case("qwen3", &[]);
+}
+
+/// LoRA r=4 on all seven linear modules of every layer, against peft.
+#[test]
+fn llama_lora_loss_and_grad_match_peft() {
+    case_with("llama", &[], Some((&LoraTarget::ALL, None)));
+}
+
+/// LoRA on q/v of one layer only (`layers_to_transform`), on a model with q/k/v biases and
+/// tied embeddings, against peft.
+#[test]
+fn qwen2_lora_on_some_layers_matches_peft() {
+    case_with("qwen2", &["--tie"], Some((&[LoraTarget::Q, LoraTarget::V], Some(&[1]))));
 }

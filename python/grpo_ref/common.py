@@ -13,6 +13,14 @@ def load_model(path, output_loading_info=False):
     )
 
 
+def with_adapter(model, adapter, trainable=False):
+    """The model with a PEFT adapter directory applied (its LoRA parameters trainable if asked)."""
+    if not adapter:
+        return model
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+
+
 def load_ids(path):
     """Read {"input_ids": [[...], ...]} (rectangular) into a LongTensor [B, T]."""
     with open(path) as f:

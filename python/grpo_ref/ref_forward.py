@@ -3,7 +3,7 @@ import argparse
 
 from safetensors.torch import save_file
 
-from common import forward_logits, load_ids, load_model
+from common import forward_logits, load_ids, load_model, with_adapter
 
 
 def main():
@@ -11,8 +11,9 @@ def main():
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--ids", required=True, help='JSON file {"input_ids": [[...], ...]}')
     p.add_argument("--out", required=True, help="output .safetensors with key 'logits'")
+    p.add_argument("--adapter", help="PEFT adapter directory applied with peft.PeftModel")
     args = p.parse_args()
-    logits = forward_logits(load_model(args.model), load_ids(args.ids))
+    logits = forward_logits(with_adapter(load_model(args.model), args.adapter), load_ids(args.ids))
     save_file({"logits": logits}, args.out)
 
 

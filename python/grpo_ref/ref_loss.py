@@ -2,13 +2,15 @@
 
 Every sequence runs through the fp32 transformers model on its own (batch of 1, no padding);
 one backward over the total loss; prints {"loss", "grad_norm", "tokens", "sequences"} as JSON.
+With --adapter, the model is the base with that PEFT adapter (peft.PeftModel, LoRA parameters
+trainable, the base frozen), and the grad norm is the adapter's.
 """
 import argparse
 import json
 
 import torch
 
-from common import load_model
+from common import load_model, with_adapter
 
 
 def _get(d, key):
@@ -75,12 +77,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--case", required=True, help='JSON file {"groups": [...], "config": {...}}')
+    p.add_argument("--adapter", help="PEFT adapter directory (LoRA training)")
     args = p.parse_args()
     with open(args.case) as f:
         case = json.load(f)
     cfg = case["config"]
 
-    model = load_model(args.model)
+    model = with_adapter(load_model(args.model), args.adapter, trainable=True)
     model.train()
     sums, counts = [], []
     for group in case["groups"]:

@@ -1,7 +1,8 @@
-//! The decoder-only transformer (Llama, Qwen2, Qwen3) in tch, its parameters and their
-//! safetensors I/O.
+//! The decoder-only transformer (Llama, Qwen2, Qwen3) in tch, its parameters, their
+//! safetensors I/O and LoRA adapters in PEFT's format.
 
 pub mod config;
+pub mod lora;
 pub mod params;
 pub mod rope;
 pub mod safetensors_io;

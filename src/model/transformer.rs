@@ -8,19 +8,44 @@
 use tch::{Kind, Tensor};
 
 use super::config::ModelSpec;
+use super::lora::{LoraSpec, LoraTarget};
 use super::params::ParamStore;
 use super::{rope, ModelError};
+
+/// A LoRA update on a linear module: `scaling * B @ A`, applied as `B(A(dropout(x)))`.
+struct LoraDelta {
+    a: Tensor,
+    b: Tensor,
+    scaling: f64,
+    dropout: f64,
+}
 
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraDelta>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// `x W^T + b`, plus the LoRA update if there is one (its dropout only when `train`).
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let kind = x.kind();
         let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
-        x.linear(&self.weight.to_kind(kind), bias.as_ref())
+        let y = x.linear(&self.weight.to_kind(kind), bias.as_ref());
+        match &self.lora {
+            None => y,
+            Some(d) => {
+                let h = if train && d.dropout > 0.0 {
+                    x.dropout(d.dropout, true)
+                } else {
+                    x.shallow_clone()
+                };
+                let low = h
+                    .linear(&d.a.to_kind(kind), None::<Tensor>)
+                    .linear(&d.b.to_kind(kind), None::<Tensor>);
+                y + low * d.scaling
+            }
+        }
     }
 }
 
@@ -81,6 +106,8 @@ pub struct Transformer {
     norm: Tensor,
     lm_head: Tensor,
     compute: Kind,
+    /// LoRA dropout is active (training).
+    train: bool,
 }
 
 /// HF's RMSNorm (normalise in fp32, scale by the weight), as libtorch's `rms_norm`: one fused
@@ -107,6 +134,7 @@ impl Transformer {
                 } else {
                     None
                 },
+                lora: None,
             })
         };
         let mut layers = Vec::with_capacity(spec.num_layers as usize);
@@ -147,7 +175,101 @@ impl Transformer {
             layers,
             norm: get("model.norm.weight")?,
             lm_head,
+            train: false,
         })
+    }
+
+    /// Adds the LoRA adapter `tensors` (PEFT keys, shallow handles: gradients reach them) to
+    /// the modules `lora` adapts.
+    pub fn with_lora(mut self, lora: &LoraSpec, tensors: &[(String, Tensor)]) -> Result<Self, ModelError> {
+        let find = |key: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == key)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| ModelError::MissingWeight {
+                    name: key.to_string(),
+                    shape: Vec::new(),
+                })
+        };
+        for m in lora.modules(&self.spec) {
+            let layer_index = crate::model::params::layer_of(&m.path).unwrap_or(-1);
+            let Some(layer) = usize::try_from(layer_index).ok().and_then(|i| self.layers.get_mut(i)) else {
+                continue;
+            };
+            let linear = match m.target {
+                LoraTarget::Q => &mut layer.q,
+                LoraTarget::K => &mut layer.k,
+                LoraTarget::V => &mut layer.v,
+                LoraTarget::O => &mut layer.o,
+                LoraTarget::Gate => &mut layer.gate,
+                LoraTarget::Up => &mut layer.up,
+                LoraTarget::Down => &mut layer.down,
+            };
+            linear.lora = Some(LoraDelta {
+                a: find(&m.a_key())?,
+                b: find(&m.b_key())?,
+                scaling: lora.scaling(),
+                dropout: lora.dropout,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Turns LoRA dropout on (training) or off (evaluation, serving).
+    pub fn with_training(mut self, train: bool) -> Self {
+        self.train = train;
+        self
+    }
+
+    /// A second binding of the same tensors with dropout off (evaluation, canaries).
+    pub fn eval_copy(&self) -> Self {
+        let linear = |l: &Linear| Linear {
+            weight: l.weight.shallow_clone(),
+            bias: l.bias.as_ref().map(Tensor::shallow_clone),
+            lora: l.lora.as_ref().map(|d| LoraDelta {
+                a: d.a.shallow_clone(),
+                b: d.b.shallow_clone(),
+                scaling: d.scaling,
+                dropout: d.dropout,
+            }),
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Layer {
+                input_norm: l.input_norm.shallow_clone(),
+                q: linear(&l.q),
+                k: linear(&l.k),
+                v: linear(&l.v),
+                o: linear(&l.o),
+                q_norm: l.q_norm.as_ref().map(Tensor::shallow_clone),
+                k_norm: l.k_norm.as_ref().map(Tensor::shallow_clone),
+                post_norm: l.post_norm.shallow_clone(),
+                gate: linear(&l.gate),
+                up: linear(&l.up),
+                down: linear(&l.down),
+            })
+            .collect();
+        Self {
+            spec: self.spec.clone(),
+            embed: self.embed.shallow_clone(),
+            layers,
+            norm: self.norm.shallow_clone(),
+            lm_head: self.lm_head.shallow_clone(),
+            compute: self.compute,
+            train: false,
+        }
+    }
+
+    /// Whether any module carries a LoRA update with dropout (training then draws masks).
+    pub fn has_lora_dropout(&self) -> bool {
+        self.train
+            && self.layers.iter().any(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .any(|m| m.lora.as_ref().is_some_and(|d| d.dropout > 0.0))
+            })
     }
 
     /// Runs matmuls and attention in `kind` (for example bf16 over fp32 parameters).
@@ -246,9 +368,10 @@ impl Transformer {
         let groups = spec.num_heads / spec.num_kv_heads;
         let h = rms_norm(x, &layer.input_norm, spec.rms_norm_eps);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, spec.head_dim]);
-        let mut q = heads(layer.q.forward(&h), spec.num_heads);
-        let mut k = heads(layer.k.forward(&h), spec.num_kv_heads);
-        let mut v = heads(layer.v.forward(&h), spec.num_kv_heads).transpose(1, 2);
+        let train = self.train;
+        let mut q = heads(layer.q.forward(&h, train), spec.num_heads);
+        let mut k = heads(layer.k.forward(&h, train), spec.num_kv_heads);
+        let mut v = heads(layer.v.forward(&h, train), spec.num_kv_heads).transpose(1, 2);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, spec.rms_norm_eps);
             k = rms_norm(&k, kn, spec.rms_norm_eps);
@@ -271,11 +394,12 @@ impl Transformer {
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
         };
         let attn = attn.transpose(1, 2).reshape([b, t, spec.num_heads * spec.head_dim]);
-        let x = x + layer.o.forward(&attn);
+        let x = x + layer.o.forward(&attn, train);
         let h = rms_norm(&x, &layer.post_norm, spec.rms_norm_eps);
-        let mlp = layer
-            .down
-            .forward(&(layer.gate.forward(&h).silu() * layer.up.forward(&h)));
+        let mlp = layer.down.forward(
+            &(layer.gate.forward(&h, train).silu() * layer.up.forward(&h, train)),
+            train,
+        );
         x + mlp
     }
 

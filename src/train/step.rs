@@ -27,6 +27,18 @@ pub struct StepPlan {
     /// Synchronize the device after each stage and log the stage times (`GRPO_PROFILE_STEP=1`);
     /// slows the step down.
     pub profile: bool,
+    /// Seed of the LoRA dropout masks: layer `i` draws from `seed + i`, in the forward and again
+    /// in its recomputation, so both see the same masks (and a resumed run the same as an
+    /// uninterrupted one). `None`: no dropout to draw.
+    pub dropout_seed: Option<i64>,
+}
+
+impl StepPlan {
+    fn seed_layer(&self, i: usize) {
+        if let Some(seed) = self.dropout_seed {
+            tch::manual_seed(seed.wrapping_add(i as i64));
+        }
+    }
 }
 
 /// Stage timer for [`StepPlan::profile`].
@@ -80,6 +92,7 @@ pub fn forward_backward(
         tch::no_grad(|| {
             let mut x = model.embed(ids);
             for i in 0..model.num_layers() {
+                plan.seed_layer(i);
                 let next = model.layer(i, &x, &cos, &sin);
                 saved_inputs.push(x);
                 x = next;
@@ -89,6 +102,7 @@ pub fn forward_backward(
     } else {
         let mut x = model.embed(ids);
         for i in 0..model.num_layers() {
+            plan.seed_layer(i);
             x = model.layer(i, &x, &cos, &sin);
         }
         x
@@ -116,11 +130,16 @@ pub fn forward_backward(
     if plan.checkpoint_layers {
         for (i, input) in saved_inputs.into_iter().enumerate().rev() {
             let x = input.set_requires_grad(true);
+            plan.seed_layer(i);
             let y = model.layer(i, &x, &cos, &sin);
             backward_with(&y, &grad);
             grad = x.grad();
         }
-        backward_with(&model.embed(ids), &grad);
+        let embedded = model.embed(ids);
+        // A frozen embedding (LoRA) takes no gradient.
+        if embedded.requires_grad() {
+            backward_with(&embedded, &grad);
+        }
     } else {
         backward_with(&last, &grad);
     }

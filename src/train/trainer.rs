@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::grpo::loss::{LossStats, MicroTensors, StepNorm};
 use crate::grpo::{LossConfig, TrainBatch};
+use crate::model::lora::LoraSpec;
 use crate::model::params::layer_of;
 use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
 use crate::train::lease::{Lease, LeaseEnd};
@@ -156,6 +157,8 @@ pub enum TrainError {
     OptimizerState(String),
     #[error("optimizer step: {0}")]
     Optimizer(String),
+    #[error(transparent)]
+    Lora(#[from] crate::model::lora::LoraError),
 }
 
 /// Shared-weights mode: an engine reads the same tensors; the optimizer step write-holds `gate`
@@ -184,6 +187,8 @@ pub struct Trainer {
     /// Leases on the live weights taken by syncs; the next optimizer step ends them first.
     lent: Mutex<Vec<Arc<Lease>>>,
     model: Transformer,
+    /// LoRA training: the spec, and the same model with dropout off (evaluation, canaries).
+    lora: Option<(LoraSpec, Transformer)>,
     trainable: Vec<MasterParam>,
     optimizer: Optimizer,
     config: TrainerConfig,
@@ -272,27 +277,120 @@ impl Trainer {
             .collect();
         let kind = config.compute.precision.kind();
         let model = Transformer::new(spec, &params)?.with_compute(kind);
+        let exp_avg = config.compute.exp_avg.kind();
+        Ok(Self::assemble(
+            params,
+            (low, flat_compute),
+            model,
+            None,
+            trainable,
+            exp_avg,
+            config,
+        ))
+    }
+
+    /// A LoRA trainer: the base is frozen and held once in the compute dtype (bf16 on CUDA,
+    /// no fp32 masters, no optimizer state); only the adapter `tensors` (PEFT keys, fp32
+    /// masters) train. `base` may live on the CPU: each tensor moves to the device already
+    /// converted.
+    pub fn with_lora(
+        spec: &ModelSpec,
+        base: ParamStore,
+        lora: LoraSpec,
+        tensors: Vec<(String, Tensor)>,
+        config: TrainerConfig,
+    ) -> Result<Self, TrainError> {
+        lora.check(spec)?;
+        crate::model::lora::check_tensors(&lora, spec, &tensors)?;
+        let kind = config.compute.precision.kind();
+        let device = config.device;
+        let params = tch::no_grad(|| {
+            let moved = base
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach().to_device_(device, kind, false, false)))
+                .collect();
+            ParamStore::from_tensors(moved)
+        });
+        drop(base);
+        let adapters: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let master = tch::no_grad(|| t.detach().to_device_(device, Kind::Float, false, true));
+                (n, master.set_requires_grad(true))
+            })
+            .collect();
+        let trainable: Vec<MasterParam> = adapters
+            .iter()
+            .map(|(name, t)| MasterParam {
+                name: name.clone(),
+                value: t.shallow_clone(),
+                low: None,
+            })
+            .collect();
+        let model = Transformer::new(spec, &params)?
+            .with_compute(kind)
+            .with_lora(&lora, &adapters)?
+            .with_training(true);
+        let eval = model.eval_copy();
+        // Adapters are small: their moments stay fp32.
+        Ok(Self::assemble(
+            params,
+            (None, None),
+            model,
+            Some((lora, eval)),
+            trainable,
+            Kind::Float,
+            config,
+        ))
+    }
+
+    fn assemble(
+        params: ParamStore,
+        (low, flat_compute): (Option<BTreeMap<String, Tensor>>, Option<Tensor>),
+        model: Transformer,
+        lora: Option<(LoraSpec, Transformer)>,
+        trainable: Vec<MasterParam>,
+        exp_avg: Kind,
+        config: TrainerConfig,
+    ) -> Self {
         let optimizer = Optimizer::new(
             config.optimizer,
             config.adamw,
             &trainable,
-            config.compute.exp_avg.kind(),
+            exp_avg,
             config.compute.fused_adamw,
         );
-        Ok(Self {
+        Self {
             shared: None,
             params,
             low,
             flat_compute,
             lent: Mutex::new(Vec::new()),
             model,
+            lora,
             trainable,
             optimizer,
             config,
             steps_done: 0,
             skipped_steps: 0,
             profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
-        })
+        }
+    }
+
+    /// The LoRA spec, when this trainer trains an adapter.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref().map(|(l, _)| l)
+    }
+
+    /// Copies of the adapter tensors on the CPU (fp32, PEFT keys), when training LoRA.
+    pub fn adapter_snapshot(&self) -> Option<Vec<(String, Tensor)>> {
+        self.lora.as_ref()?;
+        Some(tch::no_grad(|| {
+            self.trainable
+                .iter()
+                .map(|p| (p.name.clone(), p.value.detach().to_device(Device::Cpu).copy()))
+                .collect()
+        }))
     }
 
     /// Optimizer steps completed (skipped ones included: each consumed its batch).
@@ -305,9 +403,12 @@ impl Trainer {
         self.skipped_steps
     }
 
-    /// The model (for evaluation and parity checks).
+    /// The model (for evaluation and parity checks; LoRA dropout off).
     pub fn model(&self) -> &Transformer {
-        &self.model
+        match &self.lora {
+            Some((_, eval)) => eval,
+            None => &self.model,
+        }
     }
 
     /// What the model computes with: the fp32 masters, or their bf16 high halves.
@@ -351,7 +452,12 @@ impl Trainer {
 
     /// Copies of the fp32 master weights on the CPU (for checkpoints and the gRPC stream),
     /// joined one tensor at a time so that no second copy of the model exists on the device.
+    /// With LoRA: the base with the adapter merged in.
     pub fn master_snapshot(&self) -> Vec<(String, Tensor)> {
+        if let (Some((lora, _)), Some(adapter)) = (&self.lora, self.adapter_snapshot()) {
+            let base: Vec<(String, Tensor)> = self.params.snapshot();
+            return crate::model::lora::merge(&base, lora, self.model.spec(), &adapter);
+        }
         tch::no_grad(|| {
             self.params
                 .iter()
@@ -420,12 +526,19 @@ impl Trainer {
         };
         let mut stats = LossStats::default();
         let mut padded = 0u64;
-        let plan = StepPlan {
-            checkpoint_layers: self.config.compute.gradient_checkpointing,
-            chunk_tokens: self.config.compute.logprob_chunk_tokens,
-            profile: self.profile,
-        };
-        for mb in &batch.micro_batches {
+        let dropout = self.model.has_lora_dropout();
+        for (i, mb) in batch.micro_batches.iter().enumerate() {
+            // Dropout masks drawn from (step, micro-batch): recomputed layers see the same
+            // ones, and a resumed run draws what the uninterrupted one would have.
+            let seed = (self.steps_done as i64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(i as i64 * 65_536);
+            let plan = StepPlan {
+                checkpoint_layers: self.config.compute.gradient_checkpointing,
+                chunk_tokens: self.config.compute.logprob_chunk_tokens,
+                profile: self.profile,
+                dropout_seed: dropout.then_some(seed),
+            };
             let mt = MicroTensors::new(mb, self.config.device);
             let s = forward_backward(&self.model, &mt, &self.config.loss, norm, plan);
             stats.merge(&s);
