@@ -16,7 +16,9 @@ use tch::{Device, Kind, Tensor};
 const REL_TOL: f64 = 1e-4;
 
 fn ids(vocab: i64) -> Vec<Vec<i64>> {
-    (0..2).map(|b| (0..12).map(|t| (b * 131 + t * 17 + 3) % vocab).collect()).collect()
+    (0..2)
+        .map(|b| (0..12).map(|t| (b * 131 + t * 17 + 3) % vocab).collect())
+        .collect()
 }
 
 /// transformers' logits for `ids` on the model in `model_dir`, with `adapter` through peft.
@@ -83,7 +85,11 @@ fn adapted(spec: &ModelSpec, base: &ParamStore, l: &LoraSpec, tensors: &[(String
 fn peft_loads_our_adapter_and_gives_our_logits() {
     for (arch, extra, l) in [
         ("llama", &[][..], lora(&LoraTarget::ALL, None)),
-        ("qwen3", &[][..], lora(&[LoraTarget::K, LoraTarget::O, LoraTarget::Up], Some(&[0]))),
+        (
+            "qwen3",
+            &[][..],
+            lora(&[LoraTarget::K, LoraTarget::O, LoraTarget::Up], Some(&[0])),
+        ),
     ] {
         let dir = common::tiny_model(arch, extra);
         let spec = ModelSpec::from_dir(dir.path()).expect("spec");
@@ -95,7 +101,10 @@ fn peft_loads_our_adapter_and_gives_our_logits() {
         let theirs = reference(dir.path(), Some(&adapter), &rows, dir.path());
         let plain = reference(dir.path(), None, &rows, dir.path());
         let mine = ours(&adapted(&spec, &base, &l, &tensors), &rows);
-        assert!(rel(&plain, &theirs) > 1e-2, "{arch}: the adapter must change the logits");
+        assert!(
+            rel(&plain, &theirs) > 1e-2,
+            "{arch}: the adapter must change the logits"
+        );
         let r = rel(&mine, &theirs);
         assert!(r < REL_TOL, "{arch}: ours vs peft {r}");
         // And our reader takes back what we wrote.

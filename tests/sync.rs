@@ -417,7 +417,7 @@ fn checkpoint_mode_reloads_the_sidecar_from_checkpoints() {
             .block_on(async {
                 sidecar
                     .client(Some(TOKEN))
-                    .load_checkpoint(&outside, PolicyVersion(9))
+                    .load_checkpoint(&outside, PolicyVersion(9), false)
                     .await
             })
             .expect_err("outside the root");
@@ -877,4 +877,132 @@ fn weight_sync_runs_over_verified_tls() {
     let plaintext = client(None, &format!("http://127.0.0.1:{grpc}"));
     assert!(version(&plaintext).is_err(), "plaintext is not served");
     drop(sidecar);
+}
+
+/// The base model with the PEFT adapter in `adapter`, as our transformer (fp32, CPU).
+fn adapted_model(base: &Path, adapter: &Path) -> Transformer {
+    let spec = ModelSpec::from_dir(base).expect("spec");
+    let params = load_params(&spec, base, Device::Cpu).expect("params");
+    let (lora, tensors) = grpo_node::model::lora::load_adapter(adapter, &spec).expect("adapter");
+    Transformer::new(&spec, &params)
+        .expect("model")
+        .with_lora(&lora, &tensors)
+        .expect("bind")
+}
+
+fn served_vs(sidecar: &Sidecar, model: &Transformer) -> f64 {
+    let prompt = vec![3i64, 14, 15, 92, 65];
+    let r = sidecar.generate(json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 8, "temperature": 0.0, "logprobs": 0, "ignore_eos": true}));
+    let (out, served) = common::completions(&r).remove(0);
+    let learner = common::learner_logprobs(model, &prompt, &out, 1.0);
+    served
+        .iter()
+        .zip(&learner)
+        .map(|(s, l)| (s - l).abs())
+        .fold(0.0, f64::max)
+}
+
+const LORA_ARGS: [&str; 6] = [
+    "--lora-r",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--lora-target-modules",
+    "q_proj,v_proj,down_proj",
+];
+
+/// `--weight-bridge-mode lora`: only the adapter moves; the embedded engine serves the base
+/// with the newest adapter, whose logprobs equal the learner's final adapter's (written in PEFT
+/// format as `final_adapter/`, next to `adapter_step_N/` with its training state).
+#[test]
+fn lora_mode_hot_swaps_the_adapter_into_the_engine() {
+    let model = common::tiny_model("llama", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = Sidecar::start(model.path(), &work.path().join("sidecar"));
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let mut extra = vec![
+        "--training-steps",
+        "3",
+        "--weight-bridge-mode",
+        "lora",
+        "--checkpoint-interval",
+        "2",
+    ];
+    extra.extend(LORA_ARGS);
+    let learner = Learner::spawn(model.path(), &api, &save, &synced_to(&sidecar.url(), &extra));
+    api.wait_registered(4);
+    api.post("/scored_data_list", &json!((0..6).map(group).collect::<Vec<_>>()));
+    let (code, log) = learner.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    wait_until(Duration::from_secs(30), "version 3 on the sidecar", || {
+        sidecar.health().map(|h| h.0) == Some(3)
+    });
+    assert!(save.join("final_adapter/adapter_config.json").is_file());
+    assert!(save.join("adapter_step_2/training_state/state.json").is_file());
+    assert!(
+        !save.join("final_model").exists(),
+        "no merged model without --merge-lora-on-save"
+    );
+    let trained = adapted_model(model.path(), &save.join("final_adapter"));
+    let diff = served_vs(&sidecar, &trained);
+    assert!(diff < 1e-5, "served vs the learner's final adapter: {diff}");
+    // The adapter changed the model: the base alone gives other logprobs.
+    let spec = ModelSpec::from_dir(model.path()).expect("spec");
+    let base = Transformer::new(&spec, &load_params(&spec, model.path(), Device::Cpu).expect("params")).expect("base");
+    let moved = served_vs(&sidecar, &base);
+    assert!(moved > 1e-4, "the adapter must matter: {moved}");
+    let m = metrics(&save);
+    assert!(m[2]["sync_bytes"].as_u64().is_some_and(|b| b > 0), "{}", m[2]);
+    // The sidecar checked the learner's canary (its logprobs under each adapter).
+    let canaries: Vec<f64> = m
+        .iter()
+        .filter_map(|r| r["sync_canary_max_abs_diff"].as_f64())
+        .collect();
+    assert!(!canaries.is_empty(), "no canary recorded: {m:?}");
+    assert!(canaries.iter().all(|&c| c < 1e-5), "canaries {canaries:?}");
+}
+
+/// `--weight-bridge-mode lora-restart` with `--merge-lora-on-save`: every interval the sidecar
+/// reloads the newest adapter directory; the merged model lands beside the adapter.
+#[test]
+fn lora_restart_mode_serves_the_newest_adapter_checkpoint() {
+    let model = common::tiny_model("qwen2", &[]);
+    let work = tempfile::tempdir().expect("work");
+    let save = work.path().join("run");
+    std::fs::create_dir_all(&save).expect("save dir");
+    let root = ["--checkpoint-root", path_str(&save)];
+    let sidecar = Sidecar::start_with(model.path(), &work.path().join("sidecar"), &root);
+    let api = RunApi::start();
+    let mut extra = vec![
+        "--training-steps",
+        "4",
+        "--weight-bridge-mode",
+        "lora_restart",
+        "--vllm-restart-interval",
+        "2",
+        "--merge-lora-on-save",
+    ];
+    extra.extend(LORA_ARGS);
+    let url = sidecar.url();
+    let learner = Learner::spawn(model.path(), &api, &save, &synced_to(&url, &extra));
+    api.wait_registered(4);
+    api.post("/scored_data_list", &json!((0..8).map(group).collect::<Vec<_>>()));
+    let (code, log) = learner.wait(Duration::from_secs(120));
+    assert_eq!(code, 0, "{log}");
+    wait_until(Duration::from_secs(30), "version 4", || {
+        sidecar.health().map(|h| h.0) == Some(4)
+    });
+    assert!(save.join("sync_adapter_step_4/adapter_model.safetensors").is_file());
+    assert!(save.join("final_model/config.json").is_file(), "merged on save");
+    let diff = served_vs(&sidecar, &adapted_model(model.path(), &save.join("final_adapter")));
+    assert!(diff < 1e-5, "served vs the final adapter: {diff}");
+    // The merged checkpoint is that same model.
+    let spec = ModelSpec::from_dir(&save.join("final_model")).expect("spec");
+    let merged = Transformer::new(
+        &spec,
+        &load_params(&spec, &save.join("final_model"), Device::Cpu).expect("p"),
+    )
+    .expect("m");
+    assert!(served_vs(&sidecar, &merged) < 1e-4);
 }

@@ -1,11 +1,14 @@
-//! Checkpointer: writes HF checkpoints with their training state off the async workers, then
-//! releases the spooled batches the checkpoint covers and prunes old checkpoints.
+//! Checkpointer: writes HF checkpoints (or LoRA adapters in PEFT format) with their training
+//! state off the async workers, then releases the spooled batches the checkpoint covers and prunes old checkpoints.
 
 use std::path::{Path, PathBuf};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::checkpoint::hf::{prune_step_checkpoints, prune_sync_checkpoints};
+use crate::checkpoint::hf::{
+    prune_dirs, prune_step_checkpoints, prune_sync_checkpoints, prune_sync_dirs, write_checkpoint_dir,
+    ADAPTER_STEP_PREFIX, STEP_PREFIX,
+};
 use crate::checkpoint::{write_hf_checkpoint, CheckpointError, CheckpointKind, Spool};
 
 use super::messages::{CheckpointJob, CheckpointerMsg};
@@ -24,6 +27,9 @@ pub struct CheckpointerArgs {
 
 /// Writes one checkpoint synchronously (also used directly by tests).
 pub fn write_job(args: &CheckpointerArgs, job: &CheckpointJob) -> Result<PathBuf, CheckpointError> {
+    if let Some((lora, tensors)) = &job.adapter {
+        return write_adapter_job(args, job, lora, tensors);
+    }
     let with_state = matches!(job.kind, CheckpointKind::Step(_));
     let path = write_hf_checkpoint(
         &args.save_path,
@@ -47,6 +53,55 @@ pub fn write_job(args: &CheckpointerArgs, job: &CheckpointJob) -> Result<PathBuf
         if let Some(keep) = args.keep {
             for old in prune_step_checkpoints(&args.save_path, keep)? {
                 tracing::debug!(path = %old.display(), "pruned checkpoint");
+            }
+        }
+    }
+    Ok(path)
+}
+
+/// A LoRA checkpoint: the adapter in PEFT format with the training state beside it (step
+/// checkpoints), and the merged model as an HF checkpoint when the job carries it
+/// (`--merge-lora-on-save`).
+fn write_adapter_job(
+    args: &CheckpointerArgs,
+    job: &CheckpointJob,
+    lora: &crate::model::lora::LoraSpec,
+    tensors: &[(String, tch::Tensor)],
+) -> Result<PathBuf, CheckpointError> {
+    let with_state = matches!(job.kind, CheckpointKind::Step(_));
+    let base = std::path::absolute(&args.source_model).unwrap_or_else(|_| args.source_model.clone());
+    let path = write_checkpoint_dir(
+        &args.save_path,
+        &job.kind.adapter_dir_name(),
+        &args.source_model,
+        |dir| {
+            crate::model::lora::save_adapter(dir, lora, tensors, &base.display().to_string())?;
+            if with_state {
+                job.state.write(dir, &job.optimizer)?;
+            }
+            Ok(())
+        },
+    )?;
+    if !job.weights.is_empty() {
+        write_hf_checkpoint(
+            &args.save_path,
+            job.kind,
+            &args.source_model,
+            &job.weights,
+            args.max_shard_bytes,
+            |_| Ok(()),
+        )?;
+    }
+    if let CheckpointKind::Sync(n) = job.kind {
+        prune_sync_dirs(&args.save_path, "sync_adapter_step_", n)?;
+    }
+    if with_state {
+        args.spool.release_through(job.state.batches_consumed)?;
+        if let Some(keep) = args.keep {
+            for prefix in [ADAPTER_STEP_PREFIX, STEP_PREFIX] {
+                for old in prune_dirs(&args.save_path, prefix, keep)? {
+                    tracing::debug!(path = %old.display(), "pruned checkpoint");
+                }
             }
         }
     }

@@ -38,8 +38,7 @@ pub struct SyncHook {
     pub ipc: bool,
 }
 
-/// Tokens of the canary the learner sends along with a CUDA IPC version.
-#[cfg(feature = "cuda")]
+/// Tokens of the canary the learner sends along with a CUDA IPC or LoRA adapter version.
 const IPC_CANARY_TOKENS: usize = 16;
 
 /// The learner's logprobs of the canary tokens on its current weights, recorded in `weights`
@@ -138,6 +137,44 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
     }
 }
 
+/// Puts the current LoRA adapter in the slot and tells the broadcaster (lora mode): PEFT's
+/// two files as bytes, with the learner's canary logprobs under it.
+pub async fn publish_adapter(worker: &ModelWorker, hook: &SyncHook) -> Result<(), ActorProcessingErr> {
+    let made = worker.with_trainer(adapter_request).await?;
+    match made {
+        Ok((step, req)) => hook.put(step, Payload::Adapter(Arc::new(req))),
+        Err(e) => {
+            tracing::error!(error = %e, "packing the adapter failed; this version is not published");
+            Ok(())
+        }
+    }
+}
+
+/// The adapter version a LoRA trainer stands at (on the model thread).
+fn adapter_request(t: &crate::train::Trainer) -> Result<(u64, crate::rpc::pb::InstallAdapterRequest), String> {
+    let (Some(lora), Some(tensors)) = (t.lora(), t.adapter_snapshot()) else {
+        return Err("lora mode needs a LoRA trainer".into());
+    };
+    let config = lora.peft_config("base").to_string();
+    let bytes = crate::model::safetensors_io::to_file_bytes(&tensors).map_err(|e| e.to_string())?;
+    let ids = crate::engine::vllm::canary_ids(t.model().spec().vocab_size, IPC_CANARY_TOKENS);
+    let (canary_ids, canary_logprobs) = match crate::engine::vllm::model_logprobs(t.model(), &ids, t.device()) {
+        Ok(lps) => (ids, lps),
+        Err(e) => {
+            tracing::warn!(error = %e, "the learner's canary logprobs failed; this version goes without");
+            (Vec::new(), Vec::new())
+        }
+    };
+    let req = crate::rpc::pb::InstallAdapterRequest {
+        version: None,
+        adapter_config: config,
+        adapter_safetensors: bytes,
+        canary_ids,
+        canary_logprobs,
+    };
+    Ok((t.steps_done(), req))
+}
+
 impl SyncHook {
     /// Makes `payload` the newest version to publish and wakes the broadcaster: the one way
     /// a version reaches it (every mode, and the first publication at start).
@@ -218,7 +255,12 @@ impl LearnerState {
 
     /// Snapshots the model and sends checkpoint jobs; with `wait`, returns after they are on disk.
     async fn checkpoint(&mut self, kinds: &[CheckpointKind], wait: bool) -> Result<(), ActorProcessingErr> {
-        let snap = self.args.worker.snapshot().await?;
+        let c = &self.args.config;
+        let snap = self
+            .args
+            .worker
+            .snapshot(c.lora.is_none() || c.merge_lora_on_save)
+            .await?;
         let mut state = self.training_state();
         state.optimizer_steps = snap.optimizer_steps;
         state.skipped_steps = snap.skipped_steps;
@@ -227,6 +269,7 @@ impl LearnerState {
             let job = CheckpointJob {
                 kind,
                 weights: shallow(&snap.weights),
+                adapter: snap.adapter.as_ref().map(|(l, t)| (l.clone(), shallow(t))),
                 optimizer: shallow(&snap.optimizer),
                 state: state.clone(),
             };
@@ -266,18 +309,42 @@ impl LearnerState {
                     None => Ok(()),
                 }
             }
+            BridgeMode::Lora if step.is_multiple_of(every) => match &self.args.sync {
+                Some(hook) => publish_adapter(&self.args.worker, hook).await,
+                None => Ok(()),
+            },
+            BridgeMode::LoraRestart if step.is_multiple_of(self.args.config.sync.restart_interval) => {
+                self.checkpoint_only(CheckpointKind::Sync(step)).await?;
+                let path = self
+                    .args
+                    .config
+                    .save_path
+                    .join(CheckpointKind::Sync(step).adapter_dir_name());
+                let path = std::path::absolute(&path).unwrap_or(path).display().to_string();
+                match &self.args.sync {
+                    Some(hook) => hook.put(step, Payload::AdapterCheckpoint(path)),
+                    None => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }
 
-    /// Writes one checkpoint of the current weights and waits for it.
+    /// Writes one checkpoint of the current weights (LoRA: the adapter) and waits for it.
     async fn checkpoint_only(&mut self, kind: CheckpointKind) -> Result<(), ActorProcessingErr> {
-        let (step, weights) = self.args.worker.weights().await?;
+        let (step, weights, adapter) = if self.args.config.lora.is_some() {
+            let snap = self.args.worker.snapshot(false).await?;
+            (snap.steps_done, snap.weights, snap.adapter)
+        } else {
+            let (step, weights) = self.args.worker.weights().await?;
+            (step, weights, None)
+        };
         let mut state = self.training_state();
         state.step = step;
         let job = CheckpointJob {
             kind,
             weights,
+            adapter,
             optimizer: Vec::new(),
             state,
         };

@@ -30,7 +30,11 @@ pub struct PreparedBatch {
 /// Copies of everything a checkpoint holds, taken on the model thread.
 pub struct CheckpointJob {
     pub kind: CheckpointKind,
+    /// The model's weights as an HF checkpoint (LoRA: the merged model, or nothing).
     pub weights: Vec<(String, Tensor)>,
+    /// LoRA: the adapter, written in PEFT format (`adapter_step_N`, `final_adapter`, ...)
+    /// with the training state beside it.
+    pub adapter: Option<(crate::model::lora::LoraSpec, Vec<(String, Tensor)>)>,
     pub optimizer: Vec<(String, Tensor)>,
     pub state: TrainingState,
 }

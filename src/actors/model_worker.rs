@@ -13,7 +13,10 @@ use crate::train::{SharedWeights, StepMetrics, TrainError, Trainer};
 
 /// Copies of the trainer's state at one step.
 pub struct Snapshot {
+    /// The model's weights (LoRA: merged, and only when asked for).
     pub weights: Vec<(String, Tensor)>,
+    /// LoRA: the adapter's spec and tensors.
+    pub adapter: Option<(crate::model::lora::LoraSpec, Vec<(String, Tensor)>)>,
     pub optimizer: Vec<(String, Tensor)>,
     pub optimizer_steps: u64,
     pub skipped_steps: u64,
@@ -22,7 +25,8 @@ pub struct Snapshot {
 
 enum Command {
     Train(Box<TrainBatch>, oneshot::Sender<Result<StepMetrics, TrainError>>),
-    Snapshot(oneshot::Sender<Snapshot>),
+    /// A snapshot; the flag asks for the (merged) weights of a LoRA trainer too.
+    Snapshot(bool, oneshot::Sender<Snapshot>),
     Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
     /// Runs on the model thread with the trainer (between steps).
     With(Box<dyn FnOnce(&Trainer) + Send>),
@@ -66,10 +70,17 @@ impl ModelWorker {
                         Command::Train(batch, reply) => {
                             let _ = reply.send(trainer.train(&batch));
                         }
-                        Command::Snapshot(reply) => {
+                        Command::Snapshot(with_weights, reply) => {
                             let (optimizer, optimizer_steps) = trainer.optimizer_state();
+                            let adapter = trainer.lora().cloned().zip(trainer.adapter_snapshot());
+                            let weights = if adapter.is_none() || with_weights {
+                                trainer.master_snapshot()
+                            } else {
+                                Vec::new()
+                            };
                             let _ = reply.send(Snapshot {
-                                weights: trainer.master_snapshot(),
+                                weights,
+                                adapter,
                                 optimizer,
                                 optimizer_steps,
                                 skipped_steps: trainer.skipped_steps(),
@@ -148,10 +159,11 @@ impl ModelWorker {
         rx.await.map_err(|_| WorkerGone)
     }
 
-    /// Copies weights and optimizer state.
-    pub async fn snapshot(&self) -> Result<Snapshot, WorkerGone> {
+    /// Copies weights and optimizer state (a LoRA trainer's adapter, and its merged weights
+    /// only `with_weights`).
+    pub async fn snapshot(&self, with_weights: bool) -> Result<Snapshot, WorkerGone> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Snapshot(tx))?;
+        self.send(Command::Snapshot(with_weights, tx))?;
         rx.await.map_err(|_| WorkerGone)
     }
 }

@@ -24,6 +24,10 @@ pub enum Payload {
     Weights(Arc<WeightSet>),
     /// An HF checkpoint directory the sidecar reloads from (checkpoint mode).
     Checkpoint(String),
+    /// A LoRA adapter version, PEFT's files as bytes (lora mode).
+    Adapter(Arc<crate::rpc::pb::InstallAdapterRequest>),
+    /// A PEFT adapter directory the sidecar restarts its engine with (lora-restart mode).
+    AdapterCheckpoint(String),
     /// Weights packed on the learner's GPU, broadcast over NCCL (the gRPC stream for sidecars
     /// without NCCL).
     #[cfg(feature = "cuda")]
@@ -225,7 +229,17 @@ async fn send(
         }
         Payload::Checkpoint(path) => {
             drop(hold);
-            (text(client.load_checkpoint(path, job.version).await), link)
+            (text(client.load_checkpoint(path, job.version, false).await), link)
+        }
+        Payload::AdapterCheckpoint(path) => {
+            drop(hold);
+            (text(client.load_checkpoint(path, job.version, true).await), link)
+        }
+        Payload::Adapter(req) => {
+            drop(hold);
+            let mut req = (**req).clone();
+            req.version = Some(crate::rpc::pb::PolicyVersion { step: job.version.0 });
+            (text(client.install_adapter(req).await), link)
         }
         #[cfg(feature = "cuda")]
         Payload::Device(weights) => {

@@ -41,7 +41,22 @@ impl CheckpointKind {
             Self::Sync(n) => format!("sync_step_{n}"),
         }
     }
+
+    /// The directory name of a LoRA adapter checkpoint of this kind (the Atropos trainer's
+    /// names): `adapter_step_N`, `final_adapter`, `sync_adapter_step_N`.
+    pub fn adapter_dir_name(self) -> String {
+        match self {
+            Self::Step(n) => format!("adapter_step_{n}"),
+            Self::Final => "final_adapter".into(),
+            Self::Sync(n) => format!("sync_adapter_step_{n}"),
+        }
+    }
 }
+
+/// Prefix of full-weight step checkpoints.
+pub const STEP_PREFIX: &str = "step_";
+/// Prefix of LoRA adapter step checkpoints.
+pub const ADAPTER_STEP_PREFIX: &str = "adapter_step_";
 
 /// Writes `weights` (HF names, tied `lm_head` already omitted) as an HF directory at
 /// `save_path/<kind>`, with `extra` called on the temporary directory before the rename (for
@@ -54,8 +69,22 @@ pub fn write_hf_checkpoint(
     max_shard_bytes: u64,
     extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<PathBuf, CheckpointError> {
-    let target = save_path.join(kind.dir_name());
-    let tmp = save_path.join(format!(".tmp-{}-{}", kind.dir_name(), std::process::id()));
+    write_checkpoint_dir(save_path, &kind.dir_name(), source_model, |tmp| {
+        write_model(tmp, weights, max_shard_bytes)?;
+        extra(tmp)
+    })
+}
+
+/// Writes `save_path/<name>` atomically: the source model's config and tokenizer files, then
+/// whatever `fill` writes, into a temporary sibling that is synced and renamed into place.
+pub fn write_checkpoint_dir(
+    save_path: &Path,
+    name: &str,
+    source_model: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<PathBuf, CheckpointError> {
+    let target = save_path.join(name);
+    let tmp = save_path.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
@@ -67,11 +96,10 @@ pub fn write_hf_checkpoint(
             std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
         }
     }
-    write_model(&tmp, weights, max_shard_bytes)?;
-    extra(&tmp)?;
+    fill(&tmp)?;
     sync_dir(&tmp)?;
     if target.exists() {
-        let old = save_path.join(format!(".old-{}-{}", kind.dir_name(), std::process::id()));
+        let old = save_path.join(format!(".old-{name}-{}", std::process::id()));
         std::fs::rename(&target, &old).map_err(io_err(&target))?;
         std::fs::rename(&tmp, &target).map_err(io_err(&target))?;
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
@@ -100,13 +128,18 @@ pub fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 /// Deletes `sync_step_N` directories older than `newest`, keeping the one before it (a
 /// sidecar may still be reading it).
 pub fn prune_sync_checkpoints(save_path: &Path, newest: u64) -> Result<(), CheckpointError> {
+    prune_sync_dirs(save_path, "sync_step_", newest)
+}
+
+/// [`prune_sync_checkpoints`] for directories named `<prefix>N`.
+pub fn prune_sync_dirs(save_path: &Path, prefix: &str, newest: u64) -> Result<(), CheckpointError> {
     let mut found: Vec<(u64, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(save_path).map_err(io_err(save_path))? {
         let path = entry.map_err(io_err(save_path))?.path();
         let n = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("sync_step_"))
+            .and_then(|n| n.strip_prefix(prefix))
             .and_then(|n| n.parse().ok());
         if let Some(n) = n.filter(|&n| n < newest) {
             found.push((n, path));
@@ -121,7 +154,12 @@ pub fn prune_sync_checkpoints(save_path: &Path, newest: u64) -> Result<(), Check
 
 /// Deletes the oldest `step_N` directories beyond the newest `keep`.
 pub fn prune_step_checkpoints(save_path: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
-    let mut steps = step_dirs(save_path)?;
+    prune_dirs(save_path, STEP_PREFIX, keep)
+}
+
+/// Deletes the oldest `<prefix>N` directories beyond the newest `keep`.
+pub fn prune_dirs(save_path: &Path, prefix: &str, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut steps = dirs_with_prefix(save_path, prefix)?;
     steps.sort_by_key(|(n, _)| *n);
     let excess = steps.len().saturating_sub(keep);
     let mut removed = Vec::new();
@@ -134,6 +172,11 @@ pub fn prune_step_checkpoints(save_path: &Path, keep: usize) -> Result<Vec<PathB
 
 /// The `step_N` directories under `save_path`.
 pub fn step_dirs(save_path: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    dirs_with_prefix(save_path, STEP_PREFIX)
+}
+
+/// The `<prefix>N` directories under `save_path`.
+pub fn dirs_with_prefix(save_path: &Path, prefix: &str) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     if !save_path.exists() {
         return Ok(Vec::new());
     }
@@ -143,7 +186,7 @@ pub fn step_dirs(save_path: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointErro
         let name = entry.file_name();
         let Some(n) = name
             .to_str()
-            .and_then(|s| s.strip_prefix("step_"))
+            .and_then(|s| s.strip_prefix(prefix))
             .and_then(|s| s.parse().ok())
         else {
             continue;

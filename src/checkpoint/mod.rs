@@ -24,6 +24,8 @@ pub enum CheckpointError {
     Format { path: PathBuf, reason: String },
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Lora(#[from] crate::model::lora::LoraError),
 }
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {

@@ -9,7 +9,6 @@ use tch::Tensor;
 
 use crate::model::safetensors_io::{read_file, write_file};
 
-use super::hf::step_dirs;
 use super::spool::{write_synced, BatchSeq};
 use super::{io_err, CheckpointError};
 
@@ -79,7 +78,13 @@ impl TrainingState {
 
 /// The newest `step_N` under `save_path` that has a training state.
 pub fn latest_resumable(save_path: &Path) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
-    let mut steps = step_dirs(save_path)?;
+    latest_resumable_with(save_path, super::hf::STEP_PREFIX)
+}
+
+/// The newest `<prefix>N` under `save_path` that has a training state (`adapter_step_` for
+/// LoRA runs).
+pub fn latest_resumable_with(save_path: &Path, prefix: &str) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
+    let mut steps = super::hf::dirs_with_prefix(save_path, prefix)?;
     steps.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     Ok(steps
         .into_iter()

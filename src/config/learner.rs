@@ -28,6 +28,23 @@ pub enum BridgeMode {
     #[value(alias = "none")]
     #[serde(alias = "none")]
     Checkpoint,
+    /// Train a LoRA adapter (the base frozen); every --sync-every steps only the adapter moves,
+    /// and sidecars hot-swap it (vLLM: /v1/load_lora_adapter under a new name) [lora_only].
+    #[value(alias = "lora_only")]
+    #[serde(alias = "lora_only")]
+    Lora,
+    /// Train a LoRA adapter; every --vllm-restart-interval steps sidecars restart vLLM with the
+    /// newest adapter (`--lora-modules`) [lora_restart].
+    #[value(name = "lora-restart", alias = "lora_restart")]
+    #[serde(rename = "lora-restart", alias = "lora_restart")]
+    LoraRestart,
+}
+
+impl BridgeMode {
+    /// Whether the mode trains a LoRA adapter.
+    pub fn is_lora(self) -> bool {
+        matches!(self, Self::Lora | Self::LoraRestart)
+    }
 }
 
 /// Learner flags. Every field is optional here so the TOML file can fill what the command line
@@ -99,6 +116,26 @@ pub struct LearnerArgs {
     /// Train only these decoder layers, e.g. "20-31" or "0-3,28-31"; all else is frozen.
     #[arg(long, env = "GRPO_TRAIN_LAYER_INDICES")]
     pub train_layer_indices: Option<String>,
+    /// LoRA rank (lora and lora-restart modes) [default: 16].
+    #[arg(long, env = "GRPO_LORA_R")]
+    pub lora_r: Option<i64>,
+    /// LoRA alpha; the update is scaled by alpha / r [default: 32].
+    #[arg(long, env = "GRPO_LORA_ALPHA")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on each adapted module's input while training [default: 0.05].
+    #[arg(long, env = "GRPO_LORA_DROPOUT")]
+    pub lora_dropout: Option<f64>,
+    /// Modules that get adapters, any of q_proj k_proj v_proj o_proj gate_proj up_proj
+    /// down_proj [default: q_proj v_proj].
+    #[arg(long, env = "GRPO_LORA_TARGET_MODULES", value_enum, num_args = 1.., value_delimiter = ',')]
+    pub lora_target_modules: Option<Vec<crate::model::lora::LoraTarget>>,
+    /// Decoder layers that get adapters, e.g. "0-3,28-31" (PEFT's layers_to_transform) [default: all].
+    #[arg(long, env = "GRPO_LORA_LAYER_INDICES")]
+    pub lora_layer_indices: Option<String>,
+    /// With LoRA, also write the merged model (base + adapter) as an HF checkpoint
+    /// (`step_N/`, `final_model/`) beside each adapter checkpoint.
+    #[arg(long, env = "GRPO_MERGE_LORA_ON_SAVE", num_args = 0..=1, default_missing_value = "true")]
+    pub merge_lora_on_save: Option<bool>,
     /// cpu, cuda or cuda:N [default: cpu].
     #[arg(long, env = "GRPO_DEVICE")]
     pub device: Option<String>,
@@ -170,7 +207,7 @@ pub struct LearnerArgs {
     /// gRPC address of an inference sidecar to keep in sync, e.g. http://127.0.0.1:50051 (repeatable).
     #[arg(long = "sidecar", env = "GRPO_SIDECARS", value_delimiter = ',')]
     pub sidecar: Option<Vec<String>>,
-    /// broadcast, shared or checkpoint [default: broadcast].
+    /// broadcast, shared, checkpoint, lora or lora-restart [default: broadcast].
     #[arg(long, env = "GRPO_WEIGHT_BRIDGE_MODE", value_enum)]
     pub weight_bridge_mode: Option<BridgeMode>,
     /// Publish weights every N optimizer steps (broadcast mode) [default: 1].
@@ -251,6 +288,9 @@ pub struct LearnerConfig {
     pub weight_decay: f64,
     pub optimizer: OptimizerKind,
     pub train_layer_indices: Option<LayerSet>,
+    /// LoRA training (the lora and lora-restart modes): what is adapted.
+    pub lora: Option<crate::model::lora::LoraSpec>,
+    pub merge_lora_on_save: bool,
     pub device: DeviceSpec,
     pub precision: Option<Precision>,
     pub exp_avg_dtype: Option<Precision>,
@@ -361,6 +401,12 @@ impl LearnerArgs {
             weight_decay,
             optimizer,
             train_layer_indices,
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            lora_target_modules,
+            lora_layer_indices,
+            merge_lora_on_save,
             device,
             precision,
             exp_avg_dtype,
@@ -427,6 +473,8 @@ impl LearnerArgs {
             }
             None => self,
         };
+        // (Broadcast stands for every mode that trains full weights.)
+        let lora = resolve_lora(&args, args.weight_bridge_mode.unwrap_or(BridgeMode::Broadcast))?;
         let model_name = args.model_name.ok_or(ConfigError::Missing { flag: "model-name" })?;
         check(model_name.join("config.json").is_file(), "model-name", || {
             format!(
@@ -490,6 +538,7 @@ impl LearnerArgs {
         })?;
         let train_layer_indices = args
             .train_layer_indices
+            .as_deref()
             .map(|s| s.parse::<LayerSet>())
             .transpose()
             .map_err(|reason| ConfigError::Invalid {
@@ -581,6 +630,11 @@ impl LearnerArgs {
         check(forget_after_s > 0, "sidecar-forget-after-s", || {
             "must be at least 1".into()
         })?;
+        check(
+            lora.is_none() || train_layer_indices.is_none(),
+            "train-layer-indices",
+            || "LoRA freezes the base: limit the adapted layers with --lora-layer-indices".into(),
+        )?;
         let sync = SyncConfig {
             mode,
             sidecars,
@@ -617,6 +671,8 @@ impl LearnerArgs {
             weight_decay,
             optimizer: args.optimizer.unwrap_or(OptimizerKind::Adamw),
             train_layer_indices,
+            lora,
+            merge_lora_on_save: args.merge_lora_on_save.unwrap_or(false),
             device,
             precision: args.precision,
             exp_avg_dtype: args.exp_avg_dtype,
@@ -643,6 +699,56 @@ impl LearnerArgs {
             metrics_listen,
         })
     }
+}
+
+/// The LoRA spec of the lora and lora-restart modes (the Atropos trainer's defaults: r 16,
+/// alpha 32, dropout 0.05, q_proj and v_proj); LoRA flags with another mode are an error.
+fn resolve_lora(args: &LearnerArgs, mode: BridgeMode) -> Result<Option<crate::model::lora::LoraSpec>, ConfigError> {
+    let given = args.lora_r.is_some()
+        || args.lora_alpha.is_some()
+        || args.lora_dropout.is_some()
+        || args.lora_target_modules.is_some()
+        || args.lora_layer_indices.is_some()
+        || args.merge_lora_on_save.is_some();
+    if !mode.is_lora() {
+        check(!given, "lora-r", || {
+            "the --lora-* flags train an adapter: use --weight-bridge-mode lora or lora-restart".into()
+        })?;
+        return Ok(None);
+    }
+    let r = args.lora_r.unwrap_or(16);
+    check((1..=1024).contains(&r), "lora-r", || {
+        format!("must be in 1..=1024 (got {r})")
+    })?;
+    let alpha = args.lora_alpha.unwrap_or(32.0);
+    check(alpha.is_finite() && alpha > 0.0, "lora-alpha", || {
+        format!("must be positive (got {alpha})")
+    })?;
+    let dropout = args.lora_dropout.unwrap_or(0.05);
+    check((0.0..1.0).contains(&dropout), "lora-dropout", || {
+        format!("must be in [0, 1) (got {dropout})")
+    })?;
+    use crate::model::lora::LoraTarget;
+    let targets = args
+        .lora_target_modules
+        .clone()
+        .unwrap_or_else(|| vec![LoraTarget::Q, LoraTarget::V]);
+    let layers = args
+        .lora_layer_indices
+        .as_deref()
+        .map(|s| s.parse::<LayerSet>())
+        .transpose()
+        .map_err(|reason| ConfigError::Invalid {
+            flag: "lora-layer-indices",
+            reason,
+        })?;
+    Ok(Some(crate::model::lora::LoraSpec {
+        r,
+        alpha,
+        dropout,
+        targets: targets.into_iter().collect(),
+        layers: layers.map(|l| l.0),
+    }))
 }
 
 impl LearnerConfig {

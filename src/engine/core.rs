@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
+use crate::model::lora::LoraSpec;
 use crate::model::{KvCache, ModelSpec, ParamStore, Transformer};
 
 use super::protocol::{FinishReason, PositionLogprobs};
@@ -82,6 +83,15 @@ type Job = (Vec<i64>, JobParams, Reply<Generated>);
 enum Command {
     Generate(Vec<i64>, JobParams, Reply<Generated>),
     Swap(Vec<(String, Tensor)>, PolicyVersion, Reply<Result<(), String>>),
+    /// Serve the base weights with this LoRA adapter (replacing any earlier one).
+    SwapAdapter(
+        LoraSpec,
+        Vec<(String, Tensor)>,
+        PolicyVersion,
+        Reply<Result<(), String>>,
+    ),
+    /// The served model's logprob of each of `ids[1..]` after its prefix.
+    Logprobs(Vec<i64>, Reply<Result<Vec<f64>, String>>),
     Snapshot(Reply<(PolicyVersion, Vec<(String, Tensor)>)>),
     /// Version, parameter count and digest of the served weights, computed in place.
     Served(Reply<Result<(PolicyVersion, u64, crate::version::Digest), String>>),
@@ -198,6 +208,8 @@ pub struct EngineHandle {
     pub device: Device,
     /// The served tensors' names and shapes.
     pub manifest: Arc<Vec<(String, Vec<i64>)>>,
+    /// The served model's shape.
+    pub spec: ModelSpec,
     /// The engine thread's heartbeat and failure counts.
     pub pulse: Arc<Pulse>,
 }
@@ -216,6 +228,7 @@ impl EngineHandle {
         let vocab_size = model.spec.vocab_size;
         let context_len = model.spec.rope.max_position_embeddings.max(1) as usize;
         let device = model.device;
+        let spec = model.spec.clone();
         let manifest = Arc::new(model.params.iter().map(|(n, t)| (n.clone(), t.size())).collect());
         let pulse = Arc::new(Pulse::new(stall_after));
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -246,6 +259,7 @@ impl EngineHandle {
             context_len,
             device,
             manifest,
+            spec,
             pulse,
         })
     }
@@ -270,6 +284,21 @@ impl EngineHandle {
         self.ask(|r| Command::Swap(weights, version, r)).await
     }
 
+    /// Serves the base weights with `tensors` (PEFT keys) as the LoRA adapter, between rounds.
+    pub async fn swap_adapter(
+        &self,
+        lora: LoraSpec,
+        tensors: Vec<(String, Tensor)>,
+        version: PolicyVersion,
+    ) -> Result<Result<(), String>, EngineError> {
+        self.ask(|r| Command::SwapAdapter(lora, tensors, version, r)).await
+    }
+
+    /// The served model's logprob of each of `ids[1..]` after its prefix.
+    pub async fn logprobs(&self, ids: Vec<i64>) -> Result<Result<Vec<f64>, String>, EngineError> {
+        self.ask(|r| Command::Logprobs(ids, r)).await
+    }
+
     /// CPU copies of the served weights and their version.
     pub async fn snapshot(&self) -> Result<(PolicyVersion, Vec<(String, Tensor)>), EngineError> {
         self.ask(Command::Snapshot).await
@@ -289,6 +318,8 @@ impl EngineHandle {
 struct Engine {
     m: EngineModel,
     model: Transformer,
+    /// The LoRA adapter served on top of the base weights, if any (on the engine's device).
+    adapter: Option<Vec<(String, Tensor)>>,
     batch: BatchConfig,
     seed_counter: u64,
     pulse: Arc<Pulse>,
@@ -312,6 +343,7 @@ impl Engine {
         Ok(Self {
             m,
             model,
+            adapter: None,
             batch,
             seed_counter: 0x5EED,
             pulse,
@@ -377,16 +409,31 @@ impl Engine {
             Command::Swap(weights, version, reply) => {
                 let _ = reply.send(self.swap(weights).map(|()| self.m.version = version));
             }
+            Command::SwapAdapter(lora, tensors, version, reply) => {
+                let _ = reply.send(self.swap_adapter(&lora, tensors).map(|()| self.m.version = version));
+            }
+            Command::Logprobs(ids, reply) => {
+                let lps =
+                    crate::engine::vllm::model_logprobs(&self.model, &ids, self.m.device).map_err(|e| e.to_string());
+                let _ = reply.send(lps);
+            }
             Command::Snapshot(reply) => {
                 let _ = reply.send((self.version(), self.m.params.snapshot()));
             }
             Command::Served(reply) => {
-                let named: Vec<(String, Tensor)> = self
+                // The base weights, then the adapter's tensors when one is served.
+                let mut named: Vec<(String, Tensor)> = self
                     .m
                     .params
                     .iter()
                     .map(|(n, t)| (n.clone(), t.shallow_clone()))
                     .collect();
+                named.extend(
+                    self.adapter
+                        .iter()
+                        .flatten()
+                        .map(|(n, t)| (n.clone(), t.shallow_clone())),
+                );
                 let digest = crate::version::digest_tensors(&named).map_err(|e| e.to_string());
                 let _ = reply.send(digest.map(|d| (self.version(), self.m.params.numel() as u64, d)));
             }
@@ -399,6 +446,27 @@ impl Engine {
             }
             Command::Generate(..) => {}
         }
+    }
+
+    /// Rebinds the model to the base weights plus `tensors` as the adapter (checked first; the
+    /// old model serves on if anything is wrong).
+    fn swap_adapter(&mut self, lora: &LoraSpec, tensors: Vec<(String, Tensor)>) -> Result<(), String> {
+        lora.check(&self.m.spec).map_err(|e| e.to_string())?;
+        crate::model::lora::check_tensors(lora, &self.m.spec, &tensors).map_err(|e| e.to_string())?;
+        let kind = self.m.params.iter().next().map_or(tch::Kind::Float, |(_, t)| t.kind());
+        let device = self.m.device;
+        let moved: Vec<(String, Tensor)> = tch::no_grad(|| {
+            tensors
+                .into_iter()
+                .map(|(n, t)| (n, t.to_device_(device, kind, false, false)))
+                .collect()
+        });
+        let model = Transformer::new(&self.m.spec, &self.m.params)
+            .and_then(|m| m.with_lora(lora, &moved))
+            .map_err(|e| e.to_string())?;
+        self.model = model;
+        self.adapter = Some(moved);
+        Ok(())
     }
 
     fn swap(&mut self, weights: Vec<(String, Tensor)>) -> Result<(), String> {

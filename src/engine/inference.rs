@@ -47,6 +47,15 @@ pub struct IpcInstall {
     pub canary: Option<(Vec<i64>, Vec<f64>)>,
 }
 
+/// A LoRA adapter version: what it adapts, its tensors (PEFT keys, fp32 on the CPU), and the
+/// learner's logprobs of canary tokens with it.
+#[derive(Debug)]
+pub struct AdapterUpdate {
+    pub lora: crate::model::lora::LoraSpec,
+    pub tensors: Vec<(String, Tensor)>,
+    pub canary: Option<(Vec<i64>, Vec<f64>)>,
+}
+
 /// One tensor of a forwarded NCCL update: HF name, vLLM dtype name, shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
@@ -89,6 +98,28 @@ pub trait InferenceEngine: Send + Sync + 'static {
         -> Result<Installed, EngineFailure>;
     /// Serves the HF checkpoint in `dir` as `version`.
     async fn load_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure>;
+    /// Serves the base model with `update`'s adapter as `version` from the next request on;
+    /// requests already running finish on the adapter they began with.
+    async fn install_adapter(&self, update: AdapterUpdate, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        let _ = (update, version);
+        Err(EngineFailure::Rejected(format!(
+            "the {} engine takes no LoRA adapters",
+            self.kind()
+        )))
+    }
+    /// Serves the PEFT adapter directory `dir` as `version` (lora-restart mode). The default
+    /// reads it and installs it like [`Self::install_adapter`].
+    async fn load_adapter_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure> {
+        let update = read_adapter_dir(dir, self.manifest_spec()?).await?;
+        self.install_adapter(update, version).await.map(|_| ())
+    }
+    /// The served model's shape (what adapters are checked against).
+    fn manifest_spec(&self) -> Result<ModelSpec, EngineFailure> {
+        Err(EngineFailure::Rejected(format!(
+            "the {} engine takes no LoRA adapters",
+            self.kind()
+        )))
+    }
     /// Whether [`Self::install_ipc`] is served (vLLM launched with the CUDA IPC transfer).
     fn takes_ipc(&self) -> bool {
         false
@@ -150,6 +181,22 @@ pub trait InferenceEngine: Send + Sync + 'static {
     }
     /// Whether the engine answers now.
     async fn healthy(&self) -> bool;
+}
+
+/// Reads and checks a PEFT adapter directory against `spec`, off the async threads.
+pub async fn read_adapter_dir(dir: &Path, spec: ModelSpec) -> Result<AdapterUpdate, EngineFailure> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let (lora, tensors) =
+            crate::model::lora::load_adapter(&dir, &spec).map_err(|e| EngineFailure::Rejected(e.to_string()))?;
+        Ok(AdapterUpdate {
+            lora,
+            tensors,
+            canary: None,
+        })
+    })
+    .await
+    .map_err(|e| EngineFailure::Failed(format!("reading the adapter: {e}")))?
 }
 
 /// A shared engine, as the sidecar's services hold it.
@@ -220,6 +267,32 @@ impl InferenceEngine for EngineHandle {
         .await
         .map_err(|e| EngineFailure::Failed(format!("loading the checkpoint: {e}")))??;
         self.install(weights, version).await.map(|_| ())
+    }
+
+    async fn install_adapter(&self, update: AdapterUpdate, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        let canary = update.canary.clone();
+        self.swap_adapter(update.lora, update.tensors, version)
+            .await
+            .map_err(gone)?
+            .map_err(EngineFailure::Rejected)?;
+        let canary_max_abs_diff = match canary {
+            Some((ids, reference)) => {
+                let served = self.logprobs(ids).await.map_err(gone)?.map_err(EngineFailure::Failed)?;
+                Some(
+                    served
+                        .iter()
+                        .zip(&reference)
+                        .map(|(s, r)| (s - r).abs())
+                        .fold(0.0, f64::max),
+                )
+            }
+            None => None,
+        };
+        Ok(Installed { canary_max_abs_diff })
+    }
+
+    fn manifest_spec(&self) -> Result<ModelSpec, EngineFailure> {
+        Ok(self.spec.clone())
     }
 
     async fn served(&self) -> Result<Served, EngineFailure> {

@@ -62,7 +62,28 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// Reads every tensor of one safetensors file onto the CPU, in its stored dtype.
 pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| st_err(path, e))?;
+    parse(path, &bytes)
+}
+
+/// The tensors of a safetensors file held in memory (a file sent over the wire).
+pub fn read_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, ModelError> {
+    parse(Path::new("<bytes>"), bytes)
+}
+
+/// The safetensors bytes of `tensors` (what [`write_file`] writes).
+pub fn to_file_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, ModelError> {
+    let path = Path::new("<bytes>");
+    let owned = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), to_bytes(name, t, path)?)))
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(owned.iter().map(|(n, b)| (n.as_str(), b)), Some(metadata))
+        .map_err(|e| st_err(path, e))
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| st_err(path, e))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
         let kind = kind_of(view.dtype())

@@ -2,7 +2,7 @@
 //! the Atropos API, starts the actors, and runs until `--training-steps`, a signal, or a failure.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::actors::batch_fetcher::FetcherArgs;
 use crate::actors::checkpointer::CheckpointerArgs;
-use crate::actors::learner::{publish_weights, SyncHook};
+use crate::actors::learner::{publish_adapter, publish_weights, SyncHook};
 use crate::actors::learner::{LearnerArgs, LearnerStatus};
 use crate::actors::messages::{RunOutcome, SupervisorMsg};
 use crate::actors::model_worker::ModelWorker;
@@ -21,7 +21,7 @@ use crate::actors::weight_broadcaster::{
     BroadcasterArgs, BroadcasterMsg, LatestSlot, Payload, SyncStats, WeightBroadcaster,
 };
 use crate::atropos::{AtroposClient, AtroposError, Registration};
-use crate::checkpoint::{latest_resumable, BatchSeq, CheckpointError, Spool, TrainingState};
+use crate::checkpoint::{BatchSeq, CheckpointError, Spool, TrainingState};
 use crate::config::learner::SyncTransport;
 use crate::config::BridgeMode;
 use crate::config::LearnerConfig;
@@ -147,6 +147,38 @@ fn remove_partial_checkpoints(save: &std::path::Path) -> Result<(), LearnerError
     Ok(())
 }
 
+/// The trainer of a run: full weights from the model (or the resumed checkpoint), or LoRA on
+/// the model's frozen weights with a fresh adapter (or the resumed one).
+fn build_trainer(
+    spec: &ModelSpec,
+    model: &Path,
+    resumed: Option<&Path>,
+    lora: Option<crate::model::lora::LoraSpec>,
+    layers: Option<&crate::train::LayerSet>,
+    tcfg: TrainerConfig,
+) -> Result<Trainer, TrainError> {
+    let Some(lora) = lora else {
+        let params = load_params(spec, resumed.unwrap_or(model), tcfg.device)?;
+        return Trainer::new(spec, params, layers, tcfg);
+    };
+    // The base goes to the device tensor by tensor, already in the compute dtype.
+    let base = load_params(spec, model, tch::Device::Cpu)?;
+    let tensors = match resumed {
+        Some(dir) => {
+            let (saved, tensors) = crate::model::lora::load_adapter(dir, spec)?;
+            if saved != lora {
+                return Err(TrainError::Lora(crate::model::lora::LoraError::Invalid(format!(
+                    "{} was trained with {saved:?}, this run asks for {lora:?}",
+                    dir.display()
+                ))));
+            }
+            tensors
+        }
+        None => lora.init(spec, 0x10ba, tch::Device::Cpu),
+    };
+    Trainer::with_lora(spec, base, lora, tensors, tcfg)
+}
+
 /// Runs a learner until it completes, fails, or `shutdown` resolves (then drains and saves).
 pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
     let cfg = Arc::new(cfg);
@@ -160,7 +192,16 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     remove_partial_checkpoints(&save)?;
     let spool = Spool::open(save.join("spool"))?;
 
-    let resume_from = if cfg.resume { latest_resumable(&save)? } else { None };
+    let prefix = if cfg.lora.is_some() {
+        crate::checkpoint::hf::ADAPTER_STEP_PREFIX
+    } else {
+        crate::checkpoint::hf::STEP_PREFIX
+    };
+    let resume_from = if cfg.resume {
+        crate::checkpoint::state::latest_resumable_with(&save, prefix)?
+    } else {
+        None
+    };
     let resumed = match &resume_from {
         Some((_, dir)) => Some((dir.clone(), TrainingState::read(dir)?)),
         None => {
@@ -186,16 +227,23 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         return Ok(RunOutcome::Completed { steps: start_step });
     }
 
-    let weights_dir: PathBuf = resumed.as_ref().map_or(cfg.model_name.clone(), |(d, _)| d.clone());
+    let resumed_dir = resumed.as_ref().map(|(d, _)| d.clone());
     let tcfg = trainer_config(&cfg, device, &spec);
     let layers = cfg.train_layer_indices.clone();
     let seed = cfg.seed;
     let init_spec = spec.clone();
     let restore = resumed.map(|(_, (state, opt))| (state, opt));
+    let (model_name, lora) = (cfg.model_name.clone(), cfg.lora.clone());
     let (worker, steps_done) = ModelWorker::start(move || {
         tch::manual_seed(seed as i64);
-        let params = load_params(&init_spec, &weights_dir, device)?;
-        let mut trainer = Trainer::new(&init_spec, params, layers.as_ref(), tcfg)?;
+        let mut trainer = build_trainer(
+            &init_spec,
+            &model_name,
+            resumed_dir.as_deref(),
+            lora,
+            layers.as_ref(),
+            tcfg,
+        )?;
         if let Some((state, opt)) = restore {
             trainer.restore(opt, state.optimizer_steps, state.step, state.skipped_steps)?;
         }
@@ -310,6 +358,16 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 if let Some((_, dir)) = &resume_from {
                     let path = std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string();
                     hook.put(steps_done, Payload::Checkpoint(path))
+                        .map_err(|e| LearnerError::Actors(e.to_string()))?;
+                }
+            }
+            BridgeMode::Lora => publish_adapter(&worker, hook)
+                .await
+                .map_err(|e| LearnerError::Actors(e.to_string()))?,
+            BridgeMode::LoraRestart => {
+                if let Some((_, dir)) = &resume_from {
+                    let path = std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string();
+                    hook.put(steps_done, Payload::AdapterCheckpoint(path))
                         .map_err(|e| LearnerError::Actors(e.to_string()))?;
                 }
             }

@@ -239,12 +239,18 @@ impl SidecarClient {
     }
 
     /// Checkpoint mode: has the sidecar reload its engine from `path`.
-    pub async fn load_checkpoint(&self, path: &str, version: PolicyVersion) -> Result<Published, SyncError> {
+    pub async fn load_checkpoint(
+        &self,
+        path: &str,
+        version: PolicyVersion,
+        adapter: bool,
+    ) -> Result<Published, SyncError> {
         let started = Instant::now();
         let mut raw = self.raw.clone();
         let req = pb::LoadCheckpointRequest {
             version: Some(pb::PolicyVersion { step: version.0 }),
             path: path.into(),
+            adapter,
         };
         self.within("load_checkpoint", self.deadlines.rpc * 12, raw.load_checkpoint(req))
             .await?;
@@ -254,6 +260,24 @@ impl SidecarClient {
             seconds: started.elapsed().as_secs_f64(),
             canary_max_abs_diff: None,
             phases: vec![("load", started.elapsed().as_secs_f64())],
+        })
+    }
+
+    /// LoRA mode: sends one adapter version (PEFT's two files); returns once the sidecar serves
+    /// it.
+    pub async fn install_adapter(&self, req: pb::InstallAdapterRequest) -> Result<Published, SyncError> {
+        let started = Instant::now();
+        let version = PolicyVersion(req.version.map_or(0, |v| v.step));
+        let bytes = req.adapter_safetensors.len() as u64;
+        let mut raw = self.raw.clone();
+        let limit = self.deadlines.rpc * 6 + Duration::from_secs_f64(bytes as f64 / self.deadlines.min_bytes_per_s);
+        let done = self.within("install_adapter", limit, raw.install_adapter(req)).await?;
+        Ok(Published {
+            version,
+            bytes,
+            seconds: started.elapsed().as_secs_f64(),
+            canary_max_abs_diff: done.canary_max_abs_diff,
+            phases: vec![("install_adapter", started.elapsed().as_secs_f64())],
         })
     }
 

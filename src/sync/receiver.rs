@@ -9,7 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tch::{Device, Tensor};
 use tokio::sync::watch;
 
-use crate::engine::inference::{Installed, IpcInstall, SharedEngine};
+use crate::engine::inference::{AdapterUpdate, Installed, IpcInstall, SharedEngine};
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 
@@ -21,7 +21,8 @@ pub enum ReceiverMsg {
     Begin(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
     Bucket(PolicyVersion, u32, Vec<u8>, RpcReplyPort<Result<(), String>>),
     Commit(PolicyVersion, Digest, RpcReplyPort<Result<Applied, String>>),
-    LoadCheckpoint(PolicyVersion, PathBuf, RpcReplyPort<Result<(), String>>),
+    /// Load a checkpoint directory: an HF model, or (`true`) a PEFT adapter.
+    LoadCheckpoint(PolicyVersion, PathBuf, bool, RpcReplyPort<Result<(), String>>),
     /// NCCL: join the learner's communicator (unique id hex, rank, world).
     JoinNccl(String, i32, i32, RpcReplyPort<Result<(), String>>),
     /// NCCL: receive this version as the plan says.
@@ -36,6 +37,8 @@ pub enum ReceiverMsg {
     ),
     /// CUDA IPC: have the engine copy this version out of the learner's GPU memory.
     InstallIpc(PolicyVersion, Box<IpcInstall>, RpcReplyPort<Result<Applied, String>>),
+    /// LoRA: serve the base model with this adapter.
+    InstallAdapter(PolicyVersion, Box<AdapterUpdate>, RpcReplyPort<Result<Applied, String>>),
 }
 
 /// How a committed version was applied.
@@ -231,11 +234,19 @@ impl ReceiverState {
         self.settle(version, started, result).await
     }
 
-    async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf) -> Result<(), String> {
-        self.engine
-            .load_checkpoint(&path, version)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn install_adapter(&mut self, version: PolicyVersion, update: AdapterUpdate) -> Result<Applied, String> {
+        let started = Instant::now();
+        let result = self.engine.install_adapter(update, version).await;
+        self.settle(version, started, result).await
+    }
+
+    async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf, adapter: bool) -> Result<(), String> {
+        let loaded = if adapter {
+            self.engine.load_adapter_checkpoint(&path, version).await
+        } else {
+            self.engine.load_checkpoint(&path, version).await
+        };
+        loaded.map_err(|e| e.to_string())?;
         self.version = version;
         Ok(())
     }
@@ -375,8 +386,8 @@ impl Actor for WeightReceiver {
                 }
                 let _ = reply.send(result);
             }
-            ReceiverMsg::LoadCheckpoint(v, path, reply) => {
-                let result = state.load_checkpoint(v, path).await;
+            ReceiverMsg::LoadCheckpoint(v, path, adapter, reply) => {
+                let result = state.load_checkpoint(v, path, adapter).await;
                 if let Err(e) = &result {
                     tracing::warn!(version = v.0, error = %e, "checkpoint load failed");
                 }
@@ -426,37 +437,47 @@ impl Actor for WeightReceiver {
             }
             ReceiverMsg::InstallIpc(v, update, reply) => {
                 let result = state.install_ipc(v, *update).await;
-                let outcome = match &result {
-                    Ok(a) => {
-                        tracing::info!(
-                            version = v.0,
-                            apply_s = a.seconds,
-                            transport = "ipc",
-                            canary_max_abs_diff = a.installed.canary_max_abs_diff,
-                            "weights updated"
-                        );
-                        "installed"
-                    }
-                    Err(e) => {
-                        tracing::warn!(version = v.0, error = %e, transport = "ipc", "update rejected");
-                        "refused"
-                    }
-                };
-                let prom = crate::telemetry::prom::sidecar();
-                prom.weight_updates
-                    .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
-                    .inc();
-                if let Ok(a) = &result {
-                    prom.apply_seconds.observe(a.seconds);
-                    if let Some(c) = a.installed.canary_max_abs_diff {
-                        prom.canary_max_abs_diff.set(c);
-                    }
-                }
+                report_install(v, "ipc", &result);
+                let _ = reply.send(result);
+            }
+            ReceiverMsg::InstallAdapter(v, update, reply) => {
+                let result = state.install_adapter(v, *update).await;
+                report_install(v, "adapter", &result);
                 let _ = reply.send(result);
             }
         }
         state.post_health();
         Ok(())
+    }
+}
+
+/// Logs and counts how an install straight into the engine ended.
+fn report_install(v: PolicyVersion, transport: &'static str, result: &Result<Applied, String>) {
+    let outcome = match result {
+        Ok(a) => {
+            tracing::info!(
+                version = v.0,
+                apply_s = a.seconds,
+                transport,
+                canary_max_abs_diff = a.installed.canary_max_abs_diff,
+                "weights updated"
+            );
+            "installed"
+        }
+        Err(e) => {
+            tracing::warn!(version = v.0, error = %e, transport, "update rejected");
+            "refused"
+        }
+    };
+    let prom = crate::telemetry::prom::sidecar();
+    prom.weight_updates
+        .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
+        .inc();
+    if let Ok(a) = result {
+        prom.apply_seconds.observe(a.seconds);
+        if let Some(c) = a.installed.canary_max_abs_diff {
+            prom.canary_max_abs_diff.set(c);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use ractor::ActorRef;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::inference::{IpcInstall, SharedEngine};
+use crate::engine::inference::{AdapterUpdate, IpcInstall, SharedEngine};
 use crate::engine::vllm_transfer::{IpcDtype, IpcExport, IpcTensor};
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
@@ -45,11 +45,16 @@ pub fn confine(root: Option<&std::path::Path>, path: &str) -> Result<PathBuf, St
     // A step number names that step's checkpoint under the root (checkpoint mode's
     // `sync_step_N`, else `step_N`); a relative path is taken under the root too.
     let named = match path.parse::<u64>() {
-        Ok(n) => [format!("sync_step_{n}"), format!("step_{n}")]
-            .into_iter()
-            .map(|d| root.join(d))
-            .find(|d| d.is_dir())
-            .unwrap_or_else(|| root.join(format!("step_{n}"))),
+        Ok(n) => [
+            format!("sync_step_{n}"),
+            format!("step_{n}"),
+            format!("sync_adapter_step_{n}"),
+            format!("adapter_step_{n}"),
+        ]
+        .into_iter()
+        .map(|d| root.join(d))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| root.join(format!("step_{n}"))),
         Err(_) => root.join(path),
     };
     let full = named
@@ -231,7 +236,7 @@ impl Sidecar for SidecarService {
             tracing::warn!(path = %req.path, error = %e.message(), "checkpoint reload refused");
             Status::permission_denied("checkpoint reload refused (the sidecar's log says why)")
         })?;
-        ractor::call!(self.receiver, ReceiverMsg::LoadCheckpoint, version, path)
+        ractor::call!(self.receiver, ReceiverMsg::LoadCheckpoint, version, path, req.adapter)
             .map_err(internal)?
             .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::LoadCheckpointResponse { version: pv(version) }))
@@ -259,6 +264,59 @@ impl Sidecar for SidecarService {
             canary_max_abs_diff: applied.installed.canary_max_abs_diff,
         }))
     }
+
+    async fn install_adapter(
+        &self,
+        req: Request<pb::InstallAdapterRequest>,
+    ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
+        let req = req.into_inner();
+        let version = version_of(req.version)?;
+        let spec = self
+            .engine
+            .manifest_spec()
+            .map_err(|e| Status::unimplemented(e.to_string()))?;
+        let update = Box::new(adapter_update_of(req, &spec)?);
+        let applied = ractor::call!(self.receiver, ReceiverMsg::InstallAdapter, version, update)
+            .map_err(internal)?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::CommitUpdateResponse {
+            version: pv(version),
+            apply_seconds: applied.seconds,
+            canary_max_abs_diff: applied.installed.canary_max_abs_diff,
+        }))
+    }
+}
+
+/// The engine's view of an InstallAdapter request: the PEFT config and tensors parsed and
+/// checked against the served model (all keys, shapes, finite values).
+fn adapter_update_of(req: pb::InstallAdapterRequest, spec: &crate::model::ModelSpec) -> Result<AdapterUpdate, Status> {
+    use crate::model::lora::{check_tensors, LoraSpec};
+    let bad = |what: &str, e: &dyn std::fmt::Display| Status::invalid_argument(format!("{what}: {e}"));
+    let config: serde_json::Value =
+        serde_json::from_str(&req.adapter_config).map_err(|e| bad("adapter_config.json", &e))?;
+    let lora = LoraSpec::from_peft_config(&config).map_err(|e| bad("adapter_config.json", &e))?;
+    lora.check(spec).map_err(|e| bad("adapter", &e))?;
+    let tensors = crate::model::safetensors_io::read_bytes(&req.adapter_safetensors)
+        .map_err(|e| bad("adapter_model.safetensors", &e))?
+        .into_iter()
+        .map(|(n, t)| (n, t.to_kind(tch::Kind::Float)))
+        .collect::<Vec<_>>();
+    check_tensors(&lora, spec, &tensors).map_err(|e| bad("adapter", &e))?;
+    let canary = canary_of(req.canary_ids, req.canary_logprobs)?;
+    Ok(AdapterUpdate { lora, tensors, canary })
+}
+
+/// A canary of n >= 2 ids and n - 1 logprobs, or none.
+fn canary_of(ids: Vec<i64>, logprobs: Vec<f64>) -> Result<Option<(Vec<i64>, Vec<f64>)>, Status> {
+    if ids.len() >= 2 && logprobs.len() + 1 == ids.len() {
+        Ok(Some((ids, logprobs)))
+    } else if ids.is_empty() && logprobs.is_empty() {
+        Ok(None)
+    } else {
+        Err(Status::invalid_argument(
+            "the canary needs n >= 2 ids and n - 1 logprobs",
+        ))
+    }
 }
 
 /// The engine's view of an InstallIpc request.
@@ -284,15 +342,7 @@ fn ipc_install_of(req: pb::InstallIpcRequest) -> Result<IpcInstall, Status> {
         tensors,
     };
     export.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let canary = if req.canary_ids.len() >= 2 && req.canary_logprobs.len() + 1 == req.canary_ids.len() {
-        Some((req.canary_ids, req.canary_logprobs))
-    } else if req.canary_ids.is_empty() && req.canary_logprobs.is_empty() {
-        None
-    } else {
-        return Err(Status::invalid_argument(
-            "the canary needs n >= 2 ids and n - 1 logprobs",
-        ));
-    };
+    let canary = canary_of(req.canary_ids, req.canary_logprobs)?;
     if req.deadline_ms < 1000 {
         return Err(Status::invalid_argument("deadline_ms under 1 s"));
     }

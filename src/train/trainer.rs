@@ -377,6 +377,11 @@ impl Trainer {
         }
     }
 
+    /// The device the model trains on.
+    pub fn device(&self) -> Device {
+        self.config.device
+    }
+
     /// The LoRA spec, when this trainer trains an adapter.
     pub fn lora(&self) -> Option<&LoraSpec> {
         self.lora.as_ref().map(|(l, _)| l)
