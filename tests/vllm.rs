@@ -574,3 +574,161 @@ fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
         "the base model serves as version 0"
     );
 }
+
+/// The base model in `base` with the PEFT adapter in `adapter`.
+fn adapted_of(base: &Path, adapter: &Path) -> Transformer {
+    let spec = ModelSpec::from_dir(base).expect("spec");
+    let (lora, tensors) = grpo_node::model::lora::load_adapter(adapter, &spec).expect("adapter");
+    model_of(base).with_lora(&lora, &tensors).expect("bind")
+}
+
+/// Largest difference between vLLM's logprobs (via the sidecar) and `model`'s.
+fn serve_diff_of(sidecar: &VllmSidecar, model: &Transformer) -> f64 {
+    let prompt = vec![3i64, 14, 15, 92, 65];
+    let r = sidecar.ok(
+        json!({"prompt": {"prompt_token_ids": prompt}, "max_tokens": 8, "temperature": 0.0,
+                              "logprobs": 0, "ignore_eos": true}),
+    );
+    let (out, served) = common::completions(&r).remove(0);
+    let reference = common::learner_logprobs(model, &prompt, &out, 1.0);
+    served
+        .iter()
+        .zip(&reference)
+        .map(|(s, l)| (s - l).abs())
+        .fold(0.0f64, f64::max)
+}
+
+const LORA: [&str; 6] = [
+    "--lora-r",
+    "8",
+    "--lora-alpha",
+    "16",
+    "--lora-target-modules",
+    "q_proj,v_proj,o_proj,down_proj",
+];
+
+/// `--weight-bridge-mode lora` into real vLLM: each version is loaded with
+/// `/v1/load_lora_adapter` under a new name and checked with the learner's canary; after the
+/// run vLLM's logprobs under the newest adapter equal the learner's final adapter's within
+/// 1e-5, and the replaced adapters are unloaded and their files removed.
+#[test]
+fn lora_mode_hot_swaps_adapters_into_vllm() {
+    let _turn = one_vllm_at_a_time();
+    let model = vllm_model();
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = VllmSidecar::start(model.path(), work.path(), &["--vllm-lora-rank", "8"]);
+    let api = RunApi::start();
+    let save = work.path().join("run");
+    let url = sidecar.grpc_url();
+    let mut args = vec![
+        "--sidecar",
+        &url,
+        "--auth-token",
+        TOKEN,
+        "--training-steps",
+        "4",
+        "--weight-bridge-mode",
+        "lora",
+    ];
+    args.extend(LORA);
+    let learner = Learner::spawn(model.path(), &api, &save, &args);
+    api.wait_registered(4);
+    let prompt = [9i64, 10, 11, 12];
+    let groups: Vec<Value> = (0..8).map(|s| generated_group(&sidecar, &prompt, s)).collect();
+    api.post("/scored_data_list", &json!(groups));
+    let (code, log) = learner.wait(Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    let trained = adapted_of(model.path(), &save.join("final_adapter"));
+    let mut worst = f64::INFINITY;
+    let served = common::try_wait_until(Duration::from_secs(60), "vLLM on the final adapter", || {
+        worst = serve_diff_of(&sidecar, &trained);
+        worst < 1e-5
+    });
+    assert!(
+        served.is_ok(),
+        "vLLM vs the learner's final adapter: {worst}\n{}",
+        sidecar.proc.log()
+    );
+    assert!(
+        serve_diff_of(&sidecar, &model_of(model.path())) > 1e-4,
+        "the adapter matters"
+    );
+    let rows = metrics(&save);
+    let canaries: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["sync_canary_max_abs_diff"].as_f64())
+        .collect();
+    assert!(!canaries.is_empty(), "the canary is recorded: {rows:?}");
+    assert!(canaries.iter().all(|&c| c < 1e-5), "canary within 1e-5: {canaries:?}");
+    // Replaced adapters are unloaded once idle: one adapter directory is left.
+    let adapters = || {
+        std::fs::read_dir(work.path().join("weights"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("grpo-lora-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(60), "one adapter left", || adapters() == 1);
+    let installs = common::scraped(
+        &sidecar.url("/metrics"),
+        "grpo_weight_updates",
+        Some(("reason", "installed")),
+    );
+    assert!(installs >= 5.0, "the initial adapter and 4 versions: {installs}");
+}
+
+/// `--weight-bridge-mode lora-restart` into real vLLM: every 2 steps the VllmSupervisor
+/// restarts vLLM with the newest adapter (`--lora-modules`); it ends serving the final adapter,
+/// and the stall of the restart is measured.
+#[test]
+fn lora_restart_mode_restarts_vllm_on_the_newest_adapter() {
+    let _turn = one_vllm_at_a_time();
+    let model = vllm_model();
+    let work = tempfile::tempdir().expect("work");
+    let save = work.path().join("run");
+    std::fs::create_dir_all(&save).expect("save dir");
+    let sidecar = VllmSidecar::start(
+        model.path(),
+        work.path(),
+        &["--vllm-lora-rank", "8", "--checkpoint-root", path_str(&save)],
+    );
+    let api = RunApi::start();
+    let url = sidecar.grpc_url();
+    let mut args = vec![
+        "--sidecar",
+        &url,
+        "--auth-token",
+        TOKEN,
+        "--training-steps",
+        "4",
+        "--weight-bridge-mode",
+        "lora-restart",
+        "--vllm-restart-interval",
+        "2",
+    ];
+    args.extend(LORA);
+    let learner = Learner::spawn(model.path(), &api, &save, &args);
+    api.wait_registered(4);
+    let prompt = [9i64, 10, 11, 12];
+    let groups: Vec<Value> = (0..8).map(|s| generated_group(&sidecar, &prompt, s)).collect();
+    api.post("/scored_data_list", &json!(groups));
+    let (code, log) = learner.wait(Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    let trained = adapted_of(model.path(), &save.join("final_adapter"));
+    let mut worst = f64::INFINITY;
+    let served = common::try_wait_until(Duration::from_secs(400), "vLLM restarted on the final adapter", || {
+        worst = serve_diff_of(&sidecar, &trained);
+        worst < 1e-5
+    });
+    assert!(
+        served.is_ok(),
+        "vLLM vs the final adapter: {worst}\n{}",
+        sidecar.proc.log()
+    );
+    let prom = sidecar.url("/metrics");
+    assert!(common::scraped(&prom, "grpo_engine_restarts", None) >= 2.0);
+    let stall = common::scraped(&prom, "grpo_lora_restart_seconds", None);
+    assert!(stall > 0.0, "the restart's stall is measured: {stall}");
+}

@@ -41,6 +41,9 @@ pub struct VllmLaunch {
     /// vLLM's weight-transfer engine, where one is used: the directory holding our vLLM plugin
     /// (see [`crate::engine::vllm_transfer`]) and the backend name it registers.
     pub weight_transfer: Option<(PathBuf, &'static str)>,
+    /// LoRA serving: (max rank, adapters held at once); vLLM then runs with `--enable-lora`
+    /// and runtime adapter loading.
+    pub lora: Option<(u32, u32)>,
 }
 
 /// The supervisor's mailbox.
@@ -95,6 +98,8 @@ pub struct VllmSupervisorState {
     /// Model to start from instead of `launch.model_dir` (a checkpoint the driver could not
     /// reload).
     model_override: Option<PathBuf>,
+    /// lora-restart: the adapter (name, directory) vLLM starts with (`--lora-modules`).
+    lora_module: Option<(String, PathBuf)>,
     restarts: u64,
 }
 
@@ -177,6 +182,21 @@ async fn check_ready(
         .await
         .map_err(|e| not_ready(format!("the first generation failed: {e}")))?;
     let mut current = shared.current.lock().await;
+    if let Some((served, name, dir)) = current
+        .as_ref()
+        .and_then(|c| c.adapter.as_ref().map(|(n, d)| (c.version, n.clone(), d.clone())))
+    {
+        // An adapter this launch did not start with (`--lora-modules`) is loaded again.
+        if !api.serves(&name, quick).await.map_err(|e| not_ready(e.to_string()))? {
+            api.load_lora_adapter(&name, &dir, launch.update_deadline)
+                .await
+                .map_err(|e| not_ready(format!("reloading adapter {name} failed: {e}")))?;
+        }
+        tracing::info!(version = served.0, adapter = %name, "vLLM serves the newest adapter");
+        drop(current);
+        tracing::info!(vllm = %version, base = %api.base(), "vLLM ready");
+        return Ok(());
+    }
     match current.as_ref().map(|c| (c.version, c.dir.clone())) {
         Some((version, Some(dir))) if dir == loaded => {
             tracing::info!(version = version.0, dir = %dir.display(), "vLLM started on the newest version");
@@ -218,6 +238,17 @@ fn with_plugin(cmd: &mut tokio::process::Command, plugin: &Path, backend: &str) 
         .env("GRPO_VLLM_PLUGIN_DIR", plugin);
     if backend == crate::engine::vllm_transfer::BACKEND {
         cmd.env("VLLM_ALLOW_INSECURE_SERIALIZATION", "1");
+    }
+}
+
+/// Launches vLLM able to serve LoRA adapters: `--enable-lora` up to `rank`, `loras` at once,
+/// adapters loadable at run time, and `module` (name, directory) loaded from the start.
+fn with_lora(cmd: &mut tokio::process::Command, rank: u32, loras: u32, module: Option<&(String, PathBuf)>) {
+    cmd.args(["--enable-lora", "--max-lora-rank", &rank.to_string()])
+        .args(["--max-loras", &loras.to_string()])
+        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1");
+    if let Some((name, dir)) = module {
+        cmd.args(["--lora-modules", &format!("{name}={}", dir.display())]);
     }
 }
 
@@ -275,6 +306,9 @@ impl VllmSupervisorState {
         }
         if let Some((plugin, backend)) = &l.weight_transfer {
             with_plugin(&mut cmd, plugin, backend);
+        }
+        if let Some((rank, loras)) = l.lora {
+            with_lora(&mut cmd, rank, loras, self.lora_module.as_ref());
         }
         let mut child = cmd.spawn().map_err(|e| format!("starting {program}: {e}"))?;
         let pid = child.id().ok_or("vLLM exited at once")? as i32;
@@ -362,6 +396,7 @@ impl Actor for VllmSupervisor {
             probe_failures: 0,
             probing: false,
             model_override: None,
+            lora_module: None,
             restarts: 0,
         })
     }
@@ -430,6 +465,16 @@ impl Actor for VllmSupervisor {
                 }
             }
             VllmMsg::Probed(..) => {}
+            VllmMsg::Order(SupervisorOrder::RestartWithAdapter(name, dir)) => {
+                tracing::info!(adapter = %name, dir = %dir.display(), "restarting vLLM with the newest adapter");
+                st.restarts += 1;
+                crate::telemetry::prom::sidecar().engine_restarts.inc();
+                st.lora_module = Some((name, dir));
+                st.ready_since = None;
+                st.kill().await;
+                st.state.send_replace(VllmState::Starting { launch: st.generation });
+                myself.cast(VllmMsg::Launch)?;
+            }
             VllmMsg::Order(SupervisorOrder::RestartOn(dir)) => {
                 tracing::info!(model = %dir.display(), "restarting vLLM on a checkpoint");
                 st.restarts += 1;

@@ -89,6 +89,15 @@ pub struct SidecarArgs {
     /// small vLLM plugin [default: reload].
     #[arg(long, env = "GRPO_VLLM_WEIGHT_TRANSFER", value_enum)]
     pub vllm_weight_transfer: Option<WeightTransfer>,
+    /// vLLM: serve LoRA adapters up to this rank (the learner's lora and lora-restart modes):
+    /// vLLM runs with --enable-lora --max-lora-rank N and runtime adapter loading. One of vLLM's
+    /// ranks: 8, 16, 32, 64, 128, 256, 320, 512. vLLM 0.26's reload_weights fails while
+    /// --enable-lora is on, so full-weight versions then restart vLLM instead [default: off].
+    #[arg(long, env = "GRPO_VLLM_LORA_RANK")]
+    pub vllm_lora_rank: Option<u32>,
+    /// vLLM: adapters held at once (the newest and those still finishing requests) [default: 2].
+    #[arg(long, env = "GRPO_VLLM_MAX_LORAS")]
+    pub vllm_max_loras: Option<u32>,
     /// vLLM: tokens of the logprob canary checked after every weight update (0: off) [default: 16].
     #[arg(long, env = "GRPO_CANARY_TOKENS")]
     pub canary_tokens: Option<usize>,
@@ -123,7 +132,12 @@ pub struct VllmConfig {
     pub canary_tokens: usize,
     pub pause_mode: PauseMode,
     pub weight_transfer: WeightTransfer,
+    /// LoRA serving: (max rank, max adapters held at once).
+    pub lora: Option<(u32, u32)>,
 }
+
+/// The ranks vLLM accepts for --max-lora-rank.
+pub const VLLM_LORA_RANKS: [u32; 9] = [1, 8, 16, 32, 64, 128, 256, 320, 512];
 
 fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(String::from).collect()
@@ -174,7 +188,33 @@ impl SidecarArgs {
                 reason: "needs at least 2 tokens (or 0 for off)".into(),
             });
         }
+        let lora = match self.vllm_lora_rank {
+            None => None,
+            Some(r) if VLLM_LORA_RANKS.contains(&r) => {
+                let loras = self.vllm_max_loras.unwrap_or(2);
+                if loras == 0 {
+                    return Err(ConfigError::Invalid {
+                        flag: "vllm-max-loras",
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                Some((r, loras))
+            }
+            Some(r) => {
+                return Err(ConfigError::Invalid {
+                    flag: "vllm-lora-rank",
+                    reason: format!("{r} is not one of vLLM's ranks {VLLM_LORA_RANKS:?}"),
+                })
+            }
+        };
+        if lora.is_none() && self.vllm_max_loras.is_some() {
+            return Err(ConfigError::Invalid {
+                flag: "vllm-max-loras",
+                reason: "needs --vllm-lora-rank".into(),
+            });
+        }
         Ok(VllmConfig {
+            lora,
             command,
             extra_args: self.vllm_args.as_deref().map(words).unwrap_or_default(),
             port: self.vllm_port.unwrap_or(0),

@@ -13,11 +13,13 @@ use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch, Mutex};
 
 use super::core::{Completion, JobParams, PolicyVersion};
-use super::inference::{EngineFailure, InferenceEngine, Installed, IpcInstall, NamedTensor, Served};
+use super::inference::{AdapterUpdate, EngineFailure, InferenceEngine, Installed, IpcInstall, NamedTensor, Served};
 use super::vllm_api::{PauseMode, SwapTimes, VllmApi};
 use crate::model::safetensors_io::write_file;
 use crate::model::{ModelSpec, ParamStore, Transformer};
 use crate::version::{digest_tensors, Digest};
+
+mod lora;
 
 /// Where the supervised vLLM stands, as the supervisor posts it.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,8 @@ pub struct Current {
     /// Written by the sidecar (deleted when replaced), or a checkpoint of the learner's.
     pub owned: bool,
     pub digest: Option<Digest>,
+    /// The LoRA adapter served on top of the base model: (name in vLLM, PEFT directory).
+    pub adapter: Option<(String, PathBuf)>,
 }
 
 /// What the driver asks of the supervisor.
@@ -46,6 +50,8 @@ pub struct Current {
 pub enum SupervisorOrder {
     /// Restart vLLM on this model directory (a checkpoint `reload_weights` could not load).
     RestartOn(PathBuf),
+    /// Restart vLLM with this LoRA adapter (name, PEFT directory) loaded (lora-restart).
+    RestartWithAdapter(String, PathBuf),
 }
 
 /// The driver's and the supervisor's shared state. The `current` mutex is also the update
@@ -87,12 +93,16 @@ pub struct DriverConfig {
     pub pause_mode: PauseMode,
     /// How full weights get into vLLM.
     pub transfer: WeightTransfer,
+    /// Largest LoRA rank vLLM serves (`--vllm-lora-rank`), when it serves adapters.
+    pub lora_rank: Option<u32>,
 }
 
 /// The vLLM engine.
 pub struct VllmEngine {
     /// A forwarded NCCL transfer in progress (`--vllm-weight-transfer nccl`).
     forward: Mutex<Forward>,
+    /// Where generations go: the newest LoRA adapter, or the base model.
+    route: lora::Routes,
     cfg: DriverConfig,
     spec: ModelSpec,
     manifest: Vec<(String, Vec<i64>)>,
@@ -117,6 +127,7 @@ impl VllmEngine {
         let manifest = crate::model::params::expected_shapes(&spec);
         Ok(Self {
             forward: Mutex::new(Forward::default()),
+            route: lora::Routes::default(),
             cfg,
             spec,
             manifest,
@@ -318,6 +329,7 @@ impl VllmEngine {
                         dir: None,
                         owned: false,
                         digest: None,
+                        adapter: None,
                     }),
                     None,
                 );
@@ -445,7 +457,25 @@ impl InferenceEngine for VllmEngine {
 
     async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure> {
         let api = self.ready(self.cfg.ready_wait).await?;
+        // A request runs to its end on the adapter it began with (held until it returns).
+        let route = self.route.current();
+        let api = match &route {
+            Some(r) => api.for_model(&r.name),
+            None => api,
+        };
         api.complete(&prompt, &params, self.cfg.generate_deadline).await
+    }
+
+    async fn install_adapter(&self, update: AdapterUpdate, version: PolicyVersion) -> Result<Installed, EngineFailure> {
+        self.hot_swap_adapter(update, version).await
+    }
+
+    async fn load_adapter_checkpoint(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure> {
+        self.restart_with_adapter(dir, version).await
+    }
+
+    fn manifest_spec(&self) -> Result<ModelSpec, EngineFailure> {
+        Ok(self.spec.clone())
     }
 
     async fn install(
@@ -453,6 +483,14 @@ impl InferenceEngine for VllmEngine {
         weights: Vec<(String, Tensor)>,
         version: PolicyVersion,
     ) -> Result<Installed, EngineFailure> {
+        if self.cfg.lora_rank.is_some() {
+            return Err(EngineFailure::Rejected(
+                "this sidecar serves LoRA adapters (--vllm-lora-rank): vLLM 0.26's reload_weights fails while --enable-lora is on; \
+                 send adapters (--weight-bridge-mode lora or lora-restart), use checkpoint mode (it restarts vLLM), \
+                 or start the sidecar without --vllm-lora-rank"
+                    .into(),
+            ));
+        }
         let mut current = self.shared.current.lock().await;
         let api = self.ready(Duration::from_secs(5)).await?;
         let started = Instant::now();
@@ -469,6 +507,7 @@ impl InferenceEngine for VllmEngine {
             dir: Some(prepared.dir.clone()),
             owned: true,
             digest: Some(prepared.digest),
+            adapter: None,
         });
         remove_replaced(old, Some(&prepared.dir));
         drop(current);
@@ -496,6 +535,7 @@ impl InferenceEngine for VllmEngine {
             dir: Some(dir.to_path_buf()),
             owned: false,
             digest: None,
+            adapter: None,
         };
         match api.swap_in(dir, self.cfg.pause_mode, self.cfg.update_deadline).await {
             Ok(_) => {
@@ -562,6 +602,7 @@ impl InferenceEngine for VllmEngine {
                 dir: None,
                 owned: false,
                 digest: None,
+                adapter: None,
             }),
             None,
         );

@@ -119,11 +119,43 @@ impl VllmApi {
 
     /// Whether `/v1/models` lists the served name.
     pub async fn serves_model(&self, limit: Duration) -> Result<bool, EngineFailure> {
+        self.serves(&self.served_name, limit).await
+    }
+
+    /// Whether `/v1/models` lists `name` (the base model, or a LoRA adapter).
+    pub async fn serves(&self, name: &str, limit: Duration) -> Result<bool, EngineFailure> {
         let v = self.get("/v1/models", limit).await?;
-        Ok(v.get("data").and_then(Value::as_array).is_some_and(|d| {
-            d.iter()
-                .any(|m| m.get("id").and_then(Value::as_str) == Some(&self.served_name))
-        }))
+        Ok(v.get("data")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.iter().any(|m| m.get("id").and_then(Value::as_str) == Some(name))))
+    }
+
+    /// The same server, with requests naming `model` (a LoRA adapter's name) instead.
+    pub fn for_model(&self, model: &str) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            served_name: model.to_string(),
+        }
+    }
+
+    /// `POST /v1/load_lora_adapter`: loads the PEFT adapter in `dir` under `name`.
+    pub async fn load_lora_adapter(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        limit: Duration,
+    ) -> Result<(), EngineFailure> {
+        let body = serde_json::json!({"lora_name": name, "lora_path": dir.display().to_string()});
+        self.post("/v1/load_lora_adapter", Some(body), limit).await.map(|_| ())
+    }
+
+    /// `POST /v1/unload_lora_adapter`: forgets the adapter `name`.
+    pub async fn unload_lora_adapter(&self, name: &str, limit: Duration) -> Result<(), EngineFailure> {
+        let body = serde_json::json!({"lora_name": name});
+        self.post("/v1/unload_lora_adapter", Some(body), limit)
+            .await
+            .map(|_| ())
     }
 
     /// Generates through `/v1/completions` with a token-id prompt; every completion carries the

@@ -96,6 +96,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         allow_untested: v.allow_untested,
         update_deadline: VLLM_UPDATE_DEADLINE,
         weight_transfer,
+        lora: v.lora,
     };
     let shared = Arc::new(VllmShared {
         current: Arc::new(Mutex::new(None)),
@@ -140,6 +141,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         canary_tokens: v.canary_tokens,
         pause_mode: v.pause_mode,
         transfer: v.weight_transfer,
+        lora_rank: v.lora.map(|(rank, _)| rank),
     };
     let engine =
         VllmEngine::new(driver, tokenizer, state, orders_tx, shared).map_err(|e| SidecarError::Vllm(e.to_string()));

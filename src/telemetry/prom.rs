@@ -99,6 +99,8 @@ pub struct SidecarMetrics {
     pub weight_updates: Family<Reason, Counter>,
     pub apply_seconds: Histogram,
     pub canary_max_abs_diff: FloatGauge,
+    /// lora-restart: seconds generation stalled in the last restart with a new adapter.
+    pub lora_restart_seconds: FloatGauge,
 }
 
 impl Default for LearnerMetrics {
@@ -276,6 +278,7 @@ impl Default for SidecarMetrics {
             weight_updates: Family::default(),
             apply_seconds: seconds_histogram(),
             canary_max_abs_diff: FloatGauge::default(),
+            lora_restart_seconds: FloatGauge::default(),
         }
     }
 }
@@ -331,6 +334,11 @@ impl SidecarMetrics {
             "sync_canary_max_abs_diff",
             "Logprob canary of the last installed version",
             self.canary_max_abs_diff.clone(),
+        );
+        r.register(
+            "lora_restart_seconds",
+            "Generation stall of the last vLLM restart with a new LoRA adapter",
+            self.lora_restart_seconds.clone(),
         );
     }
 }
