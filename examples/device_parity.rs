@@ -140,14 +140,21 @@ struct Variant {
     compute: ComputeConfig,
 }
 
-/// Adafactor: the second step's loss (after one Adafactor update) on CUDA, fp32 and bf16 over
-/// split masters, against CPU fp32.
-fn adafactor_parity(spec: &ModelSpec, base: &ParamStore, groups: &[serde_json::Value], plain: ComputeConfig) -> bool {
-    let two = |device, compute| run_steps(spec, base, device, compute, groups, OptimizerKind::Adafactor, 2);
+/// Adafactor and 8-bit AdamW: the second step's loss (after one update) on CUDA, fp32 and bf16
+/// over split masters, against CPU fp32.
+fn optimizer_parity(
+    kind: OptimizerKind,
+    spec: &ModelSpec,
+    base: &ParamStore,
+    groups: &[serde_json::Value],
+    plain: ComputeConfig,
+) -> bool {
+    let two = |device, compute| run_steps(spec, base, device, compute, groups, kind, 2);
+    let label = format!("{kind:?}").to_lowercase();
     let reference = match two(Device::Cpu, plain) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("adafactor cpu: {e}");
+            eprintln!("{label} cpu: {e}");
             return false;
         }
     };
@@ -157,7 +164,8 @@ fn adafactor_parity(spec: &ModelSpec, base: &ParamStore, groups: &[serde_json::V
         ..plain
     };
     let mut ok = true;
-    for (name, compute) in [("cuda fp32 adafactor", plain), ("cuda bf16 adafactor", bf16)] {
+    for (precision, compute) in [("fp32", plain), ("bf16", bf16)] {
+        let name = format!("cuda {precision} {label}");
         let m = match two(Device::Cuda(0), compute) {
             Ok(m) => m,
             Err(e) => {
@@ -273,7 +281,9 @@ fn main() -> ExitCode {
         );
     }
     if cuda {
-        ok &= adafactor_parity(&spec, &base, &groups, plain);
+        for kind in [OptimizerKind::Adafactor, OptimizerKind::Adamw8bit] {
+            ok &= optimizer_parity(kind, &spec, &base, &groups, plain);
+        }
     } else {
         println!("no CUDA device: only the CPU variants ran");
     }

@@ -218,13 +218,37 @@ fn losses(save: &Path) -> Vec<(u64, f64)> {
 /// nowhere but in the spool (the API already served it).
 #[test]
 fn kill_and_resume_matches_an_uninterrupted_run() {
+    kill_and_resume(&["--training-steps", "6", "--checkpoint-interval", "2"], "step_2");
+}
+
+/// The same with LoRA training (dropout on, 8-bit AdamW): the resumed run restores the adapter
+/// and its optimizer state from `adapter_step_2/` and its losses equal the uninterrupted run's.
+#[test]
+fn lora_kill_and_resume_matches_an_uninterrupted_run() {
+    let args = [
+        "--training-steps",
+        "6",
+        "--checkpoint-interval",
+        "2",
+        "--weight-bridge-mode",
+        "lora",
+        "--lora-r",
+        "4",
+        "--lora-target-modules",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "--optimizer",
+        "adamw_8bit",
+    ];
+    kill_and_resume(&args, "adapter_step_2");
+}
+
+fn kill_and_resume(args: &[&str], checkpoint: &str) {
     let model = common::tiny_model("qwen2", &[]);
     let data: Vec<Value> = (0..12).map(group).collect();
-    let args = ["--training-steps", "6", "--checkpoint-interval", "2"];
 
     let api = RunApi::start();
     let straight = tempfile::tempdir().expect("save");
-    let learner = Learner::spawn(model.path(), &api, straight.path(), &args);
+    let learner = Learner::spawn(model.path(), &api, straight.path(), args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!(data[..6]));
     wait_until(Duration::from_secs(120), "step 3", || {
@@ -237,18 +261,19 @@ fn kill_and_resume_matches_an_uninterrupted_run() {
 
     let api = RunApi::start();
     let killed = tempfile::tempdir().expect("save");
-    let learner = Learner::spawn(model.path(), &api, killed.path(), &args);
+    let learner = Learner::spawn(model.path(), &api, killed.path(), args);
     api.wait_registered(4);
     api.post("/scored_data_list", &json!(data[..6]));
     wait_until(Duration::from_secs(120), "step 3", || metrics(killed.path()).len() >= 3);
     wait_until(Duration::from_secs(60), "the step-2 checkpoint", || {
-        killed.path().join("step_2/training_state/state.json").is_file()
+        killed.path().join(checkpoint).join("training_state/state.json").is_file()
     });
     learner.signal("-KILL");
     let (code, _) = learner.wait(Duration::from_secs(30));
     assert_ne!(code, 0, "killed mid-run");
-    assert!(!killed.path().join("step_3").exists(), "step 3 was not checkpointed");
-    let resumed = Learner::spawn(model.path(), &api, killed.path(), &[&args[..], &["--resume"]].concat());
+    let third = checkpoint.replace('2', "3");
+    assert!(!killed.path().join(&third).exists(), "step 3 was not checkpointed");
+    let resumed = Learner::spawn(model.path(), &api, killed.path(), &[args, &["--resume"]].concat());
     wait_until(Duration::from_secs(120), "the replayed step 3", || {
         metrics(killed.path()).iter().any(|r| r["step"] == 3)
     });

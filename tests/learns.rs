@@ -54,13 +54,29 @@ fn trainer_and_batches_with(
     optimizer: OptimizerKind,
     lr: f64,
 ) -> (Trainer, impl Fn(u64) -> TrainBatch) {
+    trainer_and_batches_lora(dir, steps, optimizer, lr, None)
+}
+
+fn trainer_and_batches_lora(
+    dir: &std::path::Path,
+    steps: u64,
+    optimizer: OptimizerKind,
+    lr: f64,
+    lora: Option<grpo_node::model::lora::LoraSpec>,
+) -> (Trainer, impl Fn(u64) -> TrainBatch) {
     let spec = ModelSpec::from_dir(dir).expect("spec");
     let params = load_params(&spec, dir, Device::Cpu).expect("load");
     let config = grpo_node::train::TrainerConfig {
         optimizer,
         ..common::trainer_config(common::ppo_loss(), lr, 2, steps)
     };
-    let trainer = Trainer::new(&spec, params, None, config).expect("trainer");
+    let trainer = match lora {
+        Some(l) => {
+            let tensors = l.init(&spec, 1, Device::Cpu);
+            Trainer::with_lora(&spec, params, l, tensors, config).expect("LoRA trainer")
+        }
+        None => Trainer::new(&spec, params, None, config).expect("trainer"),
+    };
     let limits = Limits {
         vocab_size: spec.vocab_size,
         seq_len: 64,
@@ -105,11 +121,29 @@ fn adamw_8bit_learns_like_adamw() {
     );
 }
 
+/// The same learning test training a LoRA adapter (r 8 on every linear module, dropout 0.05;
+/// the base frozen), with the learning rate LoRA usually takes.
+#[test]
+fn lora_learns() {
+    let lora = grpo_node::model::lora::LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
+        targets: grpo_node::model::lora::LoraTarget::ALL.into_iter().collect(),
+        layers: None,
+    };
+    learns_lora(OptimizerKind::Adamw, 1e-2, Some(lora));
+}
+
 /// Trains `steps` and checks it learned; returns the rewarded completions' mean logprob per step.
 fn learns_with(optimizer: OptimizerKind, lr: f64) -> Vec<f64> {
+    learns_lora(optimizer, lr, None)
+}
+
+fn learns_lora(optimizer: OptimizerKind, lr: f64, lora: Option<grpo_node::model::lora::LoraSpec>) -> Vec<f64> {
     let dir = common::tiny_model("llama", &[]);
     let steps = 12;
-    let (mut trainer, batch) = trainer_and_batches_with(dir.path(), steps, optimizer, lr);
+    let (mut trainer, batch) = trainer_and_batches_lora(dir.path(), steps, optimizer, lr, lora);
     let mut pos = Vec::new();
     let mut neg = Vec::new();
     for step in 0..steps {

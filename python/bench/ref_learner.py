@@ -218,6 +218,9 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="result.json")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="PEFT LoRA of this rank on all seven linear modules (alpha 2r, dropout 0.05), "
+                        "as the Atropos trainer's lora modes build it; 0 trains the full weights")
     a = p.parse_args()
 
     with open(a.batches) as f:
@@ -233,6 +236,11 @@ def main():
         torch.cuda.set_device(device)
 
     model = build_model(shape, device, a.seed)
+    if a.lora_r:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(
+            task_type="CAUSAL_LM", r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.05, bias="none",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=a.lr)
     n_params = sum(q.numel() for q in model.parameters())
 
@@ -266,7 +274,8 @@ def main():
     mean = lambda k: sum(rec[k][w:]) / len(rec[k][w:])  # noqa: E731
     step_s = mean("step_s")
     result = {
-        "shape": a.shape, "params": n_params, "matmul_params": matmul_params(shape),
+        "shape": a.shape, "params": n_params, "lora_r": a.lora_r,
+        "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad), "matmul_params": matmul_params(shape),
         "batch_size": a.batch_size, "micro_batches": len(mbs), "lr": a.lr,
         "steps_total": len(steps), "steps_timed": len(steps) - w, "warmup_steps": w,
         "step_s": step_s, "prep_s": mean("prep_s"),

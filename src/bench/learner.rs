@@ -61,6 +61,16 @@ pub struct LearnerBenchArgs {
     /// Learning rate (constant).
     #[arg(long, env = "GRPO_LR", default_value_t = 1e-6)]
     pub lr: f64,
+    /// Optimizer of full fine-tuning (and of the adapter with --lora-r).
+    #[arg(long, env = "GRPO_OPTIMIZER", value_enum, default_value = "adamw")]
+    pub optimizer: crate::train::OptimizerKind,
+    /// LoRA rank on all seven linear modules of every layer (alpha = 2r, dropout 0.05); 0 trains
+    /// the full weights.
+    #[arg(long, env = "GRPO_LORA_R", default_value_t = 0)]
+    pub lora_r: i64,
+    /// LoRA dropout with --lora-r.
+    #[arg(long, env = "GRPO_LORA_DROPOUT", default_value_t = 0.05)]
+    pub lora_dropout: f64,
     /// Also write the result here.
     #[arg(long, env = "GRPO_BENCH_OUT")]
     pub out: Option<PathBuf>,
@@ -130,7 +140,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
             kind: ScheduleKind::Constant,
         },
         adamw: AdamWConfig::default(),
-        optimizer: Default::default(),
+        optimizer: args.optimizer,
         max_grad_norm: 1.0,
         device,
         compute: ComputeConfig {
@@ -142,7 +152,20 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         },
     };
     let store = ParamStore::random(&spec, 0, device);
-    let mut trainer = Trainer::new(&spec, store, None, config)?;
+    let mut trainer = if args.lora_r > 0 {
+        let lora = crate::model::lora::LoraSpec {
+            r: args.lora_r,
+            alpha: 2.0 * args.lora_r as f64,
+            dropout: args.lora_dropout,
+            targets: crate::model::lora::LoraTarget::ALL.into_iter().collect(),
+            layers: None,
+        };
+        let tensors = lora.init(&spec, 1, device);
+        Trainer::with_lora(&spec, store, lora, tensors, config)?
+    } else {
+        Trainer::new(&spec, store, None, config)?
+    };
+    let trainable = trainer.trainable_numel();
     sync(device);
     if let Device::Cuda(i) = device {
         crate::torch_ext::cuda_reset_peak(i);
@@ -229,6 +252,10 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         "logprob_chunk_tokens": args.logprob_chunk_tokens,
         "fused_adamw": args.fused_adamw,
         "exp_avg_dtype": format!("{:?}", args.exp_avg_dtype).to_lowercase(),
+        "optimizer": format!("{:?}", args.optimizer).to_lowercase(),
+        "lora_r": args.lora_r,
+        "lora_dropout": args.lora_dropout,
+        "trainable_params": trainable,
         "steps_total": file.steps.len(),
         "steps_timed": timed.len(),
         "step_s": step_s,

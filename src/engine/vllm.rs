@@ -458,6 +458,7 @@ impl InferenceEngine for VllmEngine {
     async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure> {
         let api = self.ready(self.cfg.ready_wait).await?;
         // A request runs to its end on the adapter it began with (held until it returns).
+        let _shared = self.route.gate.read().await;
         let route = self.route.current();
         let api = match &route {
             Some(r) => api.for_model(&r.name),

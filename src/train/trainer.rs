@@ -312,20 +312,29 @@ impl Trainer {
             ParamStore::from_tensors(moved)
         });
         drop(base);
-        let adapters: Vec<(String, Tensor)> = tensors
+        // With bf16 compute the adapter masters are split like the full model's: the model
+        // computes with the bf16 high halves (no cast on every use), AdamW joins them.
+        let split_masters = kind == Kind::BFloat16;
+        let trainable: Vec<MasterParam> = tensors
             .into_iter()
-            .map(|(n, t)| {
+            .map(|(name, t)| {
                 let master = tch::no_grad(|| t.detach().to_device_(device, Kind::Float, false, true));
-                (n, master.set_requires_grad(true))
+                let (value, low) = if split_masters {
+                    let (hi, lo) = tch::no_grad(|| split::split(&master));
+                    (hi, Some(lo))
+                } else {
+                    (master, None)
+                };
+                MasterParam {
+                    name,
+                    value: value.set_requires_grad(true),
+                    low,
+                }
             })
             .collect();
-        let trainable: Vec<MasterParam> = adapters
+        let adapters: Vec<(String, Tensor)> = trainable
             .iter()
-            .map(|(name, t)| MasterParam {
-                name: name.clone(),
-                value: t.shallow_clone(),
-                low: None,
-            })
+            .map(|p| (p.name.clone(), p.value.shallow_clone()))
             .collect();
         let model = Transformer::new(spec, &params)?
             .with_compute(kind)
@@ -387,13 +396,24 @@ impl Trainer {
         self.lora.as_ref().map(|(l, _)| l)
     }
 
+    /// Number of trainable scalars (the adapter's, with LoRA).
+    pub fn trainable_numel(&self) -> i64 {
+        self.trainable.iter().map(|p| p.value.numel() as i64).sum()
+    }
+
     /// Copies of the adapter tensors on the CPU (fp32, PEFT keys), when training LoRA.
     pub fn adapter_snapshot(&self) -> Option<Vec<(String, Tensor)>> {
         self.lora.as_ref()?;
         Some(tch::no_grad(|| {
             self.trainable
                 .iter()
-                .map(|p| (p.name.clone(), p.value.detach().to_device(Device::Cpu).copy()))
+                .map(|p| {
+                    let master = match &p.low {
+                        Some(lo) => split::join(&p.value.detach(), lo),
+                        None => p.value.detach().copy(),
+                    };
+                    (p.name.clone(), master.to_device(Device::Cpu))
+                })
                 .collect()
         }))
     }

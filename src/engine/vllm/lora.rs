@@ -28,6 +28,11 @@ pub struct Route {
 pub struct Routes {
     current: std::sync::Mutex<Option<Arc<Route>>>,
     made: AtomicU64,
+    /// Generations read-hold it; the canary of a new adapter write-holds it. vLLM 0.26 with
+    /// `--enable-lora` fails its whole engine when a prompt-logprobs request shares a batch
+    /// with other requests (the LoRA logits processor's einsum gets the batch's token mapping
+    /// and the prompt's hidden states), so the canary runs alone.
+    pub gate: tokio::sync::RwLock<()>,
 }
 
 impl Routes {
@@ -62,6 +67,25 @@ fn retire(api: VllmApi, old: Arc<Route>, limit: Duration) {
 }
 
 impl VllmEngine {
+    /// The largest |vLLM - learner| logprob over the canary tokens under the new adapter, run
+    /// alone: running generations finish first and new ones wait (see [`Routes::gate`]). If
+    /// they do not finish within the update deadline, this version goes without a canary.
+    async fn adapter_canary(&self, api: &VllmApi, ids: &[i64], reference: &[f64]) -> Result<Option<f64>, EngineFailure> {
+        let waited = Instant::now();
+        let Ok(_alone) = tokio::time::timeout(self.cfg.update_deadline, self.route.gate.write()).await else {
+            tracing::warn!("generations kept running past the update deadline: this adapter goes without a canary");
+            return Ok(None);
+        };
+        let stall = Instant::now();
+        let served = api.prompt_logprobs(ids, self.cfg.update_deadline).await?;
+        tracing::debug!(
+            wait_s = waited.elapsed().as_secs_f64(),
+            stall_s = stall.elapsed().as_secs_f64(),
+            "adapter canary"
+        );
+        Ok(Some(served.iter().zip(reference).map(|(s, r)| (s - r).abs()).fold(0.0, f64::max)))
+    }
+
     /// The adapter rank vLLM takes, or why it takes none.
     fn check_rank(&self, r: i64) -> Result<(), EngineFailure> {
         let max = self.cfg.lora_rank.ok_or_else(|| {
@@ -95,20 +119,10 @@ impl VllmEngine {
             .map_err(|e| EngineFailure::Failed(format!("writing the adapter: {e}")))?
             .map_err(|e| EngineFailure::Failed(format!("writing the adapter: {e}")))?;
         let written = started.elapsed();
-        let on_adapter = api.for_model(&name);
         let checked = async {
             api.load_lora_adapter(&name, &dir, self.cfg.update_deadline).await?;
             match &update.canary {
-                Some((ids, reference)) => {
-                    let served = on_adapter.prompt_logprobs(ids, self.cfg.update_deadline).await?;
-                    Ok(Some(
-                        served
-                            .iter()
-                            .zip(reference)
-                            .map(|(s, r)| (s - r).abs())
-                            .fold(0.0, f64::max),
-                    ))
-                }
+                Some((ids, reference)) => self.adapter_canary(&api.for_model(&name), ids, reference).await,
                 None => Ok(None),
             }
         }
