@@ -26,11 +26,11 @@
 //! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated |
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
-//! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O |
-//! | [`train`] | AdamW (fused on libtorch's kernel) and Adafactor, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights |
+//! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O, LoRA adapters in PEFT's format |
+//! | [`train`] | AdamW (fused on libtorch's kernel), 8-bit AdamW and Adafactor, LoRA training, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights |
 //! | [`comm`] | NCCL broadcast (feature `cuda`): non-blocking communicators, deadlines, abort |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
-//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver, its HTTP API and its weight-transfer plugin (CUDA IPC, NCCL); `/generate` |
+//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver (with LoRA adapters), its HTTP API and its weight-transfer plugin (CUDA IPC, NCCL); `/generate` |
 //! | [`rpc`] | gRPC (`proto/grpo/v1`): generated types, the shared-token interceptors |
 //! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client, NCCL and CUDA IPC publishers, the sidecar's service and WeightReceiver |
 //! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |

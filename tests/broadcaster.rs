@@ -93,6 +93,9 @@ impl Sidecar for FakeSidecar {
     async fn install_ipc(&self, _r: Request<pb::InstallIpcRequest>) -> Rpc<pb::CommitUpdateResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn install_adapter(&self, _r: Request<pb::InstallAdapterRequest>) -> Rpc<pb::CommitUpdateResponse> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Serves `fake` on a loopback port; returns its URL.

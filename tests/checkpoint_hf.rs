@@ -73,6 +73,7 @@ fn roundtrip(arch: &str, extra: &[&str], max_shard_bytes: u64) {
     let job = CheckpointJob {
         kind: CheckpointKind::Step(1),
         weights: trainer.master_snapshot(),
+        adapter: None,
         optimizer,
         state: state.clone(),
     };

@@ -266,7 +266,11 @@ fn kill_and_resume(args: &[&str], checkpoint: &str) {
     api.post("/scored_data_list", &json!(data[..6]));
     wait_until(Duration::from_secs(120), "step 3", || metrics(killed.path()).len() >= 3);
     wait_until(Duration::from_secs(60), "the step-2 checkpoint", || {
-        killed.path().join(checkpoint).join("training_state/state.json").is_file()
+        killed
+            .path()
+            .join(checkpoint)
+            .join("training_state/state.json")
+            .is_file()
     });
     learner.signal("-KILL");
     let (code, _) = learner.wait(Duration::from_secs(30));

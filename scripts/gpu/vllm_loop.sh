@@ -14,6 +14,8 @@
 #   run("bash scripts/gpu/vllm_loop.sh vllm --install", carry=[".vllm-whl/c6", ".gpu"])
 #   run("bash scripts/gpu/vllm_loop.sh embedded", carry=[".gpu"])
 #   run("bash scripts/gpu/vllm_loop.sh ipc", carry=[".gpu"])   # CUDA IPC instead of gRPC + reload
+#   run("bash scripts/gpu/vllm_loop.sh lora", carry=[".gpu"])  # LoRA r=16: adapters hot-swapped
+#   run("bash scripts/gpu/vllm_loop.sh lora-restart", carry=[".gpu"])  # vLLM restarted every 10 steps
 set -uo pipefail
 MODE=${1:-vllm}
 if [ "${2:-}" = "--install" ]; then
@@ -46,6 +48,19 @@ elif [ "$MODE" = ipc ]; then
       -e 's|"--vllm-log", "{run}/logs/vllm.log",|"--vllm-log", "{run}/logs/vllm.log", "--vllm-weight-transfer", "ipc",|' \
       -e 's/name = "local-gpu-vllm"/name = "local-gpu-ipc"/' cluster/local-gpu-vllm.toml > "$MANIFEST"
   grep -q '"--vllm-weight-transfer", "ipc"' "$MANIFEST" && grep -q '"--sync-transport", "ipc"' "$MANIFEST" || { echo "ipc manifest edit failed"; exit 1; }
+elif [ "$MODE" = lora ] || [ "$MODE" = lora-restart ]; then
+  # LoRA r=16 on q/v (the Atropos defaults): only the adapter moves. lora: /v1/load_lora_adapter
+  # under a new name each version; lora-restart: vLLM restarted with --lora-modules every 10 steps.
+  MANIFEST=cluster/.gpu-$MODE.toml
+  if [ "$MODE" = lora ]; then BRIDGE='"--weight-bridge-mode", "lora"'; else
+    BRIDGE='"--weight-bridge-mode", "lora-restart", "--vllm-restart-interval", "10"'; fi
+  sed -e 's|"--vllm-log", "{run}/logs/vllm.log",|"--vllm-log", "{run}/logs/vllm.log", "--vllm-lora-rank", "16", "--checkpoint-root", "{run}/checkpoints",|' \
+      -e "s|\"--sync-transport\", \"grpc\"|$BRIDGE, \"--lora-r\", \"16\", \"--lora-alpha\", \"32\", \"--lr\", \"1e-2\"|" \
+      -e 's|make_demo_model.py", "--out", "{run}/model"|make_demo_model.py", "--out", "{run}/model", "--init-std", "0.1"|' \
+      -e "s/name = \"local-gpu-vllm\"/name = \"local-gpu-$MODE\"/" cluster/local-gpu-vllm.toml > "$MANIFEST"
+  grep -q -- '--vllm-lora-rank' "$MANIFEST" && grep -q -- '--lora-r' "$MANIFEST" || { echo "lora manifest edit failed"; exit 1; }
+  # The manifest's own --lr comes first; ours (later) wins only if the flag is repeatable: drop it.
+  sed -i 's/"--lr", "1e-3", //' "$MANIFEST"
 else
   # The embedded engine on the same model (one 64-wide head, as vLLM needs).
   MANIFEST=cluster/.gpu-embedded.toml
@@ -87,7 +102,7 @@ echo "launch exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1)
 RUN=$(ls -td runs/"$(sed -n 's/^name = "\(.*\)"/\1/p' "$MANIFEST" | head -1)"-* 2>/dev/null | head -1)
 cp "$RUN/checkpoints/metrics.jsonl" "$OUT/metrics_$MODE.jsonl" 2>/dev/null
 for f in "$RUN"/logs/*.log; do tail -40 "$f" > "$OUT/tail_${MODE}_$(basename "$f")"; done
-grep -h "vLLM serves the new version\|vLLM ready\|vLLM launched\|restarting\|CUDA IPC\|update rejected" "$RUN/logs/sidecar.log" 2>/dev/null \
+grep -h "vLLM serves the new version\|vLLM serves the new adapter\|restarted with the new adapter\|vLLM ready\|vLLM launched\|restarting\|CUDA IPC\|update rejected" "$RUN/logs/sidecar.log" 2>/dev/null \
   | sed 's/\x1b\[[0-9;]*m//g' > "$OUT/sidecar_sync_$MODE.log"
 python3 - "$OUT/metrics_$MODE.jsonl" "$OUT/sidecar_sync_$MODE.log" "$MODE" <<'PY'
 import json, re, statistics as st, sys, time
@@ -114,7 +129,7 @@ lines = open(sys.argv[2]).read().splitlines()
 write_s = [float(m.group(1)) for l in lines for m in [re.search(r"write_s=([0-9.e-]+)", l)] if m]
 def field(name):
     return [float(m.group(1)) for l in lines for m in [re.search(name + r"=([0-9.e-]+)", l)] if m]
-total_s, pause_s, reload_s, resume_s, swap_s, update_s = (field(n) for n in ["total_s", "pause_s", "reload_s", "resume_s", "swap_s", "update_s"])
+total_s, pause_s, reload_s, resume_s, swap_s, update_s, stall_s = (field(n) for n in ["total_s", "pause_s", "reload_s", "resume_s", "swap_s", "update_s", "stall_s"])
 print(f"| engine | steps | wall s | steps/min | trained tok/s | sync / wall | sync s per version (median) | raw copy s | sync / raw | reward first {k} -> last {k} |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 med = st.median(sync) if sync else float("nan")
@@ -124,7 +139,7 @@ if canary:
     print(f", canary max |dlogp| median {st.median(canary):.2e}, max {max(canary):.2e}", end="")
 if write_s or update_s:
     print(f"; sidecar medians: write {st.median(write_s) if write_s else 0:.4f} s", end="")
-    for name, xs in [("pause", pause_s), ("reload", reload_s), ("ipc update", update_s), ("resume", resume_s), ("swap", swap_s), ("with canary", total_s)]:
+    for name, xs in [("pause", pause_s), ("reload", reload_s), ("ipc update", update_s), ("resume", resume_s), ("swap", swap_s), ("with canary", total_s), ("restart stall", stall_s)]:
         if xs:
             print(f", {name} {st.median(xs):.4f} s", end="")
 print()

@@ -787,6 +787,48 @@ mod tests {
     }
 
     #[test]
+    fn lora_modes_take_the_atropos_defaults_and_other_modes_refuse_lora_flags() {
+        let dir = model_dir();
+        let base = || LearnerArgs {
+            model_name: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let cfg = LearnerArgs {
+            weight_bridge_mode: Some(BridgeMode::Lora),
+            ..base()
+        }
+        .resolve()
+        .expect("lora");
+        let lora = cfg.lora.expect("a LoRA spec");
+        assert_eq!((lora.r, lora.alpha, lora.dropout), (16, 32.0, 0.05));
+        assert_eq!(lora.targets.len(), 2, "q_proj and v_proj");
+        assert!(lora.layers.is_none());
+        let err = LearnerArgs {
+            lora_r: Some(8),
+            ..base()
+        }
+        .resolve()
+        .expect_err("broadcast with --lora-r");
+        assert!(err.to_string().contains("lora-r"), "{err}");
+        let err = LearnerArgs {
+            weight_bridge_mode: Some(BridgeMode::LoraRestart),
+            train_layer_indices: Some("0-1".into()),
+            ..base()
+        }
+        .resolve()
+        .expect_err("LoRA with --train-layer-indices");
+        assert!(err.to_string().contains("train-layer-indices"), "{err}");
+        let err = LearnerArgs {
+            weight_bridge_mode: Some(BridgeMode::Lora),
+            lora_dropout: Some(1.0),
+            ..base()
+        }
+        .resolve()
+        .expect_err("dropout 1");
+        assert!(err.to_string().contains("lora-dropout"), "{err}");
+    }
+
+    #[test]
     fn invalid_values_name_their_flag() {
         let dir = model_dir();
         let base = || LearnerArgs {

@@ -306,8 +306,11 @@ fn adapter_update_of(req: pb::InstallAdapterRequest, spec: &crate::model::ModelS
     Ok(AdapterUpdate { lora, tensors, canary })
 }
 
+/// Canary token ids, and the learner's logprob of each of `ids[1..]` after its prefix.
+type Canary = (Vec<i64>, Vec<f64>);
+
 /// A canary of n >= 2 ids and n - 1 logprobs, or none.
-fn canary_of(ids: Vec<i64>, logprobs: Vec<f64>) -> Result<Option<(Vec<i64>, Vec<f64>)>, Status> {
+fn canary_of(ids: Vec<i64>, logprobs: Vec<f64>) -> Result<Option<Canary>, Status> {
     if ids.len() >= 2 && logprobs.len() + 1 == ids.len() {
         Ok(Some((ids, logprobs)))
     } else if ids.is_empty() && logprobs.is_empty() {

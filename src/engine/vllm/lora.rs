@@ -70,7 +70,12 @@ impl VllmEngine {
     /// The largest |vLLM - learner| logprob over the canary tokens under the new adapter, run
     /// alone: running generations finish first and new ones wait (see [`Routes::gate`]). If
     /// they do not finish within the update deadline, this version goes without a canary.
-    async fn adapter_canary(&self, api: &VllmApi, ids: &[i64], reference: &[f64]) -> Result<Option<f64>, EngineFailure> {
+    async fn adapter_canary(
+        &self,
+        api: &VllmApi,
+        ids: &[i64],
+        reference: &[f64],
+    ) -> Result<Option<f64>, EngineFailure> {
         let waited = Instant::now();
         let Ok(_alone) = tokio::time::timeout(self.cfg.update_deadline, self.route.gate.write()).await else {
             tracing::warn!("generations kept running past the update deadline: this adapter goes without a canary");
@@ -83,7 +88,13 @@ impl VllmEngine {
             stall_s = stall.elapsed().as_secs_f64(),
             "adapter canary"
         );
-        Ok(Some(served.iter().zip(reference).map(|(s, r)| (s - r).abs()).fold(0.0, f64::max)))
+        Ok(Some(
+            served
+                .iter()
+                .zip(reference)
+                .map(|(s, r)| (s - r).abs())
+                .fold(0.0, f64::max),
+        ))
     }
 
     /// The adapter rank vLLM takes, or why it takes none.
