@@ -71,7 +71,16 @@ fi
 sed -e "s/steps = 200/steps = $STEPS/" -e "s/\"--training-steps\", \"200\"/\"--training-steps\", \"$STEPS\"/" \
     -e '0,/^name = /s/^name = "\(.*\)"/name = "\1-'"$STEPS"'"/' "$MANIFEST" > "cluster/.gpu-$MODE-$STEPS.toml"
 MANIFEST="cluster/.gpu-$MODE-$STEPS.toml"
-if [ "${BIG:-0}" = 1 ]; then
+if [ "${BIG:-0}" = 2 ]; then
+  # The 1.5B shape (Qwen2.5-1.5B's layout: hidden 1536, 28 layers, 12 heads of 128, 2 KV heads,
+  # intermediate 8960; the demo's small vocabulary), staged on /tmp: what a LoRA swap costs there.
+  MANIFEST_BIG=cluster/.gpu-big2-$MODE.toml
+  sed -e 's/"--heads", "1", "--kv-heads", "1"\]/"--hidden", "1536", "--layers", "28", "--heads", "12", "--kv-heads", "2", "--intermediate", "8960"]/' \
+      -e 's/"--init-std", "0.1", //' \
+      -e 's|/dev/shm/grpo-{port:sidecar}|/tmp/grpo-{port:sidecar}|' -e '0,/^name = /s/^name = "\(.*\)"/name = "big2-\1"/' "$MANIFEST" > "$MANIFEST_BIG"
+  grep -q '"--hidden", "1536"' "$MANIFEST_BIG" || { echo "big2 manifest edit failed"; exit 1; }
+  MANIFEST=$MANIFEST_BIG
+elif [ "${BIG:-0}" = 1 ]; then
   # A 0.36B model of the same layout (hidden 896, 24 layers, 14 heads of 64, 2 KV heads): what the
   # sync path costs when the bytes matter (1.4 GB per version in fp32), staged on /tmp.
   MANIFEST_BIG=cluster/.gpu-big-$MODE.toml
