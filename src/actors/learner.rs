@@ -38,6 +38,9 @@ pub struct SyncHook {
     pub ipc: bool,
 }
 
+/// Largest adapter one InstallAdapter carries (the sidecar's gRPC message limit is 256 MiB).
+const MAX_ADAPTER_BYTES: u64 = 250 << 20;
+
 /// Tokens of the canary the learner sends along with a CUDA IPC or LoRA adapter version.
 const IPC_CANARY_TOKENS: usize = 16;
 
@@ -157,6 +160,13 @@ fn adapter_request(t: &crate::train::Trainer) -> Result<(u64, crate::rpc::pb::In
     };
     let config = lora.peft_config("base").to_string();
     let bytes = crate::model::safetensors_io::to_file_bytes(&tensors).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_ADAPTER_BYTES {
+        return Err(format!(
+            "the adapter is {} MiB in fp32, over the {} MiB a sidecar takes in one message: lower --lora-r or target fewer modules",
+            bytes.len() >> 20,
+            MAX_ADAPTER_BYTES >> 20
+        ));
+    }
     let ids = crate::engine::vllm::canary_ids(t.model().spec().vocab_size, IPC_CANARY_TOKENS);
     let (canary_ids, canary_logprobs) = match crate::engine::vllm::model_logprobs(t.model(), &ids, t.device()) {
         Ok(lps) => (ids, lps),

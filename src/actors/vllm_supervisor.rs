@@ -471,12 +471,15 @@ impl Actor for VllmSupervisor {
                 crate::telemetry::prom::sidecar().engine_restarts.inc();
                 st.lora_module = Some((name, dir));
                 st.ready_since = None;
-                st.kill().await;
+                // Not ready from now: no generation goes to the old launch for the new adapter.
                 st.state.send_replace(VllmState::Starting { launch: st.generation });
+                st.kill().await;
                 myself.cast(VllmMsg::Launch)?;
             }
             VllmMsg::Order(SupervisorOrder::RestartOn(dir)) => {
                 tracing::info!(model = %dir.display(), "restarting vLLM on a checkpoint");
+                // Full weights: no adapter on top of them.
+                st.lora_module = None;
                 st.restarts += 1;
                 crate::telemetry::prom::sidecar().engine_restarts.inc();
                 st.model_override = Some(dir);
@@ -516,7 +519,11 @@ fn probe(myself: &ActorRef<VllmMsg>, st: &mut VllmSupervisorState) {
         let ok = match shared.current.try_lock() {
             Ok(guard) => {
                 drop(guard);
-                api.complete(&[0], &probe_params(), limit).await.is_ok()
+                // Beside an adapter's canary the probe would share its batch: skip it then.
+                match shared.gate.try_read() {
+                    Ok(_running) => api.complete(&[0], &probe_params(), limit).await.is_ok(),
+                    Err(_) => true,
+                }
             }
             Err(_) => true,
         };

@@ -59,6 +59,12 @@ pub enum SupervisorOrder {
 /// the liveness probe skips while it is held (vLLM is paused then).
 pub struct VllmShared {
     pub current: Arc<Mutex<Option<Current>>>,
+    /// Generations (and the supervisor's probe) read-hold it; the canary of a new LoRA adapter
+    /// write-holds it. vLLM 0.26 with `--enable-lora` fails its whole engine when a
+    /// prompt-logprobs request shares a batch with other requests (the LoRA logits processor's
+    /// einsum gets the batch's token mapping and the prompt's hidden states), so that canary
+    /// runs alone.
+    pub gate: tokio::sync::RwLock<()>,
 }
 
 /// How full weights get into vLLM (`--vllm-weight-transfer`).
@@ -458,7 +464,7 @@ impl InferenceEngine for VllmEngine {
     async fn generate(&self, prompt: Vec<i64>, params: JobParams) -> Result<Vec<Completion>, EngineFailure> {
         let api = self.ready(self.cfg.ready_wait).await?;
         // A request runs to its end on the adapter it began with (held until it returns).
-        let _shared = self.route.gate.read().await;
+        let _shared = self.shared.gate.read().await;
         let route = self.route.current();
         let api = match &route {
             Some(r) => api.for_model(&r.name),
@@ -538,6 +544,8 @@ impl InferenceEngine for VllmEngine {
             digest: None,
             adapter: None,
         };
+        // Full weights from here on: generations go to the base model again.
+        self.route.clear();
         match api.swap_in(dir, self.cfg.pause_mode, self.cfg.update_deadline).await {
             Ok(_) => {
                 remove_replaced(current.replace(entry), None);

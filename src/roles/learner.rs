@@ -155,7 +155,7 @@ fn build_trainer(
     resumed: Option<&Path>,
     lora: Option<crate::model::lora::LoraSpec>,
     layers: Option<&crate::train::LayerSet>,
-    tcfg: TrainerConfig,
+    (tcfg, seed): (TrainerConfig, i64),
 ) -> Result<Trainer, TrainError> {
     let Some(lora) = lora else {
         let params = load_params(spec, resumed.unwrap_or(model), tcfg.device)?;
@@ -174,7 +174,7 @@ fn build_trainer(
             }
             tensors
         }
-        None => lora.init(spec, 0x10ba, tch::Device::Cpu),
+        None => lora.init(spec, seed, tch::Device::Cpu),
     };
     Trainer::with_lora(spec, base, lora, tensors, tcfg)
 }
@@ -242,7 +242,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             resumed_dir.as_deref(),
             lora,
             layers.as_ref(),
-            tcfg,
+            (tcfg, seed as i64),
         )?;
         if let Some((state, opt)) = restore {
             trainer.restore(opt, state.optimizer_steps, state.step, state.skipped_steps)?;

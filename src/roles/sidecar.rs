@@ -100,6 +100,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
     };
     let shared = Arc::new(VllmShared {
         current: Arc::new(Mutex::new(None)),
+        gate: tokio::sync::RwLock::new(()),
     });
     let (state_tx, mut state) = watch::channel(VllmState::Starting { launch: 0 });
     let (orders_tx, orders) = mpsc::channel(4);

@@ -252,8 +252,13 @@ impl SidecarClient {
             path: path.into(),
             adapter,
         };
-        self.within("load_checkpoint", self.deadlines.rpc * 12, raw.load_checkpoint(req))
-            .await?;
+        // An adapter (lora-restart) comes in through a restart of vLLM: allow for a cold start.
+        let limit = if adapter {
+            (self.deadlines.rpc * 12).max(Duration::from_secs(700))
+        } else {
+            self.deadlines.rpc * 12
+        };
+        self.within("load_checkpoint", limit, raw.load_checkpoint(req)).await?;
         Ok(Published {
             version,
             bytes: 0,
@@ -270,7 +275,10 @@ impl SidecarClient {
         let version = PolicyVersion(req.version.map_or(0, |v| v.step));
         let bytes = req.adapter_safetensors.len() as u64;
         let mut raw = self.raw.clone();
-        let limit = self.deadlines.rpc * 6 + Duration::from_secs_f64(bytes as f64 / self.deadlines.min_bytes_per_s);
+        // The sidecar's worst case: vLLM ready, the load, the canary's wait and the canary.
+        let limit = self.deadlines.rpc * 12
+            + Duration::from_secs(15)
+            + Duration::from_secs_f64(bytes as f64 / self.deadlines.min_bytes_per_s);
         let done = self.within("install_adapter", limit, raw.install_adapter(req)).await?;
         Ok(Published {
             version,

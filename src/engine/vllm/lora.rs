@@ -28,11 +28,6 @@ pub struct Route {
 pub struct Routes {
     current: std::sync::Mutex<Option<Arc<Route>>>,
     made: AtomicU64,
-    /// Generations read-hold it; the canary of a new adapter write-holds it. vLLM 0.26 with
-    /// `--enable-lora` fails its whole engine when a prompt-logprobs request shares a batch
-    /// with other requests (the LoRA logits processor's einsum gets the batch's token mapping
-    /// and the prompt's hidden states), so the canary runs alone.
-    pub gate: tokio::sync::RwLock<()>,
 }
 
 impl Routes {
@@ -46,10 +41,18 @@ impl Routes {
         std::mem::replace(&mut *crate::lock::recover(&self.current), route)
     }
 
+    /// New generations go to the base model (full weights replaced the adapter).
+    pub fn clear(&self) {
+        self.replace(None);
+    }
+
     fn next_name(&self) -> String {
         format!("grpo-lora-{}", self.made.fetch_add(1, Ordering::SeqCst) + 1)
     }
 }
+
+/// Longest the adapter canary waits for running generations to drain (new ones wait meanwhile).
+pub const CANARY_WAIT: Duration = Duration::from_secs(5);
 
 /// Once no request holds `old` (at most `limit`), unloads it from vLLM and removes its files.
 fn retire(api: VllmApi, old: Arc<Route>, limit: Duration) {
@@ -68,8 +71,9 @@ fn retire(api: VllmApi, old: Arc<Route>, limit: Duration) {
 
 impl VllmEngine {
     /// The largest |vLLM - learner| logprob over the canary tokens under the new adapter, run
-    /// alone: running generations finish first and new ones wait (see [`Routes::gate`]). If
-    /// they do not finish within the update deadline, this version goes without a canary.
+    /// alone (see `VllmShared::gate`): running generations finish first and new ones wait, at
+    /// most [`CANARY_WAIT`]; past that this version goes without a canary rather than stall
+    /// generation longer.
     async fn adapter_canary(
         &self,
         api: &VllmApi,
@@ -77,8 +81,11 @@ impl VllmEngine {
         reference: &[f64],
     ) -> Result<Option<f64>, EngineFailure> {
         let waited = Instant::now();
-        let Ok(_alone) = tokio::time::timeout(self.cfg.update_deadline, self.route.gate.write()).await else {
-            tracing::warn!("generations kept running past the update deadline: this adapter goes without a canary");
+        let Ok(_alone) = tokio::time::timeout(CANARY_WAIT, self.shared.gate.write()).await else {
+            tracing::warn!(
+                wait_s = CANARY_WAIT.as_secs_f64(),
+                "generations kept running: this adapter goes without a canary"
+            );
             return Ok(None);
         };
         let stall = Instant::now();
@@ -125,10 +132,15 @@ impl VllmEngine {
         let dir = self.cfg.weights_dir.join(&name);
         let (lora, tensors, base) = (update.lora, update.tensors, self.cfg.model_dir.display().to_string());
         let target = dir.clone();
-        tokio::task::spawn_blocking(move || crate::model::lora::save_adapter(&target, &lora, &tensors, &base))
-            .await
-            .map_err(|e| EngineFailure::Failed(format!("writing the adapter: {e}")))?
-            .map_err(|e| EngineFailure::Failed(format!("writing the adapter: {e}")))?;
+        let saved =
+            tokio::task::spawn_blocking(move || crate::model::lora::save_adapter(&target, &lora, &tensors, &base))
+                .await
+                .map_err(|e| EngineFailure::Failed(format!("writing the adapter: {e}")))
+                .and_then(|r| r.map_err(|e| EngineFailure::Failed(format!("writing the adapter: {e}"))));
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         let written = started.elapsed();
         let checked = async {
             api.load_lora_adapter(&name, &dir, self.cfg.update_deadline).await?;
@@ -171,40 +183,73 @@ impl VllmEngine {
     }
 
     /// `lora-restart` mode: restarts vLLM with the adapter in `dir` loaded from the start and
-    /// routes generations to it; records how long generation stalled.
+    /// routes generations to it; records how long generation stalled. vLLM starts from the
+    /// sidecar's own copy of the adapter (the learner prunes its directories, and a later
+    /// relaunch after a crash must still find it). A repeat of the version already served is a
+    /// no-op (a learner that timed out waiting resends it).
     pub(super) async fn restart_with_adapter(&self, dir: &Path, version: PolicyVersion) -> Result<(), EngineFailure> {
         let update = read_adapter_dir(dir, self.spec.clone()).await?;
         self.check_rank(update.lora.r)?;
+        if self.already_serving(version).await {
+            return Ok(());
+        }
         let started = Instant::now();
         let name = self.route.next_name();
+        let copy = self.cfg.weights_dir.join(&name);
+        let (lora, tensors, base, target) = (
+            update.lora,
+            update.tensors,
+            self.cfg.model_dir.display().to_string(),
+            copy.clone(),
+        );
+        tokio::task::spawn_blocking(move || crate::model::lora::save_adapter(&target, &lora, &tensors, &base))
+            .await
+            .map_err(|e| EngineFailure::Failed(format!("copying the adapter: {e}")))?
+            .map_err(|e| EngineFailure::Failed(format!("copying the adapter: {e}")))?;
         let mut current = self.shared.current.lock().await;
+        let previous = current.as_ref().and_then(|c| c.adapter.clone());
         *current = Some(Current {
             version,
             dir: None,
             owned: false,
             digest: None,
-            adapter: Some((name.clone(), dir.to_path_buf())),
+            adapter: Some((name.clone(), copy.clone())),
         });
         drop(current);
-        self.route.replace(Some(Arc::new(Route {
-            name: name.clone(),
-            dir: dir.to_path_buf(),
-        })));
         self.orders
-            .send(SupervisorOrder::RestartWithAdapter(name.clone(), dir.to_path_buf()))
+            .send(SupervisorOrder::RestartWithAdapter(name.clone(), copy.clone()))
             .await
             .map_err(|_| EngineFailure::Unavailable("the vLLM supervisor has stopped".into()))?;
-        // The restart must be seen before waiting for readiness.
+        // Route to the new name only once the old launch is down (it never had it).
         let mut state = self.state.clone();
         let _ = tokio::time::timeout(
             Duration::from_secs(30),
             state.wait_for(|s| !matches!(s, VllmState::Ready { .. })),
         )
         .await;
+        self.route.replace(Some(Arc::new(Route {
+            name: name.clone(),
+            dir: copy,
+        })));
+        if let Some((_, old)) = previous.filter(|(_, d)| d.starts_with(&self.cfg.weights_dir)) {
+            let _ = std::fs::remove_dir_all(old);
+        }
         self.ready(self.cfg.ready_wait).await?;
         let stall = started.elapsed().as_secs_f64();
         crate::telemetry::prom::sidecar().lora_restart_seconds.set(stall);
         tracing::info!(version = version.0, adapter = %name, stall_s = stall, "vLLM restarted with the new adapter");
         Ok(())
+    }
+
+    /// Whether vLLM is ready and already serves `version` with an adapter.
+    async fn already_serving(&self, version: PolicyVersion) -> bool {
+        let same = self
+            .shared
+            .current
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.version == version && c.adapter.is_some());
+        same && matches!(*self.state.borrow(), VllmState::Ready { .. })
     }
 }
