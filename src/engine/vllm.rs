@@ -164,6 +164,17 @@ impl VllmEngine {
         VllmApi::new(ready, self.cfg.served_name.clone())
     }
 
+    /// Waits (at most 30 s) until the supervisor has taken the current launch out of service
+    /// for a restart it was ordered to make.
+    async fn restart_begun(&self) {
+        let mut state = self.state.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            state.wait_for(|s| !matches!(s, VllmState::Ready { .. })),
+        )
+        .await;
+    }
+
     /// Compares vLLM's prompt logprobs on the canary tokens with our reference.
     async fn check_canary(&self, api: &VllmApi, reference: Option<Canary>) -> Result<Option<f64>, EngineFailure> {
         let Some(c) = reference else {
@@ -560,12 +571,7 @@ impl InferenceEngine for VllmEngine {
                     .await
                     .map_err(|_| EngineFailure::Unavailable("the vLLM supervisor has stopped".into()))?;
                 // The restart must be seen before waiting for readiness.
-                let mut state = self.state.clone();
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    state.wait_for(|s| !matches!(s, VllmState::Ready { .. })),
-                )
-                .await;
+                self.restart_begun().await;
                 self.ready(self.cfg.ready_wait).await.map(|_| ())
             }
         }

@@ -78,6 +78,15 @@ fn pv(v: PolicyVersion) -> Option<pb::PolicyVersion> {
     Some(pb::PolicyVersion { step: v.0 })
 }
 
+/// The reply to an install the engine applied.
+fn committed(version: PolicyVersion, applied: Applied) -> Response<pb::CommitUpdateResponse> {
+    Response::new(pb::CommitUpdateResponse {
+        version: pv(version),
+        apply_seconds: applied.seconds,
+        canary_max_abs_diff: applied.installed.canary_max_abs_diff,
+    })
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -258,11 +267,7 @@ impl Sidecar for SidecarService {
         let applied = ractor::call!(self.receiver, ReceiverMsg::InstallIpc, version, update)
             .map_err(internal)?
             .map_err(Status::failed_precondition)?;
-        Ok(Response::new(pb::CommitUpdateResponse {
-            version: pv(version),
-            apply_seconds: applied.seconds,
-            canary_max_abs_diff: applied.installed.canary_max_abs_diff,
-        }))
+        Ok(committed(version, applied))
     }
 
     async fn install_adapter(
@@ -279,11 +284,7 @@ impl Sidecar for SidecarService {
         let applied = ractor::call!(self.receiver, ReceiverMsg::InstallAdapter, version, update)
             .map_err(internal)?
             .map_err(Status::failed_precondition)?;
-        Ok(Response::new(pb::CommitUpdateResponse {
-            version: pv(version),
-            apply_seconds: applied.seconds,
-            canary_max_abs_diff: applied.installed.canary_max_abs_diff,
-        }))
+        Ok(committed(version, applied))
     }
 }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use super::adamw::MasterParam;
+use super::optimizer::restore_slot;
 use super::split;
 
 /// Adafactor hyper-parameters; the defaults are transformers'.
@@ -160,17 +161,7 @@ impl Adafactor {
     /// Restores state written by [`Adafactor::state_tensors`]; every parameter must be present.
     pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
         let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-        let mut take = |key: String, slot: &Tensor| -> Result<(), String> {
-            let saved = by_name
-                .remove(&key)
-                .ok_or_else(|| format!("optimizer state lacks {key} (was it written by Adafactor?)"))?;
-            if saved.size() != slot.size() {
-                return Err(format!("{key}: shape {:?}, expected {:?}", saved.size(), slot.size()));
-            }
-            let mut slot = slot.shallow_clone();
-            tch::no_grad(|| slot.copy_(&saved));
-            Ok(())
-        };
+        let mut take = |key: String, slot: &Tensor| restore_slot(&mut by_name, key, slot, "Adafactor", false);
         for (name, m) in &self.moments {
             match m {
                 Moment::Factored { row, col } => {

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::adamw::{AdamWConfig, MasterParam, SLICE_ELEMENTS};
+use super::optimizer::restore_slot;
 use super::split;
 
 /// Elements per quantization block (bitsandbytes' optimizer block size).
@@ -208,22 +209,7 @@ impl AdamW8bit {
     /// Restores state written by [`AdamW8bit::state_tensors`]; every parameter must be present.
     pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
         let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-        let mut take = |key: String, slot: &Tensor| -> Result<(), String> {
-            let saved = by_name
-                .remove(&key)
-                .ok_or_else(|| format!("optimizer state lacks {key} (was it written by 8-bit AdamW?)"))?;
-            if saved.size() != slot.size() || saved.kind() != slot.kind() {
-                return Err(format!(
-                    "{key}: {:?} {:?}, expected {:?} {:?}",
-                    saved.kind(),
-                    saved.size(),
-                    slot.kind(),
-                    slot.size()
-                ));
-            }
-            tch::no_grad(|| slot.shallow_clone().copy_(&saved));
-            Ok(())
-        };
+        let mut take = |key: String, slot: &Tensor| restore_slot(&mut by_name, key, slot, "8-bit AdamW", true);
         for (name, m) in &self.moments {
             match m {
                 Moments::Q8 { m, m_max, v, v_max } => {

@@ -1,6 +1,8 @@
 //! The optimizer a trainer runs: AdamW, 8-bit AdamW or Adafactor, behind one step/state
 //! interface.
 
+use std::collections::BTreeMap;
+
 use tch::{Kind, Tensor};
 
 use super::adafactor::{Adafactor, AdafactorConfig};
@@ -88,4 +90,29 @@ impl Optimizer {
             Optimizer::Adafactor(o) => o.load_state_tensors(tensors, steps),
         }
     }
+}
+
+/// Copies the saved state `key` (taken out of `saved`) into `slot`, which it must match in
+/// shape (and in dtype with `same_kind`); `writer` names the optimizer in the error.
+pub(super) fn restore_slot(
+    saved: &mut BTreeMap<String, Tensor>,
+    key: String,
+    slot: &Tensor,
+    writer: &str,
+    same_kind: bool,
+) -> Result<(), String> {
+    let value = saved
+        .remove(&key)
+        .ok_or_else(|| format!("optimizer state lacks {key} (was it written by {writer}?)"))?;
+    if value.size() != slot.size() || (same_kind && value.kind() != slot.kind()) {
+        return Err(format!(
+            "{key}: {:?} {:?}, expected {:?} {:?}",
+            value.kind(),
+            value.size(),
+            slot.kind(),
+            slot.size()
+        ));
+    }
+    tch::no_grad(|| slot.shallow_clone().copy_(&value));
+    Ok(())
 }

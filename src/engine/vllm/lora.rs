@@ -221,12 +221,7 @@ impl VllmEngine {
             .await
             .map_err(|_| EngineFailure::Unavailable("the vLLM supervisor has stopped".into()))?;
         // Route to the new name only once the old launch is down (it never had it).
-        let mut state = self.state.clone();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(30),
-            state.wait_for(|s| !matches!(s, VllmState::Ready { .. })),
-        )
-        .await;
+        self.restart_begun().await;
         self.route.replace(Some(Arc::new(Route {
             name: name.clone(),
             dir: copy,
