@@ -676,7 +676,9 @@ fn lora_mode_hot_swaps_adapters_into_vllm() {
         "grpo_weight_updates",
         Some(("reason", "installed")),
     );
-    assert!(installs >= 5.0, "the initial adapter and 4 versions: {installs}");
+    // The newest version wins: one a slower install overtook is skipped, so at least the
+    // initial adapter and the final one.
+    assert!(installs >= 2.0, "adapter installs: {installs}");
 }
 
 /// `--weight-bridge-mode lora-restart` into real vLLM: every 2 steps the VllmSupervisor
