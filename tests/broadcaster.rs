@@ -93,7 +93,7 @@ impl Sidecar for FakeSidecar {
     async fn install_ipc(&self, _r: Request<pb::InstallIpcRequest>) -> Rpc<pb::CommitUpdateResponse> {
         Err(Status::unimplemented("fake"))
     }
-    async fn install_adapter(&self, _r: Request<pb::InstallAdapterRequest>) -> Rpc<pb::CommitUpdateResponse> {
+    async fn install_adapter(&self, _r: Request<tonic::Streaming<pb::AdapterChunk>>) -> Rpc<pb::CommitUpdateResponse> {
         Err(Status::unimplemented("fake"))
     }
 }

@@ -916,7 +916,33 @@ const LORA_ARGS: [&str; 6] = [
 /// format as `final_adapter/`, next to `adapter_step_N/` with its training state).
 #[test]
 fn lora_mode_hot_swaps_the_adapter_into_the_engine() {
-    let model = common::tiny_model("llama", &[]);
+    lora_mode_serves_the_final_adapter(&[], &LORA_ARGS);
+}
+
+/// An adapter larger than one slice of InstallAdapter's stream (r=1024 on all seven modules of
+/// a 256-wide model: 46 MiB in fp32, three 16 MiB slices) crosses whole: the engine serves it
+/// exactly.
+#[test]
+fn a_large_adapter_crosses_in_slices() {
+    let wide = ["--hidden", "256", "--intermediate", "1024"];
+    let bytes = lora_mode_serves_the_final_adapter(
+        &wide,
+        &[
+            "--lora-r",
+            "1024",
+            "--lora-alpha",
+            "1024",
+            "--lora-target-modules",
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        ],
+    );
+    let slice = grpo_node::sync::client::ADAPTER_CHUNK_BYTES as u64;
+    assert!(bytes > 2 * slice, "the adapter ({bytes} bytes) must need three slices");
+}
+
+/// Returns the size of the final adapter's safetensors file.
+fn lora_mode_serves_the_final_adapter(model_args: &[&str], lora_args: &[&str]) -> u64 {
+    let model = common::tiny_model("llama", model_args);
     let work = tempfile::tempdir().expect("work");
     let sidecar = Sidecar::start(model.path(), &work.path().join("sidecar"));
     let api = RunApi::start();
@@ -929,9 +955,9 @@ fn lora_mode_hot_swaps_the_adapter_into_the_engine() {
         "--checkpoint-interval",
         "2",
     ];
-    extra.extend(LORA_ARGS);
+    extra.extend(lora_args);
     let learner = Learner::spawn(model.path(), &api, &save, &synced_to(&sidecar.url(), &extra));
-    api.wait_registered(4);
+    api.wait_registered_by(4, &learner);
     api.post("/scored_data_list", &json!((0..6).map(group).collect::<Vec<_>>()));
     let (code, log) = learner.wait(Duration::from_secs(120));
     assert_eq!(code, 0, "{log}");
@@ -964,6 +990,8 @@ fn lora_mode_hot_swaps_the_adapter_into_the_engine() {
         .filter_map(|r| r["sync_canary_max_abs_diff"].as_f64())
         .collect();
     assert!(canaries.iter().all(|&c| c < 1e-5), "canaries {canaries:?}");
+    let file = save.join("final_adapter/adapter_model.safetensors");
+    std::fs::metadata(file).expect("adapter file").len()
 }
 
 /// `--weight-bridge-mode lora-restart` with `--merge-lora-on-save`: every interval the sidecar

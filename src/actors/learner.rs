@@ -19,6 +19,7 @@ use super::weight_broadcaster::{put_latest, BroadcasterMsg, LatestSlot, Payload,
 use crate::config::BridgeMode;
 use crate::engine::PolicyVersion;
 use crate::lock::recover;
+use crate::sync::service::MAX_ADAPTER_BYTES;
 use crate::sync::WeightSet;
 
 /// How the learner hands new versions to the WeightBroadcaster.
@@ -37,9 +38,6 @@ pub struct SyncHook {
     /// stay lent for the IPC deadline.
     pub ipc: bool,
 }
-
-/// Largest adapter one InstallAdapter carries (the sidecar's gRPC message limit is 256 MiB).
-const MAX_ADAPTER_BYTES: u64 = 250 << 20;
 
 /// Tokens of the canary the learner sends along with a CUDA IPC or LoRA adapter version.
 const IPC_CANARY_TOKENS: usize = 16;
@@ -162,9 +160,9 @@ fn adapter_request(t: &crate::train::Trainer) -> Result<(u64, crate::rpc::pb::In
     let bytes = crate::model::safetensors_io::to_file_bytes(&tensors).map_err(|e| e.to_string())?;
     if bytes.len() as u64 > MAX_ADAPTER_BYTES {
         return Err(format!(
-            "the adapter is {} MiB in fp32, over the {} MiB a sidecar takes in one message: lower --lora-r or target fewer modules",
+            "the adapter is {} MiB in fp32, over the {} GiB a sidecar takes: lower --lora-r or target fewer modules",
             bytes.len() >> 20,
-            MAX_ADAPTER_BYTES >> 20
+            MAX_ADAPTER_BYTES >> 30
         ));
     }
     let ids = crate::engine::vllm::canary_ids(t.model().spec().vocab_size, IPC_CANARY_TOKENS);
@@ -181,6 +179,7 @@ fn adapter_request(t: &crate::train::Trainer) -> Result<(u64, crate::rpc::pb::In
         adapter_safetensors: bytes,
         canary_ids,
         canary_logprobs,
+        adapter_bytes: 0,
     };
     Ok((t.steps_done(), req))
 }

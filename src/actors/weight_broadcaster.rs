@@ -237,9 +237,7 @@ async fn send(
         }
         Payload::Adapter(req) => {
             drop(hold);
-            let mut req = (**req).clone();
-            req.version = Some(crate::rpc::pb::PolicyVersion { step: job.version.0 });
-            (text(client.install_adapter(req).await), link)
+            (text(client.install_adapter(req.clone(), job.version).await), link)
         }
         #[cfg(feature = "cuda")]
         Payload::Device(weights) => {

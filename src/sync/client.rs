@@ -268,18 +268,24 @@ impl SidecarClient {
         })
     }
 
-    /// LoRA mode: sends one adapter version (PEFT's two files); returns once the sidecar serves
-    /// it.
-    pub async fn install_adapter(&self, req: pb::InstallAdapterRequest) -> Result<Published, SyncError> {
+    /// LoRA mode: sends one adapter version (PEFT's two files) as a stream: the head, then the
+    /// safetensors file in slices of [`ADAPTER_CHUNK_BYTES`]; returns once the sidecar serves it.
+    pub async fn install_adapter(
+        &self,
+        req: Arc<pb::InstallAdapterRequest>,
+        version: PolicyVersion,
+    ) -> Result<Published, SyncError> {
         let started = Instant::now();
-        let version = PolicyVersion(req.version.map_or(0, |v| v.step));
         let bytes = req.adapter_safetensors.len() as u64;
         let mut raw = self.raw.clone();
         // The sidecar's worst case: vLLM ready, the load, the canary's wait and the canary.
         let limit = self.deadlines.rpc * 12
             + Duration::from_secs(15)
             + Duration::from_secs_f64(bytes as f64 / self.deadlines.min_bytes_per_s);
-        let done = self.within("install_adapter", limit, raw.install_adapter(req)).await?;
+        let stream = tokio_stream::iter(adapter_chunks(req, version));
+        let done = self
+            .within("install_adapter", limit, raw.install_adapter(stream))
+            .await?;
         Ok(Published {
             version,
             bytes,
@@ -306,4 +312,36 @@ impl SidecarClient {
             phases: vec![("install_ipc", started.elapsed().as_secs_f64())],
         })
     }
+}
+
+/// The slice of an adapter's safetensors file one stream message carries (well under the
+/// sidecar's 256 MiB per message).
+pub const ADAPTER_CHUNK_BYTES: usize = 16 << 20;
+
+/// InstallAdapter's stream for `req` as `version`: the head (its file left out, its size in
+/// `adapter_bytes`), then the file in slices, each copied only when the stream asks for it.
+pub fn adapter_chunks(
+    req: Arc<pb::InstallAdapterRequest>,
+    version: PolicyVersion,
+) -> impl Iterator<Item = pb::AdapterChunk> + Send + 'static {
+    let head = pb::InstallAdapterRequest {
+        version: Some(pb::PolicyVersion { step: version.0 }),
+        adapter_config: req.adapter_config.clone(),
+        adapter_safetensors: Vec::new(),
+        canary_ids: req.canary_ids.clone(),
+        canary_logprobs: req.canary_logprobs.clone(),
+        adapter_bytes: req.adapter_safetensors.len() as u64,
+    };
+    let slices = req.adapter_safetensors.len().div_ceil(ADAPTER_CHUNK_BYTES);
+    let first = pb::AdapterChunk {
+        head: Some(head),
+        data: Vec::new(),
+    };
+    std::iter::once(first).chain((0..slices).map(move |i| {
+        let end = ((i + 1) * ADAPTER_CHUNK_BYTES).min(req.adapter_safetensors.len());
+        pb::AdapterChunk {
+            head: None,
+            data: req.adapter_safetensors[i * ADAPTER_CHUNK_BYTES..end].to_vec(),
+        }
+    }))
 }

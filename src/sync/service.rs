@@ -272,9 +272,14 @@ impl Sidecar for SidecarService {
 
     async fn install_adapter(
         &self,
-        req: Request<pb::InstallAdapterRequest>,
+        req: Request<Streaming<pb::AdapterChunk>>,
     ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
-        let req = req.into_inner();
+        let mut stream = req.into_inner();
+        let mut assembly = AdapterAssembly::default();
+        while let Some(chunk) = stream.message().await? {
+            assembly.push(chunk)?;
+        }
+        let req = assembly.finish()?;
         let version = version_of(req.version)?;
         let spec = self
             .engine
@@ -285,6 +290,67 @@ impl Sidecar for SidecarService {
             .map_err(internal)?
             .map_err(Status::failed_precondition)?;
         Ok(committed(version, applied))
+    }
+}
+
+/// The largest adapter file a sidecar takes (it holds one in memory while it installs it).
+pub const MAX_ADAPTER_BYTES: u64 = 16 << 30;
+
+/// InstallAdapter's stream put back together: the head first, then slices up to its declared
+/// size. Anything else (no head, a second head, more or fewer bytes) is refused.
+#[derive(Default)]
+pub struct AdapterAssembly {
+    head: Option<pb::InstallAdapterRequest>,
+}
+
+impl AdapterAssembly {
+    /// Takes the next message of the stream.
+    pub fn push(&mut self, chunk: pb::AdapterChunk) -> Result<(), Status> {
+        let bad = |why: &str| Err(Status::invalid_argument(format!("adapter stream: {why}")));
+        match (&mut self.head, chunk.head) {
+            (None, Some(head)) => {
+                if head.adapter_bytes > MAX_ADAPTER_BYTES {
+                    return bad(&format!(
+                        "{} bytes declared, over the sidecar's {} GiB",
+                        head.adapter_bytes,
+                        MAX_ADAPTER_BYTES >> 30
+                    ));
+                }
+                if !head.adapter_safetensors.is_empty() || !chunk.data.is_empty() {
+                    return bad("the head carries no file bytes");
+                }
+                let mut head = head;
+                // Reserve what was declared, up to 1 GiB; beyond that the buffer grows.
+                head.adapter_safetensors = Vec::with_capacity(head.adapter_bytes.min(1 << 30) as usize);
+                self.head = Some(head);
+                Ok(())
+            }
+            (None, None) => bad("the first message must carry the head"),
+            (Some(_), Some(_)) => bad("a second head"),
+            (Some(head), None) => {
+                let have = head.adapter_safetensors.len() as u64 + chunk.data.len() as u64;
+                if have > head.adapter_bytes {
+                    return bad(&format!("more than the {} bytes declared", head.adapter_bytes));
+                }
+                head.adapter_safetensors.extend_from_slice(&chunk.data);
+                Ok(())
+            }
+        }
+    }
+
+    /// The whole request, once the stream has ended.
+    pub fn finish(self) -> Result<pb::InstallAdapterRequest, Status> {
+        let head = self
+            .head
+            .ok_or_else(|| Status::invalid_argument("adapter stream: empty"))?;
+        let have = head.adapter_safetensors.len() as u64;
+        if have != head.adapter_bytes {
+            return Err(Status::invalid_argument(format!(
+                "adapter stream: {have} of the {} bytes declared",
+                head.adapter_bytes
+            )));
+        }
+        Ok(head)
     }
 }
 
@@ -385,6 +451,7 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn reloads_take_a_step_number_or_a_path_under_the_root() {
@@ -413,5 +480,72 @@ mod tests {
             confine(None, "3").map_err(|s| s.code()).err(),
             Some(tonic::Code::PermissionDenied)
         );
+    }
+
+    fn adapter_req(bytes: usize) -> pb::InstallAdapterRequest {
+        pb::InstallAdapterRequest {
+            adapter_config: "{}".into(),
+            adapter_safetensors: (0..bytes).map(|i| (i % 251) as u8).collect(),
+            canary_ids: vec![1, 2, 3],
+            canary_logprobs: vec![-1.0, -2.0],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_adapter_goes_in_slices_and_comes_back_whole() {
+        use crate::sync::client::{adapter_chunks, ADAPTER_CHUNK_BYTES};
+        let sent = adapter_req(2 * ADAPTER_CHUNK_BYTES + 12345);
+        let chunks: Vec<_> = adapter_chunks(Arc::new(sent.clone()), PolicyVersion(7)).collect();
+        assert_eq!(chunks.len(), 4, "the head, then three slices");
+        assert!(chunks.iter().all(|c| c.data.len() <= ADAPTER_CHUNK_BYTES));
+        let mut assembly = AdapterAssembly::default();
+        for c in chunks {
+            assembly.push(c).expect("push");
+        }
+        let got = assembly.finish().expect("finish");
+        assert_eq!(got.adapter_safetensors, sent.adapter_safetensors);
+        assert_eq!(got.version.map(|v| v.step), Some(7));
+        assert_eq!(
+            (got.canary_ids, got.canary_logprobs),
+            (sent.canary_ids, sent.canary_logprobs)
+        );
+        assert_eq!(got.adapter_config, sent.adapter_config);
+    }
+
+    #[test]
+    fn a_malformed_adapter_stream_is_refused() {
+        use crate::sync::client::adapter_chunks;
+        let chunks = || adapter_chunks(Arc::new(adapter_req(1000)), PolicyVersion(1)).collect::<Vec<_>>();
+        let refused = |msgs: Vec<pb::AdapterChunk>| {
+            let mut a = AdapterAssembly::default();
+            for m in msgs {
+                if let Err(s) = a.push(m) {
+                    return s.code();
+                }
+            }
+            a.finish().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
+        };
+        let bad = tonic::Code::InvalidArgument;
+        assert_eq!(refused(chunks()), tonic::Code::Ok);
+        assert_eq!(refused(chunks()[1..].to_vec()), bad, "no head");
+        assert_eq!(refused(Vec::new()), bad, "empty");
+        let mut two_heads = chunks();
+        two_heads.insert(1, two_heads[0].clone());
+        assert_eq!(refused(two_heads), bad, "a second head");
+        let mut short = chunks();
+        short.pop();
+        assert_eq!(refused(short), bad, "fewer bytes than declared");
+        let mut long = chunks();
+        long.push(pb::AdapterChunk {
+            head: None,
+            data: vec![0],
+        });
+        assert_eq!(refused(long), bad, "more bytes than declared");
+        let mut huge = chunks();
+        if let Some(h) = huge[0].head.as_mut() {
+            h.adapter_bytes = MAX_ADAPTER_BYTES + 1;
+        }
+        assert_eq!(refused(huge[..1].to_vec()), bad, "over the sidecar's limit");
     }
 }
