@@ -109,7 +109,7 @@ def wait_ready(port, proc, limit_s=600):
 
 
 def complete(port, model, prompt, **kw):
-    body = dict(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=1.0, seed=0, ignore_eos=True)
+    body = dict(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=1.0, ignore_eos=True)
     body.update(kw)
     t = time.perf_counter()
     out = post(port, "/v1/completions", body)

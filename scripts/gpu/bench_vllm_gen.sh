@@ -8,6 +8,7 @@
 # vLLM installed first as in vllm_loop.sh (the 7 chunks of .vllm-whl); then, while warm:
 #   run("bash scripts/gpu/bench_vllm_gen.sh A", carry=[".gpu/smollm2-tok"])   # full x2, lora eager
 #   run("bash scripts/gpu/bench_vllm_gen.sh B", carry=[".gpu/smollm2-tok"])   # lora, lora-restart x2
+# (C: lora with graphs and lora-restart eager only: the served-logprob checks.)
 # Results: $OUT/gen_*.json and the table (bench_vllm_gen.sh report, once all exist).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
@@ -25,5 +26,6 @@ one() {  # config, eager flag
 case "${1:-A}" in
   A) one full; one full eager; one lora eager ;;
   B) one lora; one lora-restart; one lora-restart eager ;;
+  C) one lora; one lora-restart eager ;;  # the served-logprob checks again, without the graph compile of full
 esac
 ls /tmp/gen/gen_*.json | grep -v vllm.log | xargs python3 $B report | tee "$OUT/table.md"

@@ -16,7 +16,7 @@
 #   run("bash scripts/gpu/vllm_loop.sh ipc", carry=[".gpu"])   # CUDA IPC instead of gRPC + reload
 #   run("bash scripts/gpu/vllm_loop.sh lora", carry=[".gpu"])  # LoRA r=16: adapters hot-swapped
 #   run("bash scripts/gpu/vllm_loop.sh lora-restart", carry=[".gpu"])  # vLLM restarted every 10 steps
-# EAGER=0 drops the manifest's --enforce-eager (vLLM captures CUDA graphs).
+# vLLM captures CUDA graphs (its default); EAGER=1 adds --enforce-eager.
 set -uo pipefail
 MODE=${1:-vllm}
 if [ "${2:-}" = "--install" ]; then
@@ -72,10 +72,11 @@ fi
 sed -e "s/steps = 200/steps = $STEPS/" -e "s/\"--training-steps\", \"200\"/\"--training-steps\", \"$STEPS\"/" \
     -e '0,/^name = /s/^name = "\(.*\)"/name = "\1-'"$STEPS"'"/' "$MANIFEST" > "cluster/.gpu-$MODE-$STEPS.toml"
 MANIFEST="cluster/.gpu-$MODE-$STEPS.toml"
-if [ "${EAGER:-1}" = 0 ]; then
-  # vLLM with CUDA graphs (its default): does a swap or reload still reach the served weights?
-  sed -i -e 's/ --enforce-eager//' -e '0,/^name = /s/^name = "\(.*\)"/name = "\1-graphs"/' "$MANIFEST"
-  grep -q -- '--enforce-eager' "$MANIFEST" && { echo "eager edit failed"; exit 1; }
+if [ "${EAGER:-0}" = 1 ]; then
+  # vLLM without CUDA graphs (--enforce-eager), as the Atropos trainer runs lora_only.
+  sed -i -e 's/"--vllm-args", "--dtype /"--vllm-args", "--enforce-eager --dtype /' \
+    -e '0,/^name = /s/^name = "\(.*\)"/name = "\1-eager"/' "$MANIFEST"
+  grep -q -- '--enforce-eager' "$MANIFEST" || { echo "eager edit failed"; exit 1; }
 fi
 if [ "${BIG:-0}" = 2 ]; then
   # The 1.5B shape (Qwen2.5-1.5B's layout: hidden 1536, 28 layers, 12 heads of 128, 2 KV heads,
