@@ -22,14 +22,52 @@ enum Role {
 /// One-shot commands besides the node roles.
 #[derive(Debug, Subcommand)]
 enum Tool {
-    /// Run every process of a cluster manifest (cluster/<name>.toml) on this machine.
+    /// Run every process of a cluster manifest (cluster/<name>.toml): on this machine, or as
+    /// a Slurm job across nodes.
     Launch {
         /// The manifest.
         manifest: PathBuf,
+        /// Where the processes run: local (this machine) or slurm (one heterogeneous job, a
+        /// component per group of the manifest).
+        #[arg(long, env = "GRPO_LAUNCH_BACKEND", value_enum, default_value_t = Backend::Local)]
+        backend: Backend,
+        /// Print the script that would be submitted and submit nothing (slurm).
+        #[arg(long, env = "GRPO_LAUNCH_DRY_RUN")]
+        dry_run: bool,
+        /// Parent of the run directory [default: the manifest's runs_dir].
+        #[arg(long, env = "GRPO_RUNS_DIR")]
+        runs_dir: Option<PathBuf>,
+    },
+    /// Inside a cluster job: run one group of a manifest on this node (the Slurm script that
+    /// `launch --backend slurm` renders calls it once per group).
+    LaunchTask {
+        /// The manifest (its copy in the run directory).
+        manifest: PathBuf,
+        /// The run directory, on a filesystem every node shares.
+        #[arg(long, env = "GRPO_LAUNCH_RUN")]
+        run: PathBuf,
+        /// The repository the manifest came from (`{repo}`).
+        #[arg(long, env = "GRPO_LAUNCH_REPO")]
+        repo: PathBuf,
+        /// The group this node runs.
+        #[arg(long, env = "GRPO_LAUNCH_GROUP")]
+        group: String,
+        /// This node's address [default: Slurm's NodeAddr of $SLURMD_NODENAME].
+        #[arg(long, env = "GRPO_LAUNCH_ADDRESS")]
+        address: Option<std::net::IpAddr>,
     },
     /// Benchmarks against references run on the same machine (scripts/gpu/).
     #[command(subcommand)]
     Bench(grpo_node::bench::BenchCommand),
+}
+
+/// Where `launch` runs a manifest's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// Every process on this machine.
+    Local,
+    /// A Slurm batch job: one heterogeneous-job component (one node) per group.
+    Slurm,
 }
 
 /// A Rust GRPO trainer for the Atropos RL ecosystem.
@@ -75,10 +113,50 @@ fn block_on<F: std::future::Future>(fut: F) -> anyhow::Result<F::Output> {
 
 fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
     match cli.tool {
-        Some(Tool::Launch { manifest }) => {
-            let code = block_on(grpo_node::launch::launch(&manifest, shutdown_signal()))??;
+        Some(Tool::Launch {
+            manifest,
+            backend,
+            dry_run,
+            runs_dir,
+        }) => {
+            let code = match backend {
+                Backend::Local => {
+                    if dry_run {
+                        anyhow::bail!("--dry-run shows what a cluster backend would submit; use --backend slurm");
+                    }
+                    block_on(grpo_node::launch::launch(
+                        &manifest,
+                        runs_dir.as_deref(),
+                        shutdown_signal(),
+                    ))??
+                }
+                Backend::Slurm => {
+                    let opts = grpo_node::launch::slurm::SlurmOptions { dry_run, runs_dir };
+                    block_on(grpo_node::launch::slurm::launch(&manifest, &opts, shutdown_signal()))??
+                }
+            };
             if code != 0 {
-                anyhow::bail!("the main process exited with {code}");
+                anyhow::bail!("the run failed (exit {code})");
+            }
+            return Ok(None);
+        }
+        Some(Tool::LaunchTask {
+            manifest,
+            run,
+            repo,
+            group,
+            address,
+        }) => {
+            let task = grpo_node::launch::task::Task {
+                manifest,
+                run,
+                repo,
+                group,
+                address,
+            };
+            let code = block_on(grpo_node::launch::task::run_task(&task, shutdown_signal()))??;
+            if code != 0 {
+                std::process::exit(code);
             }
             return Ok(None);
         }

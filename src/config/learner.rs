@@ -635,6 +635,15 @@ impl LearnerArgs {
             "train-layer-indices",
             || "LoRA freezes the base: limit the adapted layers with --lora-layer-indices".into(),
         )?;
+        if super::addr::multi_node() {
+            super::addr::check_url("atropos-url", &atropos_url)?;
+            for url in &sidecars {
+                super::addr::check_url("sidecar", url)?;
+            }
+            if let Some(addr) = args.grpc_listen {
+                super::addr::check_listen("grpc-listen", addr)?;
+            }
+        }
         let sync = SyncConfig {
             mode,
             sidecars,

@@ -1,6 +1,7 @@
 //! Run configuration: CLI flags, `GRPO_*` environment variables and a TOML file, merged with
 //! the precedence flag > env > file > default, then validated before anything starts.
 
+pub mod addr;
 pub mod auth;
 pub mod device;
 pub mod learner;
@@ -21,4 +22,6 @@ pub enum ConfigError {
     Missing { flag: &'static str },
     #[error("config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error(transparent)]
+    LocalOnly(#[from] addr::LocalOnly),
 }

@@ -304,6 +304,10 @@ impl SidecarArgs {
         super::auth::loopback_or_token(grpc_listen, &auth_token, "grpc-listen")?;
         let http_listen = self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)));
         super::auth::loopback_or_token(http_listen, &auth_token, "listen")?;
+        if super::addr::multi_node() {
+            super::addr::check_listen("grpc-listen", grpc_listen)?;
+            super::addr::check_listen("listen", http_listen)?;
+        }
         let http = self.http_policy(&auth_token)?;
         Ok(SidecarConfig {
             model_name,

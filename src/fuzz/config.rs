@@ -158,6 +158,7 @@ fn flag_of(e: &ConfigError) -> &'static str {
     match e {
         ConfigError::Invalid { flag, .. } | ConfigError::Missing { flag } => flag,
         ConfigError::File { .. } => "file",
+        ConfigError::LocalOnly(e) => e.flag,
     }
 }
 

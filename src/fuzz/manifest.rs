@@ -45,6 +45,8 @@ fn placeholders() -> Placeholders {
         grpo_node: "grpo-node".into(),
         repo: PathBuf::from("/repo"),
         ports: BTreeMap::new(),
+        hosts: BTreeMap::new(),
+        bind: std::net::Ipv4Addr::LOCALHOST.into(),
     }
 }
 

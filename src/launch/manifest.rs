@@ -2,8 +2,13 @@
 //! and placeholders filled in at launch.
 //!
 //! Placeholders in any string: `{run}` (the run directory), `{python}` (`$GRPO_PYTHON`, else
-//! `python3`), `{grpo_node}` (this binary), `{repo}` (the manifest's parent's parent), and
-//! `{port:NAME}` (a free loopback port, the same for every use of NAME).
+//! `python3`), `{grpo_node}` (this binary), `{repo}` (the manifest's parent's parent),
+//! `{port:NAME}` (a free port, the same for every use of NAME), and `{host:GROUP}` (the address
+//! of the node that runs GROUP's processes: 127.0.0.1 on one machine, the node's own address
+//! under Slurm).
+//!
+//! Schema 1. Processes may name a `group`; a group's processes share a node, and on Slurm each
+//! group is one component of a heterogeneous job (`[[group]]` gives its CPUs and GPUs).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The manifest schema's version [default: 1, the only one].
+    #[serde(default = "default_schema")]
+    pub schema: u32,
     /// Shown in logs; names the run directory.
     pub name: String,
     /// Parent of the run directory [default: runs].
@@ -31,10 +39,43 @@ pub struct Manifest {
     pub metrics: Option<String>,
     /// Steps the run trains, for the progress bar.
     pub steps: Option<u64>,
+    /// Placement groups; with none, every process is in one group, [`DEFAULT_GROUP`].
+    #[serde(default)]
+    pub group: Vec<Group>,
+    /// Secrets by reference: NAME = "generate" (32 random bytes, hex), "file:PATH" or
+    /// "env:VAR". Each is written to `{run}/secrets/NAME` (mode 0600) at launch, and
+    /// `{secret:NAME}` is that file's path (a value never appears on a command line).
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
 }
 
 fn default_runs() -> String {
     "runs".into()
+}
+
+fn default_schema() -> u32 {
+    1
+}
+
+/// The group of every process in a manifest that declares none.
+pub const DEFAULT_GROUP: &str = "all";
+
+/// Processes that share a node (a heterogeneous job's component on Slurm).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// Lower-case letters, digits and `-`; processes name it in `group`, strings in `{host:NAME}`.
+    pub name: String,
+    /// CPUs the group's node gives it [default: 1].
+    #[serde(default = "one")]
+    pub cpus: u32,
+    /// GPUs the group's node gives it [default: 0].
+    #[serde(default)]
+    pub gpus: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A one-shot command.
@@ -74,6 +115,8 @@ pub struct Process {
     /// The run ends when this process exits; its exit code is the run's.
     #[serde(default)]
     pub main: bool,
+    /// The `[[group]]` whose node runs this process (required when groups are declared).
+    pub group: Option<String>,
 }
 
 /// Longest `ready_timeout_s` (a year; the runner adds it to `Instant::now()`).
@@ -128,8 +171,177 @@ impl Manifest {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err(invalid("process names must be unique".into()));
         }
+        if m.schema != 1 {
+            return Err(invalid(format!(
+                "schema {} is not known (this grpo-node reads schema 1)",
+                m.schema
+            )));
+        }
+        m.check_groups().map_err(invalid)?;
+        m.check_secrets().map_err(invalid)?;
         Ok(m)
     }
+
+    fn check_secrets(&self) -> Result<(), String> {
+        for (name, source) in &self.secrets {
+            let ok_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok_name {
+                return Err(format!("secret name {name:?}: letters, digits, _ and - only"));
+            }
+            if !(source == "generate" || source.starts_with("file:") || source.starts_with("env:")) {
+                return Err(format!(
+                    "secret {name}: \"generate\", \"file:PATH\" or \"env:VAR\" (got {source:?})"
+                ));
+            }
+        }
+        let strings = self.process.iter().flat_map(Process::strings);
+        for s in strings {
+            for r in references(s) {
+                if let Reference::Secret(n) = r {
+                    if !self.secrets.contains_key(&n) {
+                        return Err(format!("{{secret:{n}}} is used but not declared in [secrets]"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_groups(&self) -> Result<(), String> {
+        let valid = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 40
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if let Some(g) = self.group.iter().find(|g| !valid(&g.name)) {
+            return Err(format!(
+                "group name {:?}: lower-case letters, digits and -, at most 40",
+                g.name
+            ));
+        }
+        let mut names: Vec<&str> = self.group.iter().map(|g| g.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err("group names must be unique".into());
+        }
+        for p in &self.process {
+            match (&p.group, self.group.is_empty()) {
+                (Some(g), true) => {
+                    return Err(format!(
+                        "process {} names group {g}, but no [[group]] is declared",
+                        p.name
+                    ))
+                }
+                (None, false) => {
+                    return Err(format!(
+                        "process {}: with [[group]]s declared, each process names one",
+                        p.name
+                    ))
+                }
+                (Some(g), false) if !names.contains(&g.as_str()) => {
+                    return Err(format!("process {} names group {g}, which is not declared", p.name))
+                }
+                _ => {}
+            }
+        }
+        if let Some(g) = self
+            .group
+            .iter()
+            .find(|g| !self.process.iter().any(|p| p.group.as_deref() == Some(&g.name)))
+        {
+            return Err(format!("group {} has no process", g.name));
+        }
+        Ok(())
+    }
+
+    /// The groups in order of their first process (the default group alone when none is
+    /// declared).
+    pub fn group_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in &self.process {
+            let g = self.group_of(p).to_string();
+            if !out.contains(&g) {
+                out.push(g);
+            }
+        }
+        out
+    }
+
+    /// The group whose node runs `p`.
+    pub fn group_of<'a>(&self, p: &'a Process) -> &'a str {
+        p.group.as_deref().unwrap_or(DEFAULT_GROUP)
+    }
+
+    /// A declared group's resources (the defaults for the default group).
+    pub fn group_spec(&self, name: &str) -> Group {
+        self.group.iter().find(|g| g.name == name).cloned().unwrap_or(Group {
+            name: name.to_string(),
+            cpus: 1,
+            gpus: 0,
+        })
+    }
+
+    /// Each `{port:NAME}` and the process that owns it: the first, in order, that uses it (its
+    /// node picks the port; the later users learn it).
+    pub fn port_owners(&self) -> BTreeMap<String, String> {
+        let mut owners = BTreeMap::new();
+        for p in &self.process {
+            for s in p.strings() {
+                for r in references(s) {
+                    if let Reference::Port(name) = r {
+                        owners.entry(name).or_insert_with(|| p.name.clone());
+                    }
+                }
+            }
+        }
+        owners
+    }
+}
+
+impl Process {
+    /// Every string of the process that placeholders may appear in.
+    pub fn strings(&self) -> impl Iterator<Item = &str> {
+        let ready = match &self.ready {
+            Some(Ready::Http(s) | Ready::Log(s)) => Some(s.as_str()),
+            None => None,
+        };
+        self.command
+            .iter()
+            .map(String::as_str)
+            .chain(self.env.values().map(String::as_str))
+            .chain(ready)
+    }
+}
+
+/// A `{port:NAME}` or `{host:GROUP}` a string refers to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reference {
+    Port(String),
+    Host(String),
+    Secret(String),
+}
+
+/// The ports and hosts `s` refers to.
+pub fn references(s: &str) -> Vec<Reference> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else { break };
+        let key = &rest[open + 1..open + close];
+        if let Some(n) = key.strip_prefix("port:") {
+            out.push(Reference::Port(n.to_string()));
+        } else if let Some(g) = key.strip_prefix("host:") {
+            out.push(Reference::Host(g.to_string()));
+        } else if let Some(n) = key.strip_prefix("secret:") {
+            out.push(Reference::Secret(n.to_string()));
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out
 }
 
 /// Fills placeholders; ports are allocated on first use of each name.
@@ -139,6 +351,10 @@ pub struct Placeholders {
     pub grpo_node: String,
     pub repo: PathBuf,
     pub ports: BTreeMap<String, u16>,
+    /// `{host:GROUP}` values known so far.
+    pub hosts: BTreeMap<String, String>,
+    /// Where a port allocated here must be free (this node's address).
+    pub bind: std::net::IpAddr,
 }
 
 impl Placeholders {
@@ -158,9 +374,15 @@ impl Placeholders {
                 "python" => self.python.clone(),
                 "grpo_node" => self.grpo_node.clone(),
                 "repo" => self.repo.display().to_string(),
-                _ => match key.strip_prefix("port:") {
-                    Some(name) => self.port(name)?.to_string(),
-                    None => return Err(format!("unknown placeholder {{{key}}} in {s:?}")),
+                _ => match (key.strip_prefix("port:"), key.strip_prefix("host:")) {
+                    (Some(name), _) => self.port(name)?.to_string(),
+                    _ if key.starts_with("secret:") => self.run.join("secrets").join(&key[7..]).display().to_string(),
+                    (_, Some(group)) => self
+                        .hosts
+                        .get(group)
+                        .cloned()
+                        .ok_or_else(|| format!("{{host:{group}}} in {s:?}: no such group"))?,
+                    _ => return Err(format!("unknown placeholder {{{key}}} in {s:?}")),
                 },
             };
             out.push_str(&value);
@@ -170,11 +392,12 @@ impl Placeholders {
         Ok(out)
     }
 
-    fn port(&mut self, name: &str) -> Result<u16, String> {
+    /// `{port:NAME}`: the port known for NAME, or a free one picked on `bind` now.
+    pub fn port(&mut self, name: &str) -> Result<u16, String> {
         if let Some(p) = self.ports.get(name) {
             return Ok(*p);
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        let port = std::net::TcpListener::bind((self.bind, 0))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| format!("no free port: {e}"))?;
@@ -195,11 +418,59 @@ mod tests {
             grpo_node: "g".into(),
             repo: PathBuf::from("/repo"),
             ports: BTreeMap::new(),
+            hosts: BTreeMap::from([("head".to_string(), "10.0.0.1".to_string())]),
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
         };
+        assert_eq!(p.fill("http://{host:head}:8").expect("host"), "http://10.0.0.1:8");
+        assert!(p.fill("{host:other}").is_err());
         let a = p.fill("{python} {run}/x --port {port:api}").expect("fill");
         let b = p.fill("{port:api}").expect("fill");
         assert!(a.starts_with("py /r/x --port "));
         assert!(a.ends_with(&b));
         assert!(p.fill("{nope}").is_err());
+    }
+
+    #[test]
+    fn groups_and_secrets_are_checked() {
+        let base = r#"
+[[process]]
+name = "a"
+main = true
+command = ["x", "{host:head}", "{secret:tok}"]
+"#;
+        let read = |extra: &str, group: &str| {
+            let text = format!(
+                "name = \"t\"\n{extra}\n{}",
+                base.replace("main = true", &format!("main = true\n{group}"))
+            );
+            Manifest::from_toml_str(&text, Path::new("t.toml"))
+                .map(|m| m.group_names())
+                .map_err(|e| e.to_string())
+        };
+        let ok = "[secrets]\ntok = \"generate\"\n[[group]]\nname = \"head\"";
+        assert_eq!(read(ok, "group = \"head\"").expect("valid"), vec!["head".to_string()]);
+        assert!(read(ok, "").unwrap_err().contains("each process names one"));
+        assert!(read(ok, "group = \"gpu\"").unwrap_err().contains("not declared"));
+        assert!(read("[secrets]\ntok = \"generate\"", "group = \"head\"")
+            .unwrap_err()
+            .contains("no [[group]]"));
+        assert!(read("[[group]]\nname = \"head\"", "group = \"head\"")
+            .unwrap_err()
+            .contains("{secret:tok}"));
+        assert!(read(
+            "[secrets]\ntok = \"plain\"\n[[group]]\nname = \"head\"",
+            "group = \"head\""
+        )
+        .unwrap_err()
+        .contains("generate"));
+        assert!(read("schema = 2", "").unwrap_err().contains("schema 2"));
+        let owners = Manifest::from_toml_str(
+            "name = \"t\"\n[[process]]\nname = \"a\"\ncommand = [\"{port:x}\"]\n[[process]]\nname = \"b\"\nmain = true\ncommand = [\"{port:x}\", \"{port:y}\"]\n",
+            Path::new("t.toml"),
+        )
+        .expect("ports")
+        .port_owners();
+        assert_eq!(owners.get("x").map(String::as_str), Some("a"));
+        assert_eq!(owners.get("y").map(String::as_str), Some("b"));
     }
 }

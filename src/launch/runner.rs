@@ -28,16 +28,22 @@ pub enum LaunchError {
     NotReady { name: String, seconds: u64, log: String },
     #[error("{name} exited early (exit {code}); see {log}")]
     Died { name: String, code: i32, log: String },
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    #[error("secret {name}: {reason}")]
+    Secret { name: String, reason: String },
+    #[error("{0}")]
+    Backend(String),
 }
 
-struct Running {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    main: bool,
+pub(super) struct Running {
+    pub(super) name: String,
+    pub(super) child: Child,
+    pub(super) log: PathBuf,
+    pub(super) main: bool,
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
+pub(super) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
     let context = context.into();
     move |source| LaunchError::Io { context, source }
 }
@@ -54,7 +60,7 @@ fn log_file(run: &Path, name: &str) -> Result<(std::fs::File, PathBuf), LaunchEr
     Ok((file, path))
 }
 
-async fn run_step(step: &Step, run: &Path, p: &mut Placeholders) -> Result<(), LaunchError> {
+pub(super) async fn run_step(step: &Step, run: &Path, p: &mut Placeholders) -> Result<(), LaunchError> {
     let argv = command(&step.command, p)?;
     let (file, log) = log_file(run, &step.name)?;
     let err = file.try_clone().map_err(io("log file"))?;
@@ -77,7 +83,13 @@ async fn run_step(step: &Step, run: &Path, p: &mut Placeholders) -> Result<(), L
     }
 }
 
-fn spawn(proc: &Process, run: &Path, p: &mut Placeholders) -> Result<Running, LaunchError> {
+/// Starts `proc` with its log under `run/logs/`, `env` added to its own environment.
+pub(super) fn spawn(
+    proc: &Process,
+    run: &Path,
+    p: &mut Placeholders,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<Running, LaunchError> {
     let argv = command(&proc.command, p)?;
     let (file, log) = log_file(run, &proc.name)?;
     let err = file.try_clone().map_err(io("log file"))?;
@@ -88,6 +100,7 @@ fn spawn(proc: &Process, run: &Path, p: &mut Placeholders) -> Result<Running, La
         .stderr(err)
         .process_group(0)
         .kill_on_drop(true);
+    cmd.envs(env);
     for (k, v) in &proc.env {
         cmd.env(k, p.fill(v).map_err(LaunchError::Placeholder)?);
     }
@@ -107,7 +120,7 @@ fn spawn(proc: &Process, run: &Path, p: &mut Placeholders) -> Result<Running, La
     })
 }
 
-async fn ready(proc: &Process, running: &mut Running, p: &mut Placeholders) -> Result<(), LaunchError> {
+pub(super) async fn ready(proc: &Process, running: &mut Running, p: &mut Placeholders) -> Result<(), LaunchError> {
     let Some(check) = &proc.ready else { return Ok(()) };
     let check = match check {
         Ready::Http(url) => Ready::Http(p.fill(url).map_err(LaunchError::Placeholder)?),
@@ -148,17 +161,22 @@ async fn ready(proc: &Process, running: &mut Running, p: &mut Placeholders) -> R
 
 /// Writes `{run}/processes.json` (name -> pid) so operators and tests can see what was started.
 fn record_pids(run: &Path, running: &[Running]) {
+    record_pids_in(&run.join("processes.json"), running);
+}
+
+/// Writes `path` (name -> pid of each process in `running`).
+pub(super) fn record_pids_in(path: &Path, running: &[Running]) {
     let map: serde_json::Map<String, serde_json::Value> = running
         .iter()
         .map(|r| (r.name.clone(), serde_json::Value::from(r.child.id().unwrap_or(0))))
         .collect();
-    if let Err(e) = std::fs::write(run.join("processes.json"), serde_json::Value::Object(map).to_string()) {
+    if let Err(e) = std::fs::write(path, serde_json::Value::Object(map).to_string()) {
         tracing::warn!(error = %e, "cannot write processes.json");
     }
 }
 
 /// SIGTERM to each process group we started (newest first), then SIGKILL after a grace period.
-async fn teardown(running: &mut [Running]) {
+pub(super) async fn teardown(running: &mut [Running]) {
     for r in running.iter().rev() {
         if let Some(pid) = r.child.id() {
             // SAFETY: kill(2) on the process group this launcher created for its own child.
@@ -183,29 +201,119 @@ async fn teardown(running: &mut [Running]) {
     }
 }
 
-/// Runs a manifest to completion; returns the main process's exit code.
-pub async fn launch(path: &Path, shutdown: impl std::future::Future<Output = ()>) -> Result<i32, LaunchError> {
-    let manifest = Manifest::read(path)?;
-    let repo = std::path::absolute(path)
+/// The repository a manifest belongs to (its directory's parent: `cluster/x.toml`).
+pub fn repo_of(manifest: &Path) -> PathBuf {
+    std::path::absolute(manifest)
         .ok()
         .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("."));
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let run = std::path::absolute(Path::new(&manifest.runs_dir).join(format!("{}-{stamp}", manifest.name)))
-        .map_err(io("run dir"))?;
-    std::fs::create_dir_all(run.join("logs")).map_err(io(format!("creating {}", run.display())))?;
-    let mut p = Placeholders {
-        run: run.clone(),
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The placeholders of a run in `run`, ports picked free on `bind`.
+pub fn placeholders(run: &Path, repo: PathBuf, bind: std::net::IpAddr) -> Placeholders {
+    Placeholders {
+        run: run.to_path_buf(),
         python: std::env::var("GRPO_PYTHON").unwrap_or_else(|_| "python3".into()),
         grpo_node: std::env::current_exe()
             .map(|e| e.display().to_string())
             .unwrap_or_else(|_| "grpo-node".into()),
         repo,
         ports: Default::default(),
-    };
+        hosts: Default::default(),
+        bind,
+    }
+}
+
+/// Creates a new run directory (with `logs/`) under the manifest's `runs_dir` (or `runs_dir`
+/// given here), named after the manifest, the time and this process: never one that exists, so
+/// two runs (two queued jobs) never share one.
+pub fn reserve_run_dir(manifest: &Manifest, runs_dir: Option<&Path>) -> Result<PathBuf, LaunchError> {
+    let parent = runs_dir.map_or_else(|| PathBuf::from(&manifest.runs_dir), Path::to_path_buf);
+    let parent = std::path::absolute(parent).map_err(io("run dir"))?;
+    std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for n in 0..1000 {
+        let name = match n {
+            0 => format!("{}-{stamp}", manifest.name),
+            _ => format!("{}-{stamp}-{n}", manifest.name),
+        };
+        let run = parent.join(name);
+        match std::fs::create_dir(&run) {
+            Ok(()) => {
+                std::fs::create_dir(run.join("logs")).map_err(io(format!("creating {}/logs", run.display())))?;
+                return Ok(run);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(format!("creating {}", run.display()))(e)),
+        }
+    }
+    Err(LaunchError::Placeholder(format!(
+        "no free run directory name under {}",
+        parent.display()
+    )))
+}
+
+/// Writes each of the manifest's secrets to `{run}/secrets/NAME`, readable by the owner only.
+pub fn write_secrets(manifest: &Manifest, run: &Path) -> Result<(), LaunchError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if manifest.secrets.is_empty() {
+        return Ok(());
+    }
+    let dir = run.join("secrets");
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    for (name, source) in &manifest.secrets {
+        let bad = |reason: String| LaunchError::Secret {
+            name: name.clone(),
+            reason,
+        };
+        let value = if source == "generate" {
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .map_err(|e| bad(format!("/dev/urandom: {e}")))?;
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        } else if let Some(path) = source.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map_err(|e| bad(format!("{path}: {e}")))?
+                .trim()
+                .to_string()
+        } else if let Some(var) = source.strip_prefix("env:") {
+            std::env::var(var).map_err(|_| bad(format!("${var} is not set")))?
+        } else {
+            return Err(bad(format!("unknown source {source:?}")));
+        };
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(format!("creating {}", path.display())))?;
+        f.write_all(value.as_bytes())
+            .map_err(io(format!("writing {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Runs a manifest to completion; returns the main process's exit code.
+pub async fn launch(
+    path: &Path,
+    runs_dir: Option<&Path>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<i32, LaunchError> {
+    let manifest = Manifest::read(path)?;
+    let repo = repo_of(path);
+    let run = reserve_run_dir(&manifest, runs_dir)?;
+    write_secrets(&manifest, &run)?;
+    let mut p = placeholders(&run, repo, std::net::Ipv4Addr::LOCALHOST.into());
+    // One machine: every group's host is this one.
+    for g in manifest.group_names() {
+        p.hosts.insert(g, "127.0.0.1".into());
+    }
     eprintln!("run directory: {}", run.display());
     let started = Instant::now();
     for step in &manifest.setup {
@@ -243,7 +351,7 @@ async fn supervise(
 ) -> Result<i32, LaunchError> {
     tokio::pin!(shutdown);
     for proc in &manifest.process {
-        running.push(spawn(proc, run, p)?);
+        running.push(spawn(proc, run, p, &Default::default())?);
         record_pids(run, running);
         let last = running.len() - 1;
         tokio::select! {
