@@ -23,7 +23,7 @@
 //! | [`version`] | leaf types of the weight bridge: `PolicyVersion`, the weight digest |
 //! | [`lock`] | leaf: mutex locking that survives a panicked holder |
 //! | [`secret`] | leaf: constant-time comparison of a presented token |
-//! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated |
+//! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated; which addresses a multi-node run may use |
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O, LoRA adapters in PEFT's format |
@@ -35,10 +35,10 @@
 //! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client, NCCL and CUDA IPC publishers, the sidecar's service and WeightReceiver |
 //! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
-//! | [`launch`] | `grpo-node launch`: manifests, process start-up, readiness, the progress bar |
+//! | [`launch`] | `grpo-node launch`: the manifest schema, the local and Slurm backends, the per-node task and its rendezvous, readiness, the progress bar |
 //! | [`actors`] | the nodes' ractor actors (learner side, and the sidecar's VllmSupervisor) and their messages |
 //! | [`fuzz`] | `grpo-node bench fuzz`: seeded stable-Rust fuzzing of the batch, `/generate`, sync-plan, config and manifest parsers |
-//! | [`roles`] | each `--role`: builds its supervision tree and runs it; the learner's gRPC status service |
+//! | [`roles`] | each `--role`: builds its supervision tree and runs it; the learner's gRPC status service and `/endpoints` |
 //! | [`runtime`] | the async runtime, and leaving it past threads stuck inside NCCL or the driver |
 //! | [`telemetry`] | logging, `metrics.jsonl`, the per-step stderr line |
 

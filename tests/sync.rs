@@ -798,6 +798,28 @@ fn prometheus_metrics_on_the_learner_and_the_sidecar_parse_and_agree() {
     }
     assert!(prom_value(&l, "grpo_sync_bytes", None).is_some_and(|b| b > 0.0));
     assert_eq!(prom_value(&l, "grpo_api_wait_seconds", None), Some(3.0));
+    // Endpoint discovery: the learner lists the sidecar's /generate and the version it serves,
+    // to callers with the token only.
+    let url = format!("http://{listen}/endpoints");
+    let denied = sidecar.rt.block_on(reqwest::get(&url)).expect("GET /endpoints");
+    assert_eq!(denied.status().as_u16(), 401, "no token, no endpoints");
+    let endpoints: serde_json::Value = sidecar
+        .rt
+        .block_on(async {
+            let c = reqwest::Client::new();
+            c.get(&url).bearer_auth(TOKEN).send().await?.json().await
+        })
+        .expect("/endpoints");
+    let list = endpoints["endpoints"].as_array().expect("a list");
+    assert_eq!(list.len(), 1, "{endpoints}");
+    assert_eq!(list[0]["sidecar"], json!(sidecar.url()));
+    assert_eq!(
+        list[0]["generate_url"],
+        json!(format!("http://127.0.0.1:{}/generate", sidecar.http))
+    );
+    assert_eq!(list[0]["policy_version"], json!(3));
+    assert_eq!(list[0]["healthy"], json!(true));
+    assert_eq!(list[0]["engine"], json!("embedded"));
     assert!(prom_value(&l, "grpo_loss", None).is_some_and(f64::is_finite));
     assert!(prom_value(&l, "grpo_queue_depth", Some(("queue", "batches"))).is_some());
 

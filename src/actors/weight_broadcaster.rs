@@ -97,6 +97,9 @@ pub struct SyncStats {
     pub synced_sidecars: usize,
     /// The newest publication's logprob canary (largest over the sidecars that checked one).
     pub canary_max_abs_diff: Option<f64>,
+    /// Every known sidecar (its gRPC address) and the version it holds (none while stale or
+    /// new), for `/endpoints`.
+    pub sidecars: BTreeMap<String, Option<u64>>,
 }
 
 pub enum BroadcasterMsg {
@@ -392,6 +395,7 @@ impl BroadcasterState {
                     retry_at: None,
                 },
             );
+            self.record(0.0, 0, None);
         }
         Ok(())
     }
@@ -564,6 +568,14 @@ impl BroadcasterState {
         }
         s.synced_sidecars = synced.len();
         s.stale_sidecars = self.sidecars.len() - synced.len();
+        s.sidecars = self
+            .sidecars
+            .iter()
+            .map(|(addr, e)| match e.status {
+                Status::Synced(v) => (addr.clone(), Some(v.0)),
+                Status::Stale | Status::New => (addr.clone(), None),
+            })
+            .collect();
         let newest = self.latest.as_ref().map(|j| j.version.0);
         for (addr, e) in &self.sidecars {
             let held = match e.status {

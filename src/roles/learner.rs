@@ -286,13 +286,20 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             .clone()
             .filter(|_| !cfg.metrics_listen.ip().is_loopback()),
     };
-    let (metrics_addr, metrics_server) = crate::telemetry::prom::serve_learner(cfg.metrics_listen, metrics_access)
-        .await
-        .map_err(|source| LearnerError::Io {
-            context: format!("binding --metrics-listen {}", cfg.metrics_listen),
-            source,
-        })?;
-    tracing::info!(addr = %metrics_addr, "Prometheus /metrics listening");
+    let stats = Arc::new(Mutex::new(SyncStats::default()));
+    let endpoints = super::endpoints::router(super::endpoints::EndpointsState {
+        stats: stats.clone(),
+        token: Token(cfg.sync.auth_token.clone()),
+        tls: cfg.sync.tls.clone(),
+    });
+    let (metrics_addr, metrics_server) =
+        crate::telemetry::prom::serve_learner(cfg.metrics_listen, metrics_access, endpoints)
+            .await
+            .map_err(|source| LearnerError::Io {
+                context: format!("binding --metrics-listen {}", cfg.metrics_listen),
+                source,
+            })?;
+    tracing::info!(addr = %metrics_addr, "Prometheus /metrics and /endpoints listening");
     tokio::pin!(shutdown);
     let uuid = tokio::select! {
         registered = client.register_when_up(&registration, cfg.reset_api) => registered?,
@@ -304,7 +311,6 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     // Weight sync: a broadcaster for sidecars (given, or registering over gRPC), or the
     // colocated engine on the learner's own tensors.
     let token = Token(cfg.sync.auth_token.clone());
-    let stats = Arc::new(Mutex::new(SyncStats::default()));
     let slot: LatestSlot = Arc::new(Mutex::new(None));
     let wants_broadcaster =
         cfg.sync.mode != BridgeMode::Shared && (!cfg.sync.sidecars.is_empty() || cfg.grpc_listen.is_some());

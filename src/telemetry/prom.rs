@@ -419,15 +419,18 @@ async fn learner_metrics(State(access): State<Arc<Access>>, headers: HeaderMap) 
 }
 
 /// Serves the learner's `/metrics` on `addr` in a task; returns the bound address.
+/// `more` adds the caller's routes (the learner's `/endpoints`).
 pub async fn serve_learner(
     addr: SocketAddr,
     access: Access,
+    more: Router,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(learner_metrics))
-        .with_state(Arc::new(access));
+        .with_state(Arc::new(access))
+        .merge(more);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
