@@ -55,6 +55,9 @@ enum Tool {
         /// This node's address [default: Slurm's NodeAddr of $SLURMD_NODENAME].
         #[arg(long, env = "GRPO_LAUNCH_ADDRESS")]
         address: Option<std::net::IpAddr>,
+        /// Ports fixed in advance, `name=port,...` (Kubernetes); the others are picked free.
+        #[arg(long, env = "GRPO_LAUNCH_PORTS", default_value = "")]
+        ports: String,
     },
     /// Benchmarks against references run on the same machine (scripts/gpu/).
     #[command(subcommand)]
@@ -68,6 +71,9 @@ enum Backend {
     Local,
     /// A Slurm batch job: one heterogeneous-job component (one node) per group.
     Slurm,
+    /// Kubernetes objects for `kubectl apply -f -`, printed (a Job, a headless Service per
+    /// group, the manifest's ConfigMap); nothing is applied.
+    Kubernetes,
 }
 
 /// A Rust GRPO trainer for the Atropos RL ecosystem.
@@ -134,6 +140,10 @@ fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
                     let opts = grpo_node::launch::slurm::SlurmOptions { dry_run, runs_dir };
                     block_on(grpo_node::launch::slurm::launch(&manifest, &opts, shutdown_signal()))??
                 }
+                Backend::Kubernetes => {
+                    print!("{}", grpo_node::launch::kubernetes::render_file(&manifest)?);
+                    0
+                }
             };
             if code != 0 {
                 anyhow::bail!("the run failed (exit {code})");
@@ -146,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
             repo,
             group,
             address,
+            ports,
         }) => {
             let task = grpo_node::launch::task::Task {
                 manifest,
@@ -153,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<RunOutcome>> {
                 repo,
                 group,
                 address,
+                ports: grpo_node::launch::task::parse_ports(&ports)?,
             };
             let code = block_on(grpo_node::launch::task::run_task(&task, shutdown_signal()))??;
             if code != 0 {

@@ -1,7 +1,7 @@
 //! `grpo-node launch --backend slurm` on a real 2-node Slurm cluster: Debian's slurm-wlm 22.05,
 //! two slurmd each in a network namespace of its own with its own address (10.77.0.11 and .12),
 //! set up and torn down by `scripts/slurm/ci-cluster.sh` (root; it installs slurm-wlm if
-//! missing). `cluster/slurm.toml` runs the local loop as a heterogeneous job: the API, the
+//! missing). `cluster/two-node.toml` runs the local loop as a heterogeneous job: the API, the
 //! learner and the environment on one node, the sidecar on the other, so the learner's weight
 //! sync and the environment's generations really cross between the namespaces.
 //!
@@ -76,10 +76,10 @@ impl Drop for Cluster {
     }
 }
 
-/// `cluster/slurm.toml` training `steps` steps; `{repo}` is this repository's (the manifest is
+/// `cluster/two-node.toml` training `steps` steps; `{repo}` is this repository's (the manifest is
 /// copied outside it).
 fn manifest(steps: usize) -> String {
-    let text = std::fs::read_to_string(common::repo().join("cluster/slurm.toml")).expect("cluster/slurm.toml");
+    let text = std::fs::read_to_string(common::repo().join("cluster/two-node.toml")).expect("cluster/two-node.toml");
     let text = text
         .replace(
             "\"--training-steps\", \"200\"",
@@ -228,7 +228,7 @@ fn the_dry_run_prints_the_golden_script() {
             "--runs-dir",
             "/shared/runs",
         ])
-        .arg(common::repo().join("cluster/slurm.toml"))
+        .arg(common::repo().join("cluster/two-node.toml"))
         .output()
         .expect("dry run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -39,16 +39,24 @@ pub fn local_only_kind(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// A listen address of a multi-node run: loopback and link-local are refused (the unspecified
-/// address listens on every interface, which is reachable).
+/// A listen address of a multi-node run: loopback, link-local and the unspecified address are
+/// refused (a sidecar advertises the address it listens on: peers cannot dial 0.0.0.0).
 pub fn check_listen(flag: &'static str, addr: SocketAddr) -> Result<(), LocalOnly> {
-    match local_only_kind(addr.ip()) {
-        Some(kind) if kind != "unspecified" => Err(LocalOnly {
+    match local_only_kind(canonical(addr.ip())) {
+        Some(kind) => Err(LocalOnly {
             flag,
             addr: addr.to_string(),
             kind,
         }),
-        _ => Ok(()),
+        None => Ok(()),
+    }
+}
+
+/// An IPv4-mapped IPv6 address as IPv4 (`::ffff:127.0.0.1` is loopback).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -59,7 +67,7 @@ pub fn check_url(flag: &'static str, url: &str) -> Result<(), LocalOnly> {
     let kind = if host.eq_ignore_ascii_case("localhost") {
         Some("loopback")
     } else {
-        host.parse::<IpAddr>().ok().and_then(local_only_kind)
+        host.parse::<IpAddr>().ok().map(canonical).and_then(local_only_kind)
     };
     match kind {
         Some(kind) => Err(LocalOnly {
@@ -152,7 +160,12 @@ mod tests {
         };
         assert_eq!(listen("127.0.0.1:1"), Some("loopback"));
         assert_eq!(listen("169.254.0.9:1"), Some("link-local"));
-        assert_eq!(listen("0.0.0.0:1"), None, "every interface is reachable");
+        assert_eq!(
+            listen("0.0.0.0:1"),
+            Some("unspecified"),
+            "peers cannot dial what is advertised"
+        );
+        assert_eq!(listen("[::ffff:127.0.0.1]:1"), Some("loopback"));
         assert_eq!(listen("10.0.0.2:1"), None);
     }
 

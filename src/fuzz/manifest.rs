@@ -30,7 +30,7 @@ pub const SEEDS: &[&str] = &[
     include_str!("../../cluster/local-gpu.toml"),
     include_str!("../../cluster/local-gpu-vllm.toml"),
     include_str!("../../cluster/local-2gpu.toml"),
-    include_str!("../../cluster/slurm.toml"),
+    include_str!("../../cluster/two-node.toml"),
 ];
 
 /// Reads a manifest's text as `grpo-node launch` does.

@@ -47,6 +47,46 @@ pub struct Manifest {
     /// `{secret:NAME}` is that file's path (a value never appears on a command line).
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// What `--backend kubernetes` needs besides the processes.
+    pub kubernetes: Option<KubeSpec>,
+}
+
+/// The `[kubernetes]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeSpec {
+    /// The container image: grpo-node, this repository at `repo`, and its Python environment.
+    pub image: String,
+    /// A ReadWriteMany PersistentVolumeClaim every pod mounts at `mount`: the run directories.
+    pub claim: String,
+    /// Where the repository is in the image (`{repo}`) [default: /opt/grpo-node].
+    #[serde(default = "default_kube_repo")]
+    pub repo: String,
+    /// Where the claim is mounted [default: /runs].
+    #[serde(default = "default_kube_mount")]
+    pub mount: String,
+    /// `{python}` in the image [default: python3].
+    #[serde(default = "default_kube_python")]
+    pub python: String,
+    /// Ports are fixed on Kubernetes (Services and probes name them): the k-th port name, in
+    /// sorted order, gets port_base + k [default: 8000].
+    #[serde(default = "default_port_base")]
+    pub port_base: u16,
+    /// The namespace of every object [default: none, kubectl's].
+    pub namespace: Option<String>,
+}
+
+fn default_kube_repo() -> String {
+    "/opt/grpo-node".into()
+}
+fn default_kube_mount() -> String {
+    "/runs".into()
+}
+fn default_kube_python() -> String {
+    "python3".into()
+}
+fn default_port_base() -> u16 {
+    8000
 }
 
 fn default_runs() -> String {
@@ -254,6 +294,21 @@ impl Manifest {
             .find(|g| !self.process.iter().any(|p| p.group.as_deref() == Some(&g.name)))
         {
             return Err(format!("group {} has no process", g.name));
+        }
+        let steps = self
+            .setup
+            .iter()
+            .chain(&self.finally)
+            .flat_map(|s| s.command.iter().map(String::as_str));
+        let groups = self.group_names();
+        for s in self.process.iter().flat_map(Process::strings).chain(steps) {
+            for r in references(s) {
+                if let Reference::Host(g) = r {
+                    if !groups.contains(&g) {
+                        return Err(format!("{{host:{g}}} names no group (groups: {})", groups.join(", ")));
+                    }
+                }
+            }
         }
         Ok(())
     }

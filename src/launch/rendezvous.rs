@@ -68,7 +68,13 @@ impl Rendezvous {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(err)?;
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Unique across nodes (pids repeat there): the host's name, the pid, the time.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let tmp = path.with_extension(format!("tmp.{}.{}.{nanos}", host.trim(), std::process::id()));
         std::fs::write(&tmp, value).map_err(err)?;
         // A hard link fails if the name exists: the first writer wins, atomically.
         let linked = std::fs::hard_link(&tmp, &path);

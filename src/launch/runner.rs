@@ -30,6 +30,8 @@ pub enum LaunchError {
     Died { name: String, code: i32, log: String },
     #[error("rendezvous: {0}")]
     Rendezvous(String),
+    #[error("the run ended: {0}")]
+    Ended(super::rendezvous::End),
     #[error("secret {name}: {reason}")]
     Secret { name: String, reason: String },
     #[error("{0}")]
@@ -39,6 +41,8 @@ pub enum LaunchError {
 pub(super) struct Running {
     pub(super) name: String,
     pub(super) child: Child,
+    /// Its pid (= its process group's id), kept after the child is reaped.
+    pub(super) pid: Option<u32>,
     pub(super) log: PathBuf,
     pub(super) main: bool,
 }
@@ -114,6 +118,7 @@ pub(super) fn spawn(
     tracing::info!(process = %proc.name, pid = child.id().unwrap_or(0), log = %log.display(), "started");
     Ok(Running {
         name: proc.name.clone(),
+        pid: child.id(),
         child,
         log,
         main: proc.main,
@@ -168,7 +173,7 @@ fn record_pids(run: &Path, running: &[Running]) {
 pub(super) fn record_pids_in(path: &Path, running: &[Running]) {
     let map: serde_json::Map<String, serde_json::Value> = running
         .iter()
-        .map(|r| (r.name.clone(), serde_json::Value::from(r.child.id().unwrap_or(0))))
+        .map(|r| (r.name.clone(), serde_json::Value::from(r.pid.unwrap_or(0))))
         .collect();
     if let Err(e) = std::fs::write(path, serde_json::Value::Object(map).to_string()) {
         tracing::warn!(error = %e, "cannot write processes.json");
@@ -178,7 +183,7 @@ pub(super) fn record_pids_in(path: &Path, running: &[Running]) {
 /// SIGTERM to each process group we started (newest first), then SIGKILL after a grace period.
 pub(super) async fn teardown(running: &mut [Running]) {
     for r in running.iter().rev() {
-        if let Some(pid) = r.child.id() {
+        if let Some(pid) = r.pid {
             // SAFETY: kill(2) on the process group this launcher created for its own child.
             unsafe {
                 libc::kill(-(pid as i32), libc::SIGTERM);
@@ -190,7 +195,7 @@ pub(super) async fn teardown(running: &mut [Running]) {
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, r.child.wait()).await.is_err() {
             tracing::warn!(process = %r.name, "did not stop on SIGTERM; killing");
-            if let Some(pid) = r.child.id() {
+            if let Some(pid) = r.pid {
                 // SAFETY: as above.
                 unsafe {
                     libc::kill(-(pid as i32), libc::SIGKILL);

@@ -47,6 +47,8 @@ pub fn render(m: &Manifest, r: &Render) -> String {
     ));
     out.push_str(&format!("#SBATCH --job-name=grpo-{}\n", m.name));
     out.push_str(&format!("#SBATCH --output={run}/logs/slurm-%j.out\n"));
+    // A requeued job would meet its first attempt's rendezvous files: never requeue.
+    out.push_str("#SBATCH --no-requeue\n");
     for (i, g) in groups.iter().enumerate() {
         if i > 0 {
             out.push_str("#SBATCH hetjob\n");
@@ -148,20 +150,8 @@ pub async fn launch(
 }
 
 async fn sbatch(script: &Path) -> Result<String, LaunchError> {
-    let out = tokio::process::Command::new("sbatch")
-        .arg("--parsable")
-        .arg(script)
-        .output()
-        .await
-        .map_err(io("running sbatch (is Slurm installed and SLURM_CONF set?)"))?;
-    if !out.status.success() {
-        return Err(LaunchError::Backend(format!(
-            "sbatch refused {}: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
+    let path = script.display().to_string();
+    let text = slurm_command("sbatch", &["--parsable", &path]).await?;
     let job = text.trim().split(';').next().unwrap_or("").to_string();
     if job.is_empty() || !job.bytes().all(|b| b.is_ascii_digit()) {
         return Err(LaunchError::Backend(format!("sbatch printed no job id: {text:?}")));
@@ -183,29 +173,46 @@ async fn follow(
         .as_ref()
         .map(|s| PathBuf::from(s.replace("{run}", &run.display().to_string())));
     let mut progress = Progress::new(m.steps);
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    let (mut seen, mut failures) = (false, 0u32);
     let states = loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut shutdown => {
                 progress.finish();
                 eprintln!("interrupted: cancelling Slurm job {job}");
-                let _ = tokio::process::Command::new("scancel").arg(job).status().await;
+                let _ = slurm_command("scancel", &[job]).await;
                 return Ok(130);
             }
         }
         if let Some(path) = &metrics {
             progress.update(&records(path));
         }
-        let states = job_states(job).await?;
-        if !states.is_empty() && states.iter().all(|s| terminal(s)) {
-            break states;
+        match job_states(job).await {
+            Ok(states) if !states.is_empty() && states.iter().all(|s| terminal(s)) => break states,
+            Ok(states) if !states.is_empty() => {
+                seen = true;
+                failures = 0;
+            }
+            // Slurm forgot the job (purged after MinJobAge) after we saw it: it ended.
+            Ok(_) if seen => break vec!["PURGED".to_string()],
+            Ok(_) => failures += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, job, "scontrol show job failed");
+                failures += 1;
+            }
+        }
+        if failures > MAX_QUERY_FAILURES {
+            let _ = slurm_command("scancel", &[job]).await;
+            return Err(LaunchError::Backend(format!(
+                "Slurm did not report job {job} for {MAX_QUERY_FAILURES} queries in a row; cancelled it"
+            )));
         }
     };
     progress.finish();
     let end = Rendezvous::of(run).end();
     match end {
-        Some(end) if end.code == 0 && states.iter().all(|s| s == "COMPLETED") => Ok(0),
+        Some(end) if end.code == 0 && states.iter().all(|s| s == "COMPLETED" || s == "PURGED") => Ok(0),
         Some(end) => {
             eprintln!("the run failed: {end}; Slurm job {job}: {}", states.join(", "));
             Ok(if end.code == 0 { 1 } else { end.code })
@@ -221,14 +228,40 @@ async fn follow(
     }
 }
 
+/// Consecutive failed or empty job queries (one a second) before the launcher gives up.
+const MAX_QUERY_FAILURES: u32 = 120;
+
+/// How long one Slurm command may take.
+const SLURM_COMMAND_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs a Slurm client command with a deadline; its stdout when it succeeded.
+async fn slurm_command(program: &str, args: &[&str]) -> Result<String, LaunchError> {
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(SLURM_COMMAND_LIMIT, run)
+        .await
+        .map_err(|_| LaunchError::Backend(format!("{program} took over {SLURM_COMMAND_LIMIT:?}")))?
+        .map_err(io(format!("running {program}")))?;
+    if !out.status.success() {
+        return Err(LaunchError::Backend(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// JobState of each component of `job` (`scontrol show job -o`); empty while Slurm has none.
 async fn job_states(job: &str) -> Result<Vec<String>, LaunchError> {
-    let out = tokio::process::Command::new("scontrol")
-        .args(["show", "job", "-o", job])
-        .output()
-        .await
-        .map_err(io("running scontrol show job"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = match slurm_command("scontrol", &["show", "job", "-o", job]).await {
+        Ok(t) => t,
+        // A purged job: "Invalid job id specified".
+        Err(LaunchError::Backend(e)) if e.contains("Invalid job id") => String::new(),
+        Err(e) => return Err(e),
+    };
     Ok(text
         .lines()
         .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("JobState=")))

@@ -36,11 +36,33 @@ pub struct Task {
     pub group: String,
     /// This node's address; none = ask Slurm (NodeAddr of `$SLURMD_NODENAME`).
     pub address: Option<IpAddr>,
+    /// Ports fixed in advance (Kubernetes: its Services and probes name them); the others
+    /// are picked free by their owners.
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// Parses `name=port,name=port` (the `--ports` flag).
+pub fn parse_ports(s: &str) -> Result<BTreeMap<String, u16>, LaunchError> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p
+                .split_once('=')
+                .ok_or_else(|| LaunchError::Placeholder(format!("--ports: {p:?} is not name=port")))?;
+            let port = v
+                .parse()
+                .map_err(|_| LaunchError::Placeholder(format!("--ports: {v:?} is not a port")))?;
+            Ok((n.to_string(), port))
+        })
+        .collect()
 }
 
 impl From<RendezvousError> for LaunchError {
     fn from(e: RendezvousError) -> Self {
-        LaunchError::Rendezvous(e.to_string())
+        match e {
+            RendezvousError::Ended { end, .. } => LaunchError::Ended(end),
+            e => LaunchError::Rendezvous(e.to_string()),
+        }
     }
 }
 
@@ -60,13 +82,18 @@ pub async fn run_task(task: &Task, shutdown: impl std::future::Future<Output = (
         Some(a) => a,
         None => slurm_node_address().await?,
     };
+    // Slurm's launcher made it; on Kubernetes the first task to start does.
+    let logs = task.run.join("logs");
+    std::fs::create_dir_all(&logs).map_err(io(format!("creating {}", logs.display())))?;
     let rz = Rendezvous::of(&task.run);
     rz.put(&format!("hosts/{}", task.group), &addr.to_string())?;
     tracing::info!(group = %task.group, address = %addr, "task started");
     let mut p = placeholders(&task.run, task.repo.clone(), addr);
+    p.ports.extend(task.ports.clone());
     let env = node_env(addr, groups.len() > 1);
     let mut running: Vec<Running> = Vec::new();
     tokio::pin!(shutdown);
+    p.hosts.insert(task.group.clone(), addr.to_string());
     let result = tokio::select! {
         r = run_group(&m, task, &rz, &mut p, &env, &mut running, &groups[0]) => r,
         _ = &mut shutdown => {
@@ -74,12 +101,18 @@ pub async fn run_task(task: &Task, shutdown: impl std::future::Future<Output = (
             Ok(130)
         }
     };
-    if let Err(e) = &result {
-        let _ = rz.put_end(&End {
-            code: 1,
-            reason: format!("group {}: {e}", task.group),
-        });
-    }
+    // The run ended elsewhere while this group waited for something: not this group's failure.
+    let result = match result {
+        Err(LaunchError::Ended(end)) => Ok(ended(task, &end)),
+        Err(e) => {
+            let _ = rz.put_end(&End {
+                code: 1,
+                reason: format!("group {}: {e}", task.group),
+            });
+            Err(e)
+        }
+        ok => ok,
+    };
     teardown(&mut running).await;
     result
 }
@@ -129,7 +162,14 @@ async fn run_group(
         running.push(spawn(proc, &task.run, p, env)?);
         record_pids_in(&task.run.join(format!("processes-{}.json", task.group)), running);
         if let Some(last) = running.last_mut() {
-            ready(proc, last, p).await?;
+            tokio::select! {
+                r = ready(proc, last, p) => r?,
+                end = end_within(rz, Duration::MAX) => {
+                    if let Some(end) = end {
+                        return Err(LaunchError::Ended(end));
+                    }
+                }
+            }
         }
         rz.put(&format!("ready/{}", proc.name), "ok")?;
     }
@@ -190,9 +230,13 @@ async fn watch(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
+        // The end first: once the main ended, processes elsewhere may stop on their own.
+        if let Some(end) = rz.end() {
+            return Ok(ended(task, &end));
+        }
         for r in running.iter_mut() {
             let Ok(Some(status)) = r.child.try_wait() else { continue };
-            let code = status.code().unwrap_or(-1);
+            let code = exit_code(status);
             if r.main {
                 let reason = format!("{} (group {}) exited with {code}", r.name, task.group);
                 rz.put_end(&End { code, reason })?;
@@ -205,6 +249,11 @@ async fn watch(
                 }
                 return Ok(code);
             }
+            // A process that stopped because the run ended (seen late on a shared filesystem)
+            // is no failure: give the end a moment to appear.
+            if let Some(end) = end_within(rz, END_GRACE).await {
+                return Ok(ended(task, &end));
+            }
             let died = LaunchError::Died {
                 name: format!("{} (group {})", r.name, task.group),
                 code,
@@ -216,11 +265,41 @@ async fn watch(
             })?;
             return Err(died);
         }
-        if let Some(end) = rz.end() {
-            tracing::info!(group = %task.group, end = %end, "the run ended; stopping this group");
-            return Ok(if end.code == 0 { 0 } else { 1 });
-        }
     }
+}
+
+/// How long a task waits for the run's end to show before it counts a stopped process as dead.
+const END_GRACE: Duration = Duration::from_secs(3);
+
+/// The run's end, if it appears within `limit`.
+async fn end_within(rz: &Rendezvous, limit: Duration) -> Option<End> {
+    // No deadline when it would overflow (a wait for as long as another future runs).
+    let deadline = std::time::Instant::now().checked_add(limit);
+    loop {
+        if let Some(end) = rz.end() {
+            return Some(end);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// This task's exit code once the run ended elsewhere: 0 for a run that succeeded.
+fn ended(task: &Task, end: &End) -> i32 {
+    tracing::info!(group = %task.group, end = %end, "the run ended; stopping this group");
+    if end.code == 0 {
+        0
+    } else {
+        1
+    }
+}
+
+/// A child's exit code, 128 + the signal when a signal ended it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
 }
 
 /// This node's address as Slurm knows it: NodeAddr of `$SLURMD_NODENAME` (`scontrol show
@@ -276,5 +355,14 @@ mod tests {
         let text = "NodeName=n2 Arch=x86_64 CoresPerSocket=1\n   NodeAddr=10.77.0.12 NodeHostName=n2 Version=22.05.8\n";
         assert_eq!(node_addr_of(text).as_deref(), Some("10.77.0.12"));
         assert_eq!(node_addr_of("NodeName=n2"), None);
+    }
+
+    #[test]
+    fn fixed_ports_parse() {
+        let p = parse_ports("api=8000,engine=8001").expect("ports");
+        assert_eq!(p.get("engine"), Some(&8001));
+        assert!(parse_ports("api").is_err());
+        assert!(parse_ports("api=99999").is_err());
+        assert!(parse_ports("").expect("none").is_empty());
     }
 }

@@ -276,7 +276,12 @@ impl Sidecar for SidecarService {
     ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
         let mut stream = req.into_inner();
         let mut assembly = AdapterAssembly::default();
-        while let Some(chunk) = stream.message().await? {
+        // A learner that stops sending mid-stream costs a deadline, not a held call and buffer.
+        loop {
+            let next = tokio::time::timeout(ADAPTER_CHUNK_WAIT, stream.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("adapter stream: no chunk for 60 s"))??;
+            let Some(chunk) = next else { break };
             assembly.push(chunk)?;
         }
         let req = assembly.finish()?;
@@ -292,6 +297,9 @@ impl Sidecar for SidecarService {
         Ok(committed(version, applied))
     }
 }
+
+/// The longest wait for the next message of an adapter stream.
+const ADAPTER_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The largest adapter file a sidecar takes (it holds one in memory while it installs it).
 pub const MAX_ADAPTER_BYTES: u64 = 16 << 30;
