@@ -19,7 +19,7 @@ fn the_example_manifests_render_valid_kubernetes_objects() {
         if path.extension().is_none_or(|e| e != "toml") || !text.contains("\n[kubernetes]") {
             continue;
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
+        let out = common::grpo_node()
             .args(["launch", "--backend", "kubernetes"])
             .arg(&path)
             .output()
@@ -57,7 +57,7 @@ fn the_example_manifests_render_valid_kubernetes_objects() {
 /// Without a `[kubernetes]` table the backend says what it needs.
 #[test]
 fn a_manifest_without_a_kubernetes_table_is_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
+    let out = common::grpo_node()
         .args(["launch", "--backend", "kubernetes"])
         .arg(common::repo().join("cluster/local.toml"))
         .output()

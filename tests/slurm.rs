@@ -219,7 +219,7 @@ fn killing_the_sidecar_fails_the_job_fast() {
 
 #[test]
 fn the_dry_run_prints_the_golden_script() {
-    let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
+    let out = common::grpo_node()
         .args([
             "launch",
             "--backend",
@@ -251,7 +251,7 @@ fn the_dry_run_prints_the_golden_script() {
 #[test]
 fn a_multi_node_role_refuses_a_loopback_address() {
     let model = common::tiny_model("llama", &[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
+    let out = common::grpo_node()
         .args(["--role", "inference-sidecar", "--engine", "embedded", "--model-name"])
         .arg(model.path())
         .args([
@@ -271,7 +271,7 @@ fn a_multi_node_role_refuses_a_loopback_address() {
         err.contains("--listen 127.0.0.1:0: a loopback address in a run that spans nodes"),
         "{err}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
+    let out = common::grpo_node()
         .args(["--role", "learner", "--model-name"])
         .arg(model.path())
         .args([

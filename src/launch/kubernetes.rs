@@ -29,11 +29,7 @@ const APP: &str = "grpo-node";
 pub fn render_file(path: &Path) -> Result<String, LaunchError> {
     let m = Manifest::read(path)?;
     let text = std::fs::read_to_string(path).map_err(super::runner::io(format!("reading {}", path.display())))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let objects = render(&m, &text, &format!("{}-{stamp}", m.name))?;
+    let objects = render(&m, &text, &format!("{}-{}", m.name, super::runner::unix_seconds()))?;
     let problems = lint(&objects);
     if !problems.is_empty() {
         return Err(LaunchError::Backend(format!(

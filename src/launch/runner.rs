@@ -229,6 +229,14 @@ pub fn placeholders(run: &Path, repo: PathBuf, bind: std::net::IpAddr) -> Placeh
     }
 }
 
+/// Seconds since the Unix epoch (0 before it): run directories' time stamps.
+pub(super) fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Creates a new run directory (with `logs/`) under the manifest's `runs_dir` (or `runs_dir`
 /// given here), named after the manifest, the time and this process: never one that exists, so
 /// two runs (two queued jobs) never share one.
@@ -236,10 +244,7 @@ pub fn reserve_run_dir(manifest: &Manifest, runs_dir: Option<&Path>) -> Result<P
     let parent = runs_dir.map_or_else(|| PathBuf::from(&manifest.runs_dir), Path::to_path_buf);
     let parent = std::path::absolute(parent).map_err(io("run dir"))?;
     std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let stamp = unix_seconds();
     for n in 0..1000 {
         let name = match n {
             0 => format!("{}-{stamp}", manifest.name),

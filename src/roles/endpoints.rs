@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -57,11 +57,8 @@ pub fn router(state: EndpointsState) -> Router {
 }
 
 async fn endpoints(State(state): State<Arc<EndpointsState>>, headers: HeaderMap) -> Response {
-    if let Some(token) = &state.token.0 {
-        let presented = headers.get("authorization").map(|v| v.as_bytes());
-        if !crate::secret::bearer_matches(presented, token) {
-            return (StatusCode::UNAUTHORIZED, "missing or wrong token").into_response();
-        }
+    if let Some(denied) = crate::telemetry::prom::unauthorized(state.token.0.as_deref(), &headers) {
+        return denied;
     }
     let known: BTreeMap<String, Option<u64>> = recover(&state.stats).sidecars.clone();
     // All sidecars are asked at once; each answer is bounded by INFO_DEADLINE.

@@ -405,13 +405,18 @@ pub struct Access {
 
 /// The `/metrics` response: 401 without the required token, else the exposition.
 pub fn respond(role: Role, access: &Access, headers: &HeaderMap) -> Response {
-    if let Some(token) = &access.token {
-        let presented = headers.get("authorization").map(|v| v.as_bytes());
-        if !crate::secret::bearer_matches(presented, token) {
-            return (StatusCode::UNAUTHORIZED, "missing or wrong token").into_response();
-        }
+    if let Some(denied) = unauthorized(access.token.as_deref(), headers) {
+        return denied;
     }
     ([(CONTENT_TYPE, CONTENT)], render(role)).into_response()
+}
+
+/// A 401 when `token` is required and the request does not present it as a bearer token.
+pub fn unauthorized(token: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    let token = token?;
+    let presented = headers.get("authorization").map(|v| v.as_bytes());
+    (!crate::secret::bearer_matches(presented, token))
+        .then(|| (StatusCode::UNAUTHORIZED, "missing or wrong token").into_response())
 }
 
 async fn learner_metrics(State(access): State<Arc<Access>>, headers: HeaderMap) -> Response {
