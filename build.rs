@@ -19,7 +19,9 @@ fn compile_shim(lib: &std::path::Path) {
         .define("GLOG_USE_GLOG_EXPORT", None)
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
-        .file("csrc/shim.cpp");
+        .include("csrc/gloo_api")
+        .file("csrc/shim.cpp")
+        .file("csrc/dist.cpp");
     build.compile("grpo_shim");
     println!("cargo:rerun-if-changed=csrc");
 }

@@ -1,8 +1,10 @@
-//! Collective transports for weight sync. [`nccl`] (feature `cuda`) broadcasts GPU tensors in
-//! place between processes, with non-blocking communicators, a deadline on every collective and
-//! `ncclCommAbort` when it passes. The gRPC stream in [`crate::sync`] is the fallback when NCCL
-//! is absent.
+//! Collective transports. [`nccl`] (feature `cuda`) broadcasts GPU tensors in place between
+//! processes (weight sync) and all-reduces gradients, with non-blocking communicators, a
+//! deadline on every collective and `ncclCommAbort` when it passes. The gRPC stream in
+//! [`crate::sync`] is the fallback when NCCL is absent. [`gloo`] is libtorch's c10d gloo group
+//! on the CPU: the data-parallel learner's control plane, and its gradients without CUDA.
 
+pub mod gloo;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 
