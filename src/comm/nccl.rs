@@ -444,6 +444,49 @@ impl Communicator {
         self.wait_stream("all_reduce", until)
     }
 
+    /// Queues an in-place sum all-reduce of `t` (contiguous fp32 or bf16, on this rank's GPU)
+    /// after everything tch queued so far, and returns once NCCL took it: the transfer overlaps
+    /// whatever the host queues next (the rest of the backward). [`Self::all_reduce_finish`]
+    /// waits for every queued one.
+    pub fn all_reduce_queue(&mut self, t: &Tensor, deadline: Duration) -> Result<(), CommError> {
+        if self.aborted {
+            return Err(CommError::Nccl {
+                call: "all_reduce",
+                message: "the communicator was aborted".into(),
+            });
+        }
+        let until = Instant::now() + deadline;
+        let cuda = |e: cudarc::driver::DriverError| CommError::Cuda(e.to_string());
+        self.ctx.bind_to_thread().map_err(cuda)?;
+        let ready = mark_torch_stream(&self.ctx)?;
+        self.stream.wait(&ready).map_err(cuda)?;
+        let dtype = match t.kind() {
+            tch::Kind::BFloat16 => nc::ncclDataType_t::ncclBfloat16,
+            _ => nc::ncclDataType_t::ncclFloat32,
+        };
+        // SAFETY: a live contiguous tensor on this communicator's device; the caller keeps it
+        // alive until all_reduce_finish returned.
+        let r = unsafe {
+            nc::ncclAllReduce(
+                t.data_ptr(),
+                t.data_ptr(),
+                t.numel(),
+                dtype,
+                nc::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as nc::cudaStream_t,
+            )
+        };
+        check("ncclAllReduce", r)?;
+        self.wait_ready("all_reduce", until)
+    }
+
+    /// Waits until every queued all-reduce finished (their tensors then hold the sums); aborts
+    /// the communicator and fails at `deadline`.
+    pub fn all_reduce_finish(&mut self, deadline: Duration) -> Result<(), CommError> {
+        self.wait_stream("all_reduce", Instant::now() + deadline)
+    }
+
     /// Aborts the communicator: pending kernels return, resources are freed. Idempotent.
     pub fn abort(&mut self) {
         if !self.aborted {

@@ -264,6 +264,43 @@ pub struct LearnerArgs {
     /// register again) [default: 600].
     #[arg(long, env = "GRPO_SIDECAR_FORGET_AFTER_S")]
     pub sidecar_forget_after_s: Option<u64>,
+    /// Data parallel: learner processes of the run, each with a full model copy; gradients are
+    /// all-reduced (gloo on the CPU, NCCL on CUDA) and every batch is one step [default: 1].
+    #[arg(long, env = "GRPO_LEARNER_RANKS")]
+    pub learner_ranks: Option<u64>,
+    /// This process's rank: 0 talks to the Atropos API, checkpoints and publishes weights; the
+    /// others train their share of each batch [default: 0].
+    #[arg(long, env = "GRPO_LEARNER_RANK")]
+    pub learner_rank: Option<u64>,
+    /// HOST:PORT of the ranks' rendezvous (a c10d TCPStore that rank 0 serves); needed with
+    /// --learner-ranks > 1.
+    #[arg(long, env = "GRPO_LEARNER_RENDEZVOUS")]
+    pub learner_rendezvous: Option<String>,
+    /// The address this rank's collectives bind to and are reached at (not loopback when the
+    /// run spans nodes) [default: 127.0.0.1].
+    #[arg(long, env = "GRPO_LEARNER_BIND")]
+    pub learner_bind: Option<std::net::IpAddr>,
+    /// Deadline in seconds of every wait between learner ranks: the rendezvous, each
+    /// collective, and an idle rank 0's keep-alive [default: 300].
+    #[arg(long, env = "GRPO_DP_TIMEOUT_S")]
+    pub dp_timeout_s: Option<u64>,
+    /// Gradient all-reduce bucket size in MiB (whole layers per bucket) [default: 25].
+    #[arg(long, env = "GRPO_DP_BUCKET_MB")]
+    pub dp_bucket_mb: Option<u64>,
+}
+
+/// Data-parallel settings of one learner rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataParallelConfig {
+    pub ranks: usize,
+    pub rank: usize,
+    /// The TCPStore rank 0 serves.
+    pub host: String,
+    pub port: u16,
+    /// This rank's address for the collectives.
+    pub bind: std::net::IpAddr,
+    pub timeout: std::time::Duration,
+    pub bucket_bytes: usize,
 }
 
 /// A validated learner configuration.
@@ -315,6 +352,8 @@ pub struct LearnerConfig {
     /// Where /metrics is served.
     pub metrics_listen: SocketAddr,
     pub sync: SyncConfig,
+    /// More than one learner rank: who this one is and where the ranks meet.
+    pub data_parallel: Option<DataParallelConfig>,
 }
 
 /// Weight-sync settings of a learner.
@@ -445,6 +484,12 @@ impl LearnerArgs {
             metrics_listen,
             sidecar_allow,
             sidecar_forget_after_s,
+            learner_ranks,
+            learner_rank,
+            learner_rendezvous,
+            learner_bind,
+            dp_timeout_s,
+            dp_bucket_mb,
         )
     }
 
@@ -475,6 +520,7 @@ impl LearnerArgs {
         };
         // (Broadcast stands for every mode that trains full weights.)
         let lora = resolve_lora(&args, args.weight_bridge_mode.unwrap_or(BridgeMode::Broadcast))?;
+        let data_parallel = resolve_data_parallel(&args)?;
         let model_name = args.model_name.ok_or(ConfigError::Missing { flag: "model-name" })?;
         check(model_name.join("config.json").is_file(), "model-name", || {
             format!(
@@ -706,8 +752,61 @@ impl LearnerArgs {
             prefetch,
             grpc_listen: args.grpc_listen,
             metrics_listen,
+            data_parallel,
         })
     }
+}
+
+/// Longest `--dp-timeout-s`: far below NCCL's own 30 minutes.
+pub const MAX_DP_TIMEOUT_S: u64 = 1200;
+
+/// The data-parallel settings, when there is more than one learner rank.
+fn resolve_data_parallel(args: &LearnerArgs) -> Result<Option<DataParallelConfig>, ConfigError> {
+    let ranks = args.learner_ranks.unwrap_or(1);
+    let rank = args.learner_rank.unwrap_or(0);
+    check((1..=1024).contains(&ranks), "learner-ranks", || {
+        format!("must be in 1..=1024 (got {ranks})")
+    })?;
+    check(rank < ranks, "learner-rank", || {
+        format!("must be below --learner-ranks {ranks} (got {rank})")
+    })?;
+    if ranks == 1 {
+        return Ok(None);
+    }
+    let rendezvous = args
+        .learner_rendezvous
+        .as_deref()
+        .ok_or(ConfigError::Missing { flag: "learner-rendezvous" })?;
+    let (host, port) = rendezvous
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .filter(|(h, p)| !h.is_empty() && *p != 0)
+        .ok_or_else(|| ConfigError::Invalid {
+            flag: "learner-rendezvous",
+            reason: format!("{rendezvous:?} is not HOST:PORT with a port above 0"),
+        })?;
+    let bind = args.learner_bind.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    if super::addr::multi_node() {
+        super::addr::check_listen("learner-bind", SocketAddr::new(bind, port))?;
+        super::addr::check_url("learner-rendezvous", &format!("http://{rendezvous}"))?;
+    }
+    let timeout_s = args.dp_timeout_s.unwrap_or(300);
+    check((1..=MAX_DP_TIMEOUT_S).contains(&timeout_s), "dp-timeout-s", || {
+        format!("must be in 1..={MAX_DP_TIMEOUT_S} (got {timeout_s})")
+    })?;
+    let bucket_mb = args.dp_bucket_mb.unwrap_or(25);
+    check((1..=4096).contains(&bucket_mb), "dp-bucket-mb", || {
+        format!("must be in 1..=4096 (got {bucket_mb})")
+    })?;
+    Ok(Some(DataParallelConfig {
+        ranks: ranks as usize,
+        rank: rank as usize,
+        host: host.to_owned(),
+        port,
+        bind,
+        timeout: std::time::Duration::from_secs(timeout_s),
+        bucket_bytes: (bucket_mb as usize) << 20,
+    }))
 }
 
 /// The LoRA spec of the lora and lora-restart modes (the Atropos trainer's defaults: r 16,

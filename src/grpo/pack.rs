@@ -59,7 +59,7 @@ pub fn align_group(group: &ScoredGroup) -> Vec<Sequence> {
 }
 
 /// Row-major `[rows, seq_len]` arrays of one micro-batch, ready to become tensors.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MicroBatch {
     pub rows: usize,
     pub seq_len: usize,
@@ -74,7 +74,7 @@ pub struct MicroBatch {
 }
 
 /// Everything one optimizer step trains on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainBatch {
     pub micro_batches: Vec<MicroBatch>,
     pub sequences: usize,
@@ -85,6 +85,32 @@ pub struct TrainBatch {
 
 fn padded_len(longest: usize) -> usize {
     longest.div_ceil(PAD_MULTIPLE).max(1) * PAD_MULTIPLE
+}
+
+/// Which micro-batches of `batch` each of `ranks` data-parallel ranks trains: largest first
+/// (by positions computed), each to the least-loaded rank (the lowest on a tie); every rank's
+/// list in batch order. Every micro-batch goes to exactly one rank, and every rank computes
+/// the same split.
+pub fn share_micro_batches(batch: &TrainBatch, ranks: usize) -> Vec<Vec<usize>> {
+    let ranks = ranks.max(1);
+    let mut order: Vec<usize> = (0..batch.micro_batches.len()).collect();
+    let size = |i: usize| batch.micro_batches[i].rows * batch.micro_batches[i].seq_len;
+    order.sort_by(|&a, &b| size(b).cmp(&size(a)).then(a.cmp(&b)));
+    let mut load = vec![0usize; ranks];
+    let mut shares = vec![Vec::new(); ranks];
+    for i in order {
+        let (r, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|&(r, l)| (*l, r))
+            .unwrap_or((0, &0));
+        load[r] += size(i);
+        shares[r].push(i);
+    }
+    for share in &mut shares {
+        share.sort_unstable();
+    }
+    shares
 }
 
 /// How sequences become micro-batches.
@@ -201,5 +227,60 @@ mod tests {
             batch.micro_batches.iter().map(|m| m.rows).collect::<Vec<_>>(),
             vec![2, 1]
         );
+    }
+
+    fn batch_of(shapes: &[(usize, usize)]) -> TrainBatch {
+        let micro_batches = shapes
+            .iter()
+            .map(|&(rows, seq_len)| MicroBatch {
+                rows,
+                seq_len,
+                input_ids: vec![0; rows * seq_len],
+                labels: vec![IGNORE; rows * seq_len],
+                ref_logprobs: vec![1.0; rows * seq_len],
+                on_policy: vec![true; rows],
+                advantages: vec![0.0; rows * seq_len],
+                temperatures: vec![1.0; rows],
+            })
+            .collect();
+        TrainBatch {
+            micro_batches,
+            sequences: 0,
+            scored_tokens: 0,
+            score_sum: 0.0,
+        }
+    }
+
+    /// Every micro-batch goes to exactly one rank, loads stay balanced, and each share keeps
+    /// batch order; more ranks than micro-batches leaves some ranks without work.
+    #[test]
+    fn micro_batches_are_shared_once_and_balanced() {
+        let batch = batch_of(&[(4, 64), (4, 128), (4, 64), (2, 64), (4, 192), (1, 64)]);
+        for ranks in 1..=8 {
+            let shares = share_micro_batches(&batch, ranks);
+            assert_eq!(shares.len(), ranks);
+            let mut all: Vec<usize> = shares.concat();
+            all.sort_unstable();
+            assert_eq!(all, (0..6).collect::<Vec<_>>(), "ranks {ranks}");
+            for share in &shares {
+                assert!(share.windows(2).all(|w| w[0] < w[1]), "{share:?}");
+            }
+        }
+        let shares = share_micro_batches(&batch, 2);
+        let load = |s: &Vec<usize>| s.iter().map(|&i| batch.micro_batches[i].rows * batch.micro_batches[i].seq_len).sum::<usize>();
+        let (a, b) = (load(&shares[0]), load(&shares[1]));
+        assert!(a.abs_diff(b) <= 256, "{a} vs {b}");
+        assert_eq!(share_micro_batches(&batch_of(&[(1, 64)]), 3), vec![vec![0], vec![], vec![]]);
+    }
+
+    /// A batch survives the trip to the other ranks bit for bit.
+    #[test]
+    fn a_batch_round_trips_through_json() {
+        let mut batch = batch_of(&[(2, 64)]);
+        batch.micro_batches[0].ref_logprobs[3] = -0.123_456_79;
+        batch.micro_batches[0].advantages[5] = 1.0e-30;
+        batch.score_sum = 0.1 + 0.2;
+        let bytes = serde_json::to_vec(&batch).unwrap();
+        assert_eq!(serde_json::from_slice::<TrainBatch>(&bytes).unwrap(), batch);
     }
 }

@@ -1,11 +1,13 @@
 //! The training step: model + AdamW, 8-bit AdamW or Adafactor over fp32 master weights (plain, or split into a bf16
 //! compute half and an int16 low half), gradient accumulation over
-//! micro-batches, grad-norm clipping, and the learning-rate schedule. Runs on whatever thread
+//! micro-batches, grad-norm clipping, and the learning-rate schedule; data parallel across
+//! learner ranks. Runs on whatever thread
 //! owns it (the learner gives it a dedicated OS thread).
 
 pub mod adafactor;
 pub mod adamw;
 pub mod adamw8bit;
+pub mod data_parallel;
 pub mod layers;
 pub mod lease;
 pub mod optimizer;

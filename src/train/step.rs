@@ -68,6 +68,15 @@ fn backward_with(y: &Tensor, grad: &Tensor) {
     (y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
 }
 
+/// Backpropagates the first layer's input gradient into the embedding (a frozen one, with LoRA,
+/// takes none).
+fn backward_embedding(model: &Transformer, ids: &Tensor, grad: &Tensor) {
+    let embedded = model.embed(ids);
+    if embedded.requires_grad() {
+        backward_with(&embedded, grad);
+    }
+}
+
 /// Runs forward and backward of one micro-batch; gradients accumulate into the parameters.
 pub fn forward_backward(
     model: &Transformer,
@@ -76,6 +85,22 @@ pub fn forward_backward(
     norm: StepNorm,
     plan: StepPlan,
 ) -> LossStats {
+    forward_backward_reporting(model, mt, loss, norm, plan, None)
+}
+
+/// [`forward_backward`], calling `layer_done(i)` as soon as the backward through decoder layer
+/// `i` is finished (last layer first), so that a data-parallel step can start reducing that
+/// layer's gradients while the backward goes on. With a reporter and no activation
+/// checkpointing, the layers' backward runs one layer at a time on the same graph.
+pub fn forward_backward_reporting(
+    model: &Transformer,
+    mt: &MicroTensors,
+    loss: &LossConfig,
+    norm: StepNorm,
+    plan: StepPlan,
+    mut layer_done: Option<&mut dyn FnMut(usize)>,
+) -> LossStats {
+    let per_layer = layer_done.is_some() && !plan.checkpoint_layers;
     let ids = &mt.input_ids;
     let (b, t) = (ids.size()[0], ids.size()[1]);
     let mut clock = StageClock {
@@ -88,6 +113,7 @@ pub fn forward_backward(
 
     // Stage 1: the layers.
     let mut saved_inputs = Vec::new();
+    let mut layer_graphs: Vec<(Tensor, Tensor)> = Vec::new();
     let last = if plan.checkpoint_layers {
         tch::no_grad(|| {
             let mut x = model.embed(ids);
@@ -99,6 +125,18 @@ pub fn forward_backward(
             }
             x
         })
+    } else if per_layer {
+        // Each layer's input is a leaf of its own graph; its output keeps that graph. The
+        // embedding is recomputed for its own backward at the end.
+        let mut x = tch::no_grad(|| model.embed(ids));
+        for i in 0..model.num_layers() {
+            plan.seed_layer(i);
+            let input = x.detach().set_requires_grad(true);
+            let next = model.layer(i, &input, &cos, &sin);
+            layer_graphs.push((input, next.shallow_clone()));
+            x = next;
+        }
+        x
     } else {
         let mut x = model.embed(ids);
         for i in 0..model.num_layers() {
@@ -134,12 +172,20 @@ pub fn forward_backward(
             let y = model.layer(i, &x, &cos, &sin);
             backward_with(&y, &grad);
             grad = x.grad();
+            if let Some(done) = layer_done.as_mut() {
+                done(i);
+            }
         }
-        let embedded = model.embed(ids);
-        // A frozen embedding (LoRA) takes no gradient.
-        if embedded.requires_grad() {
-            backward_with(&embedded, &grad);
+        backward_embedding(model, ids, &grad);
+    } else if per_layer {
+        for (i, (input, y)) in layer_graphs.into_iter().enumerate().rev() {
+            backward_with(&y, &grad);
+            grad = input.grad();
+            if let Some(done) = layer_done.as_mut() {
+                done(i);
+            }
         }
+        backward_embedding(model, ids, &grad);
     } else {
         backward_with(&last, &grad);
     }

@@ -21,7 +21,8 @@ use super::layers::LayerSet;
 use super::optimizer::Optimizer;
 use super::schedule::LrSchedule;
 use super::split;
-use super::step::{forward_backward, StepPlan};
+use super::data_parallel::{plan_buckets, Bucket, DataParallel, DpError, GradReduction, Op, ReduceReport};
+use super::step::{forward_backward_reporting, StepPlan};
 
 /// A floating-point dtype choice: what matmuls and attention run in (`--precision`), or what
 /// AdamW's first moment is stored in (`--exp-avg-dtype`). Master weights, the second moment,
@@ -114,6 +115,12 @@ pub struct StepMetrics {
     pub skip_reason: Option<SkipReason>,
     /// Steps skipped so far in the run, this one included.
     pub skipped_steps: u64,
+    /// Data parallel: learner ranks of the step (1 without).
+    pub ranks: u64,
+    /// Data parallel: seconds the step waited for gradient all-reduces after its backward (the
+    /// part not overlapped), and the bytes reduced.
+    pub allreduce_wait_s: f64,
+    pub allreduce_bytes: u64,
 }
 
 /// Why an optimizer step was skipped: its batch is consumed and counted, the weights and the
@@ -159,6 +166,8 @@ pub enum TrainError {
     Optimizer(String),
     #[error(transparent)]
     Lora(#[from] crate::model::lora::LoraError),
+    #[error("data parallel: {0}")]
+    DataParallel(#[from] DpError),
 }
 
 /// Shared-weights mode: an engine reads the same tensors; the optimizer step write-holds `gate`
@@ -196,6 +205,8 @@ pub struct Trainer {
     skipped_steps: u64,
     /// `GRPO_PROFILE_STEP=1`: log stage times (synchronizes the device; slows steps down).
     profile: bool,
+    /// Data parallel: the group, and the gradient buckets over `trainable`.
+    dp: Option<(DataParallel, Vec<Bucket>)>,
 }
 
 fn ratio(num: f64, den: f64) -> f64 {
@@ -383,6 +394,7 @@ impl Trainer {
             steps_done: 0,
             skipped_steps: 0,
             profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
+            dp: None,
         }
     }
 
@@ -538,37 +550,18 @@ impl Trainer {
         Ok(())
     }
 
-    /// Trains one optimizer step on `batch`.
+    /// Trains one optimizer step on `batch`. Data parallel: rank 0 first hands the batch to
+    /// every rank; each trains its share and the gradients are summed over the ranks.
     pub fn train(&mut self, batch: &TrainBatch) -> Result<StepMetrics, TrainError> {
         let started = Instant::now();
+        if let Some((dp, _)) = self.dp.as_mut().filter(|(dp, _)| dp.rank() == 0) {
+            dp.send(&Op::Train(Box::new(batch.clone())))?;
+        }
         for p in &self.trainable {
             let mut v = p.value.shallow_clone();
             v.zero_grad();
         }
-        let norm = StepNorm {
-            sequences: batch.sequences as f64,
-            scored_tokens: batch.scored_tokens as f64,
-        };
-        let mut stats = LossStats::default();
-        let mut padded = 0u64;
-        let dropout = self.model.has_lora_dropout();
-        for (i, mb) in batch.micro_batches.iter().enumerate() {
-            // Dropout masks drawn from (step, micro-batch): recomputed layers see the same
-            // ones, and a resumed run draws what the uninterrupted one would have.
-            let seed = (self.steps_done as i64)
-                .wrapping_mul(1_000_003)
-                .wrapping_add(i as i64 * 65_536);
-            let plan = StepPlan {
-                checkpoint_layers: self.config.compute.gradient_checkpointing,
-                chunk_tokens: self.config.compute.logprob_chunk_tokens,
-                profile: self.profile,
-                dropout_seed: dropout.then_some(seed),
-            };
-            let mt = MicroTensors::new(mb, self.config.device);
-            let s = forward_backward(&self.model, &mt, &self.config.loss, norm, plan);
-            stats.merge(&s);
-            padded += (mb.rows * mb.seq_len) as u64;
-        }
+        let (stats, padded, reduced) = self.micro_batches(batch)?;
         let backward_done = Instant::now();
         // Gradients as the backward left them (bf16 on the high halves, or fp32 on the
         // masters); AdamW casts and scales them a slice at a time.
@@ -591,6 +584,7 @@ impl Trainer {
             tracing::info!(
                 micro_batches_s = backward_done.duration_since(started).as_secs_f64(),
                 clip_and_adamw_s = backward_done.elapsed().as_secs_f64(),
+                allreduce_wait_s = reduced.wait_s,
                 "step stages"
             );
         }
@@ -615,7 +609,187 @@ impl Trainer {
             sync_hold_s,
             skip_reason,
             skipped_steps: self.skipped_steps,
+            ranks: self.dp.as_ref().map_or(1, |(dp, _)| dp.world() as u64),
+            allreduce_wait_s: reduced.wait_s,
+            allreduce_bytes: reduced.bytes,
         })
+    }
+
+    /// Forward and backward of this rank's micro-batches of `batch` (all of them without data
+    /// parallelism); returns the batch's loss statistics (summed over the ranks), the positions
+    /// computed, and what the gradient all-reduce cost.
+    fn micro_batches(&mut self, batch: &TrainBatch) -> Result<(LossStats, u64, ReduceReport), TrainError> {
+        let norm = StepNorm {
+            sequences: batch.sequences as f64,
+            scored_tokens: batch.scored_tokens as f64,
+        };
+        let mine: Vec<usize> = match &self.dp {
+            Some((dp, _)) => crate::grpo::pack::share_micro_batches(batch, dp.world()).swap_remove(dp.rank()),
+            None => (0..batch.micro_batches.len()).collect(),
+        };
+        let data_parallel = self.dp.is_some();
+        let mut reduction = self.dp.as_mut().map(|(dp, buckets)| {
+            let grads = self.trainable.iter().map(|p| p.value.grad()).collect();
+            GradReduction::new(dp, buckets.clone(), grads)
+        });
+        let mut stats = LossStats::default();
+        let padded = batch.micro_batches.iter().map(|mb| (mb.rows * mb.seq_len) as u64).sum();
+        let dropout = self.model.has_lora_dropout();
+        for (n, &i) in mine.iter().enumerate() {
+            let mb = &batch.micro_batches[i];
+            // Dropout masks drawn from (step, micro-batch): recomputed layers see the same
+            // ones, and a resumed run (or another rank) draws what one uninterrupted rank would.
+            let seed = (self.steps_done as i64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(i as i64 * 65_536);
+            let plan = StepPlan {
+                checkpoint_layers: self.config.compute.gradient_checkpointing,
+                chunk_tokens: self.config.compute.logprob_chunk_tokens,
+                profile: self.profile,
+                dropout_seed: dropout.then_some(seed),
+            };
+            let mt = MicroTensors::new(mb, self.config.device);
+            // The last micro-batch's backward starts each layer's all-reduce once it is done.
+            let mut report = |layer: usize| {
+                if let Some(r) = reduction.as_mut() {
+                    r.layer_done(layer);
+                }
+            };
+            let reporter: Option<&mut dyn FnMut(usize)> =
+                (n + 1 == mine.len() && data_parallel).then_some(&mut report);
+            let s = forward_backward_reporting(&self.model, &mt, &self.config.loss, norm, plan, reporter);
+            stats.merge(&s);
+        }
+        let Some(reduction) = reduction else {
+            return Ok((stats, padded, ReduceReport::default()));
+        };
+        let report = reduction.finish()?;
+        let stats = match self.dp.as_mut() {
+            Some((dp, _)) => dp.reduce_stats(&stats)?,
+            None => stats,
+        };
+        Ok((stats, padded, report))
+    }
+
+    /// Joins the data-parallel group: plans the gradient buckets and takes rank 0's weights,
+    /// optimizer state and counters (rank 0 sends them), so every rank starts where rank 0
+    /// stands, a resumed rank 0 included.
+    pub fn join_data_parallel(&mut self, mut dp: DataParallel) -> Result<(), TrainError> {
+        let sizes: Vec<(Option<usize>, usize)> = self
+            .trainable
+            .iter()
+            .map(|p| (layer_of(&p.name).and_then(|l| usize::try_from(l).ok()), p.value.numel() * 4))
+            .collect();
+        let buckets = plan_buckets(&sizes, dp.bucket_bytes());
+        // Every gradient exists from the start: a rank without micro-batches still reduces.
+        for p in &self.trainable {
+            if !p.value.grad().defined() {
+                (p.value.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+        self.take_rank0_state(&mut dp)?;
+        tracing::info!(rank = dp.rank(), world = dp.world(), buckets = buckets.len(), step = self.steps_done, "data parallel: state of rank 0 taken");
+        self.dp = Some((dp, buckets));
+        Ok(())
+    }
+
+    /// Names, shapes and dtypes of everything the ranks must agree on.
+    fn fingerprint(&self) -> String {
+        let mut out = String::new();
+        for (name, t) in self.params.iter() {
+            out.push_str(&format!("{name} {:?} {:?}\n", t.size(), t.kind()));
+        }
+        for p in &self.trainable {
+            out.push_str(&format!("trainable {} {:?}\n", p.name, p.value.size()));
+        }
+        out.push_str(&format!("optimizer {:?} lora {:?}\n", self.config.optimizer, self.lora.as_ref().map(|(l, _)| l)));
+        out
+    }
+
+    fn take_rank0_state(&mut self, dp: &mut DataParallel) -> Result<(), TrainError> {
+        let (optimizer, optimizer_steps) = self.optimizer_state();
+        let header = super::data_parallel::StateHeader {
+            fingerprint: self.fingerprint(),
+            steps_done: self.steps_done,
+            skipped_steps: self.skipped_steps,
+            optimizer_steps,
+            optimizer: optimizer
+                .iter()
+                .map(|(name, t)| super::data_parallel::StateTensor {
+                    name: name.clone(),
+                    shape: t.size(),
+                    kind: format!("{:?}", t.kind()),
+                })
+                .collect(),
+        };
+        let header = dp.exchange_header(header)?;
+        let mut tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        tensors.extend(self.low.iter().flat_map(|l| l.values().map(Tensor::shallow_clone)));
+        if self.lora.is_some() {
+            for p in &self.trainable {
+                tensors.push(p.value.shallow_clone());
+                tensors.extend(p.low.as_ref().map(Tensor::shallow_clone));
+            }
+        }
+        for t in &tensors {
+            dp.broadcast_tensor(t)?;
+        }
+        let mut state = Vec::with_capacity(header.optimizer.len());
+        for st in &header.optimizer {
+            let kind = super::data_parallel::kind_of_name(&st.kind)
+                .ok_or_else(|| DpError::Decode(format!("optimizer tensor {} of dtype {}", st.name, st.kind)))?;
+            let t = match optimizer.iter().find(|(n, _)| *n == st.name) {
+                Some((_, t)) if dp.rank() == 0 => t.shallow_clone(),
+                _ => Tensor::zeros(st.shape.as_slice(), (kind, Device::Cpu)),
+            };
+            dp.broadcast_tensor(&t)?;
+            state.push((st.name.clone(), t));
+        }
+        if dp.rank() != 0 {
+            self.restore(state, header.optimizer_steps, header.steps_done, header.skipped_steps)?;
+        }
+        Ok(())
+    }
+
+    /// Data parallel, rank 0: how often to call [`Self::keep_ranks_alive`] while idle.
+    pub fn keep_alive_every(&self) -> Option<std::time::Duration> {
+        self.dp
+            .as_ref()
+            .filter(|(dp, _)| dp.rank() == 0)
+            .map(|(dp, _)| dp.timeout() / 4)
+    }
+
+    /// Data parallel, rank 0 between steps: tells the other ranks it is alive (they fail when
+    /// they hear nothing for the deadline).
+    pub fn keep_ranks_alive(&mut self) -> Result<(), TrainError> {
+        match self.dp.as_mut() {
+            Some((dp, _)) if dp.rank() == 0 => Ok(dp.send(&Op::KeepAlive)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Data parallel, rank 0 at the end of the run: the other ranks leave.
+    pub fn stop_ranks(&mut self) -> Result<(), TrainError> {
+        match self.dp.as_mut() {
+            Some((dp, _)) if dp.rank() == 0 => Ok(dp.send(&Op::Stop)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Data parallel, ranks above 0: trains every batch rank 0 sends until it says stop;
+    /// `on_step` sees each step's metrics. Returns the steps done.
+    pub fn follow_rank0(&mut self, mut on_step: impl FnMut(&StepMetrics)) -> Result<u64, TrainError> {
+        loop {
+            let op = match self.dp.as_mut() {
+                Some((dp, _)) if dp.rank() > 0 => dp.receive()?,
+                _ => return Ok(self.steps_done),
+            };
+            match op {
+                Op::Train(batch) => on_step(&self.train(&batch)?),
+                Op::KeepAlive => {}
+                Op::Stop => return Ok(self.steps_done),
+            }
+        }
     }
 
     /// The optimizer update, once the syncs reading the live weights are done with them;

@@ -1,0 +1,272 @@
+//! The data-parallel learner on the CPU: ranks on threads of one process, each with its own
+//! trainer, meeting through libtorch's c10d (a real TCPStore and ProcessGroupGloo on loopback).
+//! N ranks must train what one rank trains: the same per-step losses (1e-5) and the same final
+//! weights, whether a rank starts from other weights, resumes, or gets no micro-batch at all.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use grpo_node::actors::messages::RawBatch;
+use grpo_node::actors::preprocessor::prepare;
+use grpo_node::checkpoint::BatchSeq;
+use grpo_node::comm::gloo::{Rendezvous, Store};
+use grpo_node::grpo::{Limits, TrainBatch};
+use grpo_node::model::safetensors_io::load_params;
+use grpo_node::model::{ModelSpec, ParamStore};
+use grpo_node::train::data_parallel::DataParallel;
+use grpo_node::train::{ComputeConfig, TrainError, Trainer, TrainerConfig};
+use serde_json::{json, Value};
+use tch::{Device, Tensor};
+
+/// `groups` groups of four completions of varied lengths; different for every `step`.
+fn groups(step: u64, groups: i64) -> Vec<Value> {
+    (0..groups)
+        .map(|g| {
+            let salt = step as i64 * 7 + g;
+            let prompt: Vec<i64> = (0..(4 + salt % 5)).map(|i| 20 + (salt * 13 + i * 3) % 200).collect();
+            let tokens: Vec<Vec<i64>> = (0..4)
+                .map(|c| {
+                    let len = 3 + (salt + c * 5) % 17;
+                    let completion = (0..len).map(|i| 30 + (salt * 31 + c * 11 + i * 7) % 400);
+                    prompt.iter().copied().chain(completion).collect()
+                })
+                .collect();
+            let masks: Vec<Vec<i64>> = tokens
+                .iter()
+                .map(|t| t.iter().enumerate().map(|(i, &x)| if i < prompt.len() { -100 } else { x }).collect())
+                .collect();
+            let scores: Vec<f64> = (0..4).map(|c| ((salt + c) % 3) as f64 - 1.0).collect();
+            json!({"tokens": tokens, "masks": masks, "scores": scores})
+        })
+        .collect()
+}
+
+fn batch(step: u64, n_groups: i64, micro_batch: usize) -> TrainBatch {
+    let limits = Limits {
+        vocab_size: 512,
+        seq_len: 64,
+        truncate_long: false,
+        allow_missing_logprobs: true,
+    };
+    let raw = RawBatch {
+        seq: BatchSeq(step),
+        groups: groups(step, n_groups),
+        wait_time_s: 0.0,
+    };
+    prepare(raw, &limits, micro_batch).batch.expect("valid batch")
+}
+
+fn config(checkpointing: bool) -> TrainerConfig {
+    TrainerConfig {
+        compute: ComputeConfig {
+            gradient_checkpointing: checkpointing,
+            ..ComputeConfig::default()
+        },
+        ..common::trainer_config(common::ppo_loss(), 3e-3, 2, 20)
+    }
+}
+
+fn trainer(dir: &Path, cfg: TrainerConfig) -> Trainer {
+    let spec = ModelSpec::from_dir(dir).expect("spec");
+    let params = load_params(&spec, dir, Device::Cpu).expect("load");
+    Trainer::new(&spec, params, None, cfg).expect("trainer")
+}
+
+fn rendezvous(port: u16, rank: usize, world: usize) -> Rendezvous {
+    Rendezvous {
+        host: "127.0.0.1".into(),
+        port,
+        bind: "127.0.0.1".into(),
+        rank,
+        world,
+        timeout: Duration::from_secs(20),
+    }
+}
+
+/// Rank 0's store (bound to a free port) and that port.
+fn store() -> (Store, u16) {
+    let store = Store::open(&rendezvous(0, 0, 2)).expect("store");
+    let port = store.port();
+    (store, port)
+}
+
+/// Joins `trainer` to the group as `rank` of `world`, with 4 KiB buckets (several per step).
+fn join(trainer: &mut Trainer, port: u16, rank: usize, world: usize) {
+    let rv = rendezvous(port, rank, world);
+    let dp = DataParallel::join(&rv, Device::Cpu, 4096).expect("join");
+    trainer.join_data_parallel(dp).expect("state of rank 0");
+}
+
+/// Every rank above 0: a thread that builds a trainer (its weights zeroed, so that only rank
+/// 0's broadcast can make it right), joins, and follows rank 0; returns its losses and weights.
+fn follower(
+    dir: &Path,
+    cfg: TrainerConfig,
+    port: u16,
+    rank: usize,
+    world: usize,
+) -> std::thread::JoinHandle<(Vec<f64>, Vec<(String, Tensor)>)> {
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let mut t = trainer(&dir, cfg);
+        tch::no_grad(|| {
+            for (_, p) in t.compute_params().iter() {
+                let _ = p.shallow_clone().zero_();
+            }
+        });
+        join(&mut t, port, rank, world);
+        let mut losses = Vec::new();
+        t.follow_rank0(|m| losses.push(m.loss)).expect("follow rank 0");
+        (losses, t.master_snapshot())
+    })
+}
+
+fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// N ranks sum the gradients in another order than one rank does, which moves each by about
+/// 1e-7 of its size. AdamW divides by the root of the second moment, so a gradient that is a
+/// cancellation of opposite contributions (a rare token's embedding row) can turn that into a
+/// visible fraction of one step's change. So: all but a few in ten thousand weights within
+/// 1e-6, and none off by more than 1e-4 (the learning rate is 3e-3).
+fn assert_weights_match(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    let (mut off, mut total) = (0i64, 0i64);
+    for ((name, x), (other, y)) in a.iter().zip(b) {
+        assert_eq!(name, other);
+        let d = (x - y).abs();
+        off += d.gt(1e-6).sum(tch::Kind::Int64).int64_value(&[]);
+        total += d.numel() as i64;
+    }
+    let worst = max_diff(a, b);
+    assert!(worst < 1e-4, "a weight differs by {worst}");
+    assert!((off as f64) < 5e-4 * total as f64, "{off} of {total} weights differ by more than 1e-6");
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol, "{what}, step {}: {x} vs {y}", i + 1);
+    }
+}
+
+/// One rank over `batches`: losses and final weights.
+fn single(dir: &Path, cfg: TrainerConfig, batches: &[TrainBatch]) -> (Vec<f64>, Vec<(String, Tensor)>) {
+    let mut t = trainer(dir, cfg);
+    let losses = batches.iter().map(|b| t.train(b).expect("step").loss).collect();
+    (losses, t.master_snapshot())
+}
+
+/// Two ranks train what one rank trains, with and without activation checkpointing (the two
+/// ways the backward reports finished layers); the second rank starts from zeroed weights and
+/// ends bit-identical to rank 0.
+#[test]
+fn two_ranks_train_what_one_rank_trains() {
+    let model = common::tiny_model("llama", &["--layers", "3"]);
+    let batches: Vec<TrainBatch> = (0..5).map(|s| batch(s, 3, 2)).collect();
+    assert!(batches.iter().all(|b| b.micro_batches.len() >= 4), "several micro-batches per rank");
+    for checkpointing in [false, true] {
+        let cfg = config(checkpointing);
+        let (one_losses, one_weights) = single(model.path(), cfg, &batches);
+        let (server, port) = store();
+        let other = follower(model.path(), cfg, port, 1, 2);
+        let mut t = trainer(model.path(), cfg);
+        let rv = rendezvous(port, 0, 2);
+        let dp = DataParallel::join_with_store(server, &rv, Device::Cpu, 4096).expect("join");
+        t.join_data_parallel(dp).expect("send the state");
+        let mut losses = Vec::new();
+        for b in &batches {
+            let m = t.train(b).expect("data-parallel step");
+            assert_eq!(m.ranks, 2);
+            assert!(m.allreduce_bytes > 0);
+            losses.push(m.loss);
+        }
+        t.stop_ranks().expect("stop");
+        let (other_losses, other_weights) = other.join().expect("rank 1");
+        let weights = t.master_snapshot();
+        assert_close("rank 0 vs one rank", &losses, &one_losses, 1e-5);
+        assert_eq!(other_losses, losses, "every rank reports the step's loss");
+        assert_weights_match(&weights, &one_weights);
+        assert_eq!(max_diff(&weights, &other_weights), 0.0, "the ranks' weights are identical");
+    }
+}
+
+/// Three ranks on batches of two micro-batches: one rank gets none and still takes part; and
+/// a resumed rank 0 (weights and optimizer state from its snapshot) brings fresh ranks to its
+/// state, so 3 + 3 steps equal 6 uninterrupted ones.
+#[test]
+fn an_idle_rank_and_a_resume_change_nothing() {
+    let model = common::tiny_model("llama", &[]);
+    let cfg = config(false);
+    let batches: Vec<TrainBatch> = (0..6).map(|s| batch(s, 1, 2)).collect();
+    assert!(batches.iter().all(|b| b.micro_batches.len() == 2));
+    let (one_losses, one_weights) = single(model.path(), cfg, &batches);
+
+    let run = |t: &mut Trainer, batches: &[TrainBatch]| -> (Vec<f64>, Vec<std::thread::JoinHandle<_>>) {
+        let (server, port) = store();
+        let others: Vec<_> = (1..3).map(|r| follower(model.path(), cfg, port, r, 3)).collect();
+        let dp = DataParallel::join_with_store(server, &rendezvous(port, 0, 3), Device::Cpu, 4096).expect("join");
+        t.join_data_parallel(dp).expect("send the state");
+        let losses = batches.iter().map(|b| t.train(b).expect("step").loss).collect();
+        t.stop_ranks().expect("stop");
+        (losses, others)
+    };
+    let mut first = trainer(model.path(), cfg);
+    let (mut losses, others) = run(&mut first, &batches[..3]);
+    for o in others {
+        o.join().expect("rank");
+    }
+    // "Resume": a new rank 0 from the first one's weights, optimizer state and counters.
+    let spec = ModelSpec::from_dir(model.path()).expect("spec");
+    let weights = ParamStore::from_tensors(first.master_snapshot().into_iter().collect());
+    let (opt, opt_steps) = first.optimizer_state();
+    let mut resumed = Trainer::new(&spec, weights, None, cfg).expect("trainer");
+    resumed.restore(opt, opt_steps, first.steps_done(), first.skipped_steps()).expect("restore");
+    drop(first);
+    let (more, others) = run(&mut resumed, &batches[3..]);
+    losses.extend(more);
+    for o in others {
+        let (_, w) = o.join().expect("rank");
+        assert_eq!(max_diff(&w, &resumed.master_snapshot()), 0.0);
+    }
+    assert_close("3 ranks, resumed, vs one rank", &losses, &one_losses, 1e-5);
+    assert_weights_match(&resumed.master_snapshot(), &one_weights);
+    assert_eq!(resumed.steps_done(), 6);
+}
+
+/// A rank that goes away fails rank 0's next step with a data-parallel error within the
+/// deadline, instead of hanging it.
+#[test]
+fn a_lost_rank_fails_the_step_fast() {
+    let model = common::tiny_model("llama", &[]);
+    let cfg = config(false);
+    let (server, port) = store();
+    let dir = model.path().to_path_buf();
+    let other = std::thread::spawn(move || {
+        let mut t = trainer(&dir, cfg);
+        join(&mut t, port, 1, 2);
+        // Leaves without a word: its group (and sockets) go with the trainer.
+    });
+    let mut t = trainer(model.path(), cfg);
+    let mut rv = rendezvous(port, 0, 2);
+    rv.timeout = Duration::from_secs(10);
+    let dp = DataParallel::join_with_store(server, &rv, Device::Cpu, 4096).expect("join");
+    t.join_data_parallel(dp).expect("send the state");
+    other.join().expect("rank 1");
+    let started = Instant::now();
+    let err = t.train(&batch(0, 2, 2)).err().expect("the step must fail");
+    assert!(matches!(err, TrainError::DataParallel(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    // The group stays failed: no later collective can run out of step.
+    let again = t.train(&batch(1, 2, 2)).err().expect("still failed");
+    assert!(matches!(again, TrainError::DataParallel(_)), "{again}");
+}
