@@ -270,3 +270,61 @@ fn a_lost_rank_fails_the_step_fast() {
     let again = t.train(&batch(1, 2, 2)).err().expect("still failed");
     assert!(matches!(again, TrainError::DataParallel(_)), "{again}");
 }
+
+/// The learner binary with `--learner-ranks 2` against the real Atropos API: rank 0 takes the
+/// batches and hands them over, both processes exit 0, only rank 0 writes metrics and
+/// checkpoints, and its losses equal a one-rank learner's on the same batches (1e-5).
+#[test]
+fn two_learner_processes_train_like_one() {
+    use common::{metrics, Learner, RunApi};
+    let model = common::tiny_model("llama", &[]);
+    let groups: Vec<Value> = (0..3).flat_map(|s| groups(s, 2)).collect();
+    let base = ["--training-steps", "3", "--allow-missing-logprobs", "--checkpoint-interval", "3"];
+    let run = |extra: &[&[&str]]| -> Vec<Value> {
+        let api = RunApi::start();
+        let saves: Vec<tempfile::TempDir> = extra.iter().map(|_| tempfile::tempdir().expect("save")).collect();
+        let learners: Vec<Learner> = extra
+            .iter()
+            .zip(&saves)
+            .map(|(args, save)| Learner::spawn(model.path(), &api, save.path(), &[&base[..], args].concat()))
+            .collect();
+        // Batches of 2 micro-batches of 2 sequences: 4 sequences = one group of four.
+        api.wait_registered(4);
+        common::wait_until(Duration::from_secs(30), "env registration", || {
+            api.post(
+                "/register-env",
+                &json!({"max_token_length": 64, "desired_name": "t", "weight": 1.0, "group_size": 4}),
+            )["status"]
+                == "success"
+        });
+        assert_eq!(api.post("/scored_data_list", &json!(groups))["groups_processed"], 6);
+        for l in learners {
+            let (code, log) = l.wait(Duration::from_secs(240));
+            assert_eq!(code, 0, "{log}");
+        }
+        for save in &saves[1..] {
+            assert!(metrics(save.path()).is_empty(), "a rank above 0 writes no metrics");
+            assert!(!save.path().join("step_3").exists(), "a rank above 0 writes no checkpoint");
+        }
+        assert!(saves[0].path().join("step_3/model.safetensors").is_file());
+        assert!(saves[0].path().join("step_3/training_state/state.json").is_file());
+        metrics(saves[0].path())
+    };
+    let one = run(&[&[]]);
+    let port = common::free_port().to_string();
+    let rendezvous = format!("127.0.0.1:{port}");
+    let dp = |rank: &'static str| -> Vec<String> {
+        ["--learner-ranks", "2", "--learner-rank", rank, "--learner-rendezvous", &rendezvous, "--dp-timeout-s", "60"]
+            .map(String::from)
+            .to_vec()
+    };
+    let (r0, r1) = (dp("0"), dp("1"));
+    let r0: Vec<&str> = r0.iter().map(String::as_str).collect();
+    let r1: Vec<&str> = r1.iter().map(String::as_str).collect();
+    let two = run(&[&r0, &r1]);
+    let loss = |m: &[Value]| m.iter().map(|r| r["loss"].as_f64().expect("loss")).collect::<Vec<_>>();
+    assert_eq!(two.len(), 3);
+    assert!(two.iter().all(|r| r["ranks"] == 2 && r["allreduce_bytes"].as_u64() > Some(0)), "{two:?}");
+    assert!(one.iter().all(|r| r["ranks"] == 1));
+    assert_close("two learner processes vs one", &loss(&two), &loss(&one), 1e-5);
+}

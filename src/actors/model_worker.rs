@@ -65,7 +65,24 @@ impl ModelWorker {
                         return;
                     }
                 };
-                while let Ok(cmd) = rx.recv() {
+                loop {
+                    // Data parallel: an idle rank 0 tells the other ranks it is alive.
+                    let cmd = match trainer.keep_alive_every() {
+                        None => match rx.recv() {
+                            Ok(cmd) => cmd,
+                            Err(_) => break,
+                        },
+                        Some(every) => match rx.recv_timeout(every) {
+                            Ok(cmd) => cmd,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                if let Err(e) = trainer.keep_ranks_alive() {
+                                    tracing::error!(error = %e, "the other learner ranks are gone; the next step fails");
+                                }
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        },
+                    };
                     match cmd {
                         Command::Train(batch, reply) => {
                             let _ = reply.send(trainer.train(&batch));
@@ -103,6 +120,10 @@ impl ModelWorker {
                             let _ = reply.send(trainer.share());
                         }
                     }
+                }
+                // The run is over: the other learner ranks leave too.
+                if let Err(e) = trainer.stop_ranks() {
+                    tracing::warn!(error = %e, "could not tell the other learner ranks to stop");
                 }
             })
             .map_err(|e| TrainError::OptimizerState(format!("cannot start the model thread: {e}")))?;

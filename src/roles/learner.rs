@@ -85,7 +85,7 @@ fn nccl_device(cfg: &LearnerConfig) -> Option<usize> {
 /// Models at least this large recompute layers in the backward unless told otherwise.
 const CHECKPOINTING_FROM_PARAMS: i64 = 100_000_000;
 
-fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &ModelSpec) -> TrainerConfig {
+pub(super) fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &ModelSpec) -> TrainerConfig {
     let params: i64 = crate::model::params::expected_shapes(spec)
         .iter()
         .map(|(_, shape)| shape.iter().product::<i64>())
@@ -149,7 +149,7 @@ fn remove_partial_checkpoints(save: &std::path::Path) -> Result<(), LearnerError
 
 /// The trainer of a run: full weights from the model (or the resumed checkpoint), or LoRA on
 /// the model's frozen weights with a fresh adapter (or the resumed one).
-fn build_trainer(
+pub(super) fn build_trainer(
     spec: &ModelSpec,
     model: &Path,
     resumed: Option<&Path>,
@@ -181,6 +181,9 @@ fn build_trainer(
 
 /// Runs a learner until it completes, fails, or `shutdown` resolves (then drains and saves).
 pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
+    if cfg.data_parallel.as_ref().is_some_and(|dp| dp.rank > 0) {
+        return super::learner_rank::run(cfg, shutdown).await;
+    }
     let cfg = Arc::new(cfg);
     let spec = ModelSpec::from_dir(&cfg.model_name)?;
     let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
@@ -234,6 +237,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let init_spec = spec.clone();
     let restore = resumed.map(|(_, (state, opt))| (state, opt));
     let (model_name, lora) = (cfg.model_name.clone(), cfg.lora.clone());
+    let data_parallel = cfg.data_parallel.clone();
     let (worker, steps_done) = ModelWorker::start(move || {
         tch::manual_seed(seed as i64);
         let mut trainer = build_trainer(
@@ -246,6 +250,9 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         )?;
         if let Some((state, opt)) = restore {
             trainer.restore(opt, state.optimizer_steps, state.step, state.skipped_steps)?;
+        }
+        if let Some(dp) = &data_parallel {
+            super::learner_rank::join(&mut trainer, dp, device)?;
         }
         tracing::info!(params = trainer.param_count(), trainable = trainer.trainable_names().len(),
             step = trainer.steps_done(), device = ?device, "model ready");

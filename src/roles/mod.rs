@@ -2,5 +2,6 @@
 
 pub mod endpoints;
 pub mod learner;
+pub mod learner_rank;
 pub mod learner_service;
 pub mod sidecar;
