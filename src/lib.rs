@@ -27,8 +27,8 @@
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O, LoRA adapters in PEFT's format |
-//! | [`train`] | AdamW (fused on libtorch's kernel), 8-bit AdamW and Adafactor, LoRA training, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights |
-//! | [`comm`] | NCCL broadcast (feature `cuda`): non-blocking communicators, deadlines, abort |
+//! | [`train`] | AdamW (fused on libtorch's kernel), 8-bit AdamW and Adafactor, LoRA training, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights, data parallel across learner ranks |
+//! | [`comm`] | NCCL broadcast and all-reduce (feature `cuda`): non-blocking communicators, deadlines, abort; libtorch's c10d gloo group on the CPU |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
 //! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver (with LoRA adapters), its HTTP API and its weight-transfer plugin (CUDA IPC, NCCL); `/generate` |
 //! | [`rpc`] | gRPC (`proto/grpo/v1`): generated types, the shared-token interceptors |
@@ -38,7 +38,7 @@
 //! | [`launch`] | `grpo-node launch`: the manifest schema, the local and Slurm backends, the per-node task and its rendezvous, readiness, the progress bar |
 //! | [`actors`] | the nodes' ractor actors (learner side, and the sidecar's VllmSupervisor) and their messages |
 //! | [`fuzz`] | `grpo-node bench fuzz`: seeded stable-Rust fuzzing of the batch, `/generate`, sync-plan, config and manifest parsers |
-//! | [`roles`] | each `--role`: builds its supervision tree and runs it; the learner's gRPC status service and `/endpoints` |
+//! | [`roles`] | each `--role`: builds its supervision tree and runs it; learner ranks above 0; the learner's gRPC status service and `/endpoints` |
 //! | [`runtime`] | the async runtime, and leaving it past threads stuck inside NCCL or the driver |
 //! | [`telemetry`] | logging, `metrics.jsonl`, the per-step stderr line |
 

@@ -35,7 +35,12 @@ fn groups(step: u64, groups: i64) -> Vec<Value> {
                 .collect();
             let masks: Vec<Vec<i64>> = tokens
                 .iter()
-                .map(|t| t.iter().enumerate().map(|(i, &x)| if i < prompt.len() { -100 } else { x }).collect())
+                .map(|t| {
+                    t.iter()
+                        .enumerate()
+                        .map(|(i, &x)| if i < prompt.len() { -100 } else { x })
+                        .collect()
+                })
                 .collect();
             let scores: Vec<f64> = (0..4).map(|c| ((salt + c) % 3) as f64 - 1.0).collect();
             json!({"tokens": tokens, "masks": masks, "scores": scores})
@@ -99,15 +104,12 @@ fn join(trainer: &mut Trainer, port: u16, rank: usize, world: usize) {
     trainer.join_data_parallel(dp).expect("state of rank 0");
 }
 
+/// What a rank above 0 ends with: its losses and its weights.
+type RankEnd = (Vec<f64>, Vec<(String, Tensor)>);
+
 /// Every rank above 0: a thread that builds a trainer (its weights zeroed, so that only rank
 /// 0's broadcast can make it right), joins, and follows rank 0; returns its losses and weights.
-fn follower(
-    dir: &Path,
-    cfg: TrainerConfig,
-    port: u16,
-    rank: usize,
-    world: usize,
-) -> std::thread::JoinHandle<(Vec<f64>, Vec<(String, Tensor)>)> {
+fn follower(dir: &Path, cfg: TrainerConfig, port: u16, rank: usize, world: usize) -> std::thread::JoinHandle<RankEnd> {
     let dir = dir.to_path_buf();
     std::thread::spawn(move || {
         let mut t = trainer(&dir, cfg);
@@ -149,7 +151,10 @@ fn assert_weights_match(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
     }
     let worst = max_diff(a, b);
     assert!(worst < 1e-4, "a weight differs by {worst}");
-    assert!((off as f64) < 5e-4 * total as f64, "{off} of {total} weights differ by more than 1e-6");
+    assert!(
+        (off as f64) < 5e-4 * total as f64,
+        "{off} of {total} weights differ by more than 1e-6"
+    );
 }
 
 fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
@@ -173,7 +178,10 @@ fn single(dir: &Path, cfg: TrainerConfig, batches: &[TrainBatch]) -> (Vec<f64>, 
 fn two_ranks_train_what_one_rank_trains() {
     let model = common::tiny_model("llama", &["--layers", "3"]);
     let batches: Vec<TrainBatch> = (0..5).map(|s| batch(s, 3, 2)).collect();
-    assert!(batches.iter().all(|b| b.micro_batches.len() >= 4), "several micro-batches per rank");
+    assert!(
+        batches.iter().all(|b| b.micro_batches.len() >= 4),
+        "several micro-batches per rank"
+    );
     for checkpointing in [false, true] {
         let cfg = config(checkpointing);
         let (one_losses, one_weights) = single(model.path(), cfg, &batches);
@@ -196,7 +204,11 @@ fn two_ranks_train_what_one_rank_trains() {
         assert_close("rank 0 vs one rank", &losses, &one_losses, 1e-5);
         assert_eq!(other_losses, losses, "every rank reports the step's loss");
         assert_weights_match(&weights, &one_weights);
-        assert_eq!(max_diff(&weights, &other_weights), 0.0, "the ranks' weights are identical");
+        assert_eq!(
+            max_diff(&weights, &other_weights),
+            0.0,
+            "the ranks' weights are identical"
+        );
     }
 }
 
@@ -230,7 +242,9 @@ fn an_idle_rank_and_a_resume_change_nothing() {
     let weights = ParamStore::from_tensors(first.master_snapshot().into_iter().collect());
     let (opt, opt_steps) = first.optimizer_state();
     let mut resumed = Trainer::new(&spec, weights, None, cfg).expect("trainer");
-    resumed.restore(opt, opt_steps, first.steps_done(), first.skipped_steps()).expect("restore");
+    resumed
+        .restore(opt, opt_steps, first.steps_done(), first.skipped_steps())
+        .expect("restore");
     drop(first);
     let (more, others) = run(&mut resumed, &batches[3..]);
     losses.extend(more);
@@ -263,11 +277,11 @@ fn a_lost_rank_fails_the_step_fast() {
     t.join_data_parallel(dp).expect("send the state");
     other.join().expect("rank 1");
     let started = Instant::now();
-    let err = t.train(&batch(0, 2, 2)).err().expect("the step must fail");
+    let err = t.train(&batch(0, 2, 2)).expect_err("the step must fail");
     assert!(matches!(err, TrainError::DataParallel(_)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
     // The group stays failed: no later collective can run out of step.
-    let again = t.train(&batch(1, 2, 2)).err().expect("still failed");
+    let again = t.train(&batch(1, 2, 2)).expect_err("still failed");
     assert!(matches!(again, TrainError::DataParallel(_)), "{again}");
 }
 
@@ -279,7 +293,13 @@ fn two_learner_processes_train_like_one() {
     use common::{metrics, Learner, RunApi};
     let model = common::tiny_model("llama", &[]);
     let groups: Vec<Value> = (0..3).flat_map(|s| groups(s, 2)).collect();
-    let base = ["--training-steps", "3", "--allow-missing-logprobs", "--checkpoint-interval", "3"];
+    let base = [
+        "--training-steps",
+        "3",
+        "--allow-missing-logprobs",
+        "--checkpoint-interval",
+        "3",
+    ];
     let run = |extra: &[&[&str]]| -> Vec<Value> {
         let api = RunApi::start();
         let saves: Vec<tempfile::TempDir> = extra.iter().map(|_| tempfile::tempdir().expect("save")).collect();
@@ -304,7 +324,10 @@ fn two_learner_processes_train_like_one() {
         }
         for save in &saves[1..] {
             assert!(metrics(save.path()).is_empty(), "a rank above 0 writes no metrics");
-            assert!(!save.path().join("step_3").exists(), "a rank above 0 writes no checkpoint");
+            assert!(
+                !save.path().join("step_3").exists(),
+                "a rank above 0 writes no checkpoint"
+            );
         }
         assert!(saves[0].path().join("step_3/model.safetensors").is_file());
         assert!(saves[0].path().join("step_3/training_state/state.json").is_file());
@@ -314,9 +337,18 @@ fn two_learner_processes_train_like_one() {
     let port = common::free_port().to_string();
     let rendezvous = format!("127.0.0.1:{port}");
     let dp = |rank: &'static str| -> Vec<String> {
-        ["--learner-ranks", "2", "--learner-rank", rank, "--learner-rendezvous", &rendezvous, "--dp-timeout-s", "60"]
-            .map(String::from)
-            .to_vec()
+        [
+            "--learner-ranks",
+            "2",
+            "--learner-rank",
+            rank,
+            "--learner-rendezvous",
+            &rendezvous,
+            "--dp-timeout-s",
+            "60",
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let (r0, r1) = (dp("0"), dp("1"));
     let r0: Vec<&str> = r0.iter().map(String::as_str).collect();
@@ -324,7 +356,11 @@ fn two_learner_processes_train_like_one() {
     let two = run(&[&r0, &r1]);
     let loss = |m: &[Value]| m.iter().map(|r| r["loss"].as_f64().expect("loss")).collect::<Vec<_>>();
     assert_eq!(two.len(), 3);
-    assert!(two.iter().all(|r| r["ranks"] == 2 && r["allreduce_bytes"].as_u64() > Some(0)), "{two:?}");
+    assert!(
+        two.iter()
+            .all(|r| r["ranks"] == 2 && r["allreduce_bytes"].as_u64() > Some(0)),
+        "{two:?}"
+    );
     assert!(one.iter().all(|r| r["ranks"] == 1));
     assert_close("two learner processes vs one", &loss(&two), &loss(&one), 1e-5);
 }

@@ -23,6 +23,15 @@ fn local_loop_learns_the_copy_task() {
     loop_learns("local", &[], 80, 0.2);
 }
 
+/// The same loop with a data-parallel learner of two ranks (`cluster/local-dp.toml`): it must
+/// clear the same bar, and both ranks trained every step.
+#[test]
+fn local_loop_learns_with_two_learner_ranks() {
+    let log = loop_learns("local-dp", &["learner-rank1"], 80, 0.2);
+    assert!(log.contains("following learner rank 0"), "{log}");
+    assert!(log.contains("step=80"), "rank 1 trained the last step: {log}");
+}
+
 #[test]
 fn local_loop_on_real_vllm_learns_the_copy_task() {
     let log = loop_learns("local-vllm", &["vllm"], 80, 0.2);
@@ -44,7 +53,7 @@ fn local_loop_learns_in_lora_mode_on_real_vllm() {
 }
 
 /// Runs `cluster/<name>.toml` for `steps` steps and checks the loop learned; returns the
-/// sidecar's log.
+/// sidecar's log followed by those of `extra_logs`.
 fn loop_learns(name: &str, extra_logs: &[&str], steps: usize, min_rise: f64) -> String {
     // One loop at a time: each one alone keeps both cores busy.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -70,7 +79,7 @@ fn loop_learns(name: &str, extra_logs: &[&str], steps: usize, min_rise: f64) -> 
     let path = common::repo()
         .join("cluster")
         .join(format!(".test-{name}-{}.toml", std::process::id()));
-    std::fs::write(&path, manifest).expect("write manifest");
+    std::fs::write(&path, &manifest).expect("write manifest");
     let out = Command::new(env!("CARGO_BIN_EXE_grpo-node"))
         .arg("launch")
         .arg(&path)
@@ -108,7 +117,8 @@ fn loop_learns(name: &str, extra_logs: &[&str], steps: usize, min_rise: f64) -> 
     // Everything the launch started is gone (it records each pid).
     let pids: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("processes.json")).expect("pids")).expect("json");
-    assert_eq!(pids.as_object().map(|m| m.len()), Some(4));
+    let processes = manifest.matches("[[process]]").count();
+    assert_eq!(pids.as_object().map(|m| m.len()), Some(processes));
     for (name, pid) in pids.as_object().expect("map") {
         let alive = Command::new("kill")
             .args(["-0", &pid.to_string()])
@@ -117,5 +127,11 @@ fn loop_learns(name: &str, extra_logs: &[&str], steps: usize, min_rise: f64) -> 
             .success();
         assert!(!alive, "{name} (pid {pid}) outlived the launch");
     }
-    std::fs::read_to_string(run.join("logs/sidecar.log")).unwrap_or_default()
+    // Every log, the sidecar's first.
+    ["sidecar"]
+        .iter()
+        .chain(extra_logs)
+        .map(|name| std::fs::read_to_string(run.join("logs").join(format!("{name}.log"))).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -30,8 +30,20 @@ extern "C" {
         err_len: usize,
     ) -> *mut c_void;
     fn grpo_dist_group_free(group: *mut c_void);
-    fn grpo_dist_allreduce(group: *mut c_void, tensor: *mut c_void, op: c_int, err: *mut c_char, err_len: usize) -> *mut c_void;
-    fn grpo_dist_broadcast(group: *mut c_void, tensor: *mut c_void, root: c_int, err: *mut c_char, err_len: usize) -> *mut c_void;
+    fn grpo_dist_allreduce(
+        group: *mut c_void,
+        tensor: *mut c_void,
+        op: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
+    fn grpo_dist_broadcast(
+        group: *mut c_void,
+        tensor: *mut c_void,
+        root: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
     fn grpo_dist_wait(work: *mut c_void, timeout_ms: i64, err: *mut c_char, err_len: usize) -> c_int;
     fn grpo_dist_work_free(work: *mut c_void);
 }
@@ -273,7 +285,8 @@ impl Group {
         let mut err = vec![0 as c_char; 1024];
         let root = c_int::try_from(root).unwrap_or(c_int::MAX);
         // SAFETY: as in all_reduce.
-        let raw = unsafe { grpo_dist_broadcast(self.raw, t.as_ptr() as *mut c_void, root, err.as_mut_ptr(), err.len()) };
+        let raw =
+            unsafe { grpo_dist_broadcast(self.raw, t.as_ptr() as *mut c_void, root, err.as_mut_ptr(), err.len()) };
         self.started(raw, "broadcast", t, &err)
     }
 }
@@ -322,7 +335,11 @@ mod tests {
                 Tensor::zeros([3], (Kind::Int64, tch::Device::Cpu))
             };
             g.broadcast(&b, 1).unwrap().wait().unwrap();
-            (Vec::<f32>::try_from(&x).unwrap(), m.double_value(&[0]), Vec::<i64>::try_from(&b).unwrap())
+            (
+                Vec::<f32>::try_from(&x).unwrap(),
+                m.double_value(&[0]),
+                Vec::<i64>::try_from(&b).unwrap(),
+            )
         };
         let others: Vec<_> = (1..3).map(|r| std::thread::spawn(move || run(r, None))).collect();
         let mut results = vec![run(0, Some(store))];
@@ -341,7 +358,9 @@ mod tests {
         rv.timeout = Duration::from_secs(2);
         let store = Store::open(&rv).unwrap();
         let started = std::time::Instant::now();
-        let err = Group::join(store, &rv).err().expect("no peer: the join must fail");
+        let Err(err) = Group::join(store, &rv) else {
+            panic!("no peer: the join must fail");
+        };
         assert!(matches!(err, GlooError::Join { rank: 0, world: 2, .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     }

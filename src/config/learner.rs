@@ -773,10 +773,9 @@ fn resolve_data_parallel(args: &LearnerArgs) -> Result<Option<DataParallelConfig
     if ranks == 1 {
         return Ok(None);
     }
-    let rendezvous = args
-        .learner_rendezvous
-        .as_deref()
-        .ok_or(ConfigError::Missing { flag: "learner-rendezvous" })?;
+    let rendezvous = args.learner_rendezvous.as_deref().ok_or(ConfigError::Missing {
+        flag: "learner-rendezvous",
+    })?;
     let (host, port) = rendezvous
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
@@ -874,6 +873,86 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.json"), "{}").expect("write");
         dir
+    }
+
+    /// One rank is no data parallelism; more need a rendezvous, a rank below the count, and a
+    /// deadline below NCCL's 30 minutes.
+    #[test]
+    fn data_parallel_flags_are_checked() {
+        let dir = model_dir();
+        let base = || LearnerArgs {
+            model_name: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert_eq!(base().resolve().expect("default").data_parallel, None);
+        let dp = LearnerArgs {
+            learner_ranks: Some(4),
+            learner_rank: Some(3),
+            learner_rendezvous: Some("10.0.0.7:29500".into()),
+            learner_bind: Some("10.0.0.9".parse().expect("ip")),
+            ..base()
+        }
+        .resolve()
+        .expect("valid")
+        .data_parallel
+        .expect("data parallel");
+        assert_eq!(
+            (dp.ranks, dp.rank, dp.host.as_str(), dp.port),
+            (4, 3, "10.0.0.7", 29500)
+        );
+        assert_eq!(dp.timeout, std::time::Duration::from_secs(300));
+        assert_eq!(dp.bucket_bytes, 25 << 20);
+        let refused = |args: LearnerArgs, flag: &str| {
+            let err = args.resolve().expect_err("must be refused");
+            assert!(err.to_string().contains(flag), "{flag}: {err}");
+        };
+        let two = || LearnerArgs {
+            learner_ranks: Some(2),
+            learner_rendezvous: Some("127.0.0.1:29500".into()),
+            ..base()
+        };
+        refused(
+            LearnerArgs {
+                learner_rank: Some(2),
+                ..two()
+            },
+            "learner-rank",
+        );
+        refused(
+            LearnerArgs {
+                learner_rendezvous: None,
+                ..two()
+            },
+            "learner-rendezvous",
+        );
+        refused(
+            LearnerArgs {
+                learner_rendezvous: Some("127.0.0.1".into()),
+                ..two()
+            },
+            "learner-rendezvous",
+        );
+        refused(
+            LearnerArgs {
+                learner_rendezvous: Some("h:0".into()),
+                ..two()
+            },
+            "learner-rendezvous",
+        );
+        refused(
+            LearnerArgs {
+                dp_timeout_s: Some(1801),
+                ..two()
+            },
+            "dp-timeout-s",
+        );
+        refused(
+            LearnerArgs {
+                learner_ranks: Some(0),
+                ..base()
+            },
+            "learner-ranks",
+        );
     }
 
     #[test]

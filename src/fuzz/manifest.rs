@@ -26,6 +26,7 @@ pub struct ManifestTarget;
 /// The real manifests.
 pub const SEEDS: &[&str] = &[
     include_str!("../../cluster/local.toml"),
+    include_str!("../../cluster/local-dp.toml"),
     include_str!("../../cluster/local-vllm.toml"),
     include_str!("../../cluster/local-gpu.toml"),
     include_str!("../../cluster/local-gpu-vllm.toml"),

@@ -99,11 +99,7 @@ pub fn share_micro_batches(batch: &TrainBatch, ranks: usize) -> Vec<Vec<usize>> 
     let mut load = vec![0usize; ranks];
     let mut shares = vec![Vec::new(); ranks];
     for i in order {
-        let (r, _) = load
-            .iter()
-            .enumerate()
-            .min_by_key(|&(r, l)| (*l, r))
-            .unwrap_or((0, &0));
+        let (r, _) = load.iter().enumerate().min_by_key(|&(r, l)| (*l, r)).unwrap_or((0, &0));
         load[r] += size(i);
         shares[r].push(i);
     }
@@ -267,10 +263,17 @@ mod tests {
             }
         }
         let shares = share_micro_batches(&batch, 2);
-        let load = |s: &Vec<usize>| s.iter().map(|&i| batch.micro_batches[i].rows * batch.micro_batches[i].seq_len).sum::<usize>();
+        let load = |s: &Vec<usize>| {
+            s.iter()
+                .map(|&i| batch.micro_batches[i].rows * batch.micro_batches[i].seq_len)
+                .sum::<usize>()
+        };
         let (a, b) = (load(&shares[0]), load(&shares[1]));
         assert!(a.abs_diff(b) <= 256, "{a} vs {b}");
-        assert_eq!(share_micro_batches(&batch_of(&[(1, 64)]), 3), vec![vec![0], vec![], vec![]]);
+        assert_eq!(
+            share_micro_batches(&batch_of(&[(1, 64)]), 3),
+            vec![vec![0], vec![], vec![]]
+        );
     }
 
     /// A batch survives the trip to the other ranks bit for bit.

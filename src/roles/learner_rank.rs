@@ -43,10 +43,21 @@ fn follow(cfg: &LearnerConfig, dp: &DataParallelConfig, device: tch::Device) -> 
         (tcfg, cfg.seed as i64),
     )?;
     join(&mut trainer, dp, device)?;
-    tracing::info!(rank = dp.rank, ranks = dp.ranks, step = trainer.steps_done(), "following learner rank 0");
+    tracing::info!(
+        rank = dp.rank,
+        ranks = dp.ranks,
+        step = trainer.steps_done(),
+        "following learner rank 0"
+    );
     let steps = trainer.follow_rank0(|m| {
-        tracing::info!(rank = dp.rank, step = m.step, loss = m.loss, grad_norm = m.grad_norm,
-            allreduce_wait_s = m.allreduce_wait_s, "step");
+        tracing::info!(
+            rank = dp.rank,
+            step = m.step,
+            loss = m.loss,
+            grad_norm = m.grad_norm,
+            allreduce_wait_s = m.allreduce_wait_s,
+            "step"
+        );
     })?;
     Ok(steps)
 }
@@ -54,7 +65,9 @@ fn follow(cfg: &LearnerConfig, dp: &DataParallelConfig, device: tch::Device) -> 
 /// Runs this rank until rank 0 stops it, it fails, or `shutdown` resolves.
 pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
     let Some(dp) = cfg.data_parallel.clone() else {
-        return Err(LearnerError::Actors("a learner rank above 0 needs --learner-ranks".into()));
+        return Err(LearnerError::Actors(
+            "a learner rank above 0 needs --learner-ranks".into(),
+        ));
     };
     let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
     let (tx, rx) = tokio::sync::oneshot::channel();

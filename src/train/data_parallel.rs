@@ -170,7 +170,12 @@ impl DataParallel {
     }
 
     /// [`Self::join`] through a store already open (rank 0's, bound to a free port).
-    pub fn join_with_store(store: Store, rv: &Rendezvous, device: Device, bucket_bytes: usize) -> Result<Self, DpError> {
+    pub fn join_with_store(
+        store: Store,
+        rv: &Rendezvous,
+        device: Device,
+        bucket_bytes: usize,
+    ) -> Result<Self, DpError> {
         let group = Group::join(store, rv)?;
         tracing::info!(rank = rv.rank, world = rv.world, store = %format!("{}:{}", rv.host, rv.port), "learner ranks met (gloo)");
         let mut me = Self {
@@ -338,7 +343,9 @@ impl DataParallel {
         if let (Some(comm), Device::Cuda(_)) = (self.nccl.as_mut(), t.device()) {
             let timeout = self.timeout;
             let contiguous = t.contiguous();
-            let r = comm.broadcast_group(std::slice::from_ref(&contiguous), 0, timeout).map_err(DpError::from);
+            let r = comm
+                .broadcast_group(std::slice::from_ref(&contiguous), 0, timeout)
+                .map_err(DpError::from);
             self.check(r)?;
             if contiguous.data_ptr() != t.data_ptr() {
                 tch::no_grad(|| t.shallow_clone().copy_(&contiguous));
@@ -346,7 +353,11 @@ impl DataParallel {
             return Ok(());
         }
         let cpu = tch::no_grad(|| t.to_device(Device::Cpu).contiguous());
-        let r = self.group.broadcast(&cpu, 0).and_then(Work::wait).map_err(DpError::from);
+        let r = self
+            .group
+            .broadcast(&cpu, 0)
+            .and_then(Work::wait)
+            .map_err(DpError::from);
         self.check(r)?;
         if self.rank() != 0 {
             tch::no_grad(|| t.shallow_clone().copy_(&cpu));
@@ -559,25 +570,52 @@ mod tests {
     #[test]
     fn buckets_follow_the_backward() {
         // embed, layer 0 (two tensors), layer 1, layer 2, final norm.
-        let params = [(None, 100), (Some(0), 10), (Some(0), 10), (Some(1), 30), (Some(2), 25), (None, 1)];
+        let params = [
+            (None, 100),
+            (Some(0), 10),
+            (Some(0), 10),
+            (Some(1), 30),
+            (Some(2), 25),
+            (None, 1),
+        ];
         let b = plan_buckets(&params, 25);
         assert_eq!(
             b,
             vec![
-                Bucket { params: vec![4], ready_after: Some(2) },
-                Bucket { params: vec![3], ready_after: Some(1) },
-                Bucket { params: vec![1, 2], ready_after: Some(0) },
-                Bucket { params: vec![0, 5], ready_after: None },
+                Bucket {
+                    params: vec![4],
+                    ready_after: Some(2)
+                },
+                Bucket {
+                    params: vec![3],
+                    ready_after: Some(1)
+                },
+                Bucket {
+                    params: vec![1, 2],
+                    ready_after: Some(0)
+                },
+                Bucket {
+                    params: vec![0, 5],
+                    ready_after: None
+                },
             ]
         );
         let big = plan_buckets(&params, 1 << 30);
         assert_eq!(big.len(), 2);
-        assert_eq!(big[0], Bucket { params: vec![4, 3, 1, 2], ready_after: Some(0) });
+        assert_eq!(
+            big[0],
+            Bucket {
+                params: vec![4, 3, 1, 2],
+                ready_after: Some(0)
+            }
+        );
         let mut all: Vec<usize> = big.iter().flat_map(|b| b.params.clone()).collect();
         all.sort_unstable();
         assert_eq!(all, (0..params.len()).collect::<Vec<_>>());
         // LoRA on layers only: no trailing bucket.
-        assert!(plan_buckets(&[(Some(3), 8)], 1).iter().all(|b| b.ready_after == Some(3)));
+        assert!(plan_buckets(&[(Some(3), 8)], 1)
+            .iter()
+            .all(|b| b.ready_after == Some(3)));
     }
 
     #[test]

@@ -17,11 +17,11 @@ use crate::model::{ModelError, ModelSpec, ParamStore, Transformer};
 use crate::train::lease::{Lease, LeaseEnd};
 
 use super::adamw::{AdamWConfig, MasterParam, SLICE_ELEMENTS};
+use super::data_parallel::{plan_buckets, Bucket, DataParallel, DpError, GradReduction, Op, ReduceReport};
 use super::layers::LayerSet;
 use super::optimizer::Optimizer;
 use super::schedule::LrSchedule;
 use super::split;
-use super::data_parallel::{plan_buckets, Bucket, DataParallel, DpError, GradReduction, Op, ReduceReport};
 use super::step::{forward_backward_reporting, StepPlan};
 
 /// A floating-point dtype choice: what matmuls and attention run in (`--precision`), or what
@@ -655,8 +655,7 @@ impl Trainer {
                     r.layer_done(layer);
                 }
             };
-            let reporter: Option<&mut dyn FnMut(usize)> =
-                (n + 1 == mine.len() && data_parallel).then_some(&mut report);
+            let reporter: Option<&mut dyn FnMut(usize)> = (n + 1 == mine.len() && data_parallel).then_some(&mut report);
             let s = forward_backward_reporting(&self.model, &mt, &self.config.loss, norm, plan, reporter);
             stats.merge(&s);
         }
@@ -678,7 +677,12 @@ impl Trainer {
         let sizes: Vec<(Option<usize>, usize)> = self
             .trainable
             .iter()
-            .map(|p| (layer_of(&p.name).and_then(|l| usize::try_from(l).ok()), p.value.numel() * 4))
+            .map(|p| {
+                (
+                    layer_of(&p.name).and_then(|l| usize::try_from(l).ok()),
+                    p.value.numel() * 4,
+                )
+            })
             .collect();
         let buckets = plan_buckets(&sizes, dp.bucket_bytes());
         // Every gradient exists from the start: a rank without micro-batches still reduces.
@@ -688,7 +692,13 @@ impl Trainer {
             }
         }
         self.take_rank0_state(&mut dp)?;
-        tracing::info!(rank = dp.rank(), world = dp.world(), buckets = buckets.len(), step = self.steps_done, "data parallel: state of rank 0 taken");
+        tracing::info!(
+            rank = dp.rank(),
+            world = dp.world(),
+            buckets = buckets.len(),
+            step = self.steps_done,
+            "data parallel: state of rank 0 taken"
+        );
         self.dp = Some((dp, buckets));
         Ok(())
     }
@@ -702,7 +712,11 @@ impl Trainer {
         for p in &self.trainable {
             out.push_str(&format!("trainable {} {:?}\n", p.name, p.value.size()));
         }
-        out.push_str(&format!("optimizer {:?} lora {:?}\n", self.config.optimizer, self.lora.as_ref().map(|(l, _)| l)));
+        out.push_str(&format!(
+            "optimizer {:?} lora {:?}\n",
+            self.config.optimizer,
+            self.lora.as_ref().map(|(l, _)| l)
+        ));
         out
     }
 
