@@ -155,6 +155,10 @@ pub struct Process {
     /// The run ends when this process exits; its exit code is the run's.
     #[serde(default)]
     pub main: bool,
+    /// This process may finish before the main one (a learner rank above 0, which rank 0 stops
+    /// at the end): exit 0 is then no failure. Any other exit still fails the run.
+    #[serde(default)]
+    pub may_finish: bool,
     /// The `[[group]]` whose node runs this process (required when groups are declared).
     pub group: Option<String>,
 }

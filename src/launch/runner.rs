@@ -45,6 +45,26 @@ pub(super) struct Running {
     pub(super) pid: Option<u32>,
     pub(super) log: PathBuf,
     pub(super) main: bool,
+    /// Exit 0 before the main process is no failure (`may_finish`).
+    pub(super) may_finish: bool,
+    /// It already finished that way.
+    pub(super) finished: bool,
+}
+
+impl Running {
+    /// Whether an exit with `code` is this process finishing its part (it is then marked
+    /// finished and no longer watched).
+    pub(super) fn finished_its_part(&mut self, code: i32) -> bool {
+        if self.finished {
+            return true;
+        }
+        if !self.main && self.may_finish && code == 0 {
+            tracing::info!(process = %self.name, "finished its part of the run");
+            self.finished = true;
+            return true;
+        }
+        false
+    }
 }
 
 pub(super) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
@@ -122,6 +142,8 @@ pub(super) fn spawn(
         child,
         log,
         main: proc.main,
+        may_finish: proc.may_finish,
+        finished: false,
     })
 }
 
@@ -389,8 +411,11 @@ async fn supervise(
         }
         for r in running.iter_mut() {
             if let Ok(Some(status)) = r.child.try_wait() {
-                progress.finish();
                 let code = status.code().unwrap_or(-1);
+                if r.finished_its_part(code) {
+                    continue;
+                }
+                progress.finish();
                 if r.main {
                     return Ok(code);
                 }

@@ -237,6 +237,9 @@ async fn watch(
         for r in running.iter_mut() {
             let Ok(Some(status)) = r.child.try_wait() else { continue };
             let code = exit_code(status);
+            if r.finished_its_part(code) {
+                continue;
+            }
             if r.main {
                 let reason = format!("{} (group {}) exited with {code}", r.name, task.group);
                 rz.put_end(&End { code, reason })?;
