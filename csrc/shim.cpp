@@ -2,6 +2,7 @@
 // as tch's `C_tensor` pointers (an `at::Tensor*`); errors come back as a message, never as a
 // C++ exception across the FFI boundary.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_flash_attention_forward.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
@@ -44,6 +45,26 @@ int grpo_fused_adamw(void* const* params, void* const* grads, void* const* exp_a
     std::vector<at::Tensor> max_sq;
     at::_fused_adamw_(p, g, m, v, max_sq, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return 1;
+  }
+}
+
+// Flash attention over sequences packed end to end (`q` [T, heads, d], `k`/`v` [T, kv_heads,
+// d], fp16/bf16 on CUDA; `cu_seqlens` int32 [n + 1]), causal within each sequence, with the
+// default 1/sqrt(d) scale. Goes through the dispatcher, so autograd records
+// `_flash_attention_backward`. On success `*out` is a new tensor [T, heads, d] the caller owns.
+int grpo_flash_varlen(void* q, void* k, void* v, void* cu_seqlens, int64_t max_len, void** out,
+                      char* err, size_t err_len) {
+  try {
+    const auto& cu = *static_cast<at::Tensor*>(cu_seqlens);
+    auto res = at::_flash_attention_forward(*static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k),
+                                            *static_cast<at::Tensor*>(v), cu, cu, max_len, max_len,
+                                            /*dropout_p=*/0.0, /*is_causal=*/true,
+                                            /*return_debug_mask=*/false);
+    *out = new at::Tensor(std::get<0>(res));
     return 0;
   } catch (const std::exception& e) {
     write_error(e.what(), err, err_len);

@@ -96,6 +96,65 @@ pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String>
 }
 
 extern "C" {
+    fn grpo_flash_varlen(
+        q: *mut c_void,
+        k: *mut c_void,
+        v: *mut c_void,
+        cu_seqlens: *mut c_void,
+        max_len: i64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// A libtorch call through the shim failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct ShimError {
+    pub op: &'static str,
+    pub message: String,
+}
+
+/// Flash attention's varlen kernel (`torch.ops.aten._flash_attention_forward` with
+/// `cu_seqlens`): `q` `[T, heads, d]`, `k`/`v` `[T, kv_heads, d]` (fp16/bf16, CUDA), sequences
+/// packed end to end at `cu_seqlens` (int32 `[n + 1]`), causal within each; differentiable.
+pub fn flash_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &Tensor,
+    max_len: i64,
+) -> Result<Tensor, ShimError> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    let mut err = vec![0 as c_char; 1024];
+    // SAFETY: live `at::Tensor*` handles for the call; on success the shim hands over a new
+    // heap tensor, which `from_ptr` owns from here on.
+    let rc = unsafe {
+        grpo_flash_varlen(
+            q.as_ptr() as *mut c_void,
+            k.as_ptr() as *mut c_void,
+            v.as_ptr() as *mut c_void,
+            cu_seqlens.as_ptr() as *mut c_void,
+            max_len,
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 || out.is_null() {
+        // SAFETY: the shim wrote a NUL-terminated string into `err` (zeroed beforehand).
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+        return Err(ShimError {
+            op: "flash attention (varlen)",
+            message: msg.to_string_lossy().into_owned(),
+        });
+    }
+    // SAFETY: `out` is a tensor the shim allocated for us (a C_tensor).
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+extern "C" {
     fn grpo_cuda_peak_allocated(device: c_int) -> i64;
     fn grpo_cuda_reset_peak(device: c_int) -> c_int;
 }

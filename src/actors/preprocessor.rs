@@ -5,7 +5,7 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::atropos::{EnvId, ScoredGroup};
-use crate::grpo::pack::{align_group, pack_with, Packing};
+use crate::grpo::pack::{align_group, pack_as, Layout, Packing};
 use crate::grpo::validate::validate;
 use crate::grpo::{Limits, RejectReason, Rejection};
 
@@ -17,6 +17,8 @@ pub struct Preprocessor;
 pub struct PreprocessorArgs {
     pub limits: Limits,
     pub micro_batch: usize,
+    /// Token-budget packing (`--micro-batch-tokens`) instead of `micro_batch` rows.
+    pub micro_batch_tokens: Option<usize>,
     pub learner: ActorRef<LearnerMsg>,
 }
 
@@ -27,6 +29,11 @@ pub fn prepare(raw: RawBatch, limits: &Limits, micro_batch: usize) -> PreparedBa
 
 /// [`prepare`] with a choice of packing.
 pub fn prepare_with(raw: RawBatch, limits: &Limits, micro_batch: usize, packing: Packing) -> PreparedBatch {
+    prepare_as(raw, limits, Layout::Rows { micro_batch, packing })
+}
+
+/// [`prepare`] into any micro-batch layout.
+pub fn prepare_as(raw: RawBatch, limits: &Limits, layout: Layout) -> PreparedBatch {
     let mut rejections = Vec::new();
     let mut sequences = Vec::new();
     for value in raw.groups {
@@ -49,7 +56,7 @@ pub fn prepare_with(raw: RawBatch, limits: &Limits, micro_batch: usize, packing:
     }
     PreparedBatch {
         seq: raw.seq,
-        batch: (!sequences.is_empty()).then(|| pack_with(sequences, micro_batch, packing)),
+        batch: (!sequences.is_empty()).then(|| pack_as(sequences, layout)),
         rejections,
         wait_time_s: raw.wait_time_s,
     }
@@ -75,7 +82,14 @@ impl Actor for Preprocessor {
         state: &mut PreprocessorArgs,
     ) -> Result<(), ActorProcessingErr> {
         let PreprocessorMsg::Raw(raw) = msg;
-        let prepared = prepare(raw, &state.limits, state.micro_batch);
+        let layout = match state.micro_batch_tokens {
+            Some(budget) => Layout::Tokens { budget },
+            None => Layout::Rows {
+                micro_batch: state.micro_batch,
+                packing: Packing::Sorted,
+            },
+        };
+        let prepared = prepare_as(raw, &state.limits, layout);
         state.learner.cast(LearnerMsg::Train(prepared))?;
         Ok(())
     }

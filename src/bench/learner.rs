@@ -10,10 +10,10 @@ use serde_json::json;
 use tch::Device;
 
 use crate::actors::messages::RawBatch;
-use crate::actors::preprocessor::prepare_with;
+use crate::actors::preprocessor::prepare_as;
 use crate::checkpoint::BatchSeq;
 use crate::config::DeviceSpec;
-use crate::grpo::pack::Packing;
+use crate::grpo::pack::{Layout, Packing};
 use crate::grpo::{ClipMode, Limits, LossAgg, LossConfig};
 use crate::model::params::expected_shapes;
 use crate::model::ParamStore;
@@ -43,6 +43,10 @@ pub struct LearnerBenchArgs {
     /// How sequences become micro-batches.
     #[arg(long, env = "GRPO_BENCH_PACKING", value_enum, default_value = "sorted")]
     pub packing: Packing,
+    /// Token-budget packing (no padding, varlen attention) with this budget per micro-batch,
+    /// instead of --batch-size rows.
+    #[arg(long, env = "GRPO_MICRO_BATCH_TOKENS")]
+    pub micro_batch_tokens: Option<usize>,
     /// Compute dtype.
     #[arg(long, env = "GRPO_PRECISION", value_enum, default_value = "bf16")]
     pub precision: Precision,
@@ -186,15 +190,21 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
             })
             .collect();
         let prep_start = Instant::now();
-        let prepared = prepare_with(
+        let layout = match args.micro_batch_tokens {
+            Some(budget) => Layout::Tokens { budget },
+            None => Layout::Rows {
+                micro_batch: args.batch_size,
+                packing: args.packing,
+            },
+        };
+        let prepared = prepare_as(
             RawBatch {
                 seq: BatchSeq(i as u64 + 1),
                 groups: groups.clone(),
                 wait_time_s: 0.0,
             },
             &limits,
-            args.batch_size,
-            args.packing,
+            layout,
         );
         if !prepared.rejections.is_empty() {
             return Err(BenchError::Batches(format!(
@@ -246,7 +256,10 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         "params": params,
         "matmul_params": matmul_params,
         "batch_size": args.batch_size,
-        "packing": format!("{:?}", args.packing).to_lowercase(),
+        "packing": match args.micro_batch_tokens {
+            Some(budget) => format!("tokens-{budget}"),
+            None => format!("{:?}", args.packing).to_lowercase(),
+        },
         "precision": format!("{:?}", args.precision).to_lowercase(),
         "gradient_checkpointing": args.gradient_checkpointing,
         "logprob_chunk_tokens": args.logprob_chunk_tokens,

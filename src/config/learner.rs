@@ -71,6 +71,11 @@ pub struct LearnerArgs {
     /// Micro-batch size in sequences [default: 2].
     #[arg(long, env = "GRPO_BATCH_SIZE")]
     pub batch_size: Option<u64>,
+    /// Token-budget packing: lay sequences end to end into micro-batches of at most this many
+    /// tokens, with no padding (attention and positions restart at every sequence); a sequence
+    /// longer than the budget gets a micro-batch of its own. Off: --batch-size padded rows.
+    #[arg(long, env = "GRPO_MICRO_BATCH_TOKENS")]
+    pub micro_batch_tokens: Option<u64>,
     /// Micro-batches per step; the API batch is batch-size x this sequences [default: 32].
     #[arg(long, env = "GRPO_GRADIENT_ACCUMULATION_STEPS")]
     pub gradient_accumulation_steps: Option<u64>,
@@ -311,6 +316,8 @@ pub struct LearnerConfig {
     pub lr: f64,
     pub training_steps: u64,
     pub batch_size: u64,
+    /// Token-budget packing, when set.
+    pub micro_batch_tokens: Option<usize>,
     pub gradient_accumulation_steps: u64,
     pub seq_len: u64,
     pub warmup_steps: u64,
@@ -426,6 +433,7 @@ impl LearnerArgs {
             lr,
             training_steps,
             batch_size,
+            micro_batch_tokens,
             gradient_accumulation_steps,
             seq_len,
             warmup_steps,
@@ -540,6 +548,10 @@ impl LearnerArgs {
         check(training_steps > 0, "training-steps", || "must be at least 1".into())?;
         let batch_size = args.batch_size.unwrap_or(2);
         check(batch_size > 0, "batch-size", || "must be at least 1".into())?;
+        let micro_batch_tokens = args.micro_batch_tokens.map(|n| n as usize);
+        check(micro_batch_tokens.is_none_or(|n| n >= 1), "micro-batch-tokens", || {
+            "must be at least 1".into()
+        })?;
         let gradient_accumulation_steps = args.gradient_accumulation_steps.unwrap_or(32);
         check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || {
             "must be at least 1".into()
@@ -712,6 +724,7 @@ impl LearnerArgs {
             lr,
             training_steps,
             batch_size,
+            micro_batch_tokens,
             gradient_accumulation_steps,
             seq_len,
             warmup_steps: args.warmup_steps.unwrap_or(0),

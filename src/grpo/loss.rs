@@ -92,7 +92,10 @@ pub struct MicroTensors {
     pub ref_logprobs: Tensor,
     pub on_policy: Tensor,
     pub advantages: Tensor,
+    /// Per row, or per sequence when packed.
     pub temperatures: Tensor,
+    /// Token-budget packing: where the sequences lie in the one row.
+    pub packed: Option<Packed>,
 }
 
 impl MicroTensors {
@@ -100,16 +103,54 @@ impl MicroTensors {
     pub fn new(mb: &MicroBatch, device: Device) -> Self {
         let shape = [mb.rows as i64, mb.seq_len as i64];
         let on_policy: Vec<u8> = mb.on_policy.iter().map(|&b| u8::from(b)).collect();
+        let packed = mb.is_packed().then(|| Packed::new(&mb.seq_lens, device));
         Self {
             input_ids: Tensor::from_slice(&mb.input_ids).view(shape).to_device(device),
             labels: Tensor::from_slice(&mb.labels).view(shape).to_device(device),
             ref_logprobs: Tensor::from_slice(&mb.ref_logprobs).view(shape).to_device(device),
             on_policy: Tensor::from_slice(&on_policy)
                 .to_kind(Kind::Bool)
-                .view([mb.rows as i64, 1])
+                .view([-1, 1])
                 .to_device(device),
             advantages: Tensor::from_slice(&mb.advantages).view(shape).to_device(device),
             temperatures: Tensor::from_slice(&mb.temperatures).to_device(device),
+            packed,
+        }
+    }
+}
+
+/// Where the sequences of a packed micro-batch lie in its one row.
+pub struct Packed {
+    /// Sequence index of every position `[T]` (int64).
+    pub segments: Tensor,
+    /// Position of every token within its own sequence `[T]` (int64): RoPE restarts per sequence.
+    pub positions: Tensor,
+    /// Sequence starts and the end, `[n + 1]` (int32, flash attention's `cu_seqlens`).
+    pub cu_seqlens: Tensor,
+    /// The longest sequence.
+    pub max_len: i64,
+    pub sequences: i64,
+}
+
+impl Packed {
+    pub fn new(seq_lens: &[usize], device: Device) -> Self {
+        let lens: Vec<i64> = seq_lens.iter().map(|&n| n as i64).collect();
+        let mut cu = Vec::with_capacity(lens.len() + 1);
+        let (mut segments, mut positions) = (Vec::new(), Vec::new());
+        let mut at = 0i64;
+        cu.push(0i32);
+        for (k, &n) in lens.iter().enumerate() {
+            segments.extend(std::iter::repeat_n(k as i64, n as usize));
+            positions.extend(0..n);
+            at += n;
+            cu.push(i32::try_from(at).unwrap_or(i32::MAX));
+        }
+        Self {
+            segments: Tensor::from_slice(&segments).to_device(device),
+            positions: Tensor::from_slice(&positions).to_device(device),
+            cu_seqlens: Tensor::from_slice(&cu).to_device(device),
+            max_len: lens.iter().copied().max().unwrap_or(0),
+            sequences: lens.len() as i64,
         }
     }
 }
@@ -142,6 +183,9 @@ pub struct TokenInputs {
 impl TokenInputs {
     /// Flattens a micro-batch and computes each token's loss weight.
     pub fn of_micro_batch(mt: &MicroTensors, cfg: &LossConfig, norm: StepNorm) -> Self {
+        if let Some(packed) = &mt.packed {
+            return Self::of_packed(mt, packed, cfg, norm);
+        }
         let (b, t) = (mt.labels.size()[0], mt.labels.size()[1]);
         let mask = mt.labels.ne(IGNORE).to_kind(Kind::Float);
         let weights = match cfg.agg {
@@ -159,6 +203,33 @@ impl TokenInputs {
             advantages: mt.advantages.reshape([-1]),
             temperatures: per_row(&mt.temperatures.to_kind(Kind::Float)),
             weights: weights.reshape([-1]),
+        }
+    }
+
+    /// A packed micro-batch: per-sequence values spread over each sequence's tokens, and each
+    /// sequence's token mean taken over its own segment of the row.
+    fn of_packed(mt: &MicroTensors, packed: &Packed, cfg: &LossConfig, norm: StepNorm) -> Self {
+        let labels = mt.labels.reshape([-1]);
+        let mask = labels.ne(IGNORE).to_kind(Kind::Float);
+        let weights = match cfg.agg {
+            LossAgg::SeqMeanTokenMean => {
+                let counts = Tensor::zeros([packed.sequences], (Kind::Float, mask.device())).index_add(
+                    0,
+                    &packed.segments,
+                    &mask,
+                );
+                &mask / counts.clamp_min(1e-8).index_select(0, &packed.segments) / norm.sequences
+            }
+            LossAgg::TokenMean => &mask / norm.scored_tokens.max(1.0),
+        };
+        let spread = |x: &Tensor| x.reshape([-1]).index_select(0, &packed.segments);
+        Self {
+            labels,
+            ref_logprobs: mt.ref_logprobs.reshape([-1]),
+            on_policy: spread(&mt.on_policy),
+            advantages: mt.advantages.reshape([-1]),
+            temperatures: spread(&mt.temperatures.to_kind(Kind::Float)),
+            weights,
         }
     }
 
@@ -332,6 +403,7 @@ mod tests {
                 on_policy: vec![false],
                 advantages: vec![adv],
                 temperatures: vec![1.0],
+                seq_lens: Vec::new(),
             },
             Device::Cpu,
         )

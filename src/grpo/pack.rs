@@ -1,6 +1,8 @@
 //! Alignment and packing: each valid sequence becomes shifted inputs/labels/rollout logprobs
-//! and per-position advantages; sequences are sorted by length and cut into micro-batches of
-//! at most `micro_batch` rows, each padded to a multiple of 64 positions.
+//! and per-position advantages. Then either sequences are sorted by length and cut into
+//! micro-batches of at most `micro_batch` rows, each padded to a multiple of 64 positions, or
+//! (token-budget packing, [`pack_tokens`]) laid end to end into micro-batches of at most a
+//! token budget, with no padding at all.
 
 use crate::atropos::ScoredGroup;
 
@@ -71,6 +73,18 @@ pub struct MicroBatch {
     pub on_policy: Vec<bool>,
     pub advantages: Vec<f32>,
     pub temperatures: Vec<f32>,
+    /// Token-budget packing: the lengths of the sequences laid end to end in the one row (they
+    /// sum to `seq_len`), and `on_policy`/`temperatures` are per sequence. Empty in the padded
+    /// layout, where each row is one sequence.
+    #[serde(default)]
+    pub seq_lens: Vec<usize>,
+}
+
+impl MicroBatch {
+    /// Whether sequences are laid end to end in one row (token-budget packing).
+    pub fn is_packed(&self) -> bool {
+        !self.seq_lens.is_empty()
+    }
 }
 
 /// Everything one optimizer step trains on.
@@ -151,6 +165,7 @@ pub fn pack_with(mut sequences: Vec<Sequence>, micro_batch: usize, packing: Pack
                 on_policy: Vec::with_capacity(rows),
                 advantages: vec![0.0; rows * seq_len],
                 temperatures: Vec::with_capacity(rows),
+                seq_lens: Vec::new(),
             };
             for (r, s) in chunk.iter().enumerate() {
                 let at = r * seq_len;
@@ -163,6 +178,90 @@ pub fn pack_with(mut sequences: Vec<Sequence>, micro_batch: usize, packing: Pack
                 }
                 mb.on_policy.push(s.ref_logprobs.is_none());
                 mb.temperatures.push(s.temperature);
+            }
+            mb
+        })
+        .collect();
+    TrainBatch {
+        micro_batches,
+        sequences: total,
+        scored_tokens,
+        score_sum,
+    }
+}
+
+/// Which sequences (indices into `lens`) share each micro-batch of at most `budget` tokens:
+/// longest first, each into the first micro-batch with room (first-fit decreasing), a new one
+/// when none has. A sequence longer than the budget gets a micro-batch of its own. Every index
+/// is placed exactly once.
+pub fn plan_token_budget(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by(|&a, &b| lens[b].cmp(&lens[a]).then(a.cmp(&b)));
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        match bins.iter_mut().find(|(used, _)| used + lens[i] <= budget) {
+            Some((used, members)) => {
+                *used += lens[i];
+                members.push(i);
+            }
+            None => bins.push((lens[i], vec![i])),
+        }
+    }
+    bins.into_iter().map(|(_, members)| members).collect()
+}
+
+/// How a batch's sequences are laid out in micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// At most `micro_batch` sequences per micro-batch, one per row, padded.
+    Rows { micro_batch: usize, packing: Packing },
+    /// End to end in one row of at most `budget` tokens (`--micro-batch-tokens`), no padding.
+    Tokens { budget: usize },
+}
+
+/// Packs `sequences` as `layout` says.
+pub fn pack_as(sequences: Vec<Sequence>, layout: Layout) -> TrainBatch {
+    match layout {
+        Layout::Rows { micro_batch, packing } => pack_with(sequences, micro_batch, packing),
+        Layout::Tokens { budget } => pack_tokens(sequences, budget),
+    }
+}
+
+/// Token-budget packing: sequences laid end to end into micro-batches of at most `budget`
+/// tokens ([`plan_token_budget`]), one row each and no padding. Attention and positions restart
+/// at every sequence (see [`MicroBatch::seq_lens`]).
+pub fn pack_tokens(sequences: Vec<Sequence>, budget: usize) -> TrainBatch {
+    let total = sequences.len();
+    let scored_tokens = sequences.iter().map(Sequence::scored).sum();
+    let score_sum = sequences.iter().map(|s| s.score).sum();
+    let lens: Vec<usize> = sequences.iter().map(|s| s.input_ids.len()).collect();
+    let micro_batches = plan_token_budget(&lens, budget.max(1))
+        .into_iter()
+        .map(|members| {
+            let seq_len: usize = members.iter().map(|&i| lens[i]).sum();
+            let mut mb = MicroBatch {
+                rows: 1,
+                seq_len,
+                input_ids: Vec::with_capacity(seq_len),
+                labels: Vec::with_capacity(seq_len),
+                ref_logprobs: Vec::with_capacity(seq_len),
+                on_policy: Vec::with_capacity(members.len()),
+                advantages: Vec::with_capacity(seq_len),
+                temperatures: Vec::with_capacity(members.len()),
+                seq_lens: Vec::with_capacity(members.len()),
+            };
+            for &i in &members {
+                let s = &sequences[i];
+                mb.input_ids.extend_from_slice(&s.input_ids);
+                mb.labels.extend_from_slice(&s.labels);
+                mb.advantages.extend_from_slice(&s.advantages);
+                match &s.ref_logprobs {
+                    Some(lp) => mb.ref_logprobs.extend_from_slice(lp),
+                    None => mb.ref_logprobs.extend(std::iter::repeat_n(1.0, lens[i])),
+                }
+                mb.on_policy.push(s.ref_logprobs.is_none());
+                mb.temperatures.push(s.temperature);
+                mb.seq_lens.push(lens[i]);
             }
             mb
         })
@@ -237,6 +336,7 @@ mod tests {
                 on_policy: vec![true; rows],
                 advantages: vec![0.0; rows * seq_len],
                 temperatures: vec![1.0; rows],
+                seq_lens: Vec::new(),
             })
             .collect();
         TrainBatch {
@@ -285,5 +385,78 @@ mod tests {
         batch.score_sum = 0.1 + 0.2;
         let bytes = serde_json::to_vec(&batch).unwrap();
         assert_eq!(serde_json::from_slice::<TrainBatch>(&bytes).unwrap(), batch);
+    }
+
+    /// Every sequence is placed once, no micro-batch passes the budget unless it holds one
+    /// sequence longer than the budget, and that sequence is alone.
+    #[test]
+    fn token_budget_plan_places_everything_once_within_budget() {
+        let cases: Vec<(Vec<usize>, usize)> = vec![
+            (vec![5, 9, 3, 7, 1, 8, 2, 2, 6], 10),
+            (vec![40, 3, 3, 60, 1], 32),
+            (vec![16; 9], 16),
+            (vec![], 8),
+            ((1..200).map(|i| (i * 37) % 97 + 1).collect(), 256),
+        ];
+        for (lens, budget) in cases {
+            let plan = plan_token_budget(&lens, budget);
+            let mut all: Vec<usize> = plan.concat();
+            all.sort_unstable();
+            assert_eq!(all, (0..lens.len()).collect::<Vec<_>>(), "{lens:?}");
+            for members in &plan {
+                let used: usize = members.iter().map(|&i| lens[i]).sum();
+                assert!(
+                    used <= budget || (members.len() == 1 && lens[members[0]] > budget),
+                    "{members:?} uses {used} of {budget}"
+                );
+            }
+            // First-fit decreasing on these inputs needs at most one bin more than the bound.
+            let bound = lens.iter().sum::<usize>().div_ceil(budget.max(1));
+            let oversized = lens.iter().filter(|&&l| l > budget).count();
+            assert!(
+                plan.len() <= bound + oversized + 1,
+                "{} bins, bound {bound}",
+                plan.len()
+            );
+        }
+    }
+
+    /// Packed micro-batches hold every token of every sequence once, with no padding, and the
+    /// per-sequence values in sequence order.
+    #[test]
+    fn packed_micro_batches_have_no_padding() {
+        let seq = |n: usize, t: f32, logprobs: bool| Sequence {
+            input_ids: (0..n as i64).collect(),
+            labels: (0..n as i64).map(|i| if i == 0 { IGNORE } else { i }).collect(),
+            ref_logprobs: logprobs.then(|| vec![-0.5; n]),
+            advantages: vec![t; n],
+            temperature: t,
+            score: 1.0,
+        };
+        let seqs = vec![
+            seq(5, 0.5, true),
+            seq(9, 0.7, false),
+            seq(3, 0.9, true),
+            seq(12, 1.0, true),
+        ];
+        let batch = pack_tokens(seqs, 16);
+        assert_eq!(batch.sequences, 4);
+        assert_eq!(batch.scored_tokens, 4 + 8 + 2 + 11);
+        let tokens: usize = batch.micro_batches.iter().map(|m| m.seq_len).sum();
+        assert_eq!(tokens, 5 + 9 + 3 + 12);
+        for mb in &batch.micro_batches {
+            assert!(mb.is_packed() && mb.rows == 1 && mb.seq_len <= 16);
+            assert_eq!(mb.seq_lens.iter().sum::<usize>(), mb.seq_len);
+            assert_eq!(mb.input_ids.len(), mb.seq_len);
+            assert_eq!(mb.on_policy.len(), mb.seq_lens.len());
+            assert_eq!(mb.temperatures.len(), mb.seq_lens.len());
+            let mut at = 0;
+            for (k, &n) in mb.seq_lens.iter().enumerate() {
+                assert_eq!(mb.input_ids[at], 0, "each sequence starts where the last ended");
+                assert!(mb.advantages[at..at + n].iter().all(|&a| a == mb.temperatures[k]));
+                assert_eq!(mb.on_policy[k], mb.temperatures[k] == 0.7);
+                at += n;
+            }
+        }
     }
 }

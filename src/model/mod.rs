@@ -1,6 +1,7 @@
 //! The decoder-only transformer (Llama, Qwen2, Qwen3) in tch, its parameters, their
 //! safetensors I/O and LoRA adapters in PEFT's format.
 
+pub mod attention;
 pub mod config;
 pub mod lora;
 pub mod params;

@@ -7,6 +7,7 @@
 
 use tch::{Kind, Tensor};
 
+pub use super::attention::{Attend, PackedAttention};
 use super::config::ModelSpec;
 use super::lora::{LoraSpec, LoraTarget};
 use super::params::ParamStore;
@@ -301,7 +302,13 @@ impl Transformer {
 
     /// One decoder layer over `x` `[B, T, hidden]` (causal, full sequence).
     pub fn layer(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-        self.layer_step(i, x, cos, sin, None, None)
+        self.layer_step(i, x, cos, sin, Attend::Causal, None)
+    }
+
+    /// One decoder layer over sequences packed end to end in `x` `[1, T, hidden]`; `cos`/`sin`
+    /// are `[1, 1, T, head_dim]`, picked at each token's position within its own sequence.
+    pub fn packed_layer(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor, attn: &PackedAttention) -> Tensor {
+        self.layer_step(i, x, cos, sin, Attend::Packed(attn), None)
     }
 
     /// The final norm of hidden states.
@@ -318,7 +325,7 @@ impl Transformer {
     /// right padding never influences earlier positions).
     pub fn hidden_states(&self, ids: &Tensor) -> Tensor {
         let (cos, sin) = self.rope_tables(ids.size()[1], ids.device());
-        self.run(ids, &cos, &sin, None, None)
+        self.run(ids, &cos, &sin, Attend::Causal, None)
     }
 
     /// Incremental forward for generation: `ids` `[B, T]` at `positions` `[B, T]`, attending to
@@ -334,7 +341,7 @@ impl Transformer {
                 .view([b, 1, t, self.spec.head_dim])
         };
         let (cos, sin) = (cos.to_kind(self.compute), sin.to_kind(self.compute));
-        let hidden = self.run(ids, &pick(&cos), &pick(&sin), Some(mask), Some(cache));
+        let hidden = self.run(ids, &pick(&cos), &pick(&sin), Attend::Mask(mask), Some(cache));
         self.logits_of_hidden(&hidden)
     }
 
@@ -343,12 +350,12 @@ impl Transformer {
         ids: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        attend: Attend<'_>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let mut x = self.embed(ids);
         for i in 0..self.layers.len() {
-            x = self.layer_step(i, &x, cos, sin, mask, cache.as_deref_mut());
+            x = self.layer_step(i, &x, cos, sin, attend, cache.as_deref_mut());
         }
         self.final_norm(&x)
     }
@@ -359,7 +366,7 @@ impl Transformer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        attend: Attend<'_>,
         cache: Option<&mut KvCache>,
     ) -> Tensor {
         let spec = &self.spec;
@@ -381,6 +388,12 @@ impl Transformer {
         if let Some(cache) = cache {
             (k, v) = cache.append(i, k, v);
         }
+        if let Attend::Packed(p) = attend {
+            if let Some(attn) = p.flash(&q, &k, &v) {
+                let attn = attn.reshape([b, t, spec.num_heads * spec.head_dim]);
+                return self.finish_layer(layer, x, &attn);
+            }
+        }
         let (k, v) = if groups > 1 {
             (
                 k.repeat_interleave_self_int(groups, 1, None),
@@ -389,12 +402,22 @@ impl Transformer {
         } else {
             (k, v)
         };
-        let attn = match mask {
-            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
-            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
+        let attn = match attend {
+            Attend::Mask(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false),
+            Attend::Packed(p) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(p.mask()), 0.0, false, None, false)
+            }
+            Attend::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
         };
         let attn = attn.transpose(1, 2).reshape([b, t, spec.num_heads * spec.head_dim]);
-        let x = x + layer.o.forward(&attn, train);
+        self.finish_layer(layer, x, &attn)
+    }
+
+    /// The rest of a layer after attention: output projection, residual, MLP, residual.
+    fn finish_layer(&self, layer: &Layer, x: &Tensor, attn: &Tensor) -> Tensor {
+        let spec = &self.spec;
+        let train = self.train;
+        let x = x + layer.o.forward(attn, train);
         let h = rms_norm(&x, &layer.post_norm, spec.rms_norm_eps);
         let mlp = layer.down.forward(
             &(layer.gate.forward(&h, train).silu() * layer.up.forward(&h, train)),

@@ -486,7 +486,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             spool,
         },
         learner: Box::new(learner_args),
-        preprocessor: (limits, cfg.batch_size as usize),
+        preprocessor: (limits, cfg.batch_size as usize, cfg.micro_batch_tokens),
         fetcher: Box::new(fetcher_args),
         draining,
         outcome: outcome_tx,

@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 
 use crate::grpo::loss::{token_chunk_loss, LossStats, MicroTensors, StepNorm, TokenInputs};
 use crate::grpo::LossConfig;
+use crate::model::transformer::PackedAttention;
 use crate::model::Transformer;
 
 /// How a micro-batch is computed.
@@ -109,7 +110,23 @@ pub fn forward_backward_reporting(
         last: std::time::Instant::now(),
     };
     let _ = clock.lap();
-    let (cos, sin) = model.rope_tables(t, ids.device());
+    // Packed rows: RoPE restarts at every sequence, attention stays within each.
+    let packed = mt.packed.as_ref().map(|p| {
+        let attn = PackedAttention::new(&p.segments, &p.cu_seqlens, p.max_len, model.compute_kind());
+        (p, attn)
+    });
+    let (cos, sin) = match &packed {
+        Some((p, _)) => {
+            let (cos, sin) = model.rope_tables(p.max_len.max(1), ids.device());
+            let pick = |table: &Tensor| table.index_select(0, &p.positions).view([1, 1, t, -1]);
+            (pick(&cos), pick(&sin))
+        }
+        None => model.rope_tables(t, ids.device()),
+    };
+    let layer = |i: usize, x: &Tensor| match &packed {
+        Some((_, attn)) => model.packed_layer(i, x, &cos, &sin, attn),
+        None => model.layer(i, x, &cos, &sin),
+    };
 
     // Stage 1: the layers.
     let mut saved_inputs = Vec::new();
@@ -119,7 +136,7 @@ pub fn forward_backward_reporting(
             let mut x = model.embed(ids);
             for i in 0..model.num_layers() {
                 plan.seed_layer(i);
-                let next = model.layer(i, &x, &cos, &sin);
+                let next = layer(i, &x);
                 saved_inputs.push(x);
                 x = next;
             }
@@ -132,7 +149,7 @@ pub fn forward_backward_reporting(
         for i in 0..model.num_layers() {
             plan.seed_layer(i);
             let input = x.detach().set_requires_grad(true);
-            let next = model.layer(i, &input, &cos, &sin);
+            let next = layer(i, &input);
             layer_graphs.push((input, next.shallow_clone()));
             x = next;
         }
@@ -141,7 +158,7 @@ pub fn forward_backward_reporting(
         let mut x = model.embed(ids);
         for i in 0..model.num_layers() {
             plan.seed_layer(i);
-            x = model.layer(i, &x, &cos, &sin);
+            x = layer(i, &x);
         }
         x
     };
@@ -169,7 +186,7 @@ pub fn forward_backward_reporting(
         for (i, input) in saved_inputs.into_iter().enumerate().rev() {
             let x = input.set_requires_grad(true);
             plan.seed_layer(i);
-            let y = model.layer(i, &x, &cos, &sin);
+            let y = layer(i, &x);
             backward_with(&y, &grad);
             grad = x.grad();
             if let Some(done) = layer_done.as_mut() {

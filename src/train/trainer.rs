@@ -509,6 +509,21 @@ impl Trainer {
         })
     }
 
+    /// The gradients the last step computed (before clipping), fp32 copies on the CPU, for
+    /// parity checks; a skipped step leaves zeros.
+    pub fn last_gradients(&self) -> Vec<(String, Tensor)> {
+        tch::no_grad(|| {
+            self.trainable
+                .iter()
+                .filter_map(|p| {
+                    let g = p.value.grad();
+                    g.defined()
+                        .then(|| (p.name.clone(), g.to_device(Device::Cpu).to_kind(Kind::Float)))
+                })
+                .collect()
+        })
+    }
+
     /// Names of the trainable parameters.
     pub fn trainable_names(&self) -> Vec<String> {
         self.trainable.iter().map(|p| p.name.clone()).collect()
