@@ -52,18 +52,19 @@ int grpo_fused_adamw(void* const* params, void* const* grads, void* const* exp_a
   }
 }
 
-// Flash attention over sequences packed end to end (`q` [T, heads, d], `k`/`v` [T, kv_heads,
-// d], fp16/bf16 on CUDA; `cu_seqlens` int32 [n + 1]), causal within each sequence, with the
-// default 1/sqrt(d) scale. Goes through the dispatcher, so autograd records
-// `_flash_attention_backward`. On success `*out` is a new tensor [T, heads, d] the caller owns.
-int grpo_flash_varlen(void* q, void* k, void* v, void* cu_seqlens, int64_t max_len, void** out,
-                      char* err, size_t err_len) {
+// Flash attention over sequences packed end to end: query segment i is `q`'s rows
+// cu_q[i]..cu_q[i+1] ([Tq, heads, d]) and attends to key segment i, rows cu_k[i]..cu_k[i+1] of
+// `k`/`v` ([Tk, kv_heads, d]), causally aligned to the segments' ends (a query segment shorter
+// than its keys sees the extra keys before it in full); fp16/bf16 on CUDA, cu_* int32 [n + 1],
+// the default 1/sqrt(d) scale. Goes through the dispatcher, so autograd records
+// `_flash_attention_backward`. On success `*out` is a new tensor [Tq, heads, d] the caller owns.
+int grpo_flash_varlen(void* q, void* k, void* v, void* cu_q, void* cu_k, int64_t max_q, int64_t max_k,
+                      void** out, char* err, size_t err_len) {
   try {
-    const auto& cu = *static_cast<at::Tensor*>(cu_seqlens);
-    auto res = at::_flash_attention_forward(*static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k),
-                                            *static_cast<at::Tensor*>(v), cu, cu, max_len, max_len,
-                                            /*dropout_p=*/0.0, /*is_causal=*/true,
-                                            /*return_debug_mask=*/false);
+    auto res = at::_flash_attention_forward(
+        *static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k), *static_cast<at::Tensor*>(v),
+        *static_cast<at::Tensor*>(cu_q), *static_cast<at::Tensor*>(cu_k), max_q, max_k,
+        /*dropout_p=*/0.0, /*is_causal=*/true, /*return_debug_mask=*/false);
     *out = new at::Tensor(std::get<0>(res));
     return 0;
   } catch (const std::exception& e) {

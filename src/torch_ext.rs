@@ -100,8 +100,10 @@ extern "C" {
         q: *mut c_void,
         k: *mut c_void,
         v: *mut c_void,
-        cu_seqlens: *mut c_void,
-        max_len: i64,
+        cu_q: *mut c_void,
+        cu_k: *mut c_void,
+        max_q: i64,
+        max_k: i64,
         out: *mut *mut c_void,
         err: *mut c_char,
         err_len: usize,
@@ -116,16 +118,19 @@ pub struct ShimError {
     pub message: String,
 }
 
+/// Segments of [`flash_varlen`]: query segment i is rows `cu_q[i]..cu_q[i+1]`, its keys rows
+/// `cu_k[i]..cu_k[i+1]` (int32 `[n + 1]` each); the longest of each.
+pub struct VarlenSegments<'a> {
+    pub cu_q: &'a Tensor,
+    pub cu_k: &'a Tensor,
+    pub max_q: i64,
+    pub max_k: i64,
+}
+
 /// Flash attention's varlen kernel (`torch.ops.aten._flash_attention_forward` with
-/// `cu_seqlens`): `q` `[T, heads, d]`, `k`/`v` `[T, kv_heads, d]` (fp16/bf16, CUDA), sequences
-/// packed end to end at `cu_seqlens` (int32 `[n + 1]`), causal within each; differentiable.
-pub fn flash_varlen(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu_seqlens: &Tensor,
-    max_len: i64,
-) -> Result<Tensor, ShimError> {
+/// `cu_seqlens`): `q` `[Tq, heads, d]`, `k`/`v` `[Tk, kv_heads, d]` (fp16/bf16, CUDA), causal
+/// within each segment, aligned to the segments' ends; differentiable.
+pub fn flash_varlen(q: &Tensor, k: &Tensor, v: &Tensor, seg: &VarlenSegments<'_>) -> Result<Tensor, ShimError> {
     let mut out: *mut c_void = std::ptr::null_mut();
     let mut err = vec![0 as c_char; 1024];
     // SAFETY: live `at::Tensor*` handles for the call; on success the shim hands over a new
@@ -135,8 +140,10 @@ pub fn flash_varlen(
             q.as_ptr() as *mut c_void,
             k.as_ptr() as *mut c_void,
             v.as_ptr() as *mut c_void,
-            cu_seqlens.as_ptr() as *mut c_void,
-            max_len,
+            seg.cu_q.as_ptr() as *mut c_void,
+            seg.cu_k.as_ptr() as *mut c_void,
+            seg.max_q,
+            seg.max_k,
             &mut out,
             err.as_mut_ptr(),
             err.len(),

@@ -114,7 +114,10 @@ fn a_packed_step_equals_a_padded_step() {
         packing: Packing::Sorted,
     });
     // A budget below the longest sequence (46 tokens): that one gets a micro-batch alone.
-    let packed = batch(Layout::Tokens { budget: 40 });
+    let packed = batch(Layout::Tokens {
+        budget: 40,
+        shared_prompt: false,
+    });
     assert!(packed.micro_batches.iter().all(|m| m.is_packed()));
     assert!(packed
         .micro_batches
@@ -163,4 +166,76 @@ fn a_packed_step_equals_a_padded_step() {
             }
         }
     }
+}
+
+/// Shared-prompt packing (`--shared-prompt on`): each group's prompt once, its completions
+/// attending to it. Exact: the same loss (1e-5) and gradients (1e-4) as the unshared packed
+/// step and the padded step, with fewer positions computed.
+#[test]
+fn a_shared_prompt_step_equals_the_unshared_step() {
+    let unshared = batch(Layout::Tokens {
+        budget: 64,
+        shared_prompt: false,
+    });
+    let shared = batch(Layout::Tokens {
+        budget: 64,
+        shared_prompt: true,
+    });
+    let padded = batch(Layout::Rows {
+        micro_batch: 4,
+        packing: Packing::Sorted,
+    });
+    let positions = |b: &TrainBatch| b.micro_batches.iter().map(|m| m.seq_len).sum::<usize>();
+    assert!(
+        positions(&shared) < positions(&unshared),
+        "{} vs {}",
+        positions(&shared),
+        positions(&unshared)
+    );
+    assert!(shared
+        .micro_batches
+        .iter()
+        .any(|m| m.seq_parents.iter().any(Option::is_some)));
+    // The long-prompt group (prompt 40, four completions) alone is larger than the budget.
+    assert!(shared.micro_batches.iter().any(|m| m.seq_len > 64));
+    for arch in ["llama", "qwen3"] {
+        let model = common::tiny_model(arch, &["--layers", "2"]);
+        for checkpointing in [false, true] {
+            let (a, ga) = step(model.path(), &unshared, LossAgg::SeqMeanTokenMean, checkpointing);
+            let (b, gb) = step(model.path(), &shared, LossAgg::SeqMeanTokenMean, checkpointing);
+            let (c, _) = step(model.path(), &padded, LossAgg::SeqMeanTokenMean, checkpointing);
+            let what = format!("{arch} checkpointing {checkpointing}");
+            assert!(relative(b.loss, a.loss) < 1e-5, "{what}: loss {} vs {}", b.loss, a.loss);
+            assert!(
+                relative(b.loss, c.loss) < 1e-5,
+                "{what}: loss {} vs padded {}",
+                b.loss,
+                c.loss
+            );
+            assert!(
+                relative(b.grad_norm, a.grad_norm) < 1e-4,
+                "{what}: grad norm {} vs {}",
+                b.grad_norm,
+                a.grad_norm
+            );
+            assert_eq!(b.tokens, a.tokens);
+            for ((n, x), (_, y)) in ga.iter().zip(&gb) {
+                let scale = x.abs().max().double_value(&[]).max(1e-12);
+                let d = (x - y).abs().max().double_value(&[]) / scale;
+                assert!(d < 1e-4, "{what}: the gradient of {n} differs by {d} (relative)");
+            }
+        }
+    }
+}
+
+/// The prompt a group shares stops at the first scored label and leaves every sequence a
+/// position of its own; a one-sequence group shares nothing.
+#[test]
+fn the_shared_prefix_is_the_unscored_common_prompt() {
+    use grpo_node::grpo::pack::{align_group, shared_prefix};
+    let g: grpo_node::atropos::ScoredGroup = serde_json::from_value(groups()[1].clone()).expect("group");
+    let seqs = align_group(&g);
+    // Prompt of 5 tokens: inputs 0..4 are unscored prompt; position 4 predicts the completion.
+    assert_eq!(shared_prefix(&seqs), 4);
+    assert_eq!(shared_prefix(&seqs[..1]), 0);
 }

@@ -19,6 +19,8 @@ pub struct PreprocessorArgs {
     pub micro_batch: usize,
     /// Token-budget packing (`--micro-batch-tokens`) instead of `micro_batch` rows.
     pub micro_batch_tokens: Option<usize>,
+    /// With token-budget packing: each group's prompt once (`--shared-prompt on`).
+    pub shared_prompt: bool,
     pub learner: ActorRef<LearnerMsg>,
 }
 
@@ -46,7 +48,7 @@ pub fn prepare_as(raw: RawBatch, limits: &Limits, layout: Layout) -> PreparedBat
             })
             .and_then(|g| validate(g, limits));
         match outcome {
-            Ok(group) => sequences.extend(align_group(&group)),
+            Ok(group) => sequences.push(align_group(&group)),
             Err(r) => {
                 tracing::warn!(batch_seq = raw.seq.0, env_id = ?r.env_id.map(|e| e.0), reason = %r.reason,
                     detail = %r.detail, "rejected group");
@@ -83,7 +85,10 @@ impl Actor for Preprocessor {
     ) -> Result<(), ActorProcessingErr> {
         let PreprocessorMsg::Raw(raw) = msg;
         let layout = match state.micro_batch_tokens {
-            Some(budget) => Layout::Tokens { budget },
+            Some(budget) => Layout::Tokens {
+                budget,
+                shared_prompt: state.shared_prompt,
+            },
             None => Layout::Rows {
                 micro_batch: state.micro_batch,
                 packing: Packing::Sorted,

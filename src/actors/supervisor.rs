@@ -20,8 +20,8 @@ pub struct SupervisorArgs {
     /// Learner arguments less the checkpointer reference.
     pub learner: Box<dyn FnOnce(ActorRef<CheckpointerMsg>) -> LearnerArgs + Send>,
     /// Preprocessor arguments less the learner reference.
-    /// Limits, micro-batch rows, and the token budget of token-budget packing.
-    pub preprocessor: (crate::grpo::Limits, usize, Option<usize>),
+    /// Limits, micro-batch rows, the token budget of token-budget packing, shared prompts.
+    pub preprocessor: (crate::grpo::Limits, usize, Option<usize>, bool),
     /// Fetcher arguments less the preprocessor reference.
     pub fetcher: Box<dyn FnOnce(ActorRef<PreprocessorMsg>) -> FetcherArgs + Send>,
     pub draining: Arc<AtomicBool>,
@@ -58,11 +58,12 @@ impl Actor for LearnerSupervisor {
         .await?;
         let learner_args = (args.learner)(checkpointer.clone());
         let (learner, _) = Actor::spawn_linked(Some("learner".into()), Learner, learner_args, cell.clone()).await?;
-        let (limits, micro_batch, micro_batch_tokens) = args.preprocessor;
+        let (limits, micro_batch, micro_batch_tokens, shared_prompt) = args.preprocessor;
         let pre_args = PreprocessorArgs {
             limits,
             micro_batch,
             micro_batch_tokens,
+            shared_prompt,
             learner: learner.clone(),
         };
         let (preprocessor, _) =

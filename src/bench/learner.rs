@@ -47,6 +47,9 @@ pub struct LearnerBenchArgs {
     /// instead of --batch-size rows.
     #[arg(long, env = "GRPO_MICRO_BATCH_TOKENS")]
     pub micro_batch_tokens: Option<usize>,
+    /// With --micro-batch-tokens: each group's prompt once.
+    #[arg(long, env = "GRPO_SHARED_PROMPT", value_enum, default_value = "off")]
+    pub shared_prompt: crate::grpo::pack::SharedPrompt,
     /// Compute dtype.
     #[arg(long, env = "GRPO_PRECISION", value_enum, default_value = "bf16")]
     pub precision: Precision,
@@ -191,7 +194,10 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
             .collect();
         let prep_start = Instant::now();
         let layout = match args.micro_batch_tokens {
-            Some(budget) => Layout::Tokens { budget },
+            Some(budget) => Layout::Tokens {
+                budget,
+                shared_prompt: args.shared_prompt == crate::grpo::pack::SharedPrompt::On,
+            },
             None => Layout::Rows {
                 micro_batch: args.batch_size,
                 packing: args.packing,
@@ -257,6 +263,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         "matmul_params": matmul_params,
         "batch_size": args.batch_size,
         "packing": match args.micro_batch_tokens {
+            Some(budget) if args.shared_prompt == crate::grpo::pack::SharedPrompt::On => format!("tokens-{budget}-shared"),
             Some(budget) => format!("tokens-{budget}"),
             None => format!("{:?}", args.packing).to_lowercase(),
         },

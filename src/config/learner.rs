@@ -76,6 +76,10 @@ pub struct LearnerArgs {
     /// longer than the budget gets a micro-batch of its own. Off: --batch-size padded rows.
     #[arg(long, env = "GRPO_MICRO_BATCH_TOKENS")]
     pub micro_batch_tokens: Option<u64>,
+    /// With --micro-batch-tokens: compute each group's shared prompt once; its completions
+    /// attend to its keys and values and their gradients flow back into it (exact) [default: off].
+    #[arg(long, env = "GRPO_SHARED_PROMPT", value_enum)]
+    pub shared_prompt: Option<crate::grpo::pack::SharedPrompt>,
     /// Micro-batches per step; the API batch is batch-size x this sequences [default: 32].
     #[arg(long, env = "GRPO_GRADIENT_ACCUMULATION_STEPS")]
     pub gradient_accumulation_steps: Option<u64>,
@@ -318,6 +322,8 @@ pub struct LearnerConfig {
     pub batch_size: u64,
     /// Token-budget packing, when set.
     pub micro_batch_tokens: Option<usize>,
+    /// With token-budget packing: each group's prompt once.
+    pub shared_prompt: bool,
     pub gradient_accumulation_steps: u64,
     pub seq_len: u64,
     pub warmup_steps: u64,
@@ -434,6 +440,7 @@ impl LearnerArgs {
             training_steps,
             batch_size,
             micro_batch_tokens,
+            shared_prompt,
             gradient_accumulation_steps,
             seq_len,
             warmup_steps,
@@ -551,6 +558,10 @@ impl LearnerArgs {
         let micro_batch_tokens = args.micro_batch_tokens.map(|n| n as usize);
         check(micro_batch_tokens.is_none_or(|n| n >= 1), "micro-batch-tokens", || {
             "must be at least 1".into()
+        })?;
+        let shared_prompt = args.shared_prompt == Some(crate::grpo::pack::SharedPrompt::On);
+        check(!shared_prompt || micro_batch_tokens.is_some(), "shared-prompt", || {
+            "needs --micro-batch-tokens (shared prompts are laid out in packed rows)".into()
         })?;
         let gradient_accumulation_steps = args.gradient_accumulation_steps.unwrap_or(32);
         check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || {
@@ -725,6 +736,7 @@ impl LearnerArgs {
             training_steps,
             batch_size,
             micro_batch_tokens,
+            shared_prompt,
             gradient_accumulation_steps,
             seq_len,
             warmup_steps: args.warmup_steps.unwrap_or(0),

@@ -103,7 +103,7 @@ impl MicroTensors {
     pub fn new(mb: &MicroBatch, device: Device) -> Self {
         let shape = [mb.rows as i64, mb.seq_len as i64];
         let on_policy: Vec<u8> = mb.on_policy.iter().map(|&b| u8::from(b)).collect();
-        let packed = mb.is_packed().then(|| Packed::new(&mb.seq_lens, device));
+        let packed = mb.is_packed().then(|| Packed::new(mb, device));
         Self {
             input_ids: Tensor::from_slice(&mb.input_ids).view(shape).to_device(device),
             labels: Tensor::from_slice(&mb.labels).view(shape).to_device(device),
@@ -119,38 +119,79 @@ impl MicroTensors {
     }
 }
 
-/// Where the sequences of a packed micro-batch lie in its one row.
+/// Where the segments of a packed micro-batch lie in its one row.
 pub struct Packed {
-    /// Sequence index of every position `[T]` (int64).
+    /// Segment index of every position `[T]` (int64).
     pub segments: Tensor,
-    /// Position of every token within its own sequence `[T]` (int64): RoPE restarts per sequence.
+    /// Each segment's shared-prompt segment, or -1 `[n]` (int64).
+    pub parents: Tensor,
+    /// RoPE position of every token within its own sequence `[T]` (int64): positions restart
+    /// per sequence, and a continuation goes on from its prompt's length.
     pub positions: Tensor,
-    /// Sequence starts and the end, `[n + 1]` (int32, flash attention's `cu_seqlens`).
+    /// Segment starts and the end `[n + 1]` (int32, flash attention's `cu_seqlens`).
     pub cu_seqlens: Tensor,
-    /// The longest sequence.
+    /// Key segments (a continuation's keys: its prompt's positions, then its own) `[n + 1]`.
+    pub cu_seqlens_k: Tensor,
+    /// The key segments' positions back to back, when some segment has a prompt.
+    pub key_index: Option<Tensor>,
     pub max_len: i64,
+    pub max_len_k: i64,
+    /// Largest RoPE position + 1.
+    pub span: i64,
     pub sequences: i64,
 }
 
 impl Packed {
-    pub fn new(seq_lens: &[usize], device: Device) -> Self {
-        let lens: Vec<i64> = seq_lens.iter().map(|&n| n as i64).collect();
-        let mut cu = Vec::with_capacity(lens.len() + 1);
+    pub fn new(mb: &MicroBatch, device: Device) -> Self {
+        let lens: Vec<i64> = mb.seq_lens.iter().map(|&n| n as i64).collect();
+        let n = lens.len();
+        let parents: Vec<Option<usize>> = if mb.seq_parents.len() == n {
+            mb.seq_parents.clone()
+        } else {
+            vec![None; n]
+        };
+        let offsets: Vec<i64> = if mb.seq_offsets.len() == n {
+            mb.seq_offsets.iter().map(|&o| o as i64).collect()
+        } else {
+            vec![0; n]
+        };
+        let mut starts = Vec::with_capacity(n);
         let (mut segments, mut positions) = (Vec::new(), Vec::new());
         let mut at = 0i64;
-        cu.push(0i32);
-        for (k, &n) in lens.iter().enumerate() {
-            segments.extend(std::iter::repeat_n(k as i64, n as usize));
-            positions.extend(0..n);
-            at += n;
-            cu.push(i32::try_from(at).unwrap_or(i32::MAX));
+        for (k, &len) in lens.iter().enumerate() {
+            starts.push(at);
+            segments.extend(std::iter::repeat_n(k as i64, len as usize));
+            positions.extend(offsets[k]..offsets[k] + len);
+            at += len;
         }
+        let i32_of = |x: i64| i32::try_from(x).unwrap_or(i32::MAX);
+        let (mut cu, mut cu_k, mut keys) = (vec![0i32], vec![0i32], Vec::new());
+        let (mut total_k, mut max_k) = (0i64, 0i64);
+        for k in 0..n {
+            cu.push(i32_of(starts[k] + lens[k]));
+            let mut len_k = lens[k];
+            if let Some(p) = parents[k] {
+                keys.extend(starts[p]..starts[p] + lens[p]);
+                len_k += lens[p];
+            }
+            keys.extend(starts[k]..starts[k] + lens[k]);
+            total_k += len_k;
+            max_k = max_k.max(len_k);
+            cu_k.push(i32_of(total_k));
+        }
+        let shared = parents.iter().any(Option::is_some);
+        let parent_ids: Vec<i64> = parents.iter().map(|p| p.map_or(-1, |p| p as i64)).collect();
         Self {
             segments: Tensor::from_slice(&segments).to_device(device),
+            parents: Tensor::from_slice(&parent_ids).to_device(device),
+            span: positions.iter().copied().max().map_or(1, |m| m + 1),
             positions: Tensor::from_slice(&positions).to_device(device),
             cu_seqlens: Tensor::from_slice(&cu).to_device(device),
+            cu_seqlens_k: Tensor::from_slice(&cu_k).to_device(device),
+            key_index: shared.then(|| Tensor::from_slice(&keys).to_device(device)),
             max_len: lens.iter().copied().max().unwrap_or(0),
-            sequences: lens.len() as i64,
+            max_len_k: max_k,
+            sequences: n as i64,
         }
     }
 }
@@ -404,6 +445,8 @@ mod tests {
                 advantages: vec![adv],
                 temperatures: vec![1.0],
                 seq_lens: Vec::new(),
+                seq_parents: Vec::new(),
+                seq_offsets: Vec::new(),
             },
             Device::Cpu,
         )

@@ -73,11 +73,19 @@ pub struct MicroBatch {
     pub on_policy: Vec<bool>,
     pub advantages: Vec<f32>,
     pub temperatures: Vec<f32>,
-    /// Token-budget packing: the lengths of the sequences laid end to end in the one row (they
-    /// sum to `seq_len`), and `on_policy`/`temperatures` are per sequence. Empty in the padded
+    /// Token-budget packing: the lengths of the segments laid end to end in the one row (they
+    /// sum to `seq_len`), and `on_policy`/`temperatures` are per segment. Empty in the padded
     /// layout, where each row is one sequence.
     #[serde(default)]
     pub seq_lens: Vec<usize>,
+    /// Shared prompts: per segment, the segment (index) holding the prompt it continues, whose
+    /// positions it also attends to; `None` for a whole sequence or a shared prompt itself.
+    #[serde(default)]
+    pub seq_parents: Vec<Option<usize>>,
+    /// Per segment, the RoPE position of its first token (the parent's length for a
+    /// continuation, else 0). Empty: all 0.
+    #[serde(default)]
+    pub seq_offsets: Vec<usize>,
 }
 
 impl MicroBatch {
@@ -166,6 +174,8 @@ pub fn pack_with(mut sequences: Vec<Sequence>, micro_batch: usize, packing: Pack
                 advantages: vec![0.0; rows * seq_len],
                 temperatures: Vec::with_capacity(rows),
                 seq_lens: Vec::new(),
+                seq_parents: Vec::new(),
+                seq_offsets: Vec::new(),
             };
             for (r, s) in chunk.iter().enumerate() {
                 let at = r * seq_len;
@@ -210,20 +220,132 @@ pub fn plan_token_budget(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
     bins.into_iter().map(|(_, members)| members).collect()
 }
 
+/// `--shared-prompt on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedPrompt {
+    On,
+    #[default]
+    Off,
+}
+
 /// How a batch's sequences are laid out in micro-batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// At most `micro_batch` sequences per micro-batch, one per row, padded.
     Rows { micro_batch: usize, packing: Packing },
-    /// End to end in one row of at most `budget` tokens (`--micro-batch-tokens`), no padding.
-    Tokens { budget: usize },
+    /// End to end in one row of at most `budget` tokens (`--micro-batch-tokens`), no padding;
+    /// with `shared_prompt`, each group's common prompt once (`--shared-prompt on`).
+    Tokens { budget: usize, shared_prompt: bool },
 }
 
-/// Packs `sequences` as `layout` says.
-pub fn pack_as(sequences: Vec<Sequence>, layout: Layout) -> TrainBatch {
+/// Packs each group's `sequences` as `layout` says.
+pub fn pack_as(groups: Vec<Vec<Sequence>>, layout: Layout) -> TrainBatch {
     match layout {
-        Layout::Rows { micro_batch, packing } => pack_with(sequences, micro_batch, packing),
-        Layout::Tokens { budget } => pack_tokens(sequences, budget),
+        Layout::Rows { micro_batch, packing } => pack_with(groups.concat(), micro_batch, packing),
+        Layout::Tokens {
+            budget,
+            shared_prompt: false,
+        } => pack_tokens(groups.concat(), budget),
+        Layout::Tokens {
+            budget,
+            shared_prompt: true,
+        } => pack_shared(groups, budget),
+    }
+}
+
+/// The length of the prompt every sequence of a group shares and trains nothing on: the
+/// longest common prefix of their inputs whose labels are all ignored, leaving each sequence at
+/// least one position of its own. 0 when there is nothing to share (one sequence, or no common
+/// unscored prefix).
+pub fn shared_prefix(group: &[Sequence]) -> usize {
+    let Some(first) = group.first() else { return 0 };
+    if group.len() < 2 {
+        return 0;
+    }
+    let shortest = group.iter().map(|s| s.input_ids.len()).min().unwrap_or(0);
+    let mut n = 0;
+    while n + 1 < shortest
+        && group
+            .iter()
+            .all(|s| s.input_ids[n] == first.input_ids[n] && s.labels[n] == IGNORE)
+    {
+        n += 1;
+    }
+    n
+}
+
+/// Appends positions `range` of `s` to `mb` as one segment.
+fn push_segment(mb: &mut MicroBatch, s: &Sequence, range: std::ops::Range<usize>, parent: Option<usize>) {
+    let (from, n) = (range.start, range.len());
+    mb.input_ids.extend_from_slice(&s.input_ids[range.clone()]);
+    mb.labels.extend_from_slice(&s.labels[range.clone()]);
+    mb.advantages.extend_from_slice(&s.advantages[range.clone()]);
+    match &s.ref_logprobs {
+        Some(lp) => mb.ref_logprobs.extend_from_slice(&lp[range]),
+        None => mb.ref_logprobs.extend(std::iter::repeat_n(1.0, n)),
+    }
+    mb.on_policy.push(s.ref_logprobs.is_none());
+    mb.temperatures.push(s.temperature);
+    mb.seq_lens.push(n);
+    mb.seq_parents.push(parent);
+    mb.seq_offsets.push(from);
+    mb.seq_len += n;
+}
+
+fn empty_packed() -> MicroBatch {
+    MicroBatch {
+        rows: 1,
+        seq_len: 0,
+        input_ids: Vec::new(),
+        labels: Vec::new(),
+        ref_logprobs: Vec::new(),
+        on_policy: Vec::new(),
+        advantages: Vec::new(),
+        temperatures: Vec::new(),
+        seq_lens: Vec::new(),
+        seq_parents: Vec::new(),
+        seq_offsets: Vec::new(),
+    }
+}
+
+/// Shared-prompt packing: each group's shared prompt ([`shared_prefix`]) is laid down once,
+/// followed by the rest of each of its sequences, which attend to the prompt's positions and
+/// their own; groups stay whole within a micro-batch of at most `budget` tokens (a group larger
+/// than the budget gets one of its own). Exact: every sequence sees what it would alone.
+pub fn pack_shared(groups: Vec<Vec<Sequence>>, budget: usize) -> TrainBatch {
+    let all: Vec<&Sequence> = groups.iter().flatten().collect();
+    let total = all.len();
+    let scored_tokens = all.iter().map(|s| s.scored()).sum();
+    let score_sum = all.iter().map(|s| s.score).sum();
+    let prefixes: Vec<usize> = groups.iter().map(|g| shared_prefix(g)).collect();
+    let sizes: Vec<usize> = groups
+        .iter()
+        .zip(&prefixes)
+        .map(|(g, &p)| p + g.iter().map(|s| s.input_ids.len() - p).sum::<usize>())
+        .collect();
+    let micro_batches = plan_token_budget(&sizes, budget.max(1))
+        .into_iter()
+        .map(|members| {
+            let mut mb = empty_packed();
+            for gi in members {
+                let (group, p) = (&groups[gi], prefixes[gi]);
+                let parent = (p > 0).then(|| {
+                    push_segment(&mut mb, &group[0], 0..p, None);
+                    mb.seq_lens.len() - 1
+                });
+                for s in group {
+                    push_segment(&mut mb, s, p..s.input_ids.len(), parent);
+                }
+            }
+            mb
+        })
+        .collect();
+    TrainBatch {
+        micro_batches,
+        sequences: total,
+        scored_tokens,
+        score_sum,
     }
 }
 
@@ -249,6 +371,8 @@ pub fn pack_tokens(sequences: Vec<Sequence>, budget: usize) -> TrainBatch {
                 advantages: Vec::with_capacity(seq_len),
                 temperatures: Vec::with_capacity(members.len()),
                 seq_lens: Vec::with_capacity(members.len()),
+                seq_parents: vec![None; members.len()],
+                seq_offsets: vec![0; members.len()],
             };
             for &i in &members {
                 let s = &sequences[i];
@@ -337,6 +461,8 @@ mod tests {
                 advantages: vec![0.0; rows * seq_len],
                 temperatures: vec![1.0; rows],
                 seq_lens: Vec::new(),
+                seq_parents: Vec::new(),
+                seq_offsets: Vec::new(),
             })
             .collect();
         TrainBatch {

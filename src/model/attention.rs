@@ -1,7 +1,9 @@
 //! How a decoder layer's attention sees the positions of its input: causal over each row, a
 //! given mask (generation with a KV cache), or sequences packed end to end in one row
-//! (token-budget packing), causal within each sequence only. Packed rows go through flash
-//! attention's varlen kernel on CUDA in bf16/fp16, and through a block-causal mask otherwise.
+//! (token-budget packing), causal within each sequence only; with shared prompts a
+//! continuation segment also sees all of its prompt segment. Packed rows go through flash
+//! attention's varlen kernel on CUDA in bf16/fp16 (a continuation's keys are its prompt's
+//! followed by its own), and through a block mask otherwise.
 
 use std::cell::OnceCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,11 +21,33 @@ pub enum Attend<'a> {
     Packed(&'a PackedAttention),
 }
 
-/// Where the sequences of a packed row lie, for attention.
+/// Where the segments of a packed row lie (all int64 on the row's device unless said).
+pub struct Segments<'a> {
+    /// Each position's segment `[T]`.
+    pub segments: &'a Tensor,
+    /// Each segment's prompt segment, or -1 `[n]`.
+    pub parents: &'a Tensor,
+    /// Query segments' starts and the end `[n + 1]` (int32).
+    pub cu_q: &'a Tensor,
+    /// Key segments' starts and the end `[n + 1]` (int32): a segment's keys are its prompt's
+    /// positions, then its own.
+    pub cu_k: &'a Tensor,
+    /// The positions of the key segments back to back `[Tk]`; `None` when every segment's keys
+    /// are its own positions (no shared prompts).
+    pub key_index: Option<&'a Tensor>,
+    pub max_q: i64,
+    pub max_k: i64,
+}
+
+/// A packed row's segments, for attention.
 pub struct PackedAttention {
     segments: Tensor,
-    cu_seqlens: Tensor,
-    max_len: i64,
+    parents: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    key_index: Option<Tensor>,
+    max_q: i64,
+    max_k: i64,
     use_flash: bool,
     mask: OnceCell<Tensor>,
 }
@@ -32,16 +56,20 @@ pub struct PackedAttention {
 static FLASH_FAILED: AtomicBool = AtomicBool::new(false);
 
 impl PackedAttention {
-    /// `segments` `[T]` (int64): each position's sequence; `cu_seqlens` `[n + 1]` (int32): the
-    /// sequences' starts and the end; `compute`: the dtype attention runs in. The varlen kernel
-    /// is used on CUDA in bf16/fp16 unless `GRPO_PACKED_ATTENTION=mask`.
-    pub fn new(segments: &Tensor, cu_seqlens: &Tensor, max_len: i64, compute: Kind) -> Self {
+    /// `compute`: the dtype attention runs in. The varlen kernel is used on CUDA in bf16/fp16
+    /// unless `GRPO_PACKED_ATTENTION=mask`.
+    pub fn new(seg: &Segments<'_>, compute: Kind) -> Self {
         let forced_mask = std::env::var("GRPO_PACKED_ATTENTION").is_ok_and(|v| v == "mask");
-        let use_flash = segments.device().is_cuda() && matches!(compute, Kind::BFloat16 | Kind::Half) && !forced_mask;
+        let use_flash =
+            seg.segments.device().is_cuda() && matches!(compute, Kind::BFloat16 | Kind::Half) && !forced_mask;
         Self {
-            segments: segments.shallow_clone(),
-            cu_seqlens: cu_seqlens.shallow_clone(),
-            max_len,
+            segments: seg.segments.shallow_clone(),
+            parents: seg.parents.shallow_clone(),
+            cu_q: seg.cu_q.shallow_clone(),
+            cu_k: seg.cu_k.shallow_clone(),
+            key_index: seg.key_index.map(Tensor::shallow_clone),
+            max_q: seg.max_q,
+            max_k: seg.max_k,
             use_flash,
             mask: OnceCell::new(),
         }
@@ -52,14 +80,18 @@ impl PackedAttention {
         self.use_flash && !FLASH_FAILED.load(Ordering::Relaxed)
     }
 
-    /// The block-causal mask `[1, 1, T, T]`: each position sees the earlier positions of its
-    /// own sequence (made once per micro-batch, on first use).
+    /// The attention mask `[1, 1, T, T]`: each position sees the earlier positions of its own
+    /// segment, and every position of its segment's prompt (made once per micro-batch, on
+    /// first use).
     pub fn mask(&self) -> &Tensor {
         self.mask.get_or_init(|| {
             let t = self.segments.size()[0];
-            let same = self.segments.unsqueeze(1).eq_tensor(&self.segments.unsqueeze(0));
+            let (rows, cols) = (self.segments.unsqueeze(1), self.segments.unsqueeze(0));
+            let same = rows.eq_tensor(&cols);
             let causal = Tensor::ones([t, t], (Kind::Bool, self.segments.device())).tril(0);
-            same.logical_and(&causal).view([1, 1, t, t])
+            let prompt_of_row = self.parents.index_select(0, &self.segments).unsqueeze(1);
+            let in_prompt = cols.eq_tensor(&prompt_of_row);
+            same.logical_and(&causal).logical_or(&in_prompt).view([1, 1, t, t])
         })
     }
 
@@ -71,13 +103,17 @@ impl PackedAttention {
             return None;
         }
         let tokens_first = |x: &Tensor| x.squeeze_dim(0).transpose(0, 1).contiguous();
-        match crate::torch_ext::flash_varlen(
-            &tokens_first(q),
-            &tokens_first(k),
-            &tokens_first(v),
-            &self.cu_seqlens,
-            self.max_len,
-        ) {
+        let keys = |x: &Tensor| match &self.key_index {
+            Some(index) => tokens_first(x).index_select(0, index),
+            None => tokens_first(x),
+        };
+        let seg = crate::torch_ext::VarlenSegments {
+            cu_q: &self.cu_q,
+            cu_k: &self.cu_k,
+            max_q: self.max_q,
+            max_k: self.max_k,
+        };
+        match crate::torch_ext::flash_varlen(&tokens_first(q), &keys(k), &keys(v), &seg) {
             Ok(out) => Some(out),
             Err(e) => {
                 if !FLASH_FAILED.swap(true, Ordering::Relaxed) {

@@ -486,7 +486,12 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             spool,
         },
         learner: Box::new(learner_args),
-        preprocessor: (limits, cfg.batch_size as usize, cfg.micro_batch_tokens),
+        preprocessor: (
+            limits,
+            cfg.batch_size as usize,
+            cfg.micro_batch_tokens,
+            cfg.shared_prompt,
+        ),
         fetcher: Box::new(fetcher_args),
         draining,
         outcome: outcome_tx,

@@ -15,7 +15,7 @@ use tch::{Kind, Tensor};
 
 use crate::grpo::loss::{token_chunk_loss, LossStats, MicroTensors, StepNorm, TokenInputs};
 use crate::grpo::LossConfig;
-use crate::model::transformer::PackedAttention;
+use crate::model::attention::{PackedAttention, Segments};
 use crate::model::Transformer;
 
 /// How a micro-batch is computed.
@@ -112,12 +112,20 @@ pub fn forward_backward_reporting(
     let _ = clock.lap();
     // Packed rows: RoPE restarts at every sequence, attention stays within each.
     let packed = mt.packed.as_ref().map(|p| {
-        let attn = PackedAttention::new(&p.segments, &p.cu_seqlens, p.max_len, model.compute_kind());
-        (p, attn)
+        let seg = Segments {
+            segments: &p.segments,
+            parents: &p.parents,
+            cu_q: &p.cu_seqlens,
+            cu_k: &p.cu_seqlens_k,
+            key_index: p.key_index.as_ref(),
+            max_q: p.max_len,
+            max_k: p.max_len_k,
+        };
+        (p, PackedAttention::new(&seg, model.compute_kind()))
     });
     let (cos, sin) = match &packed {
         Some((p, _)) => {
-            let (cos, sin) = model.rope_tables(p.max_len.max(1), ids.device());
+            let (cos, sin) = model.rope_tables(p.span, ids.device());
             let pick = |table: &Tensor| table.index_select(0, &p.positions).view([1, 1, t, -1]);
             (pick(&cos), pick(&sin))
         }
