@@ -214,7 +214,9 @@ fn a_non_finite_step_is_skipped_and_leaves_the_weights_untouched() {
     let dir = common::tiny_model("llama", &[]);
     let (mut trainer, batch) = trainer_and_batches(dir.path(), 4);
     let mut bad = batch(1);
-    bad.micro_batches[0].advantages[0] = f32::NAN;
+    // At a scored position (unscored ones never reach the loss).
+    let scored = bad.micro_batches[0].labels.iter().position(|&l| l != -100).expect("a scored label");
+    bad.micro_batches[0].advantages[scored] = f32::NAN;
     let before = trainer.master_snapshot();
     let m = trainer.train(&bad).expect("step");
     assert_eq!(m.skip_reason, Some(SkipReason::NonFiniteLoss), "loss {}", m.loss);

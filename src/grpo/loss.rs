@@ -274,6 +274,19 @@ impl TokenInputs {
         }
     }
 
+    /// The tokens at `index` (int64 positions), in that order.
+    pub fn select(&self, index: &Tensor) -> Self {
+        let pick = |x: &Tensor| x.index_select(0, index);
+        Self {
+            labels: pick(&self.labels),
+            ref_logprobs: pick(&self.ref_logprobs),
+            on_policy: pick(&self.on_policy),
+            advantages: pick(&self.advantages),
+            temperatures: pick(&self.temperatures),
+            weights: pick(&self.weights),
+        }
+    }
+
     /// Tokens `start..start + len`.
     pub fn narrow(&self, start: i64, len: i64) -> Self {
         let n = |x: &Tensor| x.narrow(0, start, len);

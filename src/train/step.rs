@@ -14,6 +14,7 @@
 use tch::{Kind, Tensor};
 
 use crate::grpo::loss::{token_chunk_loss, LossStats, MicroTensors, StepNorm, TokenInputs};
+use crate::grpo::validate::IGNORE;
 use crate::grpo::LossConfig;
 use crate::model::attention::{PackedAttention, Segments};
 use crate::model::Transformer;
@@ -173,20 +174,27 @@ pub fn forward_backward_reporting(
 
     let layers_s = clock.lap();
     // Stage 2: the head, chunk by chunk.
-    let hidden = last.detach().reshape([b * t, -1]).set_requires_grad(true);
-    let tokens = TokenInputs::of_micro_batch(mt, loss, norm);
+    // Only scored positions reach the head: the others (prompt, padding) weigh nothing in the
+    // loss, so their logits are never computed and their gradient is zero.
+    let all = TokenInputs::of_micro_batch(mt, loss, norm);
+    let keep = all.labels.ne(IGNORE).nonzero().squeeze_dim(-1);
+    let tokens = all.select(&keep);
+    let flat = last.detach().reshape([b * t, -1]);
+    let scored = flat.index_select(0, &keep).set_requires_grad(true);
+    let n = keep.size()[0];
     let chunk = plan.chunk_tokens.max(1);
     let mut stats = LossStats::default();
     let mut start = 0;
-    while start < b * t {
-        let len = chunk.min(b * t - start);
-        let logits = model.logits_of_hidden(&model.final_norm(&hidden.narrow(0, start, len)));
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = model.logits_of_hidden(&model.final_norm(&scored.narrow(0, start, len)));
         let (chunk_loss, s) = token_chunk_loss(&logits, &tokens.narrow(start, len), loss);
         chunk_loss.backward();
         stats.merge(&s);
         start += len;
     }
-    let mut grad = hidden.grad().reshape([b, t, -1]);
+    let grad_scored = if n > 0 { scored.grad() } else { scored.zeros_like() };
+    let mut grad = flat.zeros_like().index_copy(0, &keep, &grad_scored).reshape([b, t, -1]);
     let head_s = clock.lap();
 
     // Stage 3: the layers' backward.
