@@ -215,7 +215,11 @@ fn a_non_finite_step_is_skipped_and_leaves_the_weights_untouched() {
     let (mut trainer, batch) = trainer_and_batches(dir.path(), 4);
     let mut bad = batch(1);
     // At a scored position (unscored ones never reach the loss).
-    let scored = bad.micro_batches[0].labels.iter().position(|&l| l != -100).expect("a scored label");
+    let scored = bad.micro_batches[0]
+        .labels
+        .iter()
+        .position(|&l| l != -100)
+        .expect("a scored label");
     bad.micro_batches[0].advantages[scored] = f32::NAN;
     let before = trainer.master_snapshot();
     let m = trainer.train(&bad).expect("step");
