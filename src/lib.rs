@@ -26,7 +26,7 @@
 //! | [`config`] | flags, `GRPO_*` env vars and the TOML file, merged and validated; which addresses a multi-node run may use |
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
-//! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O, LoRA adapters in PEFT's format |
+//! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O, LoRA adapters in PEFT's format, attention over packed rows (flash varlen) |
 //! | [`train`] | AdamW (fused on libtorch's kernel), 8-bit AdamW and Adafactor, LoRA training, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights, data parallel across learner ranks |
 //! | [`comm`] | NCCL broadcast and all-reduce (feature `cuda`): non-blocking communicators, deadlines, abort; libtorch's c10d gloo group on the CPU |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
