@@ -103,6 +103,17 @@ fn step(dir: &Path, batch: &TrainBatch, agg: LossAgg, checkpointing: bool) -> (S
     (m, t.last_gradients())
 }
 
+/// Every gradient tensor within 1e-4 of the other, relative to its largest entry.
+fn assert_gradients_match(what: &str, ga: &[(String, Tensor)], gb: &[(String, Tensor)]) {
+    assert_eq!(ga.len(), gb.len());
+    for ((n, x), (m, y)) in ga.iter().zip(gb) {
+        assert_eq!(n, m);
+        let scale = x.abs().max().double_value(&[]).max(1e-12);
+        let d = (x - y).abs().max().double_value(&[]) / scale;
+        assert!(d < 1e-4, "{what}: the gradient of {n} differs by {d} (relative)");
+    }
+}
+
 fn relative(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -156,13 +167,7 @@ fn a_packed_step_equals_a_padded_step() {
                 );
                 assert_eq!(b.tokens, a.tokens);
                 assert_eq!(b.padded_tokens as usize, real, "no padding computed");
-                assert_eq!(ga.len(), gb.len());
-                for ((n, x), (m, y)) in ga.iter().zip(&gb) {
-                    assert_eq!(n, m);
-                    let scale = x.abs().max().double_value(&[]).max(1e-12);
-                    let d = (x - y).abs().max().double_value(&[]) / scale;
-                    assert!(d < 1e-4, "{what}: the gradient of {n} differs by {d} (relative)");
-                }
+                assert_gradients_match(&what, &ga, &gb);
             }
         }
     }
@@ -219,11 +224,7 @@ fn a_shared_prompt_step_equals_the_unshared_step() {
                 a.grad_norm
             );
             assert_eq!(b.tokens, a.tokens);
-            for ((n, x), (_, y)) in ga.iter().zip(&gb) {
-                let scale = x.abs().max().double_value(&[]).max(1e-12);
-                let d = (x - y).abs().max().double_value(&[]) / scale;
-                assert!(d < 1e-4, "{what}: the gradient of {n} differs by {d} (relative)");
-            }
+            assert_gradients_match(&what, &ga, &gb);
         }
     }
 }

@@ -360,32 +360,9 @@ pub fn pack_tokens(sequences: Vec<Sequence>, budget: usize) -> TrainBatch {
     let micro_batches = plan_token_budget(&lens, budget.max(1))
         .into_iter()
         .map(|members| {
-            let seq_len: usize = members.iter().map(|&i| lens[i]).sum();
-            let mut mb = MicroBatch {
-                rows: 1,
-                seq_len,
-                input_ids: Vec::with_capacity(seq_len),
-                labels: Vec::with_capacity(seq_len),
-                ref_logprobs: Vec::with_capacity(seq_len),
-                on_policy: Vec::with_capacity(members.len()),
-                advantages: Vec::with_capacity(seq_len),
-                temperatures: Vec::with_capacity(members.len()),
-                seq_lens: Vec::with_capacity(members.len()),
-                seq_parents: vec![None; members.len()],
-                seq_offsets: vec![0; members.len()],
-            };
+            let mut mb = empty_packed();
             for &i in &members {
-                let s = &sequences[i];
-                mb.input_ids.extend_from_slice(&s.input_ids);
-                mb.labels.extend_from_slice(&s.labels);
-                mb.advantages.extend_from_slice(&s.advantages);
-                match &s.ref_logprobs {
-                    Some(lp) => mb.ref_logprobs.extend_from_slice(lp),
-                    None => mb.ref_logprobs.extend(std::iter::repeat_n(1.0, lens[i])),
-                }
-                mb.on_policy.push(s.ref_logprobs.is_none());
-                mb.temperatures.push(s.temperature);
-                mb.seq_lens.push(lens[i]);
+                push_segment(&mut mb, &sequences[i], 0..lens[i], None);
             }
             mb
         })
