@@ -96,6 +96,15 @@ impl Sidecar for FakeSidecar {
     async fn install_adapter(&self, _r: Request<tonic::Streaming<pb::AdapterChunk>>) -> Rpc<pb::CommitUpdateResponse> {
         Err(Status::unimplemented("fake"))
     }
+    async fn export_shared(&self, _r: Request<pb::ExportSharedRequest>) -> Rpc<pb::ExportSharedResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn pause_shared(&self, _r: Request<pb::PauseSharedRequest>) -> Rpc<pb::PauseSharedResponse> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn resume_shared(&self, _r: Request<pb::ResumeSharedRequest>) -> Rpc<pb::CommitUpdateResponse> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Serves `fake` on a loopback port; returns its URL.

@@ -8,11 +8,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use grpo_node::actors::messages::RawBatch;
-use grpo_node::actors::preprocessor::prepare;
-use grpo_node::checkpoint::BatchSeq;
 use grpo_node::comm::gloo::{Rendezvous, Store};
-use grpo_node::grpo::{Limits, TrainBatch};
+use grpo_node::grpo::TrainBatch;
 use grpo_node::model::safetensors_io::load_params;
 use grpo_node::model::{ModelSpec, ParamStore};
 use grpo_node::train::data_parallel::DataParallel;
@@ -20,47 +17,8 @@ use grpo_node::train::{ComputeConfig, TrainError, Trainer, TrainerConfig};
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
-/// `groups` groups of four completions of varied lengths; different for every `step`.
-fn groups(step: u64, groups: i64) -> Vec<Value> {
-    (0..groups)
-        .map(|g| {
-            let salt = step as i64 * 7 + g;
-            let prompt: Vec<i64> = (0..(4 + salt % 5)).map(|i| 20 + (salt * 13 + i * 3) % 200).collect();
-            let tokens: Vec<Vec<i64>> = (0..4)
-                .map(|c| {
-                    let len = 3 + (salt + c * 5) % 17;
-                    let completion = (0..len).map(|i| 30 + (salt * 31 + c * 11 + i * 7) % 400);
-                    prompt.iter().copied().chain(completion).collect()
-                })
-                .collect();
-            let masks: Vec<Vec<i64>> = tokens
-                .iter()
-                .map(|t| {
-                    t.iter()
-                        .enumerate()
-                        .map(|(i, &x)| if i < prompt.len() { -100 } else { x })
-                        .collect()
-                })
-                .collect();
-            let scores: Vec<f64> = (0..4).map(|c| ((salt + c) % 3) as f64 - 1.0).collect();
-            json!({"tokens": tokens, "masks": masks, "scores": scores})
-        })
-        .collect()
-}
-
 fn batch(step: u64, n_groups: i64, micro_batch: usize) -> TrainBatch {
-    let limits = Limits {
-        vocab_size: 512,
-        seq_len: 64,
-        truncate_long: false,
-        allow_missing_logprobs: true,
-    };
-    let raw = RawBatch {
-        seq: BatchSeq(step),
-        groups: groups(step, n_groups),
-        wait_time_s: 0.0,
-    };
-    prepare(raw, &limits, micro_batch).batch.expect("valid batch")
+    common::varied_batch(step, n_groups, micro_batch)
 }
 
 fn config(checkpointing: bool) -> TrainerConfig {
@@ -292,7 +250,7 @@ fn a_lost_rank_fails_the_step_fast() {
 fn two_learner_processes_train_like_one() {
     use common::{metrics, Learner, RunApi};
     let model = common::tiny_model("llama", &[]);
-    let groups: Vec<Value> = (0..3).flat_map(|s| groups(s, 2)).collect();
+    let groups: Vec<Value> = (0..3).flat_map(|s| common::varied_groups(s, 2)).collect();
     let base = [
         "--training-steps",
         "3",

@@ -734,3 +734,83 @@ fn lora_restart_mode_restarts_vllm_on_the_newest_adapter() {
     let stall = common::scraped(&prom, "grpo_lora_restart_seconds", None);
     assert!(stall > 0.0, "the restart's stall is measured: {stall}");
 }
+
+/// Shared mode on real vLLM. On the CPU vLLM repacks its linear weights for oneDNN and keeps no
+/// copy of them, so there is nothing to map: the export (our worker extension, through
+/// `/collective_rpc`) is refused naming that, after vLLM's names and layout were read (the
+/// mapping itself runs on the GPU machine, `scripts/gpu/shared_vllm.sh`; the layout against
+/// vLLM's unpacked parameters is unit-tested in `engine::vllm_shared`). The write fence is real
+/// here: a pause holds every generation until the resume, the resume records the version and
+/// checks the canary, a pause nobody resumes ends at its deadline, and a stale launch is refused.
+#[test]
+fn shared_mode_exports_vllms_parameters_and_fences_writes() {
+    use grpo_node::engine::vllm::{canary_ids, model_logprobs};
+    use grpo_node::engine::PolicyVersion;
+    use grpo_node::rpc::auth::Token;
+    use grpo_node::sync::client::{Deadlines, SidecarClient};
+    let _turn = one_vllm_at_a_time();
+    let model = vllm_model();
+    let work = tempfile::tempdir().expect("work");
+    let sidecar = VllmSidecar::start(model.path(), work.path(), &["--vllm-weight-transfer", "shared"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _inside = rt.enter();
+    let deadlines = Deadlines {
+        rpc: Duration::from_secs(60),
+        min_bytes_per_s: 20e6,
+    };
+    let client = SidecarClient::new(&sidecar.grpc_url(), Token(Some(TOKEN.into())), deadlines).expect("client");
+    let refused = rt.block_on(client.export_shared(Duration::from_secs(60)));
+    let e = refused.expect_err("nothing to map on the CPU").to_string();
+    assert!(
+        e.contains("qkv_proj") && e.contains("oneDNN"),
+        "the refusal names vLLM's fused parameter and why: {e}"
+    );
+    let spec = ModelSpec::from_dir(model.path()).expect("spec");
+    // vLLM's first launch.
+    let launch = 1;
+
+    // A pause holds a generation until the resume.
+    rt.block_on(client.pause_shared(launch, Duration::from_secs(60)))
+        .expect("pause");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = sidecar.url("/generate");
+    std::thread::spawn(move || {
+        let body = json!({"prompt": {"prompt_token_ids": [1, 2, 3]}, "max_tokens": 2, "temperature": 0.0});
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-H", "content-type: application/json", "--data-binary"])
+            .arg(body.to_string())
+            .arg(&url)
+            .output();
+        let _ = tx.send(out.map(|o| o.status.success()));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(3)).is_err(),
+        "a generation ran while vLLM was paused for a write"
+    );
+    let ids = canary_ids(spec.vocab_size, 16);
+    let ours = model_logprobs(&model_of(model.path()), &ids, Device::Cpu).expect("canary");
+    let canary = rt
+        .block_on(client.resume_shared(launch, PolicyVersion(5), Some((ids, ours))))
+        .expect("resume");
+    assert!(canary.is_some_and(|d| d < 1e-4), "canary {canary:?}");
+    let generated = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the generation ran after the resume");
+    assert!(generated.expect("curl"), "the held generation succeeded");
+    let health = rt.block_on(client.health()).expect("health");
+    assert_eq!(
+        health.version.map_or(0, |v| v.step),
+        5,
+        "the resume recorded the version"
+    );
+
+    // A launch that is not vLLM's current one is refused; a pause nobody resumes ends by itself.
+    let stale = rt.block_on(client.pause_shared(launch + 1, Duration::from_secs(60)));
+    assert!(stale.expect_err("stale launch").to_string().contains("restarted"));
+    rt.block_on(client.pause_shared(launch, Duration::from_secs(1)))
+        .expect("pause");
+    let out = sidecar.ok(json!({"prompt": {"prompt_token_ids": [4, 5]}, "max_tokens": 2, "temperature": 0.0}));
+    assert_eq!(out["text"].as_array().map(Vec::len), Some(1), "{out}");
+    let late = rt.block_on(client.resume_shared(launch, PolicyVersion(6), None));
+    assert!(late.expect_err("the pause expired").to_string().contains("not paused"));
+}

@@ -393,6 +393,7 @@ impl LearnerState {
         let now = Instant::now();
         let by_reason = std::mem::take(&mut self.pending_rejections);
         let stats = self.args.sync.as_ref().map(|h| recover(&h.stats).clone());
+        let stats = stats.or_else(|| metrics.shared.map(shared_stats));
         let record = StepRecord {
             reward_mean,
             engine_version: stats.as_ref().and_then(|s| s.engine_version),
@@ -495,5 +496,18 @@ impl Actor for Learner {
                 Ok(())
             }
         }
+    }
+}
+
+/// Shared mode with vLLM: a step's fenced write, reported as its weight sync (no bytes move).
+fn shared_stats(w: crate::train::SharedWrite) -> crate::actors::weight_broadcaster::SyncStats {
+    crate::actors::weight_broadcaster::SyncStats {
+        engine_version: Some(w.version),
+        sync_time_s: w.seconds,
+        sync_bytes: 0,
+        stale_sidecars: 0,
+        synced_sidecars: 1,
+        canary_max_abs_diff: w.canary_max_abs_diff,
+        sidecars: Default::default(),
     }
 }

@@ -30,6 +30,8 @@ enum Command {
     Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
     /// Runs on the model thread with the trainer (between steps).
     With(Box<dyn FnOnce(&Trainer) + Send>),
+    /// Runs on the model thread with the trainer, which it may change (between steps).
+    WithMut(Box<dyn FnOnce(&mut Trainer) + Send>),
     Share(oneshot::Sender<(ParamStore, SharedWeights)>),
 }
 
@@ -66,8 +68,9 @@ impl ModelWorker {
                     }
                 };
                 loop {
-                    // Data parallel: an idle rank 0 tells the other ranks it is alive.
-                    let cmd = match trainer.keep_alive_every() {
+                    // Data parallel: an idle rank 0 tells the other ranks it is alive. Shared
+                    // mode: an idle trainer adopts a new home for its weights.
+                    let cmd = match trainer.idle_every() {
                         None => match rx.recv() {
                             Ok(cmd) => cmd,
                             Err(_) => break,
@@ -77,6 +80,9 @@ impl ModelWorker {
                             Err(mpsc::RecvTimeoutError::Timeout) => {
                                 if let Err(e) = trainer.keep_ranks_alive() {
                                     tracing::error!(error = %e, "the other learner ranks are gone; the next step fails");
+                                }
+                                if let Err(e) = trainer.adopt_home() {
+                                    tracing::error!(error = %e, "adopting the shared engine's memory failed");
                                 }
                                 continue;
                             }
@@ -116,6 +122,7 @@ impl ModelWorker {
                                 tracing::error!(panic = %what, "a job on the model thread panicked");
                             }
                         }
+                        Command::WithMut(job) => job(&mut trainer),
                         Command::Share(reply) => {
                             let _ = reply.send(trainer.share());
                         }
@@ -168,6 +175,20 @@ impl ModelWorker {
     {
         let (tx, rx) = oneshot::channel();
         self.send(Command::With(Box::new(move |t: &Trainer| {
+            let _ = tx.send(job(t));
+        })))?;
+        rx.await.map_err(|_| WorkerGone)
+    }
+
+    /// Runs `job` on the model thread between two steps with the trainer to change (shared
+    /// mode moves the compute weights with it), and returns its result.
+    pub async fn with_trainer_mut<T, F>(&self, job: F) -> Result<T, WorkerGone>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Trainer) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::WithMut(Box::new(move |t: &mut Trainer| {
             let _ = tx.send(job(t));
         })))?;
         rx.await.map_err(|_| WorkerGone)

@@ -225,17 +225,22 @@ async fn check_ready(
 
 /// Launches vLLM with one of our plugin's weight-transfer engines: the plugin on `PYTHONPATH`
 /// (also in `GRPO_VLLM_PLUGIN_DIR`, for a command that sets its own `PYTHONPATH`), the
-/// backend, and for CUDA IPC the unpickling of handles that backend needs.
+/// backend, and for CUDA IPC the unpickling of handles that backend needs; or, for shared
+/// mode, the plugin's worker extension.
 fn with_plugin(cmd: &mut tokio::process::Command, plugin: &Path, backend: &str) {
     let mut path = std::ffi::OsString::from(plugin.as_os_str());
     if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
         path.push(":");
         path.push(old);
     }
+    cmd.env("PYTHONPATH", path).env("GRPO_VLLM_PLUGIN_DIR", plugin);
+    if backend == crate::engine::vllm_transfer::SHARED_EXTENSION {
+        // Shared mode: no transfer engine, a worker method that exports the parameters.
+        cmd.args(["--worker-extension-cls", backend]);
+        return;
+    }
     let config = format!("{{\"backend\":\"{backend}\"}}");
-    cmd.args(["--weight-transfer-config", &config])
-        .env("PYTHONPATH", path)
-        .env("GRPO_VLLM_PLUGIN_DIR", plugin);
+    cmd.args(["--weight-transfer-config", &config]);
     if backend == crate::engine::vllm_transfer::BACKEND {
         cmd.env("VLLM_ALLOW_INSECURE_SERIALIZATION", "1");
     }

@@ -1,10 +1,13 @@
 //! Collective transports. [`nccl`] (feature `cuda`) broadcasts GPU tensors in place between
 //! processes (weight sync) and all-reduces gradients, with non-blocking communicators, a
 //! deadline on every collective and `ncclCommAbort` when it passes. The gRPC stream in
-//! [`crate::sync`] is the fallback when NCCL is absent. [`gloo`] is libtorch's c10d gloo group
+//! [`crate::sync`] is the fallback when NCCL is absent. [`ipc_map`] (feature `cuda`) maps
+//! another process's GPU memory (CUDA IPC) for shared mode with vLLM. [`gloo`] is libtorch's c10d gloo group
 //! on the CPU: the data-parallel learner's control plane, and its gradients without CUDA.
 
 pub mod gloo;
+#[cfg(feature = "cuda")]
+pub mod ipc_map;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 

@@ -644,9 +644,31 @@ impl LearnerArgs {
                 BridgeMode::Broadcast
             });
         let colocate = args.colocate_engine.unwrap_or(false);
-        check(colocate == (mode == BridgeMode::Shared), "colocate-engine", || {
+        let shared_sidecars = args.sidecar.as_ref().map_or(0, Vec::len);
+        check(!colocate || mode == BridgeMode::Shared, "colocate-engine", || {
             "--colocate-engine and --weight-bridge-mode shared go together".into()
         })?;
+        check(
+            mode != BridgeMode::Shared || colocate != (shared_sidecars == 1),
+            "weight-bridge-mode",
+            || {
+                "shared needs either --colocate-engine (the embedded engine in this process) or exactly one \
+                 --sidecar (a vLLM sidecar with --vllm-weight-transfer shared on this GPU)"
+                    .into()
+            },
+        )?;
+        if mode == BridgeMode::Shared && !colocate {
+            check(
+                cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_)),
+                "weight-bridge-mode",
+                || {
+                    "shared with a vLLM sidecar maps vLLM's GPU memory: it needs --device cuda:N and a build with --features cuda".into()
+                },
+            )?;
+            check(data_parallel.is_none(), "learner-ranks", || {
+                "shared mode with a vLLM sidecar trains on one learner rank".into()
+            })?;
+        }
         let tls = super::auth::tls(
             args.tls_cert.as_deref(),
             args.tls_key.as_deref(),

@@ -85,8 +85,10 @@ pub struct SidecarArgs {
     /// vLLM reloads them), ipc (a learner on vLLM's GPU hands over CUDA IPC handles of its
     /// weights and vLLM's workers copy them GPU to GPU; vLLM then also runs with
     /// `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which lets it unpickle the handles), or nccl (a
-    /// learner on another GPU broadcasts into vLLM's workers, the learner rank 0). Both load our
-    /// small vLLM plugin [default: reload].
+    /// learner on another GPU broadcasts into vLLM's workers, the learner rank 0), or shared
+    /// (nothing moves: a learner on vLLM's GPU with --weight-bridge-mode shared maps vLLM's own
+    /// parameters through CUDA IPC and trains them in place, pausing vLLM around each optimizer
+    /// write). All but reload load our small vLLM plugin [default: reload].
     #[arg(long, env = "GRPO_VLLM_WEIGHT_TRANSFER", value_enum)]
     pub vllm_weight_transfer: Option<WeightTransfer>,
     /// vLLM: serve LoRA adapters up to this rank (the learner's lora and lora-restart modes):

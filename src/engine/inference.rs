@@ -27,6 +27,13 @@ pub enum EngineFailure {
     Failed(String),
 }
 
+/// vLLM's parameters as its worker exported them (shared mode), and the launch they belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedParams {
+    pub launch: u64,
+    pub export: super::vllm_shared::SharedExport,
+}
+
 /// What installing a version reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Installed {
@@ -132,6 +139,33 @@ pub trait InferenceEngine: Send + Sync + 'static {
             "the {} engine takes no CUDA IPC weights",
             self.kind()
         )))
+    }
+    /// Shared mode: the engine's own parameters, for a learner on the same GPU to map.
+    async fn shared_export(&self) -> Result<SharedParams, EngineFailure> {
+        Err(EngineFailure::Rejected(format!(
+            "the {} engine exports no parameters (shared mode needs --engine vllm --vllm-weight-transfer shared)",
+            self.kind()
+        )))
+    }
+    /// Shared mode: stops every forward of `launch` until [`Self::shared_resume`] (or until
+    /// `deadline`, when the engine resumes by itself); returns the seconds the pause took.
+    async fn shared_pause(&self, launch: u64, deadline: std::time::Duration) -> Result<f64, EngineFailure> {
+        let _ = (launch, deadline);
+        Err(self.no_shared())
+    }
+    /// Shared mode: the learner wrote `version` into the weights of `launch`; serve it, then
+    /// compare the canary.
+    async fn shared_resume(
+        &self,
+        launch: u64,
+        version: PolicyVersion,
+        canary: Option<(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Installed, EngineFailure> {
+        let _ = (launch, version, canary);
+        Err(self.no_shared())
+    }
+    fn no_shared(&self) -> EngineFailure {
+        EngineFailure::Rejected(format!("the {} engine does not share its weights", self.kind()))
     }
     /// Whether NCCL goes straight into the engine's own ranks (vLLM's workers,
     /// `--vllm-weight-transfer nccl`) rather than into tensors the sidecar hands over.

@@ -10,6 +10,7 @@ pub mod protocol;
 pub mod sampler;
 pub mod vllm;
 pub mod vllm_api;
+pub mod vllm_shared;
 pub mod vllm_transfer;
 
 pub use self::core::{BatchConfig, Completion, EngineHandle, EngineModel, JobParams, PolicyVersion};

@@ -13,13 +13,16 @@ use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch, Mutex};
 
 use super::core::{Completion, JobParams, PolicyVersion};
-use super::inference::{AdapterUpdate, EngineFailure, InferenceEngine, Installed, IpcInstall, NamedTensor, Served};
+use super::inference::{
+    AdapterUpdate, EngineFailure, InferenceEngine, Installed, IpcInstall, NamedTensor, Served, SharedParams,
+};
 use super::vllm_api::{PauseMode, SwapTimes, VllmApi};
 use crate::model::safetensors_io::write_file;
 use crate::model::{ModelSpec, ParamStore, Transformer};
 use crate::version::{digest_tensors, Digest};
 
 mod lora;
+mod shared;
 
 /// Where the supervised vLLM stands, as the supervisor posts it.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +80,9 @@ pub enum WeightTransfer {
     Ipc,
     /// A learner on another GPU broadcasts into vLLM's workers (NCCL, the learner rank 0).
     Nccl,
+    /// Nothing moves: a learner on the same GPU maps vLLM's parameters and trains them in
+    /// place (`--weight-bridge-mode shared`), pausing vLLM around each optimizer write.
+    Shared,
 }
 
 /// Tunables of the driver.
@@ -109,6 +115,8 @@ pub struct VllmEngine {
     forward: Mutex<Forward>,
     /// Where generations go: the newest LoRA adapter, or the base model.
     route: lora::Routes,
+    /// Shared mode: vLLM paused for a learner's write.
+    holds: shared::Holds,
     cfg: DriverConfig,
     spec: ModelSpec,
     manifest: Vec<(String, Vec<i64>)>,
@@ -134,6 +142,7 @@ impl VllmEngine {
         Ok(Self {
             forward: Mutex::new(Forward::default()),
             route: lora::Routes::default(),
+            holds: shared::Holds::default(),
             cfg,
             spec,
             manifest,
@@ -636,6 +645,23 @@ impl InferenceEngine for VllmEngine {
             "vLLM serves the new version"
         );
         Ok(Installed { canary_max_abs_diff })
+    }
+
+    async fn shared_export(&self) -> Result<SharedParams, EngineFailure> {
+        self.export_shared().await
+    }
+
+    async fn shared_pause(&self, launch: u64, deadline: Duration) -> Result<f64, EngineFailure> {
+        self.pause_shared(launch, deadline).await
+    }
+
+    async fn shared_resume(
+        &self,
+        launch: u64,
+        version: PolicyVersion,
+        canary: Option<(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Installed, EngineFailure> {
+        self.resume_shared(launch, version, canary).await
     }
 
     fn forwards_nccl(&self) -> bool {

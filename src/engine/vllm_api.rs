@@ -237,6 +237,18 @@ impl VllmApi {
             .map(|_| ())
     }
 
+    /// Shared mode: every worker's `grpo_shared_export` (our worker extension), one dict each.
+    pub async fn shared_export(&self, limit: Duration) -> Result<Vec<Value>, EngineFailure> {
+        let body = json!({"method": "grpo_shared_export", "timeout": limit.as_secs_f64()});
+        let v = self
+            .post("/collective_rpc", Some(body), limit + Duration::from_secs(5))
+            .await?;
+        v.get("results")
+            .and_then(Value::as_array)
+            .cloned()
+            .ok_or_else(|| EngineFailure::Failed(format!("vLLM's grpo_shared_export answered {v}")))
+    }
+
     /// `GET /get_world_size`: vLLM's ranks (TP x PP x DP), each of which joins an NCCL transfer.
     pub async fn world_size(&self, limit: Duration) -> Result<i32, EngineFailure> {
         let v = self.get("/get_world_size", limit).await?;

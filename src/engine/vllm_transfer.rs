@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 /// The weight-transfer backend names the plugin registers: CUDA IPC, and NCCL from a unique id.
 pub const BACKEND: &str = "grpo_ipc";
 pub const NCCL_BACKEND: &str = "grpo_nccl";
+/// The worker extension (`--worker-extension-cls`) of shared mode, not a transfer backend.
+pub const SHARED_EXTENSION: &str = "grpo_vllm_plugin.SharedWeights";
 
 const PLUGIN_INIT: &str = r#""""grpo-node's vLLM plugin (vLLM 0.26). Registers two weight-transfer engines:
 - "grpo_ipc": vLLM's own CUDA IPC engine. Its module imports ray at module level (only its
@@ -84,6 +86,52 @@ def _nccl_engine():
             )
 
     return GrpoNcclEngine
+
+
+class SharedWeights:
+    """Worker extension (--worker-extension-cls grpo_vllm_plugin.SharedWeights) for shared mode:
+    the learner on the same GPU maps vLLM's own parameter memory and trains it in place.
+    grpo_shared_export, called through /collective_rpc, describes every parameter: its name in
+    vLLM (fused qkv_proj / gate_up_proj), dtype, shape, strides, element offset in its storage
+    and, on CUDA, the storage's allocation as torch exports it (the 64-byte cudaIpcMemHandle of
+    the caching allocator's segment, and the storage's byte offset in that segment)."""
+
+    def grpo_shared_export(self):
+        import base64
+        import os
+
+        import torch
+
+        runner = self.model_runner
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        tensors = []
+        for name, p in model.named_parameters():
+            t = p.data
+            entry = {
+                "name": name,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "stride": list(t.stride()),
+                "storage_offset": t.storage_offset(),
+            }
+            if t.is_cuda:
+                _, handle, _, offset, *_ = t.untyped_storage()._share_cuda_()
+                # torch 2.11 prefixes the handle with a format version and a kind byte; kind
+                # "c" is a plain cudaMalloc segment (an expandable segment cannot be mapped so).
+                if len(handle) == 66:
+                    if handle[1:2] != b"c":
+                        raise RuntimeError(
+                            f"{name}: its memory is not a plain cudaMalloc segment (expandable "
+                            "segments cannot be shared; unset PYTORCH_CUDA_ALLOC_CONF)"
+                        )
+                    handle = handle[2:]
+                entry["handle"] = base64.b64encode(handle).decode()
+                entry["alloc_offset_bytes"] = offset
+            tensors.append(entry)
+        uuid = ""
+        if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+            uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return {"pid": os.getpid(), "gpu_uuid": uuid, "tensors": tensors}
 
 
 def register():

@@ -238,6 +238,10 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     let restore = resumed.map(|(_, (state, opt))| (state, opt));
     let (model_name, lora) = (cfg.model_name.clone(), cfg.lora.clone());
     let data_parallel = cfg.data_parallel.clone();
+    // Shared mode with a vLLM sidecar: the trainer adopts vLLM's memory as it is offered.
+    let shared_vllm = cfg.sync.mode == BridgeMode::Shared && cfg.sync.engine_listen.is_none();
+    let (homes_tx, homes_rx) = std::sync::mpsc::channel();
+    let homes_rx = shared_vllm.then_some(homes_rx);
     let (worker, steps_done) = ModelWorker::start(move || {
         tch::manual_seed(seed as i64);
         let mut trainer = build_trainer(
@@ -253,6 +257,9 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
         if let Some(dp) = &data_parallel {
             super::learner_rank::join(&mut trainer, dp, device)?;
+        }
+        if let Some(rx) = homes_rx {
+            trainer.set_homes(rx);
         }
         tracing::info!(params = trainer.param_count(), trainable = trainer.trainable_names().len(),
             step = trainer.steps_done(), device = ?device, "model ready");
@@ -386,6 +393,9 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             }
             BridgeMode::Shared => {}
         }
+    }
+    if shared_vllm {
+        start_shared_vllm(&cfg, &spec, device, homes_tx)?;
     }
     let colocated = match cfg.sync.engine_listen {
         Some(addr) => {
@@ -552,4 +562,47 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         },
         other => other,
     })
+}
+
+/// Shared mode with a vLLM sidecar: maps vLLM's parameters and offers them to the trainer, again
+/// after every vLLM restart (see [`crate::sync::shared_vllm`]).
+#[cfg(feature = "cuda")]
+fn start_shared_vllm(
+    cfg: &LearnerConfig,
+    spec: &crate::model::ModelSpec,
+    device: tch::Device,
+    homes: std::sync::mpsc::Sender<crate::train::Home>,
+) -> Result<(), LearnerError> {
+    let tch::Device::Cuda(gpu) = device else {
+        return Err(LearnerError::Engine(
+            "shared mode with vLLM needs --device cuda:N".into(),
+        ));
+    };
+    let url = cfg
+        .sync
+        .sidecars
+        .first()
+        .ok_or_else(|| LearnerError::Engine("shared mode with vLLM needs its --sidecar".into()))?;
+    let deadlines = Deadlines {
+        rpc: Duration::from_secs(cfg.sync.deadline_s.max(30)),
+        min_bytes_per_s: 20e6,
+    };
+    let token = Token(cfg.sync.auth_token.clone());
+    let client = crate::sync::client::SidecarClient::with_tls(url, token, deadlines, &cfg.sync.tls)
+        .map_err(|e| LearnerError::Engine(e.to_string()))?;
+    tracing::info!(sidecar = %url, gpu, "shared mode: the compute weights will live in vLLM's memory");
+    tokio::spawn(crate::sync::shared_vllm::attach_loop(client, spec.clone(), gpu, homes));
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn start_shared_vllm(
+    _cfg: &LearnerConfig,
+    _spec: &crate::model::ModelSpec,
+    _device: tch::Device,
+    _homes: std::sync::mpsc::Sender<crate::train::Home>,
+) -> Result<(), LearnerError> {
+    Err(LearnerError::Engine(
+        "shared mode with a vLLM sidecar needs a build with --features cuda".into(),
+    ))
 }

@@ -70,6 +70,7 @@ async fn start_vllm(cfg: &SidecarConfig, v: &VllmConfig) -> Result<(SharedEngine
         WeightTransfer::Reload => None,
         WeightTransfer::Ipc => Some(vllm_transfer::BACKEND),
         WeightTransfer::Nccl => Some(vllm_transfer::NCCL_BACKEND),
+        WeightTransfer::Shared => Some(vllm_transfer::SHARED_EXTENSION),
     };
     let weight_transfer = match backend {
         Some(backend) => {

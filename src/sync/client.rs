@@ -314,6 +314,50 @@ impl SidecarClient {
     }
 }
 
+/// Shared mode's calls (`--weight-bridge-mode shared` with a vLLM sidecar on the same GPU).
+impl SidecarClient {
+    /// vLLM's parameters, to map; waits at most `limit` (vLLM may be starting).
+    pub async fn export_shared(&self, limit: Duration) -> Result<pb::ExportSharedResponse, SyncError> {
+        let mut raw = self.raw.clone();
+        self.within("export_shared", limit, raw.export_shared(pb::ExportSharedRequest {}))
+            .await
+    }
+
+    /// Pauses vLLM `launch` for a write; it resumes by itself after `hold`.
+    pub async fn pause_shared(&self, launch: u64, hold: Duration) -> Result<f64, SyncError> {
+        let mut raw = self.raw.clone();
+        let req = pb::PauseSharedRequest {
+            launch,
+            deadline_ms: hold.as_millis() as u64,
+        };
+        let limit = self.deadlines.rpc.max(Duration::from_secs(5));
+        Ok(self
+            .within("pause_shared", limit, raw.pause_shared(req))
+            .await?
+            .pause_seconds)
+    }
+
+    /// Resumes vLLM `launch`, which now serves `version`; its canary against ours follows.
+    pub async fn resume_shared(
+        &self,
+        launch: u64,
+        version: PolicyVersion,
+        canary: Option<(Vec<i64>, Vec<f64>)>,
+    ) -> Result<Option<f64>, SyncError> {
+        let mut raw = self.raw.clone();
+        let (canary_ids, canary_logprobs) = canary.unwrap_or_default();
+        let req = pb::ResumeSharedRequest {
+            launch,
+            version: Some(pb::PolicyVersion { step: version.0 }),
+            canary_ids,
+            canary_logprobs,
+        };
+        let limit = self.deadlines.rpc.max(Duration::from_secs(5));
+        let done = self.within("resume_shared", limit, raw.resume_shared(req)).await?;
+        Ok(done.canary_max_abs_diff)
+    }
+}
+
 /// The slice of an adapter's safetensors file one stream message carries (well under the
 /// sidecar's 256 MiB per message).
 pub const ADAPTER_CHUNK_BYTES: usize = 16 << 20;

@@ -13,5 +13,6 @@ pub mod packing;
 pub mod plan;
 pub mod receiver;
 pub mod service;
+pub mod shared_vllm;
 
 pub use plan::{Digest, WeightSet};

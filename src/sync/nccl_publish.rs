@@ -278,7 +278,7 @@ impl PackedWeights {
             return Err(Self::void());
         }
         Ok(IpcExport {
-            gpu_uuid: uuid_text(&uuid.bytes),
+            gpu_uuid: crate::comm::ipc_map::uuid_text(&uuid.bytes),
             handle: handle.reserved.iter().map(|&b| b as u8).collect(),
             alloc_bytes: alloc_bytes as u64,
             tensors,
@@ -340,20 +340,6 @@ fn allocation_of(ptr: u64) -> Result<(u64, usize), CommError> {
         .result()
         .map_err(|e| CommError::Cuda(format!("cuMemGetAddressRange: {e}")))?;
     Ok((base, size))
-}
-
-/// A device UUID as torch prints it: lowercase 8-4-4-4-12 hex, no `GPU-` prefix.
-fn uuid_text(bytes: &[std::ffi::c_char; 16]) -> String {
-    let hex: Vec<String> = bytes.iter().map(|&b| format!("{:02x}", b as u8)).collect();
-    let h = hex.concat();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 impl PackedWeights {

@@ -39,6 +39,13 @@ pub enum ReceiverMsg {
     InstallIpc(PolicyVersion, Box<IpcInstall>, RpcReplyPort<Result<Applied, String>>),
     /// LoRA: serve the base model with this adapter.
     InstallAdapter(PolicyVersion, Box<AdapterUpdate>, RpcReplyPort<Result<Applied, String>>),
+    /// Shared mode: the learner wrote this version into the engine launch's own weights.
+    ResumeShared(
+        u64,
+        PolicyVersion,
+        Option<(Vec<i64>, Vec<f64>)>,
+        RpcReplyPort<Result<Applied, String>>,
+    ),
 }
 
 /// How a committed version was applied.
@@ -438,6 +445,13 @@ impl Actor for WeightReceiver {
             ReceiverMsg::InstallIpc(v, update, reply) => {
                 let result = state.install_ipc(v, *update).await;
                 report_install(v, "ipc", &result);
+                let _ = reply.send(result);
+            }
+            ReceiverMsg::ResumeShared(launch, v, canary, reply) => {
+                let started = Instant::now();
+                let result = state.engine.shared_resume(launch, v, canary).await;
+                let result = state.settle(v, started, result).await;
+                report_install(v, "shared", &result);
                 let _ = reply.send(result);
             }
             ReceiverMsg::InstallAdapter(v, update, reply) => {

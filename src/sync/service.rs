@@ -270,6 +270,45 @@ impl Sidecar for SidecarService {
         Ok(committed(version, applied))
     }
 
+    async fn export_shared(
+        &self,
+        _req: Request<pb::ExportSharedRequest>,
+    ) -> Result<Response<pb::ExportSharedResponse>, Status> {
+        let shared = self
+            .engine
+            .shared_export()
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(super::shared_vllm::export_response(shared)))
+    }
+
+    async fn pause_shared(
+        &self,
+        req: Request<pb::PauseSharedRequest>,
+    ) -> Result<Response<pb::PauseSharedResponse>, Status> {
+        let req = req.into_inner();
+        let deadline = std::time::Duration::from_millis(req.deadline_ms.clamp(1_000, 600_000));
+        let pause_seconds = self
+            .engine
+            .shared_pause(req.launch, deadline)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(pb::PauseSharedResponse { pause_seconds }))
+    }
+
+    async fn resume_shared(
+        &self,
+        req: Request<pb::ResumeSharedRequest>,
+    ) -> Result<Response<pb::CommitUpdateResponse>, Status> {
+        let req = req.into_inner();
+        let version = version_of(req.version)?;
+        let canary = (!req.canary_ids.is_empty()).then_some((req.canary_ids, req.canary_logprobs));
+        let applied = ractor::call!(self.receiver, ReceiverMsg::ResumeShared, req.launch, version, canary)
+            .map_err(internal)?
+            .map_err(Status::failed_precondition)?;
+        Ok(committed(version, applied))
+    }
+
     async fn install_adapter(
         &self,
         req: Request<Streaming<pb::AdapterChunk>>,

@@ -21,5 +21,6 @@ pub use layers::LayerSet;
 pub use optimizer::{Optimizer, OptimizerKind};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
-    ComputeConfig, Precision, SharedWeights, SkipReason, StepMetrics, TrainError, Trainer, TrainerConfig,
+    ComputeConfig, FenceError, Home, Precision, SharedWeights, SharedWrite, SkipReason, StepMetrics, TrainError,
+    Trainer, TrainerConfig, WriteFence, HOME_POLL,
 };

@@ -24,6 +24,9 @@ use super::schedule::LrSchedule;
 use super::split;
 use super::step::{forward_backward_reporting, StepPlan};
 
+mod home;
+pub use home::{FenceError, Home, SharedWrite, WriteFence, HOME_POLL};
+
 /// A floating-point dtype choice: what matmuls and attention run in (`--precision`), or what
 /// AdamW's first moment is stored in (`--exp-avg-dtype`). Master weights, the second moment,
 /// logprobs and ratios stay fp32 either way.
@@ -121,6 +124,9 @@ pub struct StepMetrics {
     /// part not overlapped), and the bytes reduced.
     pub allreduce_wait_s: f64,
     pub allreduce_bytes: u64,
+    /// Shared mode with vLLM: the fenced write of this step (reported as the step's sync).
+    #[serde(skip)]
+    pub shared: Option<SharedWrite>,
 }
 
 /// Why an optimizer step was skipped: its batch is consumed and counted, the weights and the
@@ -168,6 +174,8 @@ pub enum TrainError {
     Lora(#[from] crate::model::lora::LoraError),
     #[error("data parallel: {0}")]
     DataParallel(#[from] DpError),
+    #[error("shared weights: {0}")]
+    Home(String),
 }
 
 /// Shared-weights mode: an engine reads the same tensors; the optimizer step write-holds `gate`
@@ -207,6 +215,10 @@ pub struct Trainer {
     profile: bool,
     /// Data parallel: the group, and the gradient buckets over `trainable`.
     dp: Option<(DataParallel, Vec<Bucket>)>,
+    /// Shared mode with vLLM: the owner of the compute weights' memory (see [`home`]).
+    fence: Option<Box<dyn WriteFence>>,
+    /// Shared mode: where new homes for the compute weights arrive.
+    homes: Option<std::sync::mpsc::Receiver<Home>>,
 }
 
 fn ratio(num: f64, den: f64) -> f64 {
@@ -395,6 +407,8 @@ impl Trainer {
             skipped_steps: 0,
             profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
             dp: None,
+            fence: None,
+            homes: None,
         }
     }
 
@@ -569,6 +583,7 @@ impl Trainer {
     /// every rank; each trains its share and the gradients are summed over the ranks.
     pub fn train(&mut self, batch: &TrainBatch) -> Result<StepMetrics, TrainError> {
         let started = Instant::now();
+        self.adopt_home()?;
         if let Some((dp, _)) = self.dp.as_mut().filter(|(dp, _)| dp.rank() == 0) {
             dp.send(&Op::Train(Box::new(batch.clone())))?;
         }
@@ -584,11 +599,11 @@ impl Trainer {
         let (grad_norm, grad_scale) = self.clip_coefficient(&grads);
         let lr = self.config.schedule.lr_at(self.steps_done);
         let skip_reason = SkipReason::of(stats.loss, grad_norm);
-        let sync_hold_s = match skip_reason {
+        let (sync_hold_s, shared) = match skip_reason {
             Some(reason) => {
                 drop(grads);
                 self.skip(reason, stats.loss, grad_norm);
-                0.0
+                (0.0, None)
             }
             None => self.apply(grads, lr, grad_scale)?,
         };
@@ -627,6 +642,7 @@ impl Trainer {
             ranks: self.dp.as_ref().map_or(1, |(dp, _)| dp.world() as u64),
             allreduce_wait_s: reduced.wait_s,
             allreduce_bytes: reduced.bytes,
+            shared,
         })
     }
 
@@ -788,6 +804,16 @@ impl Trainer {
             .map(|(dp, _)| dp.timeout() / 4)
     }
 
+    /// How long the model thread may wait idle before [`Self::keep_ranks_alive`] and
+    /// [`Self::adopt_home`] need it (`None`: forever).
+    pub fn idle_every(&self) -> Option<std::time::Duration> {
+        let homes = self.homes.is_some().then_some(HOME_POLL);
+        match (self.keep_alive_every(), homes) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Data parallel, rank 0 between steps: tells the other ranks it is alive (they fail when
     /// they hear nothing for the deadline).
     pub fn keep_ranks_alive(&mut self) -> Result<(), TrainError> {
@@ -823,19 +849,35 @@ impl Trainer {
 
     /// The optimizer update, once the syncs reading the live weights are done with them;
     /// returns the seconds waited for those.
-    fn apply(&mut self, grads: Vec<Tensor>, lr: f64, grad_scale: f64) -> Result<f64, TrainError> {
+    fn apply(
+        &mut self,
+        grads: Vec<Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(f64, Option<SharedWrite>), TrainError> {
         let sync_hold_s = self.end_leases();
+        let paused = self.fence_before_write()?;
         let gate = self.shared.as_ref().map(|s| s.gate.clone());
-        let _exclusive = gate.as_ref().map(|g| g.write());
-        self.optimizer
+        let exclusive = gate.as_ref().map(|g| g.write());
+        let stepped = self
+            .optimizer
             .step(&self.trainable, &grads, lr, grad_scale)
-            .map_err(TrainError::Optimizer)?;
+            .map_err(TrainError::Optimizer);
         drop(grads);
-        self.steps_done += 1;
+        drop(exclusive);
+        if stepped.is_ok() {
+            self.steps_done += 1;
+        }
+        // A fenced owner is resumed whatever happened to the step.
+        let shared = match paused {
+            Some(paused_s) => self.fence_after_write(paused_s)?,
+            None => None,
+        };
+        stepped?;
         if let Some(s) = &self.shared {
             s.version.store(self.steps_done, Ordering::SeqCst);
         }
-        Ok(sync_hold_s)
+        Ok((sync_hold_s, shared))
     }
 
     /// Counts a skipped step: the batch is consumed, the gradients are dropped, the weights

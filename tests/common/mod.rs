@@ -515,3 +515,49 @@ pub fn scrape(rt: &tokio::runtime::Runtime, url: &str) -> Exposition {
     let body = rt.block_on(resp.text()).expect("body");
     openmetrics_parser::openmetrics::parse_openmetrics(&body).unwrap_or_else(|e| panic!("not OpenMetrics: {e}\n{body}"))
 }
+
+/// `groups` groups of four completions of varied lengths; different for every `step`.
+pub fn varied_groups(step: u64, groups: i64) -> Vec<serde_json::Value> {
+    (0..groups)
+        .map(|g| {
+            let salt = step as i64 * 7 + g;
+            let prompt: Vec<i64> = (0..(4 + salt % 5)).map(|i| 20 + (salt * 13 + i * 3) % 200).collect();
+            let tokens: Vec<Vec<i64>> = (0..4)
+                .map(|c| {
+                    let len = 3 + (salt + c * 5) % 17;
+                    let completion = (0..len).map(|i| 30 + (salt * 31 + c * 11 + i * 7) % 400);
+                    prompt.iter().copied().chain(completion).collect()
+                })
+                .collect();
+            let masks: Vec<Vec<i64>> = tokens
+                .iter()
+                .map(|t| {
+                    t.iter()
+                        .enumerate()
+                        .map(|(i, &x)| if i < prompt.len() { -100 } else { x })
+                        .collect()
+                })
+                .collect();
+            let scores: Vec<f64> = (0..4).map(|c| ((salt + c) % 3) as f64 - 1.0).collect();
+            serde_json::json!({"tokens": tokens, "masks": masks, "scores": scores})
+        })
+        .collect()
+}
+
+/// A prepared batch of [`varied_groups`] (vocabulary 512, sequences up to 64 tokens).
+pub fn varied_batch(step: u64, n_groups: i64, micro_batch: usize) -> grpo_node::grpo::TrainBatch {
+    let limits = grpo_node::grpo::Limits {
+        vocab_size: 512,
+        seq_len: 64,
+        truncate_long: false,
+        allow_missing_logprobs: true,
+    };
+    let raw = grpo_node::actors::messages::RawBatch {
+        seq: grpo_node::checkpoint::BatchSeq(step),
+        groups: varied_groups(step, n_groups),
+        wait_time_s: 0.0,
+    };
+    grpo_node::actors::preprocessor::prepare(raw, &limits, micro_batch)
+        .batch
+        .expect("valid batch")
+}
