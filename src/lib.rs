@@ -27,12 +27,12 @@
 //! | [`atropos`] | Atropos wire types and HTTP client (registration, wedge check, polling) |
 //! | [`grpo`] | pure math: validation, advantages, alignment, packing, the loss |
 //! | [`model`] | Llama / Qwen2 / Qwen3 transformer in tch, safetensors I/O, LoRA adapters in PEFT's format, attention over packed rows (flash varlen) |
-//! | [`train`] | AdamW (fused on libtorch's kernel), 8-bit AdamW and Adafactor, LoRA training, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights, data parallel across learner ranks |
-//! | [`comm`] | NCCL broadcast and all-reduce (feature `cuda`): non-blocking communicators, deadlines, abort; libtorch's c10d gloo group on the CPU |
+//! | [`train`] | AdamW (fused on libtorch's kernel), 8-bit AdamW and Adafactor, LoRA training, LR schedule, layer filters, the staged micro-batch step, one optimizer step, the lease on lent weights, data parallel across learner ranks, compute weights homed in another process's memory behind a write fence (shared mode with vLLM) |
+//! | [`comm`] | NCCL broadcast and all-reduce (feature `cuda`): non-blocking communicators, deadlines, abort; libtorch's c10d gloo group on the CPU; mapping another process's GPU memory (CUDA IPC) |
 //! | [`torch_ext`] | libtorch operations tch lacks, through the C++ shim in `csrc/` |
-//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver (with LoRA adapters), its HTTP API and its weight-transfer plugin (CUDA IPC, NCCL); `/generate` |
+//! | [`engine`] | the `InferenceEngine` seam; the embedded engine; the vLLM driver (with LoRA adapters), its HTTP API and its weight-transfer plugin (CUDA IPC, NCCL, the shared-mode worker extension); where HF parameters lie in vLLM's fused ones; `/generate` |
 //! | [`rpc`] | gRPC (`proto/grpo/v1`): generated types, the shared-token interceptors |
-//! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client, NCCL and CUDA IPC publishers, the sidecar's service and WeightReceiver |
+//! | [`sync`] | the weight bridge: bucket plan and packing, the learner's client, NCCL and CUDA IPC publishers, shared mode's attach loop and fence, the sidecar's service and WeightReceiver |
 //! | [`bench`] | `grpo-node bench ...`: throughput measurements against references |
 //! | [`checkpoint`] | HF checkpoints, training state, the batch spool |
 //! | [`launch`] | `grpo-node launch`: the manifest schema, the local and Slurm backends, the per-node task and its rendezvous, readiness, the progress bar |

@@ -804,13 +804,26 @@ fn shared_mode_exports_vllms_parameters_and_fences_writes() {
         "the resume recorded the version"
     );
 
-    // A launch that is not vLLM's current one is refused; a pause nobody resumes ends by itself.
+    // A launch that is not vLLM's current one is refused. A pause nobody resumes (the learner
+    // died mid-write) restarts vLLM at its deadline, whose weights may be half written; vLLM then
+    // serves the base model again and the late resume is refused.
     let stale = rt.block_on(client.pause_shared(launch + 1, Duration::from_secs(60)));
     assert!(stale.expect_err("stale launch").to_string().contains("restarted"));
     rt.block_on(client.pause_shared(launch, Duration::from_secs(1)))
         .expect("pause");
+    wait_until(
+        Duration::from_secs(400),
+        "vLLM restarted after the abandoned pause",
+        || sidecar.proc.log().matches("vLLM ready").count() >= 2,
+    );
     let out = sidecar.ok(json!({"prompt": {"prompt_token_ids": [4, 5]}, "max_tokens": 2, "temperature": 0.0}));
     assert_eq!(out["text"].as_array().map(Vec::len), Some(1), "{out}");
     let late = rt.block_on(client.resume_shared(launch, PolicyVersion(6), None));
     assert!(late.expect_err("the pause expired").to_string().contains("not paused"));
+    let health = rt.block_on(client.health()).expect("health");
+    assert_eq!(
+        health.version.map_or(0, |v| v.step),
+        0,
+        "the restarted vLLM serves the base model"
+    );
 }

@@ -30,8 +30,6 @@ enum Command {
     Weights(oneshot::Sender<(u64, Vec<(String, Tensor)>)>),
     /// Runs on the model thread with the trainer (between steps).
     With(Box<dyn FnOnce(&Trainer) + Send>),
-    /// Runs on the model thread with the trainer, which it may change (between steps).
-    WithMut(Box<dyn FnOnce(&mut Trainer) + Send>),
     Share(oneshot::Sender<(ParamStore, SharedWeights)>),
 }
 
@@ -122,7 +120,6 @@ impl ModelWorker {
                                 tracing::error!(panic = %what, "a job on the model thread panicked");
                             }
                         }
-                        Command::WithMut(job) => job(&mut trainer),
                         Command::Share(reply) => {
                             let _ = reply.send(trainer.share());
                         }
@@ -175,20 +172,6 @@ impl ModelWorker {
     {
         let (tx, rx) = oneshot::channel();
         self.send(Command::With(Box::new(move |t: &Trainer| {
-            let _ = tx.send(job(t));
-        })))?;
-        rx.await.map_err(|_| WorkerGone)
-    }
-
-    /// Runs `job` on the model thread between two steps with the trainer to change (shared
-    /// mode moves the compute weights with it), and returns its result.
-    pub async fn with_trainer_mut<T, F>(&self, job: F) -> Result<T, WorkerGone>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Trainer) -> T + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::WithMut(Box::new(move |t: &mut Trainer| {
             let _ = tx.send(job(t));
         })))?;
         rx.await.map_err(|_| WorkerGone)

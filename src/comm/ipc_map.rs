@@ -78,6 +78,10 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
+            // Nothing queued may still touch the memory once it is unmapped.
+            if let Err(e) = self.ctx.synchronize() {
+                tracing::warn!(error = %e, "synchronizing before closing a CUDA IPC mapping failed");
+            }
             // SAFETY: `base` came from cuIpcOpenMemHandle in this context and is closed once.
             let closed = unsafe { cu::cuIpcCloseMemHandle(self.base) }.result();
             if let Err(e) = closed {

@@ -20,7 +20,9 @@ pub use crate::train::OptimizerKind;
 pub enum BridgeMode {
     /// Stream every version to each sidecar over gRPC (NCCL comes with the GPU build).
     Broadcast,
-    /// Learner and embedded engine in one process share the same tensors [shared_vllm].
+    /// One copy of the weights: the embedded engine in this process computes on the learner's
+    /// tensors (--colocate-engine), or the learner trains a vLLM sidecar's own parameters on the
+    /// same GPU (one --sidecar with --vllm-weight-transfer shared) [shared_vllm].
     #[value(alias = "shared_vllm")]
     #[serde(alias = "shared_vllm")]
     Shared,
@@ -667,6 +669,9 @@ impl LearnerArgs {
             )?;
             check(data_parallel.is_none(), "learner-ranks", || {
                 "shared mode with a vLLM sidecar trains on one learner rank".into()
+            })?;
+            check(args.precision != Some(Precision::Fp32), "precision", || {
+                "shared mode with a vLLM sidecar computes in vLLM's bf16 weights: --precision bf16".into()
             })?;
         }
         let tls = super::auth::tls(

@@ -40,6 +40,8 @@ pub struct ExportedParam {
     pub handle: Option<Vec<u8>>,
     /// The storage's byte offset in that allocation.
     pub alloc_offset_bytes: u64,
+    /// The storage's size in bytes (CUDA only): no view may reach past it.
+    pub storage_bytes: u64,
 }
 
 /// What vLLM's worker exported: its GPU and its parameters.
@@ -171,13 +173,15 @@ fn parse_param(v: &Value) -> Result<ExportedParam, SharedLayoutError> {
             Some(raw)
         }
     };
-    let alloc_offset_bytes = match (&handle, v.get("alloc_offset_bytes")) {
-        (None, _) => 0,
+    let with_handle = |key: &str| match (&handle, v.get(key)) {
+        (None, _) => Ok(0),
         (Some(_), Some(o)) => o
             .as_u64()
-            .ok_or_else(|| bad("alloc_offset_bytes is not an unsigned integer".into()))?,
-        (Some(_), None) => return Err(bad("a handle without alloc_offset_bytes".into())),
+            .ok_or_else(|| bad(format!("{key} is not an unsigned integer"))),
+        (Some(_), None) => Err(bad(format!("a handle without {key}"))),
     };
+    let alloc_offset_bytes = with_handle("alloc_offset_bytes")?;
+    let storage_bytes = with_handle("storage_bytes")?;
     Ok(ExportedParam {
         name,
         dtype,
@@ -186,6 +190,7 @@ fn parse_param(v: &Value) -> Result<ExportedParam, SharedLayoutError> {
         storage_offset,
         handle,
         alloc_offset_bytes,
+        storage_bytes,
     })
 }
 
@@ -283,6 +288,16 @@ pub fn locate(spec: &ModelSpec, export: &SharedExport) -> Result<Placement, Shar
         let size = dtype_size(&p.dtype).unwrap_or(2);
         let row_elems: i64 = slot.shape.iter().skip(1).product();
         let first = (p.storage_offset + slot.first_row * row_elems) as u64;
+        let end = (first + slot.shape.iter().product::<i64>() as u64) * size;
+        if end > p.storage_bytes {
+            return Err(SharedLayoutError::Mismatch {
+                name: p.name.clone(),
+                why: format!(
+                    "our {} would end at byte {end} of a {}-byte storage",
+                    slot.hf_name, p.storage_bytes
+                ),
+            });
+        }
         params.push(Located {
             hf_name: slot.hf_name,
             shape: slot.shape,
@@ -313,6 +328,10 @@ pub fn check_layout(spec: &ModelSpec, export: &SharedExport) -> Result<usize, Sh
             .iter()
             .map(|p| ExportedParam {
                 handle: Some(p.handle.clone().unwrap_or_else(|| vec![0; 64])),
+                storage_bytes: match p.handle {
+                    Some(_) => p.storage_bytes,
+                    None => u64::MAX,
+                },
                 ..p.clone()
             })
             .collect(),
@@ -347,6 +366,13 @@ mod tests {
             t["handle"] = json!(base64::engine::general_purpose::STANDARD.encode(h));
             t["alloc_offset_bytes"] = json!(offset);
             t["storage_offset"] = json!(3);
+            let numel: i64 = t["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_i64().expect("dim"))
+                .product();
+            t["storage_bytes"] = json!((3 + numel) * 4);
             offset += 1 << 20;
         }
         v
@@ -425,6 +451,21 @@ mod tests {
         assert_ne!(by["model.norm.weight"].allocation, up.allocation);
     }
 
+    /// A view that would reach past its storage (a short storage size) is refused.
+    #[test]
+    fn views_past_their_storage_are_refused() {
+        let (spec, v) = fixture("llama", "export_unpacked.json");
+        let mut v = with_handles(v);
+        for t in v["tensors"].as_array_mut().expect("tensors") {
+            if t["name"] == "model.layers.0.mlp.gate_up_proj.weight" {
+                let bytes = t["storage_bytes"].as_i64().expect("bytes");
+                t["storage_bytes"] = json!(bytes - 4);
+            }
+        }
+        let e = locate(&spec, &parse_export(&v).expect("parses")).expect_err("overrun");
+        assert!(e.to_string().contains("storage"), "{e}");
+    }
+
     /// On the CPU vLLM repacks its linear weights and keeps none: refused, naming why.
     #[test]
     fn a_cpu_vllm_export_is_refused_naming_the_repacking() {
@@ -482,7 +523,7 @@ mod tests {
     fn malformed_exports_are_refused() {
         let one = |t: Value| parse_export(&json!({"gpu_uuid": "x", "tensors": [t]}));
         let good = json!({"name": "a", "dtype": "bfloat16", "shape": [2, 3], "stride": [3, 1], "storage_offset": 0,
-                          "handle": base64::engine::general_purpose::STANDARD.encode([1u8; 64]), "alloc_offset_bytes": 512});
+                          "handle": base64::engine::general_purpose::STANDARD.encode([1u8; 64]), "alloc_offset_bytes": 512, "storage_bytes": 12});
         let p = one(good.clone()).expect("good").params.remove(0);
         assert_eq!((p.handle.map(|h| h.len()), p.alloc_offset_bytes), (Some(64), 512));
         let bad = |key: &str, value: Value| {

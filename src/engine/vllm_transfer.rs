@@ -94,7 +94,7 @@ class SharedWeights:
     grpo_shared_export, called through /collective_rpc, describes every parameter: its name in
     vLLM (fused qkv_proj / gate_up_proj), dtype, shape, strides, element offset in its storage
     and, on CUDA, the storage's allocation as torch exports it (the 64-byte cudaIpcMemHandle of
-    the caching allocator's segment, and the storage's byte offset in that segment)."""
+    the caching allocator's segment, the storage's byte offset in that segment and its size)."""
 
     def grpo_shared_export(self):
         import base64
@@ -115,7 +115,7 @@ class SharedWeights:
                 "storage_offset": t.storage_offset(),
             }
             if t.is_cuda:
-                _, handle, _, offset, *_ = t.untyped_storage()._share_cuda_()
+                _, handle, size, offset, *_ = t.untyped_storage()._share_cuda_()
                 # torch 2.11 prefixes the handle with a format version and a kind byte; kind
                 # "c" is a plain cudaMalloc segment (an expandable segment cannot be mapped so).
                 if len(handle) == 66:
@@ -127,6 +127,7 @@ class SharedWeights:
                     handle = handle[2:]
                 entry["handle"] = base64.b64encode(handle).decode()
                 entry["alloc_offset_bytes"] = offset
+                entry["storage_bytes"] = size
             tensors.append(entry)
         uuid = ""
         if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):

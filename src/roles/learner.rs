@@ -394,9 +394,6 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             BridgeMode::Shared => {}
         }
     }
-    if shared_vllm {
-        start_shared_vllm(&cfg, &spec, device, homes_tx)?;
-    }
     let colocated = match cfg.sync.engine_listen {
         Some(addr) => {
             let (params, shared) = worker.share().await.map_err(|e| LearnerError::Engine(e.to_string()))?;
@@ -442,6 +439,9 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         last: None,
     }));
     let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel(4);
+    if shared_vllm {
+        start_shared_vllm(&cfg, &spec, device, homes_tx, outcome_tx.clone())?;
+    }
     let limits = Limits {
         vocab_size: spec.vocab_size,
         seq_len: cfg.seq_len as usize,
@@ -572,6 +572,7 @@ fn start_shared_vllm(
     spec: &crate::model::ModelSpec,
     device: tch::Device,
     homes: std::sync::mpsc::Sender<crate::train::Home>,
+    outcome: tokio::sync::mpsc::Sender<RunOutcome>,
 ) -> Result<(), LearnerError> {
     let tch::Device::Cuda(gpu) = device else {
         return Err(LearnerError::Engine(
@@ -591,7 +592,13 @@ fn start_shared_vllm(
     let client = crate::sync::client::SidecarClient::with_tls(url, token, deadlines, &cfg.sync.tls)
         .map_err(|e| LearnerError::Engine(e.to_string()))?;
     tracing::info!(sidecar = %url, gpu, "shared mode: the compute weights will live in vLLM's memory");
-    tokio::spawn(crate::sync::shared_vllm::attach_loop(client, spec.clone(), gpu, homes));
+    let spec = spec.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::sync::shared_vllm::attach_loop(client, spec, gpu, homes).await {
+            tracing::error!(error = %e, "vLLM's weights cannot be shared; stopping the run");
+            let _ = outcome.send(RunOutcome::Failed(format!("shared mode: {e}"))).await;
+        }
+    });
     Ok(())
 }
 
@@ -601,6 +608,7 @@ fn start_shared_vllm(
     _spec: &crate::model::ModelSpec,
     _device: tch::Device,
     _homes: std::sync::mpsc::Sender<crate::train::Home>,
+    _outcome: tokio::sync::mpsc::Sender<RunOutcome>,
 ) -> Result<(), LearnerError> {
     Err(LearnerError::Engine(
         "shared mode with a vLLM sidecar needs a build with --features cuda".into(),

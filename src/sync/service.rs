@@ -274,11 +274,11 @@ impl Sidecar for SidecarService {
         &self,
         _req: Request<pb::ExportSharedRequest>,
     ) -> Result<Response<pb::ExportSharedResponse>, Status> {
-        let shared = self
-            .engine
-            .shared_export()
-            .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // Unavailable (vLLM restarting) is worth waiting for; anything else is not.
+        let shared = self.engine.shared_export().await.map_err(|e| match e {
+            crate::engine::inference::EngineFailure::Unavailable(_) => Status::unavailable(e.to_string()),
+            other => Status::failed_precondition(other.to_string()),
+        })?;
         Ok(Response::new(super::shared_vllm::export_response(shared)))
     }
 

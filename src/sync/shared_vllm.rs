@@ -27,6 +27,7 @@ pub fn export_response(shared: SharedParams) -> pb::ExportSharedResponse {
             storage_offset: p.storage_offset,
             handle: p.handle.unwrap_or_default(),
             alloc_offset_bytes: p.alloc_offset_bytes,
+            storage_bytes: p.storage_bytes,
         })
         .collect();
     pb::ExportSharedResponse {
@@ -51,13 +52,14 @@ pub fn export_of(resp: &pb::ExportSharedResponse) -> SharedExport {
                 storage_offset: p.storage_offset,
                 handle: (!p.handle.is_empty()).then(|| p.handle.clone()),
                 alloc_offset_bytes: p.alloc_offset_bytes,
+                storage_bytes: p.storage_bytes,
             })
             .collect(),
     }
 }
 
 #[cfg(feature = "cuda")]
-pub use link::{attach_loop, SharedFence};
+pub use link::{attach_loop, AttachError, SharedFence};
 
 #[cfg(feature = "cuda")]
 mod link {
@@ -133,7 +135,7 @@ mod link {
 
     /// Why a launch of vLLM could not be mapped.
     #[derive(Debug, thiserror::Error)]
-    enum AttachError {
+    pub enum AttachError {
         #[error(transparent)]
         Sync(#[from] crate::sync::client::SyncError),
         #[error(transparent)]
@@ -142,25 +144,42 @@ mod link {
         Cuda(#[from] CommError),
         #[error("vLLM runs on GPU {theirs}, the learner on GPU {ours} (shared mode needs one GPU)")]
         OtherGpu { theirs: String, ours: String },
+        #[error("vLLM holds {name} in {dtype}; shared mode needs vLLM's --dtype bfloat16")]
+        Dtype { name: String, dtype: String },
     }
 
-    /// Our parameters as tensors over the mapped allocations.
-    fn views(placement: &Placement, maps: &[Mapping], gpu: usize) -> BTreeMap<String, Tensor> {
+    impl AttachError {
+        /// Whether waiting cannot help: vLLM runs, and what it serves cannot be shared.
+        fn permanent(&self) -> bool {
+            match self {
+                Self::Sync(crate::sync::client::SyncError::Rpc { status, .. }) => {
+                    status.code() == tonic::Code::FailedPrecondition
+                }
+                Self::Sync(_) | Self::Cuda(_) => false,
+                Self::Layout(_) | Self::OtherGpu { .. } | Self::Dtype { .. } => true,
+            }
+        }
+    }
+
+    /// Our parameters as bf16 tensors over the mapped allocations.
+    fn views(placement: &Placement, maps: &[Mapping], gpu: usize) -> Result<BTreeMap<String, Tensor>, AttachError> {
         placement
             .params
             .iter()
             .map(|p| {
-                let kind = match p.dtype.as_str() {
-                    "float32" => Kind::Float,
-                    "float16" => Kind::Half,
-                    _ => Kind::BFloat16,
-                };
+                if p.dtype != "bfloat16" {
+                    return Err(AttachError::Dtype {
+                        name: p.hf_name.clone(),
+                        dtype: p.dtype.clone(),
+                    });
+                }
                 let ptr = (maps[p.allocation].base() + p.offset_bytes) as *const u8;
-                // SAFETY: `locate` checked that the tensor's rows lie inside a vLLM parameter of
-                // this dtype in this allocation; the mapping outlives the tensor (the fence that
-                // owns it is dropped only after the trainer let go of the views).
-                let t = unsafe { Tensor::from_blob(ptr, &p.shape, &[], kind, Device::Cuda(gpu)) };
-                (p.hf_name.clone(), t)
+                // SAFETY: `locate` checked that the tensor's rows lie inside its bf16 storage in
+                // this allocation; the mapping outlives the tensor (the fence that owns it is
+                // dropped only after the trainer let go of the views).
+                let t = unsafe { Tensor::f_from_blob(ptr, &p.shape, &[], Kind::BFloat16, Device::Cuda(gpu)) }
+                    .map_err(|e| AttachError::Cuda(CommError::Cuda(e.to_string())))?;
+                Ok((p.hf_name.clone(), t))
             })
             .collect()
     }
@@ -187,7 +206,7 @@ mod link {
             .iter()
             .map(|h| Mapping::open(gpu, h))
             .collect::<Result<Vec<_>, _>>()?;
-        let views = views(&placement, &maps, gpu);
+        let views = views(&placement, &maps, gpu)?;
         tracing::info!(
             launch = resp.launch,
             tensors = views.len(),
@@ -210,17 +229,24 @@ mod link {
     }
 
     /// Offers the trainer vLLM's memory, and again after each time the trainer lets go of it
-    /// (vLLM died); runs until the trainer is gone.
-    pub async fn attach_loop(client: SidecarClient, spec: ModelSpec, gpu: usize, homes: Sender<Home>) {
+    /// (vLLM died); runs until the trainer is gone (Ok), or until vLLM serves something that
+    /// cannot be shared (the error: the run must not train on while vLLM serves other weights).
+    pub async fn attach_loop(
+        client: SidecarClient,
+        spec: ModelSpec,
+        gpu: usize,
+        homes: Sender<Home>,
+    ) -> Result<(), AttachError> {
         let released = Arc::new(Notify::new());
         loop {
             match attach(&client, &spec, gpu, &released).await {
                 Ok(home) => {
                     if homes.send(home).is_err() {
-                        return;
+                        return Ok(());
                     }
                     released.notified().await;
                 }
+                Err(e) if e.permanent() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot map vLLM's parameters yet; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -3,14 +3,16 @@
 //! CUDA IPC handles), maps them and trains them in place. Around each optimizer write it pauses
 //! vLLM here (no forward runs while the weights change) and resumes it with the new version,
 //! which the canary then checks. A pause holds the update lock, so nothing else swaps weights or
-//! probes vLLM meanwhile, and ends by itself at its deadline if the learner never resumes.
+//! probes vLLM meanwhile. A pause the learner never ends restarts vLLM at its deadline (its
+//! weights may be half written); the learner then maps the new launch.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::SupervisorOrder;
 use super::{ready_launch, remove_replaced, Canary, Current, VllmEngine, VllmState, WeightTransfer};
 use crate::engine::core::PolicyVersion;
 use crate::engine::inference::{EngineFailure, Installed, SharedParams};
@@ -76,8 +78,9 @@ impl VllmEngine {
         Ok(SharedParams { launch, export })
     }
 
-    /// Pauses vLLM `launch` for a write, holding the update lock until the resume (or until
-    /// `deadline`, when it resumes by itself). Returns the seconds the pause took.
+    /// Pauses vLLM `launch` for a write, holding the update lock until the resume. A pause that no
+    /// resume ends within `deadline` (the learner died or hung mid-write, or this call was
+    /// abandoned after vLLM paused) restarts vLLM: its weights may be half written.
     pub(super) async fn pause_shared(&self, launch: u64, deadline: Duration) -> Result<f64, EngineFailure> {
         self.check_shared()?;
         let t0 = Instant::now();
@@ -85,16 +88,25 @@ impl VllmEngine {
             .await
             .map_err(|_| EngineFailure::Unavailable(format!("another update held vLLM past {deadline:?}")))?;
         let api = self.launch_api(launch)?;
+        let id = self.holds.made.fetch_add(1, Ordering::SeqCst);
+        let stored = Arc::new(AtomicBool::new(false));
+        self.arm_watchdog(id, deadline, stored.clone());
         api.pause(self.cfg.pause_mode, deadline.min(self.cfg.update_deadline))
             .await?;
-        let id = self.holds.made.fetch_add(1, Ordering::SeqCst);
         *self.holds.hold.lock().await = Some(Hold {
             launch,
             id,
             api,
             current,
         });
-        let (holds, limit) = (self.holds.hold.clone(), self.cfg.update_deadline);
+        stored.store(true, Ordering::SeqCst);
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// After `deadline`: if pause `id` still holds vLLM (or was abandoned before it was stored),
+    /// forget the served version and restart vLLM on the base model.
+    fn arm_watchdog(&self, id: u64, deadline: Duration, stored: Arc<AtomicBool>) {
+        let (holds, orders, model) = (self.holds.hold.clone(), self.orders.clone(), self.cfg.model_dir.clone());
         tokio::spawn(async move {
             tokio::time::sleep(deadline).await;
             let expired = {
@@ -104,15 +116,23 @@ impl VllmEngine {
                     _ => None,
                 }
             };
-            if let Some(h) = expired {
-                tracing::warn!(
+            let orphaned = !stored.load(Ordering::SeqCst);
+            if let Some(mut h) = expired {
+                tracing::error!(
                     launch = h.launch,
-                    "the learner did not resume vLLM within its deadline; resuming it"
+                    "no resume within the pause's deadline; restarting vLLM"
                 );
-                let _ = h.api.resume(limit).await;
+                *h.current = None;
+            } else if orphaned {
+                tracing::error!(
+                    pause = id,
+                    "a pause was abandoned before it was recorded; restarting vLLM"
+                );
+            } else {
+                return;
             }
+            let _ = orders.send(SupervisorOrder::RestartOn(model)).await;
         });
-        Ok(t0.elapsed().as_secs_f64())
     }
 
     /// Resumes vLLM `launch`, which now serves `version` (the learner wrote it in place), and
@@ -130,7 +150,9 @@ impl VllmEngine {
             other => {
                 if let Some(h) = other {
                     // Paused for another launch: resume it rather than leave it held.
-                    let _ = h.api.resume(self.cfg.update_deadline).await;
+                    if let Err(e) = h.api.resume(self.cfg.update_deadline).await {
+                        tracing::warn!(launch = h.launch, error = %e, "resuming a stale shared pause failed");
+                    }
                 }
                 return Err(EngineFailure::Rejected(format!(
                     "vLLM launch {launch} is not paused for a write (its pause passed its deadline, or vLLM restarted)"
@@ -139,7 +161,11 @@ impl VllmEngine {
         };
         let Hold { api, mut current, .. } = hold;
         let t0 = Instant::now();
-        let resumed = api.resume(self.cfg.update_deadline).await;
+        if let Err(e) = api.resume(self.cfg.update_deadline).await {
+            tracing::error!(launch, error = %e, "vLLM did not resume after a shared write");
+            *current = None;
+            return Err(e);
+        }
         let old = current.replace(Current {
             version,
             dir: None,
@@ -149,10 +175,13 @@ impl VllmEngine {
         });
         drop(current);
         remove_replaced(old, None);
-        resumed?;
         let resume_s = t0.elapsed().as_secs_f64();
         let canary = canary.map(|(ids, logprobs)| Canary { ids, logprobs });
-        let canary_max_abs_diff = self.check_canary(&api, canary).await?;
+        // vLLM serves the version either way: a canary that cannot run costs only the canary.
+        let canary_max_abs_diff = self.check_canary(&api, canary).await.unwrap_or_else(|e| {
+            tracing::warn!(version = version.0, error = %e, "the shared-mode canary failed");
+            None
+        });
         tracing::info!(
             version = version.0,
             transfer = "shared",

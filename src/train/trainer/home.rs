@@ -160,18 +160,27 @@ impl Trainer {
         }
     }
 
-    /// Computes with `tensors` from now on (the trainable ones as the optimizer's values).
+    /// Computes with `tensors` from now on (the trainable ones as the optimizer's values). Nothing
+    /// changes unless every part is ready.
     fn install_compute(&mut self, tensors: BTreeMap<String, Tensor>) -> Result<(), TrainError> {
         let names: BTreeSet<String> = self.trainable.iter().map(|p| p.name.clone()).collect();
         let mut store = ParamStore::from_tensors(tensors);
         store.set_trainable(|n| names.contains(n));
-        for p in &mut self.trainable {
-            p.value = store
-                .get(&p.name)
-                .ok_or_else(|| TrainError::Home(format!("{} is missing", p.name)))?;
-        }
+        let values = self
+            .trainable
+            .iter()
+            .map(|p| {
+                store
+                    .get(&p.name)
+                    .ok_or_else(|| TrainError::Home(format!("{} is missing", p.name)))
+            })
+            .collect::<Result<Vec<Tensor>, _>>()?;
         let spec = self.model.spec().clone();
-        self.model = Transformer::new(&spec, &store)?.with_compute(Kind::BFloat16);
+        let model = Transformer::new(&spec, &store)?.with_compute(Kind::BFloat16);
+        for (p, value) in self.trainable.iter_mut().zip(values) {
+            p.value = value;
+        }
+        self.model = model;
         self.params = store;
         self.flat_compute = None;
         Ok(())
