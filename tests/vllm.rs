@@ -137,6 +137,17 @@ impl VllmSidecar {
         format!("http://127.0.0.1:{}", self.grpc)
     }
 
+    /// A gRPC client of the sidecar with the test's token (inside a runtime).
+    fn grpc_client(&self) -> grpo_node::sync::client::SidecarClient {
+        use grpo_node::rpc::auth::Token;
+        use grpo_node::sync::client::{Deadlines, SidecarClient};
+        let deadlines = Deadlines {
+            rpc: Duration::from_secs(60),
+            min_bytes_per_s: 20e6,
+        };
+        SidecarClient::new(&self.grpc_url(), Token(Some(TOKEN.into())), deadlines).expect("client")
+    }
+
     /// `/generate`: (status, body).
     fn generate(&self, body: &str) -> (u16, Value) {
         let out = std::process::Command::new("curl")
@@ -528,19 +539,13 @@ fn fake_ipc_request(model: &Path, bad_shape: bool) -> grpo_node::rpc::pb::Instal
 /// with a clear error, restarts vLLM on the base model, and the sidecar serves again.
 #[test]
 fn ipc_mode_launches_vllm_with_the_plugin_and_survives_a_failed_update() {
-    use grpo_node::rpc::auth::Token;
-    use grpo_node::sync::client::{Deadlines, SidecarClient};
     let _turn = one_vllm_at_a_time();
     let model = vllm_model();
     let work = tempfile::tempdir().expect("work");
     let sidecar = VllmSidecar::start(model.path(), work.path(), &["--vllm-weight-transfer", "ipc"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _inside = rt.enter();
-    let deadlines = Deadlines {
-        rpc: Duration::from_secs(60),
-        min_bytes_per_s: 20e6,
-    };
-    let client = SidecarClient::new(&sidecar.grpc_url(), Token(Some(TOKEN.into())), deadlines).expect("client");
+    let client = sidecar.grpc_client();
     let info = rt.block_on(client.info()).expect("info");
     assert!(info.ipc, "the sidecar says it takes IPC: {info:?}");
 
@@ -741,24 +746,19 @@ fn lora_restart_mode_restarts_vllm_on_the_newest_adapter() {
 /// mapping itself runs on the GPU machine, `scripts/gpu/shared_vllm.sh`; the layout against
 /// vLLM's unpacked parameters is unit-tested in `engine::vllm_shared`). The write fence is real
 /// here: a pause holds every generation until the resume, the resume records the version and
-/// checks the canary, a pause nobody resumes ends at its deadline, and a stale launch is refused.
+/// checks the canary, a pause nobody resumes restarts vLLM at its deadline, and a stale launch is
+/// refused.
 #[test]
 fn shared_mode_exports_vllms_parameters_and_fences_writes() {
     use grpo_node::engine::vllm::{canary_ids, model_logprobs};
     use grpo_node::engine::PolicyVersion;
-    use grpo_node::rpc::auth::Token;
-    use grpo_node::sync::client::{Deadlines, SidecarClient};
     let _turn = one_vllm_at_a_time();
     let model = vllm_model();
     let work = tempfile::tempdir().expect("work");
     let sidecar = VllmSidecar::start(model.path(), work.path(), &["--vllm-weight-transfer", "shared"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _inside = rt.enter();
-    let deadlines = Deadlines {
-        rpc: Duration::from_secs(60),
-        min_bytes_per_s: 20e6,
-    };
-    let client = SidecarClient::new(&sidecar.grpc_url(), Token(Some(TOKEN.into())), deadlines).expect("client");
+    let client = sidecar.grpc_client();
     let refused = rt.block_on(client.export_shared(Duration::from_secs(60)));
     let e = refused.expect_err("nothing to map on the CPU").to_string();
     assert!(
