@@ -114,14 +114,8 @@ OUT=${OUT:-/tmp/shared_vllm_out}; mkdir -p "$OUT"
 W=/tmp/shared_vllm_$MODE; rm -rf "$W"; mkdir -p "$W"
 export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled HF_HUB_OFFLINE=1 \
   GRPO_SMOLLM2="$SM" GRPO_GSM8K="$GSM" VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
-# vLLM's own site dir first, then the sidecar's plugin dir (ipc and shared); usage stats off.
-cat > /tmp/vllm-python <<'SH'
-#!/bin/sh
-export PYTHONPATH=/tmp/vllm-site${GRPO_VLLM_PLUGIN_DIR:+:$GRPO_VLLM_PLUGIN_DIR}
-exec env VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 python3 "$@"
-SH
-chmod +x /tmp/vllm-python
-export GRPO_VLLM_COMMAND="/tmp/vllm-python -m vllm.entrypoints.openai.api_server"
+# The carried vLLM, usage stats off (the sidecar also sets both on every vLLM it starts).
+source scripts/gpu/vllm_command.sh
 
 STEPS=${STEPS:-200}
 LIMIT_S=${LIMIT_S:-540}

@@ -29,15 +29,8 @@ if [ ! -d /tmp/pylib/atroposlib ]; then
     || { tail -5 "$OUT/pip.log"; exit 1; }
 fi
 export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled
-# vLLM's own site dir first, then our plugin where the sidecar wrote it (ipc mode); usage stats
-# off here too (the sidecar also sets both on every vLLM it starts).
-cat > /tmp/vllm-python <<'SH'
-#!/bin/sh
-export PYTHONPATH=/tmp/vllm-site${GRPO_VLLM_PLUGIN_DIR:+:$GRPO_VLLM_PLUGIN_DIR}
-exec env VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 python3 "$@"
-SH
-chmod +x /tmp/vllm-python
-export GRPO_VLLM_COMMAND="/tmp/vllm-python -m vllm.entrypoints.openai.api_server"
+# The carried vLLM, usage stats off (the sidecar also sets both on every vLLM it starts).
+source "$(dirname "$0")/vllm_command.sh"
 STEPS=${STEPS:-200}
 if [ "$MODE" = vllm ] || [ "$MODE" = vllm-keep ]; then
   MANIFEST=cluster/local-gpu-vllm.toml

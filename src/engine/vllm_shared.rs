@@ -258,22 +258,71 @@ fn check_fit(slot: &FusedSlot, p: &ExportedParam) -> Result<(), SharedLayoutErro
     Ok(())
 }
 
-/// Locates every HF parameter of `spec` in `export`. Every vLLM parameter must hold at least one
-/// of ours (else vLLM would compute with weights we never write), and every one of ours must fit.
-pub fn locate(spec: &ModelSpec, export: &SharedExport) -> Result<Placement, SharedLayoutError> {
+/// The first element of `slot` in its vLLM parameter `p`, counted from the storage's start.
+fn first_element(slot: &FusedSlot, p: &ExportedParam) -> u64 {
+    let row_elems: i64 = slot.shape.iter().skip(1).product();
+    (p.storage_offset + slot.first_row * row_elems) as u64
+}
+
+/// Checks that `slot` ends inside its storage (known only where vLLM sent a handle).
+fn check_bounds(slot: &FusedSlot, p: &ExportedParam) -> Result<(), SharedLayoutError> {
+    if p.handle.is_none() {
+        return Ok(());
+    }
+    let size = dtype_size(&p.dtype).unwrap_or(2);
+    let end = (first_element(slot, p) + slot.shape.iter().product::<i64>() as u64) * size;
+    if end > p.storage_bytes {
+        return Err(SharedLayoutError::Mismatch {
+            name: p.name.clone(),
+            why: format!(
+                "our {} would end at byte {end} of a {}-byte storage",
+                slot.hf_name, p.storage_bytes
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Pairs every HF parameter of `spec` with the vLLM parameter holding it. Every vLLM parameter
+/// must hold at least one of ours (else vLLM would compute with weights we never write), and
+/// every one of ours must fit.
+fn pair_slots<'a>(
+    spec: &ModelSpec,
+    export: &'a SharedExport,
+) -> Result<Vec<(FusedSlot, &'a ExportedParam)>, SharedLayoutError> {
     let by_name: BTreeMap<&str, &ExportedParam> = export.params.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut used = std::collections::BTreeSet::new();
-    let mut allocations: Vec<Vec<u8>> = Vec::new();
-    let mut params = Vec::new();
+    let mut pairs = Vec::new();
     for slot in fused_layout(spec) {
-        let p = by_name
+        let p = *by_name
             .get(slot.vllm_name.as_str())
             .ok_or_else(|| SharedLayoutError::Missing {
                 vllm: slot.vllm_name.clone(),
                 hf: slot.hf_name.clone(),
             })?;
         check_fit(&slot, p)?;
+        check_bounds(&slot, p)?;
         used.insert(p.name.as_str());
+        pairs.push((slot, p));
+    }
+    let unmapped: Vec<String> = export
+        .params
+        .iter()
+        .filter(|p| !used.contains(p.name.as_str()))
+        .map(|p| p.name.clone())
+        .collect();
+    if !unmapped.is_empty() {
+        return Err(SharedLayoutError::Unmapped(unmapped));
+    }
+    Ok(pairs)
+}
+
+/// Locates every HF parameter of `spec` in `export` (see [`pair_slots`]), with the distinct
+/// allocations their handles name.
+pub fn locate(spec: &ModelSpec, export: &SharedExport) -> Result<Placement, SharedLayoutError> {
+    let mut allocations: Vec<Vec<u8>> = Vec::new();
+    let mut params = Vec::new();
+    for (slot, p) in pair_slots(spec, export)? {
         let handle = p
             .handle
             .clone()
@@ -286,57 +335,23 @@ pub fn locate(spec: &ModelSpec, export: &SharedExport) -> Result<Placement, Shar
             }
         };
         let size = dtype_size(&p.dtype).unwrap_or(2);
-        let row_elems: i64 = slot.shape.iter().skip(1).product();
-        let first = (p.storage_offset + slot.first_row * row_elems) as u64;
-        let end = (first + slot.shape.iter().product::<i64>() as u64) * size;
-        if end > p.storage_bytes {
-            return Err(SharedLayoutError::Mismatch {
-                name: p.name.clone(),
-                why: format!(
-                    "our {} would end at byte {end} of a {}-byte storage",
-                    slot.hf_name, p.storage_bytes
-                ),
-            });
-        }
+        let offset_bytes = p.alloc_offset_bytes + first_element(&slot, p) * size;
         params.push(Located {
             hf_name: slot.hf_name,
             shape: slot.shape,
             dtype: p.dtype.clone(),
             allocation,
-            offset_bytes: p.alloc_offset_bytes + first * size,
+            offset_bytes,
         });
-    }
-    let unmapped: Vec<String> = export
-        .params
-        .iter()
-        .filter(|p| !used.contains(p.name.as_str()))
-        .map(|p| p.name.clone())
-        .collect();
-    if !unmapped.is_empty() {
-        return Err(SharedLayoutError::Unmapped(unmapped));
     }
     Ok(Placement { allocations, params })
 }
 
-/// Checks the export against `spec` without handles (vLLM on the CPU): every HF parameter fits
-/// and every vLLM parameter is covered. Returns the number of vLLM parameters.
+/// Checks the export against `spec` without mapping anything (vLLM on the CPU sends no
+/// handles): every HF parameter fits and every vLLM parameter is covered. Returns the number of
+/// vLLM parameters.
 pub fn check_layout(spec: &ModelSpec, export: &SharedExport) -> Result<usize, SharedLayoutError> {
-    let with_handles = SharedExport {
-        gpu_uuid: export.gpu_uuid.clone(),
-        params: export
-            .params
-            .iter()
-            .map(|p| ExportedParam {
-                handle: Some(p.handle.clone().unwrap_or_else(|| vec![0; 64])),
-                storage_bytes: match p.handle {
-                    Some(_) => p.storage_bytes,
-                    None => u64::MAX,
-                },
-                ..p.clone()
-            })
-            .collect(),
-    };
-    locate(spec, &with_handles).map(|_| export.params.len())
+    pair_slots(spec, export).map(|_| export.params.len())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! so the masters stay exact. Around each optimizer write a [`WriteFence`] pauses the owner and
 //! lets it serve the new version after. If the owner is gone, the trainer copies its compute
 //! weights back into its own memory before the write (the mapping outlives the owner until it is
-//! closed), so no step and no bit of the masters is lost; a later [`Trainer::rehome`] writes
+//! closed), so no step and no bit of the masters is lost; a later [`Trainer::adopt_home`] writes
 //! them into the restarted owner's memory.
 
 use std::collections::{BTreeMap, BTreeSet};
