@@ -95,4 +95,32 @@ int grpo_cuda_reset_peak(int device) {
   }
 }
 
+// torch.cuda.memory_allocated(device) and torch.cuda.memory_reserved(device) into the two
+// outputs; 0 on success, 1 when there is no CUDA allocator.
+int grpo_cuda_memory(int device, int64_t* allocated, int64_t* reserved) {
+  try {
+    auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)
+                     ->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    *allocated = stats.allocated_bytes[0].current;
+    *reserved = stats.reserved_bytes[0].current;
+    return 0;
+  } catch (const std::exception&) {
+    return 1;
+  }
+}
+
+// torch.cuda.empty_cache(): hands the caching allocator's unused blocks back to the driver.
+// Returns the reserved bytes it released, or -1 when there is no CUDA allocator.
+int64_t grpo_cuda_release_cached(int device) {
+  try {
+    auto* alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    auto index = static_cast<c10::DeviceIndex>(device);
+    int64_t before = alloc->getDeviceStats(index).reserved_bytes[0].current;
+    alloc->emptyCache();
+    return before - alloc->getDeviceStats(index).reserved_bytes[0].current;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
 }  // extern "C"

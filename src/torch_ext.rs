@@ -164,6 +164,32 @@ pub fn flash_varlen(q: &Tensor, k: &Tensor, v: &Tensor, seg: &VarlenSegments<'_>
 extern "C" {
     fn grpo_cuda_peak_allocated(device: c_int) -> i64;
     fn grpo_cuda_reset_peak(device: c_int) -> c_int;
+    fn grpo_cuda_release_cached(device: c_int) -> i64;
+    fn grpo_cuda_memory(device: c_int, allocated: *mut i64, reserved: *mut i64) -> c_int;
+}
+
+/// The CUDA caching allocator's current bytes on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaMemory {
+    /// Bytes in live tensors (`torch.cuda.memory_allocated`).
+    pub allocated: u64,
+    /// Bytes the allocator holds from the driver, free blocks included (`memory_reserved`).
+    pub reserved: u64,
+}
+
+/// The allocator's current bytes on `device`, if there is a CUDA allocator to ask.
+pub fn cuda_memory(device: usize) -> Option<CudaMemory> {
+    let (mut allocated, mut reserved) = (0i64, 0i64);
+    // SAFETY: the shim writes two integers through pointers to our locals and catches C++
+    // exceptions.
+    let rc = unsafe { grpo_cuda_memory(device as c_int, &mut allocated, &mut reserved) };
+    if rc != 0 {
+        return None;
+    }
+    Some(CudaMemory {
+        allocated: u64::try_from(allocated).ok()?,
+        reserved: u64::try_from(reserved).ok()?,
+    })
 }
 
 /// `torch.cuda.max_memory_allocated(device)`, if there is a CUDA allocator to ask.
@@ -179,6 +205,14 @@ pub fn cuda_reset_peak(device: usize) -> bool {
     unsafe { grpo_cuda_reset_peak(device as c_int) == 0 }
 }
 
+/// `torch.cuda.empty_cache()`: the bytes the caching allocator gave back to the driver, or None
+/// when there is no CUDA allocator.
+pub fn cuda_release_cached(device: usize) -> Option<u64> {
+    // SAFETY: as above.
+    let v = unsafe { grpo_cuda_release_cached(device as c_int) };
+    u64::try_from(v).ok()
+}
+
 #[cfg(test)]
 mod tests {
     /// A CPU-only process has no CUDA allocator: the shim says so instead of throwing.
@@ -187,6 +221,8 @@ mod tests {
         if !tch::Cuda::is_available() {
             assert_eq!(super::cuda_peak_allocated(0), None);
             assert!(!super::cuda_reset_peak(0));
+            assert_eq!(super::cuda_release_cached(0), None);
+            assert_eq!(super::cuda_memory(0), None);
         }
     }
 }

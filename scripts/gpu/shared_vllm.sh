@@ -8,7 +8,7 @@
 # Reports steps/min, the sync share, the canary, reward, held-out GSM8K accuracy before and after
 # (20 problems never trained on, greedy) and peak GPU memory of the learner and of vLLM.
 #
-#   bash scripts/gpu/shared_vllm.sh shared|broadcast     env: STEPS (200), LIMIT_S (540),
+#   bash scripts/gpu/shared_vllm.sh shared|broadcast     env: STEPS (200), LIMIT_S (540), PAUSE_MODE (keep),
 #                                                        KILL_AT_STEPS ("30" or "30 80": kill -9
 #                                                        vLLM's API server at those step counts)
 #   bash scripts/gpu/shared_vllm.sh stage                only stage what the call carried (below)
@@ -117,6 +117,9 @@ export PYTHONPATH=/tmp/pylib GRPO_PYTHON=python3 WANDB_MODE=disabled HF_HUB_OFFL
 # The carried vLLM, usage stats off (the sidecar also sets both on every vLLM it starts).
 source scripts/gpu/vllm_command.sh
 
+# PAUSE_MODE=keep: the sidecar pauses vLLM with /pause?mode=keep (running requests are frozen and
+# continue on the new weights) instead of the default wait (they finish first).
+if [ -n "${PAUSE_MODE:-}" ]; then export GRPO_VLLM_PAUSE_MODE="$PAUSE_MODE"; fi
 STEPS=${STEPS:-200}
 LIMIT_S=${LIMIT_S:-540}
 NAME="gsm8k-$MODE-$STEPS"
@@ -247,7 +250,8 @@ cp "$RUN/checkpoints/metrics.jsonl" "$OUT/metrics_$MODE.jsonl" 2>/dev/null || : 
 cp "$W/gpu_mem.csv" "$OUT/gpu_mem_$MODE.csv" 2>/dev/null
 { strip "$L/env.log" | grep "gsm8k eval at step\|gsm8k: [0-9]* problems\|trainer batch_size"; echo "--- last 60 lines"; strip "$L/env.log" | tail -60; } > "$OUT/env_$MODE.log" 2>/dev/null
 { strip "$L/sidecar.log" | grep -i "vLLM ready\|vLLM launched\|restart\|shared\|CUDA IPC\|rejected\|error\|warn" | head -40; echo "--- last 60 lines"; strip "$L/sidecar.log" | tail -60; } > "$OUT/sidecar_$MODE.log" 2>/dev/null
-strip "$L/learner.log" 2>/dev/null | tail -80 > "$OUT/learner_$MODE.log"
+{ strip "$L/learner.log" | grep -i "released the allocator\|shared engine's memory\|mapped\|takes its weights\|attach\|error" | head -40
+  echo "--- last 80 lines"; strip "$L/learner.log" | tail -80; } > "$OUT/learner_$MODE.log" 2>/dev/null
 strip "$L/vllm.log" 2>/dev/null | tail -60 > "$OUT/vllm_$MODE.log"
 if [ -f "$RUN/reward.png" ]; then cp "$RUN/reward.png" "$OUT/reward_$MODE.png"
 elif [ -s "$OUT/metrics_$MODE.jsonl" ]; then
@@ -291,6 +295,12 @@ if rows:
           + f" | {med([s for s in sync if s]):.4f} | {sum(sync) / wall:.1%} | "
           + (f"{med(canary):.2e} / {max(canary):.2e} ({len(canary)})" if canary else "none")
           + f" | {sum(rew[:k]) / max(k, 1):.3f} -> {sum(rew[-k:]) / max(k, 1):.3f} | {tok / wall:.0f} |")
+    late = rows[len(rows) // 2:]
+    alloc = [r["cuda_allocated_bytes"] for r in late if r.get("cuda_allocated_bytes") is not None]
+    resv = [r["cuda_reserved_bytes"] for r in late if r.get("cuda_reserved_bytes") is not None]
+    if alloc and resv:
+        print(f"learner's allocator, median over the last {len(late)} steps: allocated {med(alloc) / 2**20:.0f} MiB, "
+              f"reserved {med(resv) / 2**20:.0f} MiB")
     waits = [r.get("wait_time_s") for r in rows if r.get("wait_time_s") is not None]
     if waits:
         print(f"waiting for batches: {sum(waits) / wall:.1%} of step wall (median {med(waits):.3f} s)")
@@ -319,6 +329,13 @@ if os.path.exists(mem):
         print(f"peak GPU memory (MiB, {len(rs)} samples / 2 s): learner {pk('learner_mib')}, vLLM EngineCore "
               f"{pk('vllm_engine_mib')}, other vLLM {pk('vllm_other_mib')}, sidecar {pk('sidecar_mib')}, "
               f"other {pk('other_mib')}, GPU total {pk('total_mib')}")
+        # Steady state: the samples of the second half of the time the learner held memory.
+        on = [r for r in rs if r["learner_mib"] not in ("", "None") and int(r["learner_mib"]) > 0]
+        on = on[len(on) // 2:]
+        if on:
+            md = lambda c: st.median(int(r[c]) for r in on)
+            print(f"steady GPU memory (MiB, median of the last {len(on)} samples with the learner up): learner "
+                  f"{md('learner_mib'):.0f}, vLLM EngineCore {md('vllm_engine_mib'):.0f}, GPU total {md('total_mib'):.0f}")
 if os.path.exists(sidecar):
     s = strip(open(sidecar, errors="replace").read())
     print(f"sidecar: vLLM launches {s.count('vLLM launched')}, ready {s.count('vLLM ready')}")

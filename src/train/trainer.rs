@@ -124,6 +124,10 @@ pub struct StepMetrics {
     /// part not overlapped), and the bytes reduced.
     pub allreduce_wait_s: f64,
     pub allreduce_bytes: u64,
+    /// CUDA: the caching allocator's live and reserved bytes on the learner's device at the end
+    /// of the step (null on CPU).
+    pub cuda_allocated_bytes: Option<u64>,
+    pub cuda_reserved_bytes: Option<u64>,
     /// Shared mode with vLLM: the fenced write of this step (reported as the step's sync).
     #[serde(skip)]
     pub shared: Option<SharedWrite>,
@@ -618,6 +622,10 @@ impl Trainer {
                 "step stages"
             );
         }
+        let memory = match self.config.device {
+            Device::Cuda(i) => crate::torch_ext::cuda_memory(i),
+            _ => None,
+        };
         Ok(StepMetrics {
             step: self.steps_done,
             loss: stats.loss,
@@ -642,6 +650,8 @@ impl Trainer {
             ranks: self.dp.as_ref().map_or(1, |(dp, _)| dp.world() as u64),
             allreduce_wait_s: reduced.wait_s,
             allreduce_bytes: reduced.bytes,
+            cuda_allocated_bytes: memory.map(|m| m.allocated),
+            cuda_reserved_bytes: memory.map(|m| m.reserved),
             shared,
         })
     }

@@ -131,7 +131,25 @@ impl Trainer {
             }
         });
         self.synchronize();
-        self.install_compute(views)
+        self.install_compute(views)?;
+        self.release_cached();
+        Ok(())
+    }
+
+    /// Gives the caching allocator's free blocks (our former compute weights among them) back to
+    /// the driver, so the GPU holds one copy of the weights, not one plus a reserve.
+    fn release_cached(&self) {
+        if let Device::Cuda(i) = self.config.device {
+            let released = crate::torch_ext::cuda_release_cached(i);
+            let now = crate::torch_ext::cuda_memory(i);
+            tracing::info!(
+                device = i,
+                released_bytes = released,
+                allocated_bytes = now.map(|m| m.allocated),
+                reserved_bytes = now.map(|m| m.reserved),
+                "released the allocator's cached blocks"
+            );
+        }
     }
 
     /// Whether the compute weights live in another process's memory.
