@@ -826,4 +826,54 @@ fn shared_mode_exports_vllms_parameters_and_fences_writes() {
         0,
         "the restarted vLLM serves the base model"
     );
+
+    // A pause that fails because its launch died must not restart the launch that replaces it
+    // (met in the H200 kill drill). vLLM is stopped, so the pause hangs in flight; then it is
+    // killed, so the pause fails, and the supervisor starts launch 3. The pause's watchdog
+    // fires while launch 3 starts and leaves it alone.
+    let launch = 2;
+    let pid = launched_pid(&sidecar.proc.log(), launch);
+    signal(pid, "-STOP");
+    let paused = {
+        let client = client.clone();
+        rt.spawn(async move { client.pause_shared(launch, Duration::from_secs(8)).await })
+    };
+    wait_until(Duration::from_secs(30), "the pause is in flight", || {
+        sidecar.proc.log().matches("pausing vLLM for a shared write").count() >= 3
+    });
+    signal(pid, "-KILL");
+    let failed = rt.block_on(paused).expect("join");
+    assert!(failed.is_err(), "a pause of a killed vLLM failed");
+    wait_until(Duration::from_secs(60), "the pause's watchdog", || {
+        sidecar.proc.log().contains("nothing to undo")
+    });
+    wait_until(Duration::from_secs(400), "launch 3 ready", || {
+        sidecar.proc.log().matches("vLLM ready").count() >= 3
+    });
+    let log = sidecar.proc.log();
+    assert_eq!(
+        log.matches("vLLM launched").count(),
+        3,
+        "no restart for the dead launch's pause"
+    );
+    let out = sidecar.ok(json!({"prompt": {"prompt_token_ids": [4, 5]}, "max_tokens": 2, "temperature": 0.0}));
+    assert_eq!(out["text"].as_array().map(Vec::len), Some(1), "{out}");
+}
+
+/// The pid of vLLM launch `launch`, from the sidecar's log.
+fn launched_pid(log: &str, launch: u64) -> u32 {
+    log.lines()
+        .find(|l| l.contains("vLLM launched") && l.contains(&format!("launch={launch} ")))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for launch {launch} in the sidecar's log"))
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill {sig} {pid}");
 }

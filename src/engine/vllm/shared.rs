@@ -90,7 +90,8 @@ impl VllmEngine {
         let api = self.launch_api(launch)?;
         let id = self.holds.made.fetch_add(1, Ordering::SeqCst);
         let stored = Arc::new(AtomicBool::new(false));
-        self.arm_watchdog(id, deadline, stored.clone());
+        self.arm_watchdog(launch, id, deadline, stored.clone());
+        tracing::info!(launch, pause = id, "pausing vLLM for a shared write");
         api.pause(self.cfg.pause_mode, deadline.min(self.cfg.update_deadline))
             .await?;
         *self.holds.hold.lock().await = Some(Hold {
@@ -104,9 +105,11 @@ impl VllmEngine {
     }
 
     /// After `deadline`: if pause `id` still holds vLLM (or was abandoned before it was stored),
-    /// forget the served version and restart vLLM on the base model.
-    fn arm_watchdog(&self, id: u64, deadline: Duration, stored: Arc<AtomicBool>) {
+    /// forget the served version and restart vLLM on the base model, unless vLLM has been
+    /// restarted meanwhile (the paused process is gone, and the new launch was never paused).
+    fn arm_watchdog(&self, launch: u64, id: u64, deadline: Duration, stored: Arc<AtomicBool>) {
         let (holds, orders, model) = (self.holds.hold.clone(), self.orders.clone(), self.cfg.model_dir.clone());
+        let state = self.state.clone();
         tokio::spawn(async move {
             tokio::time::sleep(deadline).await;
             let expired = {
@@ -116,22 +119,28 @@ impl VllmEngine {
                     _ => None,
                 }
             };
-            let orphaned = !stored.load(Ordering::SeqCst);
+            let serves = matches!(&*state.borrow(), VllmState::Ready { launch: now, .. } if *now == launch);
+            let verdict = overdue(expired.is_some(), stored.load(Ordering::SeqCst), serves);
             if let Some(mut h) = expired {
-                tracing::error!(
-                    launch = h.launch,
-                    "no resume within the pause's deadline; restarting vLLM"
-                );
+                // The version it recorded may be half written: a restart reloads the base model.
                 *h.current = None;
-            } else if orphaned {
-                tracing::error!(
-                    pause = id,
-                    "a pause was abandoned before it was recorded; restarting vLLM"
-                );
-            } else {
-                return;
             }
-            let _ = orders.send(SupervisorOrder::RestartOn(model)).await;
+            match verdict {
+                Overdue::Nothing => {}
+                Overdue::Forget => tracing::warn!(
+                    launch,
+                    pause = id,
+                    "a pause passed its deadline after vLLM had restarted; nothing to undo"
+                ),
+                Overdue::Restart => {
+                    tracing::error!(
+                        launch,
+                        pause = id,
+                        "no resume within the pause's deadline; restarting vLLM"
+                    );
+                    let _ = orders.send(SupervisorOrder::RestartOn(model)).await;
+                }
+            }
         });
     }
 
@@ -190,5 +199,45 @@ impl VllmEngine {
             "vLLM serves the new version"
         );
         Ok(Installed { canary_max_abs_diff })
+    }
+}
+
+/// What a pause's watchdog does at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overdue {
+    /// The pause was resumed in time (or failed before vLLM could have paused and was settled).
+    Nothing,
+    /// The pause is overdue, but the launch it paused no longer serves: forget, do not restart.
+    Forget,
+    /// The paused launch still serves and may be paused with half-written weights: restart it.
+    Restart,
+}
+
+/// `held`: the pause still holds vLLM (no resume came). `stored`: the pause call got as far as
+/// recording its hold (false: it failed or was abandoned, and vLLM may be paused anyway).
+/// `serves`: the launch the pause was for is still the one serving.
+fn overdue(held: bool, stored: bool, serves: bool) -> Overdue {
+    match (held || !stored, serves) {
+        (false, _) => Overdue::Nothing,
+        (true, true) => Overdue::Restart,
+        (true, false) => Overdue::Forget,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{overdue, Overdue};
+
+    /// A resumed pause costs nothing; an overdue one restarts vLLM only while the launch it
+    /// paused still serves. The H200 kill drill met the last case: the learner's pause failed on
+    /// the killed launch, and its watchdog must not restart the launch that replaced it.
+    #[test]
+    fn an_overdue_pause_restarts_only_the_launch_it_paused() {
+        assert_eq!(overdue(false, true, true), Overdue::Nothing);
+        assert_eq!(overdue(false, true, false), Overdue::Nothing);
+        assert_eq!(overdue(true, true, true), Overdue::Restart);
+        assert_eq!(overdue(false, false, true), Overdue::Restart);
+        assert_eq!(overdue(true, true, false), Overdue::Forget);
+        assert_eq!(overdue(false, false, false), Overdue::Forget);
     }
 }
