@@ -73,6 +73,18 @@ int grpo_flash_varlen(void* q, void* k, void* v, void* cu_q, void* cu_k, int64_t
   }
 }
 
+// tensor.backward(gradient): backpropagates `grad` (same shape and dtype as `tensor`) through
+// `tensor`'s graph, accumulating into the leaves' .grad. Returns 0 on success, 1 with a message.
+int grpo_backward(void* tensor, void* grad, char* err, size_t err_len) {
+  try {
+    static_cast<at::Tensor*>(tensor)->backward(*static_cast<at::Tensor*>(grad));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(e.what(), err, err_len);
+    return 1;
+  }
+}
+
 // torch.cuda.max_memory_allocated(device): peak bytes allocated by the CUDA caching allocator
 // since the last reset, or -1 when there is no CUDA allocator (a CPU-only process).
 int64_t grpo_cuda_peak_allocated(int device) {

@@ -162,6 +162,34 @@ pub fn flash_varlen(q: &Tensor, k: &Tensor, v: &Tensor, seg: &VarlenSegments<'_>
 }
 
 extern "C" {
+    fn grpo_backward(tensor: *mut c_void, grad: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+/// `y.backward(grad)`: backpropagates `grad` (shaped and typed as `y`) through `y`'s graph
+/// without materializing `(y * grad).sum()`.
+pub fn backward(y: &Tensor, grad: &Tensor) -> Result<(), ShimError> {
+    let mut err = vec![0 as c_char; 1024];
+    // SAFETY: live `at::Tensor*` handles for the call; the shim catches C++ exceptions.
+    let rc = unsafe {
+        grpo_backward(
+            y.as_ptr() as *mut c_void,
+            grad.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the shim wrote a NUL-terminated string into `err` (zeroed beforehand).
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+        return Err(ShimError {
+            op: "backward",
+            message: msg.to_string_lossy().into_owned(),
+        });
+    }
+    Ok(())
+}
+
+extern "C" {
     fn grpo_cuda_peak_allocated(device: c_int) -> i64;
     fn grpo_cuda_reset_peak(device: c_int) -> c_int;
     fn grpo_cuda_release_cached(device: c_int) -> i64;
@@ -215,6 +243,26 @@ pub fn cuda_release_cached(device: usize) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use tch::{Kind, Tensor};
+
+    /// `backward(y, g)` leaves the same gradient as `(y * g).sum().backward()`, and a gradient
+    /// of the wrong shape is an error, not a crash.
+    #[test]
+    fn backward_with_a_gradient_matches_the_product_trick() {
+        let mut x = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let g = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
+        let y = x.sin() * 2.0;
+        super::backward(&y, &g).expect("backward");
+        let ours = x.grad().copy();
+        x.zero_grad();
+        ((x.sin() * 2.0) * &g).sum(Kind::Float).backward();
+        let diff = f64::try_from((ours - x.grad()).abs().max()).expect("scalar");
+        assert!(diff < 1e-6, "max diff {diff}");
+        let bad = Tensor::ones([2], (Kind::Float, tch::Device::Cpu));
+        let y = x.sin();
+        assert!(super::backward(&y, &bad).is_err());
+    }
+
     /// A CPU-only process has no CUDA allocator: the shim says so instead of throwing.
     #[test]
     fn cuda_stats_without_cuda_are_absent() {

@@ -13,7 +13,8 @@
 # Then: run(command="bash scripts/gpu/bench_packing.sh", carry=[".gpu/grpo-node"])
 # Env: SHAPES (default "qwen2.5-0.5b qwen2.5-1.5b qwen2.5-7b"), BUDGETS (default "8192 16384"),
 # REF_SHAPES (default "qwen2.5-0.5b qwen2.5-1.5b"), PARTS (default "refs ours long check": which
-# sections run; one call of 10 minutes holds about two of them).
+# sections run; one call of 10 minutes holds about two of them; "head" compares the head's
+# hand-computed logprob gradient with GRPO_HEAD=autograd).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
@@ -60,6 +61,11 @@ done
 part check && for path in varlen mask; do
   GRPO_PACKED_ATTENTION=$path ours "check-$path-tokens2048-0.5b" "$B" --shape qwen2.5-0.5b --micro-batch-tokens 2048
   GRPO_PACKED_ATTENTION=$path ours "check-$path-long-shared-0.5b" "$L" --shape qwen2.5-0.5b --micro-batch-tokens 2304 --shared-prompt on
+done
+# The head's logprob gradient by hand (the default) against autograd's fp32 chain, same batches.
+part head && for shape in $SHAPES; do
+  GRPO_HEAD=autograd ours "head-autograd-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384
+  ours "head-manual-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384
 done
 python3 - "$OUT/results.txt" "$PEAK" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys

@@ -110,7 +110,9 @@ pub enum BroadcasterMsg {
     AddSidecar(String, Option<RpcReplyPort<u64>>),
     /// Periodic: retry stale sidecars.
     Tick,
-    /// Replies once every send in flight has ended (used at shutdown).
+    /// Replies once every send in flight has ended and every stale sidecar has been checked at
+    /// once (one that answers gets the newest version first); used at shutdown, bounded by the
+    /// caller.
     Flush(RpcReplyPort<()>),
     /// A send task ended (internal).
     Sent(String, Outcome, Link),
@@ -143,6 +145,8 @@ struct Entry {
     /// No health check (and so no full sync) before this: failures in a row back off, so a
     /// sidecar that answers health but fails every update does not get the model every second.
     retry_at: Option<std::time::Instant>,
+    /// A flush waits for this stale sidecar's health check (and, if it answers, its full sync).
+    flush_check: bool,
 }
 
 /// The wait before retrying a sidecar after `failures` failed sends in a row: 0 s after the
@@ -393,6 +397,7 @@ impl BroadcasterState {
                     registered,
                     stale_since: None,
                     retry_at: None,
+                    flush_check: false,
                 },
             );
             self.record(0.0, 0, None);
@@ -517,9 +522,36 @@ impl BroadcasterState {
         if let (true, Some(job)) = (behind, self.latest.clone()) {
             self.dispatch(job, vec![addr], myself).await;
         }
-        if self.sidecars.values().all(|e| e.link.is_some()) {
+        self.try_flush();
+    }
+
+    /// Answers the waiting flushes once no send is in flight and no stale sidecar a flush asked
+    /// about is still being checked.
+    fn try_flush(&mut self) {
+        let settled = self.sidecars.values().all(|e| e.link.is_some() && !e.flush_check);
+        if settled {
             for reply in self.flushes.drain(..) {
                 let _ = reply.send(());
+            }
+        }
+    }
+
+    /// At a flush, stale sidecars are checked at once, backoff or not: one that answers gets the
+    /// newest version before the flush is answered, one that does not costs its health check.
+    fn check_stale_for_flush(&mut self, myself: &ActorRef<BroadcasterMsg>) {
+        for (addr, e) in self.sidecars.iter_mut() {
+            if e.status != Status::Stale || e.link.is_none() {
+                continue;
+            }
+            e.flush_check = true;
+            e.retry_at = None;
+            if !e.checking {
+                e.checking = true;
+                let (client, addr, me) = (e.client.clone(), addr.clone(), myself.clone());
+                tokio::spawn(async move {
+                    let ok = client.health().await.is_ok();
+                    let _ = me.cast(BroadcasterMsg::Checked(addr, ok));
+                });
             }
         }
     }
@@ -648,11 +680,11 @@ impl Actor for WeightBroadcaster {
                 }
             }
             BroadcasterMsg::Flush(reply) => {
-                if state.sidecars.values().all(|e| e.link.is_some()) {
-                    let _ = reply.send(());
-                } else {
-                    state.flushes.push(reply);
+                state.flushes.push(reply);
+                if state.latest.is_some() {
+                    state.check_stale_for_flush(&myself);
                 }
+                state.try_flush();
             }
             BroadcasterMsg::Sent(addr, outcome, link) => state.sent(addr, outcome, link, &myself).await,
             BroadcasterMsg::Tick => {
@@ -679,10 +711,15 @@ impl Actor for WeightBroadcaster {
                     return Ok(());
                 };
                 e.checking = false;
+                e.flush_check = false;
                 if !ok || e.status != Status::Stale {
+                    state.try_flush();
                     return Ok(());
                 }
-                let Some(job) = state.latest.clone() else { return Ok(()) };
+                let Some(job) = state.latest.clone() else {
+                    state.try_flush();
+                    return Ok(());
+                };
                 tracing::info!(sidecar = %addr, version = job.version.0, "sidecar answers again: full sync");
                 crate::telemetry::prom::learner().sidecar_resyncs.inc();
                 state.dispatch(job, vec![addr], &myself).await;

@@ -11,13 +11,14 @@
 //!
 //! The result equals one backward of the whole micro-batch's loss, up to summation order.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::grpo::loss::{token_chunk_loss, LossStats, MicroTensors, StepNorm, TokenInputs};
+use crate::grpo::loss::{logprob_loss, token_chunk_loss, HeadLogprobs, LossStats, MicroTensors, StepNorm, TokenInputs};
 use crate::grpo::validate::IGNORE;
 use crate::grpo::LossConfig;
 use crate::model::attention::{PackedAttention, Segments};
 use crate::model::Transformer;
+use crate::torch_ext::ShimError;
 
 /// How a micro-batch is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub struct StepPlan {
     /// Synchronize the device after each stage and log the stage times (`GRPO_PROFILE_STEP=1`);
     /// slows the step down.
     pub profile: bool,
+    /// The head's logprob gradient by hand ([`HeadLogprobs`]) rather than through autograd's
+    /// fp32 chain (`GRPO_HEAD=autograd` turns it off, for comparison).
+    pub manual_head: bool,
     /// Seed of the LoRA dropout masks: layer `i` draws from `seed + i`, in the forward and again
     /// in its recomputation, so both see the same masks (and a resumed run the same as an
     /// uninterrupted one). `None`: no dropout to draw.
@@ -66,17 +70,18 @@ impl StageClock {
 }
 
 /// Backpropagates `grad` (the gradient of some loss with respect to `y`) through `y`'s graph.
-fn backward_with(y: &Tensor, grad: &Tensor) {
-    (y * grad.to_kind(y.kind())).sum(Kind::Float).backward();
+fn backward_with(y: &Tensor, grad: &Tensor) -> Result<(), ShimError> {
+    crate::torch_ext::backward(y, &grad.to_kind(y.kind()))
 }
 
 /// Backpropagates the first layer's input gradient into the embedding (a frozen one, with LoRA,
 /// takes none).
-fn backward_embedding(model: &Transformer, ids: &Tensor, grad: &Tensor) {
+fn backward_embedding(model: &Transformer, ids: &Tensor, grad: &Tensor) -> Result<(), ShimError> {
     let embedded = model.embed(ids);
     if embedded.requires_grad() {
-        backward_with(&embedded, grad);
+        backward_with(&embedded, grad)?;
     }
+    Ok(())
 }
 
 /// Runs forward and backward of one micro-batch; gradients accumulate into the parameters.
@@ -86,7 +91,7 @@ pub fn forward_backward(
     loss: &LossConfig,
     norm: StepNorm,
     plan: StepPlan,
-) -> LossStats {
+) -> Result<LossStats, ShimError> {
     forward_backward_reporting(model, mt, loss, norm, plan, None)
 }
 
@@ -101,7 +106,7 @@ pub fn forward_backward_reporting(
     norm: StepNorm,
     plan: StepPlan,
     mut layer_done: Option<&mut dyn FnMut(usize)>,
-) -> LossStats {
+) -> Result<LossStats, ShimError> {
     let per_layer = layer_done.is_some() && !plan.checkpoint_layers;
     let ids = &mt.input_ids;
     let (b, t) = (ids.size()[0], ids.size()[1]);
@@ -184,12 +189,28 @@ pub fn forward_backward_reporting(
     let n = keep.size()[0];
     let chunk = plan.chunk_tokens.max(1);
     let mut stats = LossStats::default();
+    // One host read per micro-batch: all temperatures 1 (or unset) skip the logits' scaling.
+    let temps = &tokens.temperatures;
+    let unit_temperature = plan.manual_head
+        && n > 0
+        && temps
+            .le(0.0)
+            .logical_or(&temps.eq(1.0))
+            .all()
+            .f_int64_value(&[])
+            .is_ok_and(|v| v != 0);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         let logits = model.logits_of_hidden(&model.final_norm(&scored.narrow(0, start, len)));
-        let (chunk_loss, s) = token_chunk_loss(&logits, &tokens.narrow(start, len), loss);
-        chunk_loss.backward();
+        let chunk_tokens = tokens.narrow(start, len);
+        let s = if plan.manual_head {
+            head_chunk(&logits, &chunk_tokens, loss, unit_temperature)?
+        } else {
+            let (chunk_loss, s) = token_chunk_loss(&logits, &chunk_tokens, loss);
+            chunk_loss.backward();
+            s
+        };
         stats.merge(&s);
         start += len;
     }
@@ -203,24 +224,24 @@ pub fn forward_backward_reporting(
             let x = input.set_requires_grad(true);
             plan.seed_layer(i);
             let y = layer(i, &x);
-            backward_with(&y, &grad);
+            backward_with(&y, &grad)?;
             grad = x.grad();
             if let Some(done) = layer_done.as_mut() {
                 done(i);
             }
         }
-        backward_embedding(model, ids, &grad);
+        backward_embedding(model, ids, &grad)?;
     } else if per_layer {
         for (i, (input, y)) in layer_graphs.into_iter().enumerate().rev() {
-            backward_with(&y, &grad);
+            backward_with(&y, &grad)?;
             grad = input.grad();
             if let Some(done) = layer_done.as_mut() {
                 done(i);
             }
         }
-        backward_embedding(model, ids, &grad);
+        backward_embedding(model, ids, &grad)?;
     } else {
-        backward_with(&last, &grad);
+        backward_with(&last, &grad)?;
     }
     if plan.profile {
         let backward_s = clock.lap();
@@ -233,5 +254,23 @@ pub fn forward_backward_reporting(
             "micro-batch stages"
         );
     }
-    stats
+    Ok(stats)
+}
+
+/// One chunk of the head with the logprob gradient by hand: the loss's backward runs on the
+/// chunk's `[N]` logprobs only, and the logits get their gradient from [`HeadLogprobs`]; the
+/// LM head and final norm backward stay autograd's.
+fn head_chunk(
+    logits: &Tensor,
+    tokens: &TokenInputs,
+    loss: &LossConfig,
+    unit_temperature: bool,
+) -> Result<LossStats, ShimError> {
+    let head = HeadLogprobs::new(logits, &tokens.labels, &tokens.temperatures, unit_temperature);
+    let logp = head.logp.shallow_clone().set_requires_grad(true);
+    let (chunk_loss, stats) = logprob_loss(&logp, tokens, loss);
+    chunk_loss.backward();
+    let grad = head.logits_grad(&logp.grad(), logits.kind());
+    backward_with(logits, &grad)?;
+    Ok(stats)
 }

@@ -180,6 +180,8 @@ pub enum TrainError {
     DataParallel(#[from] DpError),
     #[error("shared weights: {0}")]
     Home(String),
+    #[error(transparent)]
+    Backward(#[from] crate::torch_ext::ShimError),
 }
 
 /// Shared-weights mode: an engine reads the same tensors; the optimizer step write-holds `gate`
@@ -217,6 +219,8 @@ pub struct Trainer {
     skipped_steps: u64,
     /// `GRPO_PROFILE_STEP=1`: log stage times (synchronizes the device; slows steps down).
     profile: bool,
+    /// The head's logprob gradient by hand (`GRPO_HEAD=autograd`: through autograd instead).
+    manual_head: bool,
     /// Data parallel: the group, and the gradient buckets over `trainable`.
     dp: Option<(DataParallel, Vec<Bucket>)>,
     /// Shared mode with vLLM: the owner of the compute weights' memory (see [`home`]).
@@ -410,6 +414,7 @@ impl Trainer {
             steps_done: 0,
             skipped_steps: 0,
             profile: std::env::var_os("GRPO_PROFILE_STEP").is_some_and(|v| v == "1"),
+            manual_head: std::env::var_os("GRPO_HEAD").is_none_or(|v| v != "autograd"),
             dp: None,
             fence: None,
             homes: None,
@@ -687,6 +692,7 @@ impl Trainer {
                 checkpoint_layers: self.config.compute.gradient_checkpointing,
                 chunk_tokens: self.config.compute.logprob_chunk_tokens,
                 profile: self.profile,
+                manual_head: self.manual_head,
                 dropout_seed: dropout.then_some(seed),
             };
             let mt = MicroTensors::new(mb, self.config.device);
@@ -697,7 +703,7 @@ impl Trainer {
                 }
             };
             let reporter: Option<&mut dyn FnMut(usize)> = (n + 1 == mine.len() && data_parallel).then_some(&mut report);
-            let s = forward_backward_reporting(&self.model, &mt, &self.config.loss, norm, plan, reporter);
+            let s = forward_backward_reporting(&self.model, &mt, &self.config.loss, norm, plan, reporter)?;
             stats.merge(&s);
         }
         let Some(reduction) = reduction else {
