@@ -149,6 +149,19 @@ struct Entry {
     flush_check: bool,
 }
 
+impl Entry {
+    /// Starts a health check of this sidecar in its own task (a sidecar that hangs costs its own
+    /// RPC deadline); the answer comes back as `Checked`.
+    fn check_health(&mut self, addr: &str, myself: &ActorRef<BroadcasterMsg>) {
+        self.checking = true;
+        let (client, addr, me) = (self.client.clone(), addr.to_string(), myself.clone());
+        tokio::spawn(async move {
+            let ok = client.health().await.is_ok();
+            let _ = me.cast(BroadcasterMsg::Checked(addr, ok));
+        });
+    }
+}
+
 /// The wait before retrying a sidecar after `failures` failed sends in a row: 0 s after the
 /// first, then 2, 4, ... up to 60 s.
 fn retry_delay(failures: u64) -> Duration {
@@ -546,12 +559,7 @@ impl BroadcasterState {
             e.flush_check = true;
             e.retry_at = None;
             if !e.checking {
-                e.checking = true;
-                let (client, addr, me) = (e.client.clone(), addr.clone(), myself.clone());
-                tokio::spawn(async move {
-                    let ok = client.health().await.is_ok();
-                    let _ = me.cast(BroadcasterMsg::Checked(addr, ok));
-                });
+                e.check_health(addr, myself);
             }
         }
     }
@@ -697,12 +705,7 @@ impl Actor for WeightBroadcaster {
                 for (addr, e) in state.sidecars.iter_mut() {
                     let due = e.retry_at.is_none_or(|t| t <= std::time::Instant::now());
                     if e.status == Status::Stale && e.link.is_some() && !e.checking && due {
-                        e.checking = true;
-                        let (client, addr, me) = (e.client.clone(), addr.clone(), myself.clone());
-                        tokio::spawn(async move {
-                            let ok = client.health().await.is_ok();
-                            let _ = me.cast(BroadcasterMsg::Checked(addr, ok));
-                        });
+                        e.check_health(addr, &myself);
                     }
                 }
             }

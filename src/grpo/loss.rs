@@ -315,10 +315,24 @@ impl TokenInputs {
 /// range and finite in fp32.
 pub const LOG_RATIO_LIMIT: f64 = 20.0;
 
+/// The temperatures the logits are divided by: an unset or greedy one (<= 0) counts as 1.
+fn sampling_temperatures(temperatures: &Tensor) -> Tensor {
+    temperatures.where_scalarother(&temperatures.gt(0.0), 1.0)
+}
+
+/// Whether every temperature counts as 1 (one host read), so the logits need no scaling.
+pub fn unit_temperatures(temperatures: &Tensor) -> bool {
+    sampling_temperatures(temperatures)
+        .eq(1.0)
+        .all()
+        .f_int64_value(&[])
+        .is_ok_and(|v| v != 0)
+}
+
 /// Log-probabilities `[N]` (fp32) of `labels` under `logits [N, V] / temperature`; 0 at ignored
 /// positions.
 fn flat_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Tensor {
-    let t = temperatures.where_scalarother(&temperatures.gt(0.0), 1.0).unsqueeze(-1);
+    let t = sampling_temperatures(temperatures).unsqueeze(-1);
     let scaled = logits.to_kind(Kind::Float) / t;
     let mask = labels.ne(IGNORE);
     let safe = labels.where_scalarother(&mask, 0);
@@ -345,7 +359,7 @@ impl HeadLogprobs {
     /// `unit_temperature`: every token's temperature is 1 (or unset), which skips the scaling.
     pub fn new(logits: &Tensor, labels: &Tensor, temperatures: &Tensor, unit_temperature: bool) -> Self {
         tch::no_grad(|| {
-            let t = temperatures.where_scalarother(&temperatures.gt(0.0), 1.0);
+            let t = sampling_temperatures(temperatures);
             let mask = labels.ne(IGNORE).to_kind(Kind::Float);
             let safe = labels.where_scalarother(&labels.ne(IGNORE), 0).unsqueeze(-1);
             let log_softmax = if unit_temperature {

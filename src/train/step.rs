@@ -13,7 +13,9 @@
 
 use tch::Tensor;
 
-use crate::grpo::loss::{logprob_loss, token_chunk_loss, HeadLogprobs, LossStats, MicroTensors, StepNorm, TokenInputs};
+use crate::grpo::loss::{
+    logprob_loss, token_chunk_loss, unit_temperatures, HeadLogprobs, LossStats, MicroTensors, StepNorm, TokenInputs,
+};
 use crate::grpo::validate::IGNORE;
 use crate::grpo::LossConfig;
 use crate::model::attention::{PackedAttention, Segments};
@@ -190,15 +192,7 @@ pub fn forward_backward_reporting(
     let chunk = plan.chunk_tokens.max(1);
     let mut stats = LossStats::default();
     // One host read per micro-batch: all temperatures 1 (or unset) skip the logits' scaling.
-    let temps = &tokens.temperatures;
-    let unit_temperature = plan.manual_head
-        && n > 0
-        && temps
-            .le(0.0)
-            .logical_or(&temps.eq(1.0))
-            .all()
-            .f_int64_value(&[])
-            .is_ok_and(|v| v != 0);
+    let unit_temperature = plan.manual_head && n > 0 && unit_temperatures(&tokens.temperatures);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
