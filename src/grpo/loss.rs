@@ -85,6 +85,42 @@ impl LossStats {
     }
 }
 
+/// A chunk's [`LossStats`] still on the device (`[13]` fp64, in the fields' order), so that a
+/// micro-batch's chunks cost one device-to-host copy together instead of one each.
+pub struct PendingStats(Tensor);
+
+impl PendingStats {
+    /// Copies every chunk's sums to the host at once and merges them in order.
+    pub fn read_all(chunks: &[PendingStats]) -> LossStats {
+        let mut out = LossStats::default();
+        if chunks.is_empty() {
+            return out;
+        }
+        let all =
+            Tensor::stack(&chunks.iter().map(|c| c.0.shallow_clone()).collect::<Vec<_>>(), 0).to_device(Device::Cpu);
+        let v = Vec::<f64>::try_from(&all.reshape([-1])).unwrap_or_default();
+        for i in 0..chunks.len() {
+            let at = |k: usize| v.get(i * 13 + k).copied().unwrap_or(f64::NAN);
+            out.merge(&LossStats {
+                loss: at(0),
+                tokens: at(1),
+                ratio_sum: at(2),
+                clipped: at(3),
+                diff_tokens: at(4),
+                diff_sum: at(5),
+                diff_abs_sum: at(6),
+                diff_max: at(7),
+                kl_sum: at(8),
+                pos_logp_sum: at(9),
+                pos_tokens: at(10),
+                neg_logp_sum: at(11),
+                neg_tokens: at(12),
+            });
+        }
+        out
+    }
+}
+
 /// A micro-batch as tensors on the training device.
 pub struct MicroTensors {
     pub input_ids: Tensor,
@@ -94,6 +130,9 @@ pub struct MicroTensors {
     pub advantages: Tensor,
     /// Per row, or per sequence when packed.
     pub temperatures: Tensor,
+    /// Flat indices of the scored positions (`labels != IGNORE`) `[S]` (int64), found on the
+    /// host so the step never waits on the device to learn how many there are.
+    pub scored: Tensor,
     /// Token-budget packing: where the sequences lie in the one row.
     pub packed: Option<Packed>,
 }
@@ -104,6 +143,11 @@ impl MicroTensors {
         let shape = [mb.rows as i64, mb.seq_len as i64];
         let on_policy: Vec<u8> = mb.on_policy.iter().map(|&b| u8::from(b)).collect();
         let packed = mb.is_packed().then(|| Packed::new(mb, device));
+        let scored: Vec<i64> = (0..mb.labels.len() as i64)
+            .zip(&mb.labels)
+            .filter(|(_, &l)| l != IGNORE)
+            .map(|(i, _)| i)
+            .collect();
         Self {
             input_ids: Tensor::from_slice(&mb.input_ids).view(shape).to_device(device),
             labels: Tensor::from_slice(&mb.labels).view(shape).to_device(device),
@@ -114,6 +158,7 @@ impl MicroTensors {
                 .to_device(device),
             advantages: Tensor::from_slice(&mb.advantages).view(shape).to_device(device),
             temperatures: Tensor::from_slice(&mb.temperatures).to_device(device),
+            scored: Tensor::from_slice(&scored).to_device(device),
             packed,
         }
     }
@@ -393,12 +438,12 @@ impl HeadLogprobs {
 
 /// The loss of a chunk of tokens (a scalar to backpropagate; the chunks of a step sum to the
 /// step loss) and its sums. `logits` is `[N, V]` in any dtype; everything after it is fp32.
-pub fn token_chunk_loss(logits: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tensor, LossStats) {
+pub fn token_chunk_loss(logits: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tensor, PendingStats) {
     logprob_loss(&flat_logprobs(logits, &tok.labels, &tok.temperatures), tok, cfg)
 }
 
 /// [`token_chunk_loss`] from the tokens' logprobs `[N]` (fp32) instead of their logits.
-pub fn logprob_loss(logp: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tensor, LossStats) {
+pub fn logprob_loss(logp: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tensor, PendingStats) {
     let mask = tok.labels.ne(IGNORE).to_kind(Kind::Float);
     // On-policy rows compare against the current policy itself: ratio 1, gradient of A*logp.
     let ref_lp = logp.detach().where_self(&tok.on_policy, &tok.ref_logprobs);
@@ -446,44 +491,28 @@ pub fn logprob_loss(logp: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tens
         let logp = logp.detach();
         let pos = a.gt(0.0).to_kind(Kind::Float) * &mask;
         let neg = a.lt(0.0).to_kind(Kind::Float) * &mask;
-        // One device-to-host copy for all the sums.
-        let sums = Tensor::stack(
-            &[
-                loss.detach(),
-                mask.sum(Kind::Float),
-                (&r * &mask).sum(Kind::Float),
-                (clipped_now.to_kind(Kind::Float) * &mask).sum(Kind::Float),
-                diff_mask.sum(Kind::Float),
-                diff.sum(Kind::Float),
-                diff.abs().sum(Kind::Float),
-                diff.abs().max(),
-                (kl.detach() * &mask).sum(Kind::Float),
-                (&logp * &pos).sum(Kind::Float),
-                pos.sum(Kind::Float),
-                (&logp * &neg).sum(Kind::Float),
-                neg.sum(Kind::Float),
-            ],
-            0,
+        // Left on the device: the step reads every chunk's sums at once.
+        PendingStats(
+            Tensor::stack(
+                &[
+                    loss.detach(),
+                    mask.sum(Kind::Float),
+                    (&r * &mask).sum(Kind::Float),
+                    (clipped_now.to_kind(Kind::Float) * &mask).sum(Kind::Float),
+                    diff_mask.sum(Kind::Float),
+                    diff.sum(Kind::Float),
+                    diff.abs().sum(Kind::Float),
+                    diff.abs().max(),
+                    (kl.detach() * &mask).sum(Kind::Float),
+                    (&logp * &pos).sum(Kind::Float),
+                    pos.sum(Kind::Float),
+                    (&logp * &neg).sum(Kind::Float),
+                    neg.sum(Kind::Float),
+                ],
+                0,
+            )
+            .to_kind(Kind::Double),
         )
-        .to_kind(Kind::Double)
-        .to_device(Device::Cpu);
-        let v = Vec::<f64>::try_from(&sums).unwrap_or_default();
-        let at = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
-        LossStats {
-            loss: at(0),
-            tokens: at(1),
-            ratio_sum: at(2),
-            clipped: at(3),
-            diff_tokens: at(4),
-            diff_sum: at(5),
-            diff_abs_sum: at(6),
-            diff_max: at(7),
-            kl_sum: at(8),
-            pos_logp_sum: at(9),
-            pos_tokens: at(10),
-            neg_logp_sum: at(11),
-            neg_tokens: at(12),
-        }
     });
     (loss, stats)
 }
@@ -493,7 +522,8 @@ pub fn logprob_loss(logp: &Tensor, tok: &TokenInputs, cfg: &LossConfig) -> (Tens
 pub fn micro_batch_loss(logits: &Tensor, mt: &MicroTensors, cfg: &LossConfig, norm: StepNorm) -> (Tensor, LossStats) {
     let tok = TokenInputs::of_micro_batch(mt, cfg, norm);
     let v = logits.size()[2];
-    token_chunk_loss(&logits.reshape([-1, v]), &tok, cfg)
+    let (loss, stats) = token_chunk_loss(&logits.reshape([-1, v]), &tok, cfg);
+    (loss, PendingStats::read_all(&[stats]))
 }
 
 #[cfg(test)]
@@ -624,5 +654,57 @@ mod tests {
                 "a gradient to compare"
             );
         }
+    }
+
+    /// Chunks' sums read together equal the whole's: every sum adds up, the max is the
+    /// largest chunk's, and no chunk is dropped or read twice.
+    #[test]
+    fn chunks_read_together_equal_the_whole() {
+        tch::manual_seed(3);
+        let (n, v) = (11, 7);
+        let dev = Device::Cpu;
+        let labels = Tensor::from_slice(&[3i64, 0, IGNORE, 6, 5, 5, IGNORE, 1, 2, 4, 0]);
+        let logits = Tensor::randn([n, v], (Kind::Float, dev));
+        let policy = flat_logprobs(&logits, &labels, &Tensor::ones([n], (Kind::Float, dev)));
+        let tok = TokenInputs {
+            labels,
+            ref_logprobs: policy + Tensor::randn([n], (Kind::Float, dev)) * 0.5,
+            on_policy: Tensor::from_slice(&[
+                false, false, true, false, false, false, false, true, false, false, false,
+            ]),
+            advantages: Tensor::randn([n], (Kind::Float, dev)),
+            temperatures: Tensor::ones([n], (Kind::Float, dev)),
+            weights: Tensor::rand([n], (Kind::Float, dev)),
+        };
+        let cfg = LossConfig {
+            kl_coef: 0.1,
+            ..cfg(ClipMode::Standard)
+        };
+        let whole = PendingStats::read_all(&[token_chunk_loss(&logits, &tok, &cfg).1]);
+        let chunks: Vec<PendingStats> = [(0, 4), (4, 4), (8, 3)]
+            .iter()
+            .map(|&(start, len)| token_chunk_loss(&logits.narrow(0, start, len), &tok.narrow(start, len), &cfg).1)
+            .collect();
+        let parts = PendingStats::read_all(&chunks);
+        assert_eq!(whole.tokens, 9.0);
+        assert_eq!(parts.tokens, whole.tokens);
+        assert_eq!(parts.diff_tokens, 8.0);
+        assert!(
+            whole.diff_max > 0.0 && parts.diff_max == whole.diff_max,
+            "{parts:?} vs {whole:?}"
+        );
+        for (a, b) in [
+            (parts.loss, whole.loss),
+            (parts.ratio_sum, whole.ratio_sum),
+            (parts.diff_abs_sum, whole.diff_abs_sum),
+            (parts.kl_sum, whole.kl_sum),
+            (
+                parts.pos_logp_sum + parts.neg_logp_sum,
+                whole.pos_logp_sum + whole.neg_logp_sum,
+            ),
+        ] {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        assert_eq!(PendingStats::read_all(&[]), LossStats::default());
     }
 }

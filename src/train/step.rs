@@ -14,9 +14,9 @@
 use tch::Tensor;
 
 use crate::grpo::loss::{
-    logprob_loss, token_chunk_loss, unit_temperatures, HeadLogprobs, LossStats, MicroTensors, StepNorm, TokenInputs,
+    logprob_loss, token_chunk_loss, unit_temperatures, HeadLogprobs, LossStats, MicroTensors, PendingStats, StepNorm,
+    TokenInputs,
 };
-use crate::grpo::validate::IGNORE;
 use crate::grpo::LossConfig;
 use crate::model::attention::{PackedAttention, Segments};
 use crate::model::Transformer;
@@ -184,13 +184,13 @@ pub fn forward_backward_reporting(
     // Only scored positions reach the head: the others (prompt, padding) weigh nothing in the
     // loss, so their logits are never computed and their gradient is zero.
     let all = TokenInputs::of_micro_batch(mt, loss, norm);
-    let keep = all.labels.ne(IGNORE).nonzero().squeeze_dim(-1);
-    let tokens = all.select(&keep);
+    let keep = &mt.scored;
+    let tokens = all.select(keep);
     let flat = last.detach().reshape([b * t, -1]);
-    let scored = flat.index_select(0, &keep).set_requires_grad(true);
+    let scored = flat.index_select(0, keep).set_requires_grad(true);
     let n = keep.size()[0];
     let chunk = plan.chunk_tokens.max(1);
-    let mut stats = LossStats::default();
+    let mut pending = Vec::new();
     // One host read per micro-batch: all temperatures 1 (or unset) skip the logits' scaling.
     let unit_temperature = plan.manual_head && n > 0 && unit_temperatures(&tokens.temperatures);
     let mut start = 0;
@@ -205,11 +205,11 @@ pub fn forward_backward_reporting(
             chunk_loss.backward();
             s
         };
-        stats.merge(&s);
+        pending.push(s);
         start += len;
     }
     let grad_scored = if n > 0 { scored.grad() } else { scored.zeros_like() };
-    let mut grad = flat.zeros_like().index_copy(0, &keep, &grad_scored).reshape([b, t, -1]);
+    let mut grad = flat.zeros_like().index_copy(0, keep, &grad_scored).reshape([b, t, -1]);
     let head_s = clock.lap();
 
     // Stage 3: the layers' backward.
@@ -237,6 +237,9 @@ pub fn forward_backward_reporting(
     } else {
         backward_with(&last, &grad)?;
     }
+    // The chunks' sums reach the host together once the whole micro-batch is queued, so the
+    // head's chunks and the backward never wait on a host read.
+    let stats = PendingStats::read_all(&pending);
     if plan.profile {
         let backward_s = clock.lap();
         tracing::info!(
@@ -259,7 +262,7 @@ fn head_chunk(
     tokens: &TokenInputs,
     loss: &LossConfig,
     unit_temperature: bool,
-) -> Result<LossStats, ShimError> {
+) -> Result<PendingStats, ShimError> {
     let head = HeadLogprobs::new(logits, &tokens.labels, &tokens.temperatures, unit_temperature);
     let logp = head.logp.shallow_clone().set_requires_grad(true);
     let (chunk_loss, stats) = logprob_loss(&logp, tokens, loss);
