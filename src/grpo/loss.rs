@@ -133,6 +133,8 @@ pub struct MicroTensors {
     /// Flat indices of the scored positions (`labels != IGNORE`) `[S]` (int64), found on the
     /// host so the step never waits on the device to learn how many there are.
     pub scored: Tensor,
+    /// Every row's (or sequence's) temperature counts as 1 ([`unit_temperatures`]).
+    pub unit_temperature: bool,
     /// Token-budget packing: where the sequences lie in the one row.
     pub packed: Option<Packed>,
 }
@@ -159,6 +161,7 @@ impl MicroTensors {
             advantages: Tensor::from_slice(&mb.advantages).view(shape).to_device(device),
             temperatures: Tensor::from_slice(&mb.temperatures).to_device(device),
             scored: Tensor::from_slice(&scored).to_device(device),
+            unit_temperature: unit_temperatures(&mb.temperatures),
             packed,
         }
     }
@@ -360,18 +363,15 @@ impl TokenInputs {
 /// range and finite in fp32.
 pub const LOG_RATIO_LIMIT: f64 = 20.0;
 
-/// The temperatures the logits are divided by: an unset or greedy one (<= 0) counts as 1.
+/// The temperatures the logits are divided by: an unset or greedy one (<= 0, or NaN) counts as 1.
 fn sampling_temperatures(temperatures: &Tensor) -> Tensor {
     temperatures.where_scalarother(&temperatures.gt(0.0), 1.0)
 }
 
-/// Whether every temperature counts as 1 (one host read), so the logits need no scaling.
-pub fn unit_temperatures(temperatures: &Tensor) -> bool {
-    sampling_temperatures(temperatures)
-        .eq(1.0)
-        .all()
-        .f_int64_value(&[])
-        .is_ok_and(|v| v != 0)
+/// Whether every temperature counts as 1 (the rule of [`sampling_temperatures`], on the host), so
+/// the logits need no scaling.
+pub fn unit_temperatures(temperatures: &[f32]) -> bool {
+    temperatures.iter().all(|&t| t.is_nan() || t <= 0.0 || t == 1.0)
 }
 
 /// Log-probabilities `[N]` (fp32) of `labels` under `logits [N, V] / temperature`; 0 at ignored
@@ -706,5 +706,15 @@ mod tests {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
         }
         assert_eq!(PendingStats::read_all(&[]), LossStats::default());
+    }
+
+    /// The host's rule agrees with the device's: a temperature counts as 1 when it is 1 or <= 0.
+    #[test]
+    fn unit_temperatures_follow_the_sampling_rule() {
+        for temps in [vec![1.0f32, 0.0, -1.0, 1.0], vec![1.0, 0.7], vec![f32::NAN], vec![]] {
+            let device = sampling_temperatures(&Tensor::from_slice(&temps));
+            let all_one = device.eq(1.0).all().int64_value(&[]) == 1;
+            assert_eq!(unit_temperatures(&temps), all_one, "{temps:?}");
+        }
     }
 }

@@ -14,8 +14,7 @@
 use tch::Tensor;
 
 use crate::grpo::loss::{
-    logprob_loss, token_chunk_loss, unit_temperatures, HeadLogprobs, LossStats, MicroTensors, PendingStats, StepNorm,
-    TokenInputs,
+    logprob_loss, token_chunk_loss, HeadLogprobs, LossStats, MicroTensors, PendingStats, StepNorm, TokenInputs,
 };
 use crate::grpo::LossConfig;
 use crate::model::attention::{PackedAttention, Segments};
@@ -191,8 +190,8 @@ pub fn forward_backward_reporting(
     let n = keep.size()[0];
     let chunk = plan.chunk_tokens.max(1);
     let mut pending = Vec::new();
-    // One host read per micro-batch: all temperatures 1 (or unset) skip the logits' scaling.
-    let unit_temperature = plan.manual_head && n > 0 && unit_temperatures(&tokens.temperatures);
+    // All temperatures 1 (or unset), known from the host's batch, skip the logits' scaling.
+    let unit_temperature = mt.unit_temperature;
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
