@@ -387,8 +387,9 @@ fn flat_logprobs(logits: &Tensor, labels: &Tensor, temperatures: &Tensor) -> Ten
 }
 
 /// Logprobs of a chunk's labels computed outside autograd, with what their gradient needs: the
-/// head's elementwise work in three passes over `[N, V]` instead of autograd's chain of fp32
-/// copies (cast, scale, gather, logsumexp, and their backwards).
+/// head's elementwise work in three passes over `[N, V]` (the log-softmax, an exp, and a product
+/// written in the logits' dtype) instead of autograd's chain of fp32 copies (cast, scale,
+/// gather, logsumexp, and their backwards).
 pub struct HeadLogprobs {
     /// `[N]` fp32: log softmax(logits / t) at the labels; 0 at ignored positions.
     pub logp: Tensor,
@@ -410,7 +411,8 @@ impl HeadLogprobs {
             let log_softmax = if unit_temperature {
                 logits.log_softmax(-1, Kind::Float)
             } else {
-                (logits.to_kind(Kind::Float) / t.unsqueeze(-1)).log_softmax(-1, Kind::Float)
+                // bf16 logits over fp32 temperatures promote to fp32 in the one division.
+                (logits / t.unsqueeze(-1)).log_softmax(-1, Kind::Float)
             };
             let logp = log_softmax.gather(-1, &safe, false).squeeze_dim(-1) * &mask;
             Self {
@@ -429,9 +431,11 @@ impl HeadLogprobs {
             let c = (grad.to_kind(Kind::Float) * &self.scale).unsqueeze(-1);
             let mut p = self.log_softmax;
             let _ = p.exp_();
-            let _ = p.g_mul_(&c.neg());
-            let _ = p.scatter_add_(-1, &self.safe, &c);
-            p.to_kind(kind)
+            // softmax - onehot(label) in place, then times -c, rounded to `kind` as it is
+            // written: two passes over [N, V] after the exp, not three and a cast.
+            let _ = p.scatter_add_(-1, &self.safe, &Tensor::full_like(&c, -1.0));
+            let out = Tensor::empty(p.size(), (kind, p.device()));
+            p.mul_out(&out, &c.neg())
         })
     }
 }
@@ -716,5 +720,33 @@ mod tests {
             let all_one = device.eq(1.0).all().int64_value(&[]) == 1;
             assert_eq!(unit_temperatures(&temps), all_one, "{temps:?}");
         }
+    }
+
+    /// The gradient written straight in bf16 is the fp32 gradient rounded once: within bf16's
+    /// rounding error (2^-8 relative) everywhere.
+    #[test]
+    fn head_gradient_in_bf16_is_the_fp32_one_rounded() {
+        tch::manual_seed(11);
+        let (n, v) = (6, 50);
+        let dev = Device::Cpu;
+        let labels = Tensor::from_slice(&[3i64, IGNORE, 49, 0, 7, 7]);
+        let temps = Tensor::from_slice(&[1.0f32, 1.0, 0.6, 1.0, 2.0, 0.0]);
+        let logits = (Tensor::randn([n, v], (Kind::Float, dev)) * 4.0).to_kind(Kind::BFloat16);
+        let grad = Tensor::randn([n], (Kind::Float, dev));
+        let head = || HeadLogprobs::new(&logits, &labels, &temps, false);
+        let exact = head().logits_grad(&grad, Kind::Float);
+        let rounded = head().logits_grad(&grad, Kind::BFloat16);
+        assert_eq!(rounded.kind(), Kind::BFloat16);
+        let err = (rounded.to_kind(Kind::Float) - &exact).abs();
+        let bound = exact.abs() * 2f64.powi(-8) + 1e-30;
+        assert!(err.le_tensor(&bound).all().int64_value(&[]) == 1, "{err} vs {bound}");
+        assert_eq!(
+            exact.get(1).abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "an ignored row"
+        );
+        // Each row's gradient sums to 0 (softmax minus a one-hot, scaled).
+        let sums = exact.sum_dim_intlist([-1].as_slice(), false, Kind::Float).abs().max();
+        assert!(sums.double_value(&[]) < 1e-6);
     }
 }
