@@ -204,6 +204,7 @@ fn main() -> ExitCode {
     let plain = ComputeConfig {
         precision: Precision::Fp32,
         gradient_checkpointing: false,
+        keep_layers: 0,
         logprob_chunk_tokens: 1 << 20,
         fused_adamw: false,
         exp_avg: Precision::Fp32,
@@ -211,6 +212,7 @@ fn main() -> ExitCode {
     let staged = ComputeConfig {
         precision: Precision::Fp32,
         gradient_checkpointing: true,
+        keep_layers: 0,
         logprob_chunk_tokens: 37,
         fused_adamw: true,
         exp_avg: Precision::Fp32,

@@ -208,8 +208,9 @@ fn case_with(arch: &str, extra: &[&str], lora: Option<(&[LoraTarget], Option<&[i
             reference["loss"].as_f64().expect("loss"),
             reference["grad_norm"].as_f64().expect("grad_norm"),
         );
-        // The plain step (one graph, one logprob chunk) and the staged one (activation
-        // checkpointing, 5-token logprob chunks, fused AdamW) must both match.
+        // The plain step (one graph, one logprob chunk), the staged one (activation
+        // checkpointing, 5-token logprob chunks, fused AdamW) and the partly checkpointed one
+        // must all match.
         let plain = ComputeConfig {
             gradient_checkpointing: false,
             logprob_chunk_tokens: 1 << 20,
@@ -222,7 +223,14 @@ fn case_with(arch: &str, extra: &[&str], lora: Option<(&[LoraTarget], Option<&[i
             fused_adamw: true,
             ..ComputeConfig::default()
         };
-        for compute in [plain, staged] {
+        // Checkpointing that keeps the last layer's activations: a recomputed layer's backward
+        // and a kept one's in the same step.
+        let partial = ComputeConfig {
+            keep_layers: 1,
+            logprob_chunk_tokens: 7,
+            ..staged
+        };
+        for compute in [plain, staged, partial] {
             let (l, g, tokens) = ours(dir.path(), &spec, &groups, loss, compute, adapter_dir.as_deref());
             println!("{arch} {cfg_json} {compute:?}: loss {l:.8} vs {rl:.8}, grad norm {g:.6} vs {rg:.6}");
             assert_eq!(tokens, reference["tokens"].as_u64().expect("tokens"));

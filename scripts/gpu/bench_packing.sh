@@ -14,7 +14,8 @@
 # Env: SHAPES (default "qwen2.5-0.5b qwen2.5-1.5b qwen2.5-7b"), BUDGETS (default "8192 16384"),
 # REF_SHAPES (default "qwen2.5-0.5b qwen2.5-1.5b"), PARTS (default "refs ours long check": which
 # sections run; one call of 10 minutes holds about two of them; "head" compares the head's
-# hand-computed logprob gradient with GRPO_HEAD=autograd).
+# hand-computed logprob gradient with GRPO_HEAD=autograd; "keep" runs --checkpoint-keep-layers
+# for each of KEEP, default "0 8 all").
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
@@ -66,6 +67,13 @@ done
 part head && for shape in $SHAPES; do
   GRPO_HEAD=autograd ours "head-autograd-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384
   ours "head-manual-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384
+done
+# Partial checkpointing: the last N layers keep their activations (KEEP, default "0 8 all").
+part keep && for shape in $SHAPES; do
+  for k in ${KEEP:-0 8 all}; do
+    [[ $k == all ]] && k=1000
+    ours "keep$k-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384 --checkpoint-keep-layers "$k"
+  done
 done
 python3 - "$OUT/results.txt" "$PEAK" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys

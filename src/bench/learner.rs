@@ -56,6 +56,9 @@ pub struct LearnerBenchArgs {
     /// Recompute layers in the backward.
     #[arg(long, env = "GRPO_GRADIENT_CHECKPOINTING", default_value_t = true, action = clap::ArgAction::Set)]
     pub gradient_checkpointing: bool,
+    /// With checkpointing, the last N layers keep their activations.
+    #[arg(long, env = "GRPO_CHECKPOINT_KEEP_LAYERS", default_value_t = 0)]
+    pub checkpoint_keep_layers: usize,
     /// Positions per logprob chunk.
     #[arg(long, env = "GRPO_LOGPROB_CHUNK_TOKENS", default_value_t = 1024)]
     pub logprob_chunk_tokens: i64,
@@ -153,6 +156,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         compute: ComputeConfig {
             precision: args.precision,
             gradient_checkpointing: args.gradient_checkpointing,
+            keep_layers: args.checkpoint_keep_layers,
             logprob_chunk_tokens: args.logprob_chunk_tokens,
             fused_adamw: args.fused_adamw,
             exp_avg: args.exp_avg_dtype,
@@ -269,6 +273,7 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
         },
         "precision": format!("{:?}", args.precision).to_lowercase(),
         "gradient_checkpointing": args.gradient_checkpointing,
+        "checkpoint_keep_layers": args.checkpoint_keep_layers,
         "logprob_chunk_tokens": args.logprob_chunk_tokens,
         "fused_adamw": args.fused_adamw,
         "exp_avg_dtype": format!("{:?}", args.exp_avg_dtype).to_lowercase(),

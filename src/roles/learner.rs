@@ -101,6 +101,7 @@ pub(super) fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &Mo
             gradient_checkpointing: cfg
                 .gradient_checkpointing
                 .unwrap_or(params >= CHECKPOINTING_FROM_PARAMS),
+            keep_layers: cfg.checkpoint_keep_layers,
             logprob_chunk_tokens: cfg.logprob_chunk_tokens,
             fused_adamw: cfg.fused_adamw,
             exp_avg: cfg.exp_avg_dtype.unwrap_or(precision),

@@ -1,8 +1,9 @@
 //! Forward and backward of one micro-batch, in three stages so that neither the layers'
 //! activations nor the full-vocabulary logits have to live at once:
 //!
-//! 1. the decoder layers, either with a full autograd graph or (activation checkpointing) under
-//!    `no_grad`, keeping only each layer's input;
+//! 1. the decoder layers, either with a full autograd graph or (activation checkpointing) the
+//!    first [`StepPlan::recompute_layers`] of them under `no_grad`, keeping only their inputs,
+//!    and the rest each with a graph of its own;
 //! 2. the head (final norm, LM head, fp32 logprobs and the loss) on chunks of at most
 //!    `chunk_tokens` positions, each chunk backpropagated on its own into the final hidden
 //!    states;
@@ -24,8 +25,9 @@ use crate::torch_ext::ShimError;
 /// How a micro-batch is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepPlan {
-    /// Recompute each layer during the backward instead of storing its activations.
-    pub checkpoint_layers: bool,
+    /// How many decoder layers, from the first, are recomputed during the backward instead of
+    /// storing their activations (activation checkpointing); the others keep theirs. 0: none.
+    pub recompute_layers: usize,
     /// Positions per chunk of the head (each chunk holds `chunk_tokens x vocab` fp32 logits).
     pub chunk_tokens: i64,
     /// Synchronize the device after each stage and log the stage times (`GRPO_PROFILE_STEP=1`);
@@ -46,6 +48,14 @@ impl StepPlan {
             tch::manual_seed(seed.wrapping_add(i as i64));
         }
     }
+}
+
+/// What stage 1 keeps of a decoder layer for its backward.
+enum Saved {
+    /// The layer's input only: the layer is recomputed in the backward.
+    Input(Tensor),
+    /// The layer's input (a leaf) and its output, with the graph between them.
+    Graph(Tensor, Tensor),
 }
 
 /// Stage timer for [`StepPlan::profile`].
@@ -98,8 +108,8 @@ pub fn forward_backward(
 
 /// [`forward_backward`], calling `layer_done(i)` as soon as the backward through decoder layer
 /// `i` is finished (last layer first), so that a data-parallel step can start reducing that
-/// layer's gradients while the backward goes on. With a reporter and no activation
-/// checkpointing, the layers' backward runs one layer at a time on the same graph.
+/// layer's gradients while the backward goes on. With a reporter, or with some layers
+/// recomputed, the layers' backward runs one layer at a time.
 pub fn forward_backward_reporting(
     model: &Transformer,
     mt: &MicroTensors,
@@ -108,7 +118,8 @@ pub fn forward_backward_reporting(
     plan: StepPlan,
     mut layer_done: Option<&mut dyn FnMut(usize)>,
 ) -> Result<LossStats, ShimError> {
-    let per_layer = layer_done.is_some() && !plan.checkpoint_layers;
+    // One graph for the whole micro-batch, or one per layer (recomputed or kept).
+    let whole_graph = plan.recompute_layers == 0 && layer_done.is_none();
     let ids = &mt.input_ids;
     let (b, t) = (ids.size()[0], ids.size()[1]);
     let mut clock = StageClock {
@@ -144,36 +155,31 @@ pub fn forward_backward_reporting(
     };
 
     // Stage 1: the layers.
-    let mut saved_inputs = Vec::new();
-    let mut layer_graphs: Vec<(Tensor, Tensor)> = Vec::new();
-    let last = if plan.checkpoint_layers {
-        tch::no_grad(|| {
-            let mut x = model.embed(ids);
-            for i in 0..model.num_layers() {
-                plan.seed_layer(i);
-                let next = layer(i, &x);
-                saved_inputs.push(x);
-                x = next;
-            }
-            x
-        })
-    } else if per_layer {
-        // Each layer's input is a leaf of its own graph; its output keeps that graph. The
-        // embedding is recomputed for its own backward at the end.
-        let mut x = tch::no_grad(|| model.embed(ids));
-        for i in 0..model.num_layers() {
-            plan.seed_layer(i);
-            let input = x.detach().set_requires_grad(true);
-            let next = layer(i, &input);
-            layer_graphs.push((input, next.shallow_clone()));
-            x = next;
-        }
-        x
-    } else {
+    let mut saved: Vec<Saved> = Vec::new();
+    let last = if whole_graph {
         let mut x = model.embed(ids);
         for i in 0..model.num_layers() {
             plan.seed_layer(i);
             x = layer(i, &x);
+        }
+        x
+    } else {
+        // A recomputed layer keeps only its input; a kept one makes its input a leaf of its own
+        // graph, and its output keeps that graph. The embedding is recomputed for its own
+        // backward at the end.
+        let mut x = tch::no_grad(|| model.embed(ids));
+        for i in 0..model.num_layers() {
+            plan.seed_layer(i);
+            if i < plan.recompute_layers {
+                let next = tch::no_grad(|| layer(i, &x));
+                saved.push(Saved::Input(x));
+                x = next;
+            } else {
+                let input = x.detach().set_requires_grad(true);
+                let next = layer(i, &input);
+                saved.push(Saved::Graph(input, next.shallow_clone()));
+                x = next;
+            }
         }
         x
     };
@@ -211,30 +217,29 @@ pub fn forward_backward_reporting(
     let mut grad = flat.zeros_like().index_copy(0, keep, &grad_scored).reshape([b, t, -1]);
     let head_s = clock.lap();
 
-    // Stage 3: the layers' backward.
-    if plan.checkpoint_layers {
-        for (i, input) in saved_inputs.into_iter().enumerate().rev() {
-            let x = input.set_requires_grad(true);
-            plan.seed_layer(i);
-            let y = layer(i, &x);
-            backward_with(&y, &grad)?;
-            grad = x.grad();
-            if let Some(done) = layer_done.as_mut() {
-                done(i);
-            }
-        }
-        backward_embedding(model, ids, &grad)?;
-    } else if per_layer {
-        for (i, (input, y)) in layer_graphs.into_iter().enumerate().rev() {
-            backward_with(&y, &grad)?;
+    // Stage 3: the layers' backward, last layer first.
+    if whole_graph {
+        backward_with(&last, &grad)?;
+    } else {
+        for (i, layer_saved) in saved.into_iter().enumerate().rev() {
+            let input = match layer_saved {
+                Saved::Input(x) => {
+                    let x = x.set_requires_grad(true);
+                    plan.seed_layer(i);
+                    backward_with(&layer(i, &x), &grad)?;
+                    x
+                }
+                Saved::Graph(input, y) => {
+                    backward_with(&y, &grad)?;
+                    input
+                }
+            };
             grad = input.grad();
             if let Some(done) = layer_done.as_mut() {
                 done(i);
             }
         }
         backward_embedding(model, ids, &grad)?;
-    } else {
-        backward_with(&last, &grad)?;
     }
     // The chunks' sums reach the host together once the whole micro-batch is queued, so the
     // head's chunks and the backward never wait on a host read.

@@ -53,6 +53,8 @@ pub struct ComputeConfig {
     pub precision: Precision,
     /// Recompute each layer in the backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// With checkpointing, this many of the last decoder layers keep their activations instead.
+    pub keep_layers: usize,
     /// Positions per chunk of the LM head and logprob computation.
     pub logprob_chunk_tokens: i64,
     /// libtorch's fused AdamW kernel instead of a per-tensor loop.
@@ -61,11 +63,23 @@ pub struct ComputeConfig {
     pub exp_avg: Precision,
 }
 
+impl ComputeConfig {
+    /// How many decoder layers, from the first, a step recomputes in its backward.
+    pub fn recompute_layers(&self, num_layers: usize) -> usize {
+        if self.gradient_checkpointing {
+            num_layers.saturating_sub(self.keep_layers)
+        } else {
+            0
+        }
+    }
+}
+
 impl Default for ComputeConfig {
     fn default() -> Self {
         Self {
             precision: Precision::Fp32,
             gradient_checkpointing: false,
+            keep_layers: 0,
             logprob_chunk_tokens: 1024,
             fused_adamw: true,
             exp_avg: Precision::Fp32,
@@ -689,7 +703,7 @@ impl Trainer {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(i as i64 * 65_536);
             let plan = StepPlan {
-                checkpoint_layers: self.config.compute.gradient_checkpointing,
+                recompute_layers: self.config.compute.recompute_layers(self.model.num_layers()),
                 chunk_tokens: self.config.compute.logprob_chunk_tokens,
                 profile: self.profile,
                 manual_head: self.manual_head,
