@@ -116,10 +116,8 @@ pub fn forward_backward_reporting(
     loss: &LossConfig,
     norm: StepNorm,
     plan: StepPlan,
-    mut layer_done: Option<&mut dyn FnMut(usize)>,
+    layer_done: Option<&mut dyn FnMut(usize)>,
 ) -> Result<LossStats, ShimError> {
-    // One graph for the whole micro-batch, or one per layer (recomputed or kept).
-    let whole_graph = plan.recompute_layers == 0 && layer_done.is_none();
     let ids = &mt.input_ids;
     let (b, t) = (ids.size()[0], ids.size()[1]);
     let mut clock = StageClock {
@@ -128,118 +126,17 @@ pub fn forward_backward_reporting(
         last: std::time::Instant::now(),
     };
     let _ = clock.lap();
-    // Packed rows: RoPE restarts at every sequence, attention stays within each.
-    let packed = mt.packed.as_ref().map(|p| {
-        let seg = Segments {
-            segments: &p.segments,
-            parents: &p.parents,
-            cu_q: &p.cu_seqlens,
-            cu_k: &p.cu_seqlens_k,
-            key_index: p.key_index.as_ref(),
-            max_q: p.max_len,
-            max_k: p.max_len_k,
-        };
-        (p, PackedAttention::new(&seg, model.compute_kind()))
-    });
-    let (cos, sin) = match &packed {
-        Some((p, _)) => {
-            let (cos, sin) = model.rope_tables(p.span, ids.device());
-            let pick = |table: &Tensor| table.index_select(0, &p.positions).view([1, 1, t, -1]);
-            (pick(&cos), pick(&sin))
-        }
-        None => model.rope_tables(t, ids.device()),
-    };
-    let layer = |i: usize, x: &Tensor| match &packed {
-        Some((_, attn)) => model.packed_layer(i, x, &cos, &sin, attn),
-        None => model.layer(i, x, &cos, &sin),
-    };
-
-    // Stage 1: the layers.
-    let mut saved: Vec<Saved> = Vec::new();
-    let last = if whole_graph {
-        let mut x = model.embed(ids);
-        for i in 0..model.num_layers() {
-            plan.seed_layer(i);
-            x = layer(i, &x);
-        }
-        x
-    } else {
-        // A recomputed layer keeps only its input; a kept one makes its input a leaf of its own
-        // graph, and its output keeps that graph. The embedding is recomputed for its own
-        // backward at the end.
-        let mut x = tch::no_grad(|| model.embed(ids));
-        for i in 0..model.num_layers() {
-            plan.seed_layer(i);
-            if i < plan.recompute_layers {
-                let next = tch::no_grad(|| layer(i, &x));
-                saved.push(Saved::Input(x));
-                x = next;
-            } else {
-                let input = x.detach().set_requires_grad(true);
-                let next = layer(i, &input);
-                saved.push(Saved::Graph(input, next.shallow_clone()));
-                x = next;
-            }
-        }
-        x
-    };
-
+    let layers = Layers::new(model, mt, plan);
+    // One graph for the whole micro-batch, or one per layer (recomputed or kept).
+    let whole_graph = plan.recompute_layers == 0 && layer_done.is_none();
+    let (last, saved) = layers.forward(ids, whole_graph);
     let layers_s = clock.lap();
-    // Stage 2: the head, chunk by chunk.
-    // Only scored positions reach the head: the others (prompt, padding) weigh nothing in the
-    // loss, so their logits are never computed and their gradient is zero.
-    let all = TokenInputs::of_micro_batch(mt, loss, norm);
-    let keep = &mt.scored;
-    let tokens = all.select(keep);
-    let flat = last.detach().reshape([b * t, -1]);
-    let scored = flat.index_select(0, keep).set_requires_grad(true);
-    let n = keep.size()[0];
-    let chunk = plan.chunk_tokens.max(1);
-    let mut pending = Vec::new();
-    // All temperatures 1 (or unset), known from the host's batch, skip the logits' scaling.
-    let unit_temperature = mt.unit_temperature;
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let logits = model.logits_of_hidden(&model.final_norm(&scored.narrow(0, start, len)));
-        let chunk_tokens = tokens.narrow(start, len);
-        let s = if plan.manual_head {
-            head_chunk(&logits, &chunk_tokens, loss, unit_temperature)?
-        } else {
-            let (chunk_loss, s) = token_chunk_loss(&logits, &chunk_tokens, loss);
-            chunk_loss.backward();
-            s
-        };
-        pending.push(s);
-        start += len;
-    }
-    let grad_scored = if n > 0 { scored.grad() } else { scored.zeros_like() };
-    let mut grad = flat.zeros_like().index_copy(0, keep, &grad_scored).reshape([b, t, -1]);
+    let (grad, pending) = head(model, mt, &last, loss, norm, plan)?;
     let head_s = clock.lap();
-
-    // Stage 3: the layers' backward, last layer first.
     if whole_graph {
         backward_with(&last, &grad)?;
     } else {
-        for (i, layer_saved) in saved.into_iter().enumerate().rev() {
-            let input = match layer_saved {
-                Saved::Input(x) => {
-                    let x = x.set_requires_grad(true);
-                    plan.seed_layer(i);
-                    backward_with(&layer(i, &x), &grad)?;
-                    x
-                }
-                Saved::Graph(input, y) => {
-                    backward_with(&y, &grad)?;
-                    input
-                }
-            };
-            grad = input.grad();
-            if let Some(done) = layer_done.as_mut() {
-                done(i);
-            }
-        }
-        backward_embedding(model, ids, &grad)?;
+        layers.backward(ids, saved, grad, layer_done)?;
     }
     // The chunks' sums reach the host together once the whole micro-batch is queued, so the
     // head's chunks and the backward never wait on a host read.
@@ -256,6 +153,160 @@ pub fn forward_backward_reporting(
         );
     }
     Ok(stats)
+}
+
+/// The decoder layers of one micro-batch: its RoPE tables and, packed, its attention segments.
+struct Layers<'a> {
+    model: &'a Transformer,
+    plan: StepPlan,
+    cos: Tensor,
+    sin: Tensor,
+    packed: Option<PackedAttention>,
+}
+
+impl<'a> Layers<'a> {
+    fn new(model: &'a Transformer, mt: &MicroTensors, plan: StepPlan) -> Self {
+        let (ids, t) = (&mt.input_ids, mt.input_ids.size()[1]);
+        let Some(p) = mt.packed.as_ref() else {
+            let (cos, sin) = model.rope_tables(t, ids.device());
+            return Self {
+                model,
+                plan,
+                cos,
+                sin,
+                packed: None,
+            };
+        };
+        // Packed rows: RoPE restarts at every sequence, attention stays within each.
+        let seg = Segments {
+            segments: &p.segments,
+            parents: &p.parents,
+            cu_q: &p.cu_seqlens,
+            cu_k: &p.cu_seqlens_k,
+            key_index: p.key_index.as_ref(),
+            max_q: p.max_len,
+            max_k: p.max_len_k,
+        };
+        let (cos, sin) = model.rope_tables(p.span, ids.device());
+        let pick = |table: &Tensor| table.index_select(0, &p.positions).view([1, 1, t, -1]);
+        Self {
+            model,
+            plan,
+            cos: pick(&cos),
+            sin: pick(&sin),
+            packed: Some(PackedAttention::new(&seg, model.compute_kind())),
+        }
+    }
+
+    fn run(&self, i: usize, x: &Tensor) -> Tensor {
+        self.plan.seed_layer(i);
+        match &self.packed {
+            Some(attn) => self.model.packed_layer(i, x, &self.cos, &self.sin, attn),
+            None => self.model.layer(i, x, &self.cos, &self.sin),
+        }
+    }
+
+    /// Stage 1: the last layer's output, and what each layer keeps for its backward (nothing
+    /// with `whole_graph`: one autograd graph from the embedding on).
+    fn forward(&self, ids: &Tensor, whole_graph: bool) -> (Tensor, Vec<Saved>) {
+        let mut saved = Vec::new();
+        if whole_graph {
+            let mut x = self.model.embed(ids);
+            for i in 0..self.model.num_layers() {
+                x = self.run(i, &x);
+            }
+            return (x, saved);
+        }
+        // A recomputed layer keeps only its input; a kept one makes its input a leaf of its own
+        // graph, and its output keeps that graph. The embedding is recomputed for its own
+        // backward at the end.
+        let mut x = tch::no_grad(|| self.model.embed(ids));
+        for i in 0..self.model.num_layers() {
+            if i < self.plan.recompute_layers {
+                let next = tch::no_grad(|| self.run(i, &x));
+                saved.push(Saved::Input(x));
+                x = next;
+            } else {
+                let input = x.detach().set_requires_grad(true);
+                let next = self.run(i, &input);
+                saved.push(Saved::Graph(input, next.shallow_clone()));
+                x = next;
+            }
+        }
+        (x, saved)
+    }
+
+    /// Stage 3: the layers' backward from the last one's output gradient, last layer first,
+    /// then the embedding's.
+    fn backward(
+        &self,
+        ids: &Tensor,
+        saved: Vec<Saved>,
+        mut grad: Tensor,
+        mut layer_done: Option<&mut dyn FnMut(usize)>,
+    ) -> Result<(), ShimError> {
+        for (i, layer_saved) in saved.into_iter().enumerate().rev() {
+            let input = match layer_saved {
+                Saved::Input(x) => {
+                    let x = x.set_requires_grad(true);
+                    backward_with(&self.run(i, &x), &grad)?;
+                    x
+                }
+                Saved::Graph(input, y) => {
+                    backward_with(&y, &grad)?;
+                    input
+                }
+            };
+            grad = input.grad();
+            if let Some(done) = layer_done.as_mut() {
+                done(i);
+            }
+        }
+        backward_embedding(self.model, ids, &grad)
+    }
+}
+
+/// Stage 2: the head, chunk by chunk, from the last layer's output `[B, T, H]`; returns the
+/// gradient of the loss with respect to that output and the chunks' sums (still on the device).
+/// Only scored positions reach the head: the others (prompt, padding) weigh nothing in the loss,
+/// so their logits are never computed and their gradient is zero.
+fn head(
+    model: &Transformer,
+    mt: &MicroTensors,
+    last: &Tensor,
+    loss: &LossConfig,
+    norm: StepNorm,
+    plan: StepPlan,
+) -> Result<(Tensor, Vec<PendingStats>), ShimError> {
+    let keep = &mt.scored;
+    let tokens = TokenInputs::of_micro_batch(mt, loss, norm).select(keep);
+    let size = last.size();
+    let flat = last.detach().reshape([size[0] * size[1], -1]);
+    let scored = flat.index_select(0, keep).set_requires_grad(true);
+    let n = keep.size()[0];
+    let chunk = plan.chunk_tokens.max(1);
+    let mut pending = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = model.logits_of_hidden(&model.final_norm(&scored.narrow(0, start, len)));
+        let chunk_tokens = tokens.narrow(start, len);
+        pending.push(if plan.manual_head {
+            // All temperatures 1 (or unset), known from the host's batch, skip the scaling.
+            head_chunk(&logits, &chunk_tokens, loss, mt.unit_temperature)?
+        } else {
+            let (chunk_loss, s) = token_chunk_loss(&logits, &chunk_tokens, loss);
+            chunk_loss.backward();
+            s
+        });
+        start += len;
+    }
+    let grad_scored = if n > 0 { scored.grad() } else { scored.zeros_like() };
+    let grad = flat
+        .zeros_like()
+        .index_copy(0, keep, &grad_scored)
+        .view(size.as_slice());
+    Ok((grad, pending))
 }
 
 /// One chunk of the head with the logprob gradient by hand: the loss's backward runs on the
