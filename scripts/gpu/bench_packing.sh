@@ -67,6 +67,7 @@ done
 part head && for shape in $SHAPES; do
   GRPO_HEAD=autograd ours "head-autograd-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384
   ours "head-manual-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384
+  ours "head-manual-chunk4096-tokens16384-$shape" "$B" --shape "$shape" --micro-batch-tokens 16384 --logprob-chunk-tokens 4096
 done
 # Partial checkpointing: the last N layers keep their activations (KEEP, default "0 8 all").
 part keep && for shape in $SHAPES; do
