@@ -628,6 +628,11 @@ impl LearnerArgs {
         check(logprob_chunk_tokens > 0, "logprob-chunk-tokens", || {
             format!("must be positive (got {logprob_chunk_tokens})")
         })?;
+        check(
+            args.gradient_checkpointing != Some(false) || args.checkpoint_keep_layers.unwrap_or(0) == 0,
+            "checkpoint-keep-layers",
+            || "keeps layers out of gradient checkpointing, which --gradient-checkpointing false turns off".into(),
+        )?;
         let keep_checkpoints = args.keep_checkpoints;
         check(keep_checkpoints != Some(0), "keep-checkpoints", || {
             "must be at least 1".into()
@@ -1138,6 +1143,14 @@ mod tests {
                     ..base()
                 },
                 "--is-cap",
+            ),
+            (
+                LearnerArgs {
+                    gradient_checkpointing: Some(false),
+                    checkpoint_keep_layers: Some(4),
+                    ..base()
+                },
+                "--checkpoint-keep-layers",
             ),
         ];
         for (args, flag) in cases {

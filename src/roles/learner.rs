@@ -95,12 +95,20 @@ pub(super) fn trainer_config(cfg: &LearnerConfig, device: tch::Device, spec: &Mo
     } else {
         Precision::Fp32
     });
+    let gradient_checkpointing = cfg
+        .gradient_checkpointing
+        .unwrap_or(params >= CHECKPOINTING_FROM_PARAMS);
+    if !gradient_checkpointing && cfg.checkpoint_keep_layers > 0 {
+        tracing::warn!(
+            params,
+            keep_layers = cfg.checkpoint_keep_layers,
+            "--checkpoint-keep-layers has nothing to do: gradient checkpointing is off for a model this small (every layer keeps its activations)"
+        );
+    }
     TrainerConfig {
         compute: ComputeConfig {
             precision,
-            gradient_checkpointing: cfg
-                .gradient_checkpointing
-                .unwrap_or(params >= CHECKPOINTING_FROM_PARAMS),
+            gradient_checkpointing,
             keep_layers: cfg.checkpoint_keep_layers,
             logprob_chunk_tokens: cfg.logprob_chunk_tokens,
             fused_adamw: cfg.fused_adamw,

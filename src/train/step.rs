@@ -136,6 +136,8 @@ pub fn forward_backward_reporting(
     if whole_graph {
         backward_with(&last, &grad)?;
     } else {
+        // Its graph, if any, lives on in `saved`.
+        drop(last);
         layers.backward(ids, saved, grad, layer_done)?;
     }
     // The chunks' sums reach the host together once the whole micro-batch is queued, so the
