@@ -22,9 +22,15 @@ fn batch(step: u64, n_groups: i64, micro_batch: usize) -> TrainBatch {
 }
 
 fn config(checkpointing: bool) -> TrainerConfig {
+    config_keeping(checkpointing, 0)
+}
+
+/// With checkpointing, `keep_layers` of the last layers keep their activations.
+fn config_keeping(checkpointing: bool, keep_layers: usize) -> TrainerConfig {
     TrainerConfig {
         compute: ComputeConfig {
             gradient_checkpointing: checkpointing,
+            keep_layers,
             ..ComputeConfig::default()
         },
         ..common::trainer_config(common::ppo_loss(), 3e-3, 2, 20)
@@ -129,9 +135,9 @@ fn single(dir: &Path, cfg: TrainerConfig, batches: &[TrainBatch]) -> (Vec<f64>, 
     (losses, t.master_snapshot())
 }
 
-/// Two ranks train what one rank trains, with and without activation checkpointing (the two
-/// ways the backward reports finished layers); the second rank starts from zeroed weights and
-/// ends bit-identical to rank 0.
+/// Two ranks train what one rank trains, with and without activation checkpointing, and with
+/// the last layer kept out of it (recomputed and kept layers reporting in one backward); the
+/// second rank starts from zeroed weights and ends bit-identical to rank 0.
 #[test]
 fn two_ranks_train_what_one_rank_trains() {
     let model = common::tiny_model("llama", &["--layers", "3"]);
@@ -140,8 +146,8 @@ fn two_ranks_train_what_one_rank_trains() {
         batches.iter().all(|b| b.micro_batches.len() >= 4),
         "several micro-batches per rank"
     );
-    for checkpointing in [false, true] {
-        let cfg = config(checkpointing);
+    for (checkpointing, keep) in [(false, 0), (true, 0), (true, 1)] {
+        let cfg = config_keeping(checkpointing, keep);
         let (one_losses, one_weights) = single(model.path(), cfg, &batches);
         let (server, port) = store();
         let other = follower(model.path(), cfg, port, 1, 2);
