@@ -132,10 +132,9 @@ pub struct VarlenSegments<'a> {
 /// within each segment, aligned to the segments' ends; differentiable.
 pub fn flash_varlen(q: &Tensor, k: &Tensor, v: &Tensor, seg: &VarlenSegments<'_>) -> Result<Tensor, ShimError> {
     let mut out: *mut c_void = std::ptr::null_mut();
-    let mut err = vec![0 as c_char; 1024];
     // SAFETY: live `at::Tensor*` handles for the call; on success the shim hands over a new
     // heap tensor, which `from_ptr` owns from here on.
-    let rc = unsafe {
+    shim_call("flash attention (varlen)", |err, err_len| unsafe {
         grpo_flash_varlen(
             q.as_ptr() as *mut c_void,
             k.as_ptr() as *mut c_void,
@@ -145,20 +144,34 @@ pub fn flash_varlen(q: &Tensor, k: &Tensor, v: &Tensor, seg: &VarlenSegments<'_>
             seg.max_q,
             seg.max_k,
             &mut out,
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            err_len,
         )
-    };
-    if rc != 0 || out.is_null() {
-        // SAFETY: the shim wrote a NUL-terminated string into `err` (zeroed beforehand).
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+    })?;
+    if out.is_null() {
         return Err(ShimError {
             op: "flash attention (varlen)",
-            message: msg.to_string_lossy().into_owned(),
+            message: "no output tensor".into(),
         });
     }
     // SAFETY: `out` is a tensor the shim allocated for us (a C_tensor).
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// Runs a shim function that returns 0 on success, or nonzero with a message written into the
+/// error buffer it is given.
+fn shim_call(op: &'static str, call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), ShimError> {
+    let mut err = vec![0 as c_char; 1024];
+    if call(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim wrote a NUL-terminated string into `err` (zeroed beforehand, and its
+    // writer truncates to the buffer's length).
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+    Err(ShimError {
+        op,
+        message: msg.to_string_lossy().into_owned(),
+    })
 }
 
 extern "C" {
@@ -168,25 +181,10 @@ extern "C" {
 /// `y.backward(grad)`: backpropagates `grad` (shaped and typed as `y`) through `y`'s graph
 /// without materializing `(y * grad).sum()`.
 pub fn backward(y: &Tensor, grad: &Tensor) -> Result<(), ShimError> {
-    let mut err = vec![0 as c_char; 1024];
     // SAFETY: live `at::Tensor*` handles for the call; the shim catches C++ exceptions.
-    let rc = unsafe {
-        grpo_backward(
-            y.as_ptr() as *mut c_void,
-            grad.as_ptr() as *mut c_void,
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    if rc != 0 {
-        // SAFETY: the shim wrote a NUL-terminated string into `err` (zeroed beforehand).
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
-        return Err(ShimError {
-            op: "backward",
-            message: msg.to_string_lossy().into_owned(),
-        });
-    }
-    Ok(())
+    shim_call("backward", |err, err_len| unsafe {
+        grpo_backward(y.as_ptr() as *mut c_void, grad.as_ptr() as *mut c_void, err, err_len)
+    })
 }
 
 extern "C" {

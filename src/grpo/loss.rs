@@ -85,9 +85,12 @@ impl LossStats {
     }
 }
 
-/// A chunk's [`LossStats`] still on the device (`[13]` fp64, in the fields' order), so that a
-/// micro-batch's chunks cost one device-to-host copy together instead of one each.
+/// A chunk's [`LossStats`] still on the device (`[STAT_SUMS]` fp64, in the fields' order), so
+/// that a micro-batch's chunks cost one device-to-host copy together instead of one each.
 pub struct PendingStats(Tensor);
+
+/// The number of [`LossStats`] fields.
+const STAT_SUMS: usize = 13;
 
 impl PendingStats {
     /// Copies every chunk's sums to the host at once and merges them in order.
@@ -100,7 +103,7 @@ impl PendingStats {
             Tensor::stack(&chunks.iter().map(|c| c.0.shallow_clone()).collect::<Vec<_>>(), 0).to_device(Device::Cpu);
         let v = Vec::<f64>::try_from(&all.reshape([-1])).unwrap_or_default();
         for i in 0..chunks.len() {
-            let at = |k: usize| v.get(i * 13 + k).copied().unwrap_or(f64::NAN);
+            let at = |k: usize| v.get(i * STAT_SUMS + k).copied().unwrap_or(f64::NAN);
             out.merge(&LossStats {
                 loss: at(0),
                 tokens: at(1),
@@ -145,10 +148,9 @@ impl MicroTensors {
         let shape = [mb.rows as i64, mb.seq_len as i64];
         let on_policy: Vec<u8> = mb.on_policy.iter().map(|&b| u8::from(b)).collect();
         let packed = mb.is_packed().then(|| Packed::new(mb, device));
-        let scored: Vec<i64> = (0..mb.labels.len() as i64)
+        let scored: Vec<i64> = (0..)
             .zip(&mb.labels)
-            .filter(|(_, &l)| l != IGNORE)
-            .map(|(i, _)| i)
+            .filter_map(|(i, &l)| (l != IGNORE).then_some(i))
             .collect();
         Self {
             input_ids: Tensor::from_slice(&mb.input_ids).view(shape).to_device(device),
@@ -406,8 +408,9 @@ impl HeadLogprobs {
     pub fn new(logits: &Tensor, labels: &Tensor, temperatures: &Tensor, unit_temperature: bool) -> Self {
         tch::no_grad(|| {
             let t = sampling_temperatures(temperatures);
-            let mask = labels.ne(IGNORE).to_kind(Kind::Float);
-            let safe = labels.where_scalarother(&labels.ne(IGNORE), 0).unsqueeze(-1);
+            let scored = labels.ne(IGNORE);
+            let safe = labels.where_scalarother(&scored, 0).unsqueeze(-1);
+            let mask = scored.to_kind(Kind::Float);
             let log_softmax = if unit_temperature {
                 logits.log_softmax(-1, Kind::Float)
             } else {
