@@ -48,7 +48,7 @@ fn raw(ts: &[Tensor]) -> Vec<*mut c_void> {
 }
 
 /// `torch._fused_adamw_`: the whole update of every tensor in a few kernel launches.
-pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String> {
+pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), ShimError> {
     let n = group.params.len();
     let lens = [
         group.grads.len(),
@@ -57,7 +57,10 @@ pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String>
         group.steps.len(),
     ];
     if lens.iter().any(|&l| l != n) {
-        return Err(format!("fused AdamW: {n} parameters but lists of {lens:?}"));
+        return Err(ShimError {
+            op: "fused AdamW",
+            message: format!("{n} parameters but lists of {lens:?}"),
+        });
     }
     let (p, g, m, v, s) = (
         raw(group.params),
@@ -66,10 +69,9 @@ pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String>
         raw(group.exp_avg_sqs),
         raw(group.steps),
     );
-    let mut err = vec![0 as c_char; 512];
     // SAFETY: every pointer is a live `at::Tensor*` owned by the slices above, which outlive
     // the call; the shim catches C++ exceptions and reports them through `err`.
-    let rc = unsafe {
+    shim_call("fused AdamW", |err, err_len| unsafe {
         grpo_fused_adamw(
             p.as_ptr(),
             g.as_ptr(),
@@ -82,17 +84,10 @@ pub fn fused_adamw(group: &AdamWGroup<'_>, hp: FusedAdamW) -> Result<(), String>
             hp.beta2,
             hp.weight_decay,
             hp.eps,
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            err_len,
         )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        // SAFETY: the shim wrote a NUL-terminated string into `err`.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
-        Err(format!("fused AdamW: {}", msg.to_string_lossy()))
-    }
+    })
 }
 
 extern "C" {

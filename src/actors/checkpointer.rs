@@ -139,7 +139,7 @@ impl Actor for Checkpointer {
         }
         let failed = result.is_err();
         if let Some(reply) = reply {
-            let _ = reply.send(result.map_err(|e| e.to_string()));
+            let _ = reply.send(result);
         }
         if failed {
             return Err("checkpoint write failed".into());

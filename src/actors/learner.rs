@@ -22,6 +22,17 @@ use crate::lock::recover;
 use crate::sync::service::MAX_ADAPTER_BYTES;
 use crate::sync::WeightSet;
 
+/// Why no adapter version could be made for the sidecars.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterRequestError {
+    #[error("lora mode needs a LoRA trainer")]
+    NotLora,
+    #[error(transparent)]
+    Bytes(#[from] crate::model::ModelError),
+    #[error("the adapter is {} MiB in fp32, over the {} GiB a sidecar takes: lower --lora-r or target fewer modules", .0 >> 20, MAX_ADAPTER_BYTES >> 30)]
+    TooLarge(u64),
+}
+
 /// How the learner hands new versions to the WeightBroadcaster.
 pub struct SyncHook {
     pub mode: BridgeMode,
@@ -106,7 +117,7 @@ pub async fn publish_weights(worker: &ModelWorker, hook: &SyncHook) -> Result<()
                 handed = handed_rx => handed.ok(),
                 // The model thread returned before handing a buffer over: that failed.
                 done = &mut packing => {
-                    not_published(Ok::<_, String>(done?));
+                    not_published(Ok::<_, std::convert::Infallible>(done?));
                     return Ok(());
                 }
             };
@@ -152,18 +163,16 @@ pub async fn publish_adapter(worker: &ModelWorker, hook: &SyncHook) -> Result<()
 }
 
 /// The adapter version a LoRA trainer stands at (on the model thread).
-fn adapter_request(t: &crate::train::Trainer) -> Result<(u64, crate::rpc::pb::InstallAdapterRequest), String> {
+fn adapter_request(
+    t: &crate::train::Trainer,
+) -> Result<(u64, crate::rpc::pb::InstallAdapterRequest), AdapterRequestError> {
     let (Some(lora), Some(tensors)) = (t.lora(), t.adapter_snapshot()) else {
-        return Err("lora mode needs a LoRA trainer".into());
+        return Err(AdapterRequestError::NotLora);
     };
     let config = lora.peft_config("base").to_string();
-    let bytes = crate::model::safetensors_io::to_file_bytes(&tensors).map_err(|e| e.to_string())?;
+    let bytes = crate::model::safetensors_io::to_file_bytes(&tensors)?;
     if bytes.len() as u64 > MAX_ADAPTER_BYTES {
-        return Err(format!(
-            "the adapter is {} MiB in fp32, over the {} GiB a sidecar takes: lower --lora-r or target fewer modules",
-            bytes.len() >> 20,
-            MAX_ADAPTER_BYTES >> 30
-        ));
+        return Err(AdapterRequestError::TooLarge(bytes.len() as u64));
     }
     let ids = crate::engine::vllm::canary_ids(t.model().spec().vocab_size, IPC_CANARY_TOKENS);
     let (canary_ids, canary_logprobs) = match crate::engine::vllm::model_logprobs(t.model(), &ids, t.device()) {

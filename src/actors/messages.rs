@@ -62,7 +62,10 @@ pub enum LearnerMsg {
 /// Checkpointer's mailbox.
 pub enum CheckpointerMsg {
     /// Write a checkpoint; the reply (if asked for) carries its path.
-    Save(Box<CheckpointJob>, Option<RpcReplyPort<Result<PathBuf, String>>>),
+    Save(
+        Box<CheckpointJob>,
+        Option<RpcReplyPort<Result<PathBuf, crate::checkpoint::CheckpointError>>>,
+    ),
 }
 
 /// Root supervisor's mailbox.

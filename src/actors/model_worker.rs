@@ -38,6 +38,17 @@ enum Command {
 #[error("the model thread is gone")]
 pub struct WorkerGone;
 
+/// The model thread could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("cannot start the model thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the model thread died while loading")]
+    Died,
+}
+
 /// Handle on the model thread.
 pub struct ModelWorker {
     tx: Option<mpsc::Sender<Command>>,
@@ -46,7 +57,7 @@ pub struct ModelWorker {
 
 impl ModelWorker {
     /// Starts the thread and builds the trainer on it; returns once it is ready.
-    pub async fn start<F>(init: F) -> Result<(Self, u64), TrainError>
+    pub async fn start<F>(init: F) -> Result<(Self, u64), StartError>
     where
         F: FnOnce() -> Result<Trainer, TrainError> + Send + 'static,
     {
@@ -130,11 +141,11 @@ impl ModelWorker {
                     tracing::warn!(error = %e, "could not tell the other learner ranks to stop");
                 }
             })
-            .map_err(|e| TrainError::OptimizerState(format!("cannot start the model thread: {e}")))?;
+            .map_err(StartError::Spawn)?;
         let steps = match ready_rx.await {
             Ok(Ok(steps)) => steps,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(TrainError::OptimizerState("the model thread died while loading".into())),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(StartError::Died),
         };
         Ok((
             Self {

@@ -71,6 +71,21 @@ pub enum Readiness {
     Refused(String),
 }
 
+/// Why vLLM's process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("empty --vllm-command")]
+    EmptyCommand,
+    #[error("opening vLLM's log {}: {source}", path.display())]
+    Log { path: PathBuf, source: std::io::Error },
+    #[error("starting {program}: {source}")]
+    Start { program: String, source: std::io::Error },
+    #[error("vLLM exited at once")]
+    ExitedAtOnce,
+    #[error(transparent)]
+    Api(#[from] crate::engine::inference::EngineFailure),
+}
+
 /// Start arguments.
 pub struct VllmArgs {
     pub launch: VllmLaunch,
@@ -258,19 +273,24 @@ fn with_lora(cmd: &mut tokio::process::Command, rank: u32, loras: u32, module: O
 }
 
 impl VllmSupervisorState {
-    fn spawn_process(&mut self, myself: &ActorRef<VllmMsg>) -> Result<(), String> {
+    /// vLLM's command line and environment for the next launch, its output appended to the
+    /// launch's log.
+    fn command(&self, model: &Path) -> Result<tokio::process::Command, SpawnError> {
         let l = &self.launch;
-        let model = self.model_override.clone().unwrap_or_else(|| l.model_dir.clone());
-        let (program, lead) = l.command.split_first().ok_or("empty --vllm-command")?;
+        let (program, lead) = l.command.split_first().ok_or(SpawnError::EmptyCommand)?;
         if let Some(parent) = l.log.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
+        let log_err = |source| SpawnError::Log {
+            path: l.log.clone(),
+            source,
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&l.log)
-            .map_err(|e| format!("opening vLLM's log {}: {e}", l.log.display()))?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
+            .map_err(log_err)?;
+        let err = log.try_clone().map_err(log_err)?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(lead)
             .args([
@@ -315,8 +335,19 @@ impl VllmSupervisorState {
         if let Some((rank, loras)) = l.lora {
             with_lora(&mut cmd, rank, loras, self.lora_module.as_ref());
         }
-        let mut child = cmd.spawn().map_err(|e| format!("starting {program}: {e}"))?;
-        let pid = child.id().ok_or("vLLM exited at once")? as i32;
+        Ok(cmd)
+    }
+
+    fn spawn_process(&mut self, myself: &ActorRef<VllmMsg>) -> Result<(), SpawnError> {
+        let l = &self.launch;
+        let model = self.model_override.clone().unwrap_or_else(|| l.model_dir.clone());
+        let (program, _) = l.command.split_first().ok_or(SpawnError::EmptyCommand)?;
+        let mut cmd = self.command(&model)?;
+        let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
+            program: program.clone(),
+            source,
+        })?;
+        let pid = child.id().ok_or(SpawnError::ExitedAtOnce)? as i32;
         self.generation += 1;
         self.pgid = Some(pid);
         self.probe_failures = 0;
@@ -326,7 +357,7 @@ impl VllmSupervisorState {
             let status = child.wait().await.map_or_else(|e| e.to_string(), |s| s.to_string());
             let _ = me.cast(VllmMsg::Exited(generation, status));
         });
-        let api = VllmApi::new(base_of(l.port), l.served_name.clone()).map_err(|e| e.to_string())?;
+        let api = VllmApi::new(base_of(l.port), l.served_name.clone())?;
         let (launch, shared, me) = (l.clone(), self.shared.clone(), myself.clone());
         let loaded = model.clone();
         tokio::spawn(async move {
@@ -420,7 +451,7 @@ impl Actor for VllmSupervisor {
             VllmMsg::Launch => {
                 st.kill().await;
                 if let Err(e) = st.spawn_process(&myself) {
-                    st.fail(e);
+                    st.fail(e.to_string());
                 }
             }
             // A launch this actor killed itself is relaunched by whoever killed it.

@@ -112,13 +112,8 @@ pub fn run(args: &LearnerBenchArgs) -> Result<(), BenchError> {
     let text =
         std::fs::read_to_string(&args.batches).map_err(|e| BenchError::Io(args.batches.display().to_string(), e))?;
     let file: BatchesFile = serde_json::from_str(&text).map_err(|e| BenchError::Batches(e.to_string()))?;
-    let device = DeviceSpec::resolve(Some(&args.device))
-        .and_then(|d| {
-            d.to_tch()
-                .map_err(|reason| crate::config::ConfigError::Invalid { flag: "device", reason })
-        })
-        .map_err(|e| BenchError::Device(e.to_string()))?;
-    let spec = args.shape.spec(file.vocab).map_err(BenchError::Model)?;
+    let device = DeviceSpec::resolve(Some(&args.device))?.to_tch()?;
+    let spec = args.shape.spec(file.vocab)?;
     let shapes = expected_shapes(&spec);
     let params: i64 = shapes.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
     // Every weight that goes through a matmul: all but the norms and biases, with the

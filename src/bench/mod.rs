@@ -33,12 +33,16 @@ pub enum BenchError {
     Io(String, std::io::Error),
     #[error("batches file: {0}")]
     Batches(String),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
     #[error("model: {0}")]
-    Model(String),
+    Spec(#[from] crate::model::config::SpecError),
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("--device: {0}")]
-    Device(String),
+    Device(#[from] crate::config::device::DeviceError),
     #[error(transparent)]
     Fuzz(#[from] crate::fuzz::FuzzError),
 }

@@ -52,9 +52,9 @@ pub struct PublishBenchArgs {
 
 /// Runs the drill.
 pub async fn run(args: &PublishBenchArgs) -> Result<(), BenchError> {
-    let spec = ModelSpec::from_dir(&args.model_name).map_err(|e| BenchError::Model(e.to_string()))?;
+    let spec = ModelSpec::from_dir(&args.model_name)?;
     let device = Device::Cuda(args.gpu);
-    let params = load_params(&spec, &args.model_name, device).map_err(|e| BenchError::Model(e.to_string()))?;
+    let params = load_params(&spec, &args.model_name, device)?;
     let weights: Vec<(String, Tensor)> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     let stats = Arc::new(Mutex::new(SyncStats::default()));
     let slot: LatestSlot = Arc::new(Mutex::new(None));

@@ -37,7 +37,7 @@ impl Shape {
     }
 
     /// The parsed spec.
-    pub fn spec(self, vocab: i64) -> Result<ModelSpec, String> {
+    pub fn spec(self, vocab: i64) -> Result<ModelSpec, crate::model::config::SpecError> {
         ModelSpec::from_json(&self.config_json(vocab))
     }
 

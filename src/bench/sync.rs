@@ -164,7 +164,7 @@ fn send(
 /// Runs one rank.
 pub fn run(args: &SyncBenchArgs) -> Result<(), BenchError> {
     let device = Device::Cuda(args.gpu);
-    let spec = args.shape.spec(0).map_err(BenchError::Model)?;
+    let spec = args.shape.spec(0)?;
     let shapes = expected_shapes(&spec);
     tch::manual_seed(1 + i64::from(args.rank));
     // As the learner holds bf16 weights: views of one flat buffer, tensor after tensor.

@@ -9,8 +9,19 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+/// A `--device` this build or machine cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0:?} is not cpu, cuda or cuda:N")]
+    Syntax(String),
+    #[error("{0}: this build has no CUDA support (rebuild with --features cuda)")]
+    NotBuilt(DeviceSpec),
+    #[error("{device}: CUDA sees {count} device(s)")]
+    Absent { device: DeviceSpec, count: i64 },
+}
+
 impl FromStr for DeviceSpec {
-    type Err = String;
+    type Err = DeviceError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
@@ -20,7 +31,7 @@ impl FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| format!("{s:?} is not cpu, cuda or cuda:N")),
+                .ok_or_else(|| DeviceError::Syntax(s.to_owned())),
         }
     }
 }
@@ -37,27 +48,28 @@ impl std::fmt::Display for DeviceSpec {
 impl DeviceSpec {
     /// Parses `--device` (default cpu) and checks this build and machine can use it.
     pub fn resolve(flag: Option<&str>) -> Result<Self, super::ConfigError> {
-        let invalid = |reason| super::ConfigError::Invalid { flag: "device", reason };
+        let invalid = |e: DeviceError| super::ConfigError::Invalid {
+            flag: "device",
+            reason: e.to_string(),
+        };
         let spec: Self = flag.unwrap_or("cpu").parse().map_err(invalid)?;
         spec.to_tch().map_err(invalid)?;
         Ok(spec)
     }
 
     /// The tch device, if this build and machine can use it.
-    pub fn to_tch(self) -> Result<tch::Device, String> {
+    pub fn to_tch(self) -> Result<tch::Device, DeviceError> {
         match self {
             Self::Cpu => Ok(tch::Device::Cpu),
             Self::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
-                    return Err(format!(
-                        "{self}: this build has no CUDA support (rebuild with --features cuda)"
-                    ));
+                    return Err(DeviceError::NotBuilt(self));
                 }
                 let count = tch::Cuda::device_count();
                 if (n as i64) < count {
                     Ok(tch::Device::Cuda(n))
                 } else {
-                    Err(format!("{self}: CUDA sees {count} device(s)"))
+                    Err(DeviceError::Absent { device: self, count })
                 }
             }
         }

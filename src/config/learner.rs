@@ -619,9 +619,9 @@ impl LearnerArgs {
             .as_deref()
             .map(|s| s.parse::<LayerSet>())
             .transpose()
-            .map_err(|reason| ConfigError::Invalid {
+            .map_err(|e| ConfigError::Invalid {
                 flag: "train-layer-indices",
-                reason,
+                reason: e.to_string(),
             })?;
         let device = DeviceSpec::resolve(args.device.as_deref())?;
         let logprob_chunk_tokens = args.logprob_chunk_tokens.unwrap_or(1024);
@@ -910,9 +910,9 @@ fn resolve_lora(args: &LearnerArgs, mode: BridgeMode) -> Result<Option<crate::mo
         .as_deref()
         .map(|s| s.parse::<LayerSet>())
         .transpose()
-        .map_err(|reason| ConfigError::Invalid {
+        .map_err(|e| ConfigError::Invalid {
             flag: "lora-layer-indices",
-            reason,
+            reason: e.to_string(),
         })?;
     Ok(Some(crate::model::lora::LoraSpec {
         r,

@@ -10,8 +10,9 @@ use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
+use crate::engine::inference::EngineFailure;
 use crate::model::lora::LoraSpec;
-use crate::model::{KvCache, ModelSpec, ParamStore, Transformer};
+use crate::model::{KvCache, ModelError, ModelSpec, ParamStore, Transformer};
 
 use super::protocol::{FinishReason, PositionLogprobs};
 use super::sampler::{sample, top_k_ids, Rng, SamplingParams};
@@ -82,19 +83,19 @@ type Job = (Vec<i64>, JobParams, Reply<Generated>);
 
 enum Command {
     Generate(Vec<i64>, JobParams, Reply<Generated>),
-    Swap(Vec<(String, Tensor)>, PolicyVersion, Reply<Result<(), String>>),
+    Swap(Vec<(String, Tensor)>, PolicyVersion, Reply<Result<(), SwapError>>),
     /// Serve the base weights with this LoRA adapter (replacing any earlier one).
     SwapAdapter(
         LoraSpec,
         Vec<(String, Tensor)>,
         PolicyVersion,
-        Reply<Result<(), String>>,
+        Reply<Result<(), SwapError>>,
     ),
     /// The served model's logprob of each of `ids[1..]` after its prefix.
-    Logprobs(Vec<i64>, Reply<Result<Vec<f64>, String>>),
+    Logprobs(Vec<i64>, Reply<Result<Vec<f64>, EngineFailure>>),
     Snapshot(Reply<(PolicyVersion, Vec<(String, Tensor)>)>),
     /// Version, parameter count and digest of the served weights, computed in place.
-    Served(Reply<Result<(PolicyVersion, u64, crate::version::Digest), String>>),
+    Served(Reply<Result<(PolicyVersion, u64, crate::version::Digest), tch::TchError>>),
     Info(Reply<EngineInfo>),
 }
 
@@ -110,8 +111,33 @@ pub enum EngineError {
 
 /// The engine thread could not start: its model did not build, or no thread was made.
 #[derive(Debug, thiserror::Error)]
-#[error("the engine did not start: {0}")]
-pub struct EngineStartError(pub String);
+pub enum EngineStartError {
+    #[error("the engine did not start: {0}")]
+    Model(#[from] ModelError),
+    #[error("the engine did not start: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the engine did not start: its thread ended while starting")]
+    Ended,
+}
+
+/// A weight or adapter swap the engine refused; the old weights serve on.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("update has {got} tensors, the engine has {have}")]
+    Count { got: usize, have: usize },
+    #[error("unknown tensor {0}")]
+    Unknown(String),
+    #[error("{name}: shape {sent:?}, engine has {have:?}")]
+    Shape {
+        name: String,
+        sent: Vec<i64>,
+        have: Vec<i64>,
+    },
+    #[error(transparent)]
+    Lora(#[from] crate::model::lora::LoraError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
 
 /// How long the engine thread may go without a beat before it counts as stalled.
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
@@ -247,11 +273,8 @@ impl EngineHandle {
                     }
                 }
             })
-            .map_err(|e| EngineStartError(e.to_string()))?;
-        ready_rx
-            .recv()
-            .map_err(|_| EngineStartError("the engine thread ended while starting".into()))?
-            .map_err(EngineStartError)?;
+            .map_err(EngineStartError::Spawn)?;
+        ready_rx.recv().map_err(|_| EngineStartError::Ended)??;
         Ok(Self {
             tx,
             tokenizer,
@@ -280,7 +303,7 @@ impl EngineHandle {
         &self,
         weights: Vec<(String, Tensor)>,
         version: PolicyVersion,
-    ) -> Result<Result<(), String>, EngineError> {
+    ) -> Result<Result<(), SwapError>, EngineError> {
         self.ask(|r| Command::Swap(weights, version, r)).await
     }
 
@@ -290,12 +313,12 @@ impl EngineHandle {
         lora: LoraSpec,
         tensors: Vec<(String, Tensor)>,
         version: PolicyVersion,
-    ) -> Result<Result<(), String>, EngineError> {
+    ) -> Result<Result<(), SwapError>, EngineError> {
         self.ask(|r| Command::SwapAdapter(lora, tensors, version, r)).await
     }
 
     /// The served model's logprob of each of `ids[1..]` after its prefix.
-    pub async fn logprobs(&self, ids: Vec<i64>) -> Result<Result<Vec<f64>, String>, EngineError> {
+    pub async fn logprobs(&self, ids: Vec<i64>) -> Result<Result<Vec<f64>, EngineFailure>, EngineError> {
         self.ask(|r| Command::Logprobs(ids, r)).await
     }
 
@@ -305,7 +328,9 @@ impl EngineHandle {
     }
 
     /// Version, size and digest of the served weights, without copying the model out.
-    pub async fn served(&self) -> Result<Result<(PolicyVersion, u64, crate::version::Digest), String>, EngineError> {
+    pub async fn served(
+        &self,
+    ) -> Result<Result<(PolicyVersion, u64, crate::version::Digest), tch::TchError>, EngineError> {
         self.ask(Command::Served).await
     }
 
@@ -337,8 +362,8 @@ struct Row {
 }
 
 impl Engine {
-    fn new(m: EngineModel, batch: BatchConfig, pulse: Arc<Pulse>) -> Result<Self, String> {
-        let model = Transformer::new(&m.spec, &m.params).map_err(|e| e.to_string())?;
+    fn new(m: EngineModel, batch: BatchConfig, pulse: Arc<Pulse>) -> Result<Self, ModelError> {
+        let model = Transformer::new(&m.spec, &m.params)?;
         pulse.beat();
         Ok(Self {
             m,
@@ -413,9 +438,7 @@ impl Engine {
                 let _ = reply.send(self.swap_adapter(&lora, tensors).map(|()| self.m.version = version));
             }
             Command::Logprobs(ids, reply) => {
-                let lps =
-                    crate::engine::vllm::model_logprobs(&self.model, &ids, self.m.device).map_err(|e| e.to_string());
-                let _ = reply.send(lps);
+                let _ = reply.send(crate::engine::vllm::model_logprobs(&self.model, &ids, self.m.device));
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send((self.version(), self.m.params.snapshot()));
@@ -434,7 +457,7 @@ impl Engine {
                         .flatten()
                         .map(|(n, t)| (n.clone(), t.shallow_clone())),
                 );
-                let digest = crate::version::digest_tensors(&named).map_err(|e| e.to_string());
+                let digest = crate::version::digest_tensors(&named);
                 let _ = reply.send(digest.map(|d| (self.version(), self.m.params.numel() as u64, d)));
             }
             Command::Info(reply) => {
@@ -450,9 +473,9 @@ impl Engine {
 
     /// Rebinds the model to the base weights plus `tensors` as the adapter (checked first; the
     /// old model serves on if anything is wrong).
-    fn swap_adapter(&mut self, lora: &LoraSpec, tensors: Vec<(String, Tensor)>) -> Result<(), String> {
-        lora.check(&self.m.spec).map_err(|e| e.to_string())?;
-        crate::model::lora::check_tensors(lora, &self.m.spec, &tensors).map_err(|e| e.to_string())?;
+    fn swap_adapter(&mut self, lora: &LoraSpec, tensors: Vec<(String, Tensor)>) -> Result<(), SwapError> {
+        lora.check(&self.m.spec)?;
+        crate::model::lora::check_tensors(lora, &self.m.spec, &tensors)?;
         let kind = self.m.params.iter().next().map_or(tch::Kind::Float, |(_, t)| t.kind());
         let device = self.m.device;
         let moved: Vec<(String, Tensor)> = tch::no_grad(|| {
@@ -461,31 +484,32 @@ impl Engine {
                 .map(|(n, t)| (n, t.to_device_(device, kind, false, false)))
                 .collect()
         });
-        let model = Transformer::new(&self.m.spec, &self.m.params)
-            .and_then(|m| m.with_lora(lora, &moved))
-            .map_err(|e| e.to_string())?;
+        let model = Transformer::new(&self.m.spec, &self.m.params).and_then(|m| m.with_lora(lora, &moved))?;
         self.model = model;
         self.adapter = Some(moved);
         Ok(())
     }
 
-    fn swap(&mut self, weights: Vec<(String, Tensor)>) -> Result<(), String> {
-        let names: Vec<String> = self.m.params.iter().map(|(n, _)| n.clone()).collect();
-        if weights.len() != names.len() {
-            return Err(format!(
-                "update has {} tensors, the engine has {}",
-                weights.len(),
-                names.len()
-            ));
+    fn swap(&mut self, weights: Vec<(String, Tensor)>) -> Result<(), SwapError> {
+        let have = self.m.params.iter().count();
+        if weights.len() != have {
+            return Err(SwapError::Count {
+                got: weights.len(),
+                have,
+            });
         }
         for (name, new) in &weights {
             let cur = self
                 .m
                 .params
                 .get(name)
-                .ok_or_else(|| format!("unknown tensor {name}"))?;
+                .ok_or_else(|| SwapError::Unknown(name.clone()))?;
             if cur.size() != new.size() {
-                return Err(format!("{name}: shape {:?}, engine has {:?}", new.size(), cur.size()));
+                return Err(SwapError::Shape {
+                    name: name.clone(),
+                    sent: new.size(),
+                    have: cur.size(),
+                });
             }
         }
         tch::no_grad(|| {

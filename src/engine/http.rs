@@ -105,7 +105,7 @@ async fn generate_inner(State(Served { engine, policy }): State<Served>, headers
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")),
     };
     if let Err(e) = req.validate() {
-        return error(StatusCode::BAD_REQUEST, e);
+        return error(StatusCode::BAD_REQUEST, e.to_string());
     }
     let (prompt_ids, prompt_text) = match encode_prompt(&req, &engine) {
         Ok(p) => p,

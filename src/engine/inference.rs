@@ -281,7 +281,7 @@ impl InferenceEngine for EngineHandle {
         self.swap(weights, version)
             .await
             .map_err(gone)?
-            .map_err(EngineFailure::Rejected)?;
+            .map_err(|e| EngineFailure::Rejected(e.to_string()))?;
         Ok(Installed::default())
     }
 
@@ -308,10 +308,10 @@ impl InferenceEngine for EngineHandle {
         self.swap_adapter(update.lora, update.tensors, version)
             .await
             .map_err(gone)?
-            .map_err(EngineFailure::Rejected)?;
+            .map_err(|e| EngineFailure::Rejected(e.to_string()))?;
         let canary_max_abs_diff = match canary {
             Some((ids, reference)) => {
-                let served = self.logprobs(ids).await.map_err(gone)?.map_err(EngineFailure::Failed)?;
+                let served = self.logprobs(ids).await.map_err(gone)??;
                 Some(
                     served
                         .iter()
@@ -333,7 +333,7 @@ impl InferenceEngine for EngineHandle {
         let (version, parameters, digest) = EngineHandle::served(self)
             .await
             .map_err(gone)?
-            .map_err(EngineFailure::Failed)?;
+            .map_err(|e| EngineFailure::Failed(e.to_string()))?;
         Ok(Served {
             version,
             parameters,

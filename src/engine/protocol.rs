@@ -83,36 +83,59 @@ pub const MAX_N: usize = 256;
 /// Largest `logprobs` k.
 pub const MAX_LOGPROBS: usize = 20;
 
+/// A `/generate` request the engine cannot honour, though its types allow it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidRequest {
+    #[error("stream=true is not supported; omit it")]
+    Stream,
+    #[error("n must be in 1..={MAX_N} (got {0})")]
+    N(usize),
+    #[error("max_tokens must be at least 1")]
+    NoTokens,
+    #[error("temperature must be >= 0 (got {0})")]
+    Temperature(f64),
+    #[error("top_p must be in (0, 1] (got {0})")]
+    TopP(f64),
+    #[error("logprobs must be at most {MAX_LOGPROBS}")]
+    Logprobs,
+    #[error("min_tokens must not exceed max_tokens")]
+    MinTokens,
+    #[error("presence/frequency/repetition penalties are not supported (leave them neutral)")]
+    Penalties,
+    #[error("prompt_token_ids is empty")]
+    EmptyPrompt,
+}
+
 impl GenerateRequest {
     /// Checks values that the types allow but the engine cannot honour.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidRequest> {
         if self.stream {
-            return Err("stream=true is not supported; omit it".into());
+            return Err(InvalidRequest::Stream);
         }
         if self.n == 0 || self.n > MAX_N {
-            return Err(format!("n must be in 1..={MAX_N} (got {})", self.n));
+            return Err(InvalidRequest::N(self.n));
         }
         if self.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
+            return Err(InvalidRequest::NoTokens);
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be >= 0 (got {})", self.temperature));
+            return Err(InvalidRequest::Temperature(self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1] (got {})", self.top_p));
+            return Err(InvalidRequest::TopP(self.top_p));
         }
         if self.logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
-            return Err(format!("logprobs must be at most {MAX_LOGPROBS}"));
+            return Err(InvalidRequest::Logprobs);
         }
         if self.min_tokens > self.max_tokens {
-            return Err("min_tokens must not exceed max_tokens".into());
+            return Err(InvalidRequest::MinTokens);
         }
         if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0 {
-            return Err("presence/frequency/repetition penalties are not supported (leave them neutral)".into());
+            return Err(InvalidRequest::Penalties);
         }
         if let Prompt::Ids { prompt_token_ids } = &self.prompt {
             if prompt_token_ids.is_empty() {
-                return Err("prompt_token_ids is empty".into());
+                return Err(InvalidRequest::EmptyPrompt);
             }
         }
         Ok(())

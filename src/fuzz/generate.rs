@@ -30,7 +30,7 @@ pub enum GenerateRefusal {
     #[error("invalid request: {0}")]
     Json(#[from] serde_json::Error),
     #[error("{0}")]
-    Invalid(String),
+    Invalid(crate::engine::protocol::InvalidRequest),
     #[error(transparent)]
     Limit(#[from] LimitExceeded),
 }

@@ -53,7 +53,7 @@ fn placeholders() -> Placeholders {
 }
 
 /// [`Placeholders::fill`], after giving each `{port:NAME}` of `s` a fixed port.
-fn fill(p: &mut Placeholders, s: &str) -> Result<String, String> {
+fn fill(p: &mut Placeholders, s: &str) -> Result<String, crate::launch::manifest::PlaceholderError> {
     for piece in s.split("{port:").skip(1) {
         if let Some(name) = piece.split('}').next() {
             let next = 20_000 + (p.ports.len() % 1000) as u16;
@@ -91,7 +91,7 @@ fn check_runnable(m: &Manifest, p: &mut Placeholders) -> Result<(), Violation> {
     let steps = m.setup.iter().chain(&m.finally).map(|s| (&s.name, &s.command));
     let procs = m.process.iter().map(|s| (&s.name, &s.command));
     for (name, command) in steps.chain(procs) {
-        let argv: Result<Vec<String>, String> = command.iter().map(|a| fill(p, a)).collect();
+        let argv: Result<Vec<String>, _> = command.iter().map(|a| fill(p, a)).collect();
         if let Ok(argv) = argv {
             ensure(
                 !argv.is_empty(),

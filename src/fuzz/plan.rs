@@ -64,7 +64,7 @@ pub enum PlanRefusal {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("{0}")]
-    Layout(String),
+    Layout(crate::sync::plan::PlanError),
 }
 
 /// What an accepted plan became.
@@ -174,6 +174,8 @@ fn refusal_label(e: &PlanRefusal) -> &'static str {
             PlanError::Twice(_) => "tensor twice",
             PlanError::Missing(_) => "tensor missing",
             PlanError::Short(_) => "stream short",
+            PlanError::MixedDtype { .. } => "mixed dtypes",
+            PlanError::BucketSize { .. } => "bucket size",
             PlanError::Tensor { .. } => "tensor",
         },
     }

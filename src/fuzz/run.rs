@@ -145,7 +145,7 @@ thread_local! {
     /// Set while this thread runs a case: its panics are captured, not printed.
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
     /// The last captured panic: message and location.
-    static CAPTURED: RefCell<Option<(String, Option<String>)>> = const { RefCell::new(None) };
+    static CAPTURED: RefCell<Option<Panicked>> = const { RefCell::new(None) };
 }
 
 /// Installs (once per process) a panic hook that captures the panics of threads running a case
@@ -163,7 +163,7 @@ fn install_hook() {
             let location = info
                 .location()
                 .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-            CAPTURED.with(|c| *c.borrow_mut() = Some((message, location)));
+            CAPTURED.with(|c| *c.borrow_mut() = Some(Panicked { message, location }));
         }));
     });
 }
@@ -176,15 +176,22 @@ pub(crate) fn clip(s: &str, max: usize) -> String {
     }
 }
 
+/// A case that panicked: the panic's message, and where it was raised when the hook saw it.
+struct Panicked {
+    message: String,
+    location: Option<String>,
+}
+
 /// Runs `f` with this thread's panics captured; a panic comes back as its message and location.
-fn captured<T>(f: impl FnOnce() -> T) -> Result<T, (String, Option<String>)> {
+fn captured<T>(f: impl FnOnce() -> T) -> Result<T, Panicked> {
     CAPTURING.with(|c| c.set(true));
     let out = catch_unwind(AssertUnwindSafe(f));
     CAPTURING.with(|c| c.set(false));
     out.map_err(|payload| {
-        CAPTURED
-            .with(|c| c.borrow_mut().take())
-            .unwrap_or_else(|| (panic_text(payload.as_ref()), None))
+        CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_else(|| Panicked {
+            message: panic_text(payload.as_ref()),
+            location: None,
+        })
     })
 }
 
@@ -285,7 +292,7 @@ fn record(
     target: &dyn FuzzTarget,
     case: u64,
     data: &[u8],
-    outcome: Result<Result<Verdict, Violation>, (String, Option<String>)>,
+    outcome: Result<Result<Verdict, Violation>, Panicked>,
 ) {
     let (label, failure) = match outcome {
         Ok(Ok(Verdict::Accepted)) => ("accepted".to_string(), None),
@@ -296,7 +303,7 @@ fn record(
             let key = format!("violation {}", v.check);
             (key.clone(), Some((key, FailureKind::Violation, v.to_string(), None)))
         }
-        Err((message, location)) => {
+        Err(Panicked { message, location }) => {
             report.panics += 1;
             let key = format!("panic {}", location.as_deref().unwrap_or("?"));
             (key.clone(), Some((key, FailureKind::Panic, message, location)))
@@ -310,7 +317,7 @@ fn record(
         site.count += 1;
         return;
     }
-    let input = captured(|| target.render(data)).unwrap_or_else(|(m, _)| format!("(rendering panicked: {m})"));
+    let input = captured(|| target.render(data)).unwrap_or_else(|p| format!("(rendering panicked: {})", p.message));
     let first = Failure {
         kind,
         target: report.target,

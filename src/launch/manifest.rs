@@ -221,24 +221,28 @@ impl Manifest {
                 m.schema
             )));
         }
-        m.check_groups().map_err(invalid)?;
-        m.check_secrets().map_err(invalid)?;
+        m.check_groups(path)?;
+        m.check_secrets(path)?;
         Ok(m)
     }
 
-    fn check_secrets(&self) -> Result<(), String> {
+    fn check_secrets(&self, path: &Path) -> Result<(), ManifestError> {
+        let invalid = |reason: String| ManifestError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
         for (name, source) in &self.secrets {
             let ok_name = !name.is_empty()
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !ok_name {
-                return Err(format!("secret name {name:?}: letters, digits, _ and - only"));
+                return Err(invalid(format!("secret name {name:?}: letters, digits, _ and - only")));
             }
             if !(source == "generate" || source.starts_with("file:") || source.starts_with("env:")) {
-                return Err(format!(
+                return Err(invalid(format!(
                     "secret {name}: \"generate\", \"file:PATH\" or \"env:VAR\" (got {source:?})"
-                ));
+                )));
             }
         }
         let strings = self.process.iter().flat_map(Process::strings);
@@ -246,7 +250,7 @@ impl Manifest {
             for r in references(s) {
                 if let Reference::Secret(n) = r {
                     if !self.secrets.contains_key(&n) {
-                        return Err(format!("{{secret:{n}}} is used but not declared in [secrets]"));
+                        return Err(invalid(format!("{{secret:{n}}} is used but not declared in [secrets]")));
                     }
                 }
             }
@@ -254,7 +258,11 @@ impl Manifest {
         Ok(())
     }
 
-    fn check_groups(&self) -> Result<(), String> {
+    fn check_groups(&self, path: &Path) -> Result<(), ManifestError> {
+        let invalid = |reason: String| ManifestError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
         let valid = |n: &str| {
             !n.is_empty()
                 && n.len() <= 40
@@ -262,32 +270,35 @@ impl Manifest {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         };
         if let Some(g) = self.group.iter().find(|g| !valid(&g.name)) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "group name {:?}: lower-case letters, digits and -, at most 40",
                 g.name
-            ));
+            )));
         }
         let mut names: Vec<&str> = self.group.iter().map(|g| g.name.as_str()).collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
-            return Err("group names must be unique".into());
+            return Err(invalid("group names must be unique".to_string()));
         }
         for p in &self.process {
             match (&p.group, self.group.is_empty()) {
                 (Some(g), true) => {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "process {} names group {g}, but no [[group]] is declared",
                         p.name
-                    ))
+                    )))
                 }
                 (None, false) => {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "process {}: with [[group]]s declared, each process names one",
                         p.name
-                    ))
+                    )))
                 }
                 (Some(g), false) if !names.contains(&g.as_str()) => {
-                    return Err(format!("process {} names group {g}, which is not declared", p.name))
+                    return Err(invalid(format!(
+                        "process {} names group {g}, which is not declared",
+                        p.name
+                    )))
                 }
                 _ => {}
             }
@@ -297,7 +308,7 @@ impl Manifest {
             .iter()
             .find(|g| !self.process.iter().any(|p| p.group.as_deref() == Some(&g.name)))
         {
-            return Err(format!("group {} has no process", g.name));
+            return Err(invalid(format!("group {} has no process", g.name)));
         }
         let steps = self
             .setup
@@ -309,7 +320,10 @@ impl Manifest {
             for r in references(s) {
                 if let Reference::Host(g) = r {
                     if !groups.contains(&g) {
-                        return Err(format!("{{host:{g}}} names no group (groups: {})", groups.join(", ")));
+                        return Err(invalid(format!(
+                            "{{host:{g}}} names no group (groups: {})",
+                            groups.join(", ")
+                        )));
                     }
                 }
             }
@@ -416,16 +430,29 @@ pub struct Placeholders {
     pub bind: std::net::IpAddr,
 }
 
+/// A placeholder that cannot be filled.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceholderError {
+    #[error("unclosed placeholder in {0:?}")]
+    Unclosed(String),
+    #[error("{{host:{group}}} in {text:?}: no such group")]
+    NoGroup { group: String, text: String },
+    #[error("unknown placeholder {{{key}}} in {text:?}")]
+    Unknown { key: String, text: String },
+    #[error("no free port: {0}")]
+    NoPort(#[source] std::io::Error),
+}
+
 impl Placeholders {
     /// Substitutes every placeholder in `s`.
-    pub fn fill(&mut self, s: &str) -> Result<String, String> {
+    pub fn fill(&mut self, s: &str) -> Result<String, PlaceholderError> {
         let mut out = String::new();
         let mut rest = s;
         while let Some(open) = rest.find('{') {
             out.push_str(&rest[..open]);
             let close = rest[open..]
                 .find('}')
-                .ok_or_else(|| format!("unclosed placeholder in {s:?}"))?
+                .ok_or_else(|| PlaceholderError::Unclosed(s.to_owned()))?
                 + open;
             let key = &rest[open + 1..close];
             let value = match key {
@@ -440,8 +467,16 @@ impl Placeholders {
                         .hosts
                         .get(group)
                         .cloned()
-                        .ok_or_else(|| format!("{{host:{group}}} in {s:?}: no such group"))?,
-                    _ => return Err(format!("unknown placeholder {{{key}}} in {s:?}")),
+                        .ok_or_else(|| PlaceholderError::NoGroup {
+                            group: group.to_owned(),
+                            text: s.to_owned(),
+                        })?,
+                    _ => {
+                        return Err(PlaceholderError::Unknown {
+                            key: key.to_owned(),
+                            text: s.to_owned(),
+                        })
+                    }
                 },
             };
             out.push_str(&value);
@@ -452,14 +487,14 @@ impl Placeholders {
     }
 
     /// `{port:NAME}`: the port known for NAME, or a free one picked on `bind` now.
-    pub fn port(&mut self, name: &str) -> Result<u16, String> {
+    pub fn port(&mut self, name: &str) -> Result<u16, PlaceholderError> {
         if let Some(p) = self.ports.get(name) {
             return Ok(*p);
         }
         let port = std::net::TcpListener::bind((self.bind, 0))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
-            .map_err(|e| format!("no free port: {e}"))?;
+            .map_err(PlaceholderError::NoPort)?;
         self.ports.insert(name.to_string(), port);
         Ok(port)
     }

@@ -14,8 +14,28 @@ use super::progress::{records, summary, Progress};
 pub enum LaunchError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{0}")]
-    Placeholder(String),
+    #[error(transparent)]
+    Placeholder(#[from] super::manifest::PlaceholderError),
+    #[error("the readiness probe's HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+    #[error("no free run directory name under {}", .0.display())]
+    RunDir(PathBuf),
+    #[error("--ports: {0:?} is not name=port")]
+    PortsEntry(String),
+    #[error("--ports: {0:?} is not a port")]
+    PortsValue(String),
+    #[error("group {group} is not in {} (groups: {})", manifest.display(), groups.join(", "))]
+    UnknownGroup {
+        group: String,
+        manifest: PathBuf,
+        groups: Vec<String>,
+    },
+    #[error("SLURMD_NODENAME is not set: launch-task runs inside a Slurm job step (or pass --address)")]
+    NotInSlurm,
+    #[error("scontrol show node {node}: no NodeAddr in {text:?}")]
+    NoNodeAddr { node: String, text: String },
+    #[error("NodeAddr {0} resolves to nothing")]
+    Unresolved(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -157,7 +177,7 @@ pub(super) async fn ready(proc: &Process, running: &mut Running, p: &mut Placeho
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
-        .map_err(|e| LaunchError::Placeholder(e.to_string()))?;
+        .map_err(LaunchError::Http)?;
     let mut delay = Duration::from_millis(50);
     loop {
         let ok = match &check {
@@ -282,10 +302,7 @@ pub fn reserve_run_dir(manifest: &Manifest, runs_dir: Option<&Path>) -> Result<P
             Err(e) => return Err(io(format!("creating {}", run.display()))(e)),
         }
     }
-    Err(LaunchError::Placeholder(format!(
-        "no free run directory name under {}",
-        parent.display()
-    )))
+    Err(LaunchError::RunDir(parent.to_path_buf()))
 }
 
 /// Writes each of the manifest's secrets to `{run}/secrets/NAME`, readable by the owner only.

@@ -46,12 +46,8 @@ pub fn parse_ports(s: &str) -> Result<BTreeMap<String, u16>, LaunchError> {
     s.split(',')
         .filter(|p| !p.is_empty())
         .map(|p| {
-            let (n, v) = p
-                .split_once('=')
-                .ok_or_else(|| LaunchError::Placeholder(format!("--ports: {p:?} is not name=port")))?;
-            let port = v
-                .parse()
-                .map_err(|_| LaunchError::Placeholder(format!("--ports: {v:?} is not a port")))?;
+            let (n, v) = p.split_once('=').ok_or_else(|| LaunchError::PortsEntry(p.to_owned()))?;
+            let port = v.parse().map_err(|_| LaunchError::PortsValue(v.to_owned()))?;
             Ok((n.to_string(), port))
         })
         .collect()
@@ -71,12 +67,11 @@ pub async fn run_task(task: &Task, shutdown: impl std::future::Future<Output = (
     let m = Manifest::read(&task.manifest)?;
     let groups = m.group_names();
     if !groups.contains(&task.group) {
-        return Err(LaunchError::Placeholder(format!(
-            "group {} is not in {} (groups: {})",
-            task.group,
-            task.manifest.display(),
-            groups.join(", ")
-        )));
+        return Err(LaunchError::UnknownGroup {
+            group: task.group.clone(),
+            manifest: task.manifest.clone(),
+            groups,
+        });
     }
     let addr = match task.address {
         Some(a) => a,
@@ -308,19 +303,17 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 /// This node's address as Slurm knows it: NodeAddr of `$SLURMD_NODENAME` (`scontrol show
 /// node`), resolved if it is a name. Never the output of `hostname`.
 async fn slurm_node_address() -> Result<IpAddr, LaunchError> {
-    let node = std::env::var("SLURMD_NODENAME").map_err(|_| {
-        LaunchError::Placeholder(
-            "SLURMD_NODENAME is not set: launch-task runs inside a Slurm job step (or pass --address)".into(),
-        )
-    })?;
+    let node = std::env::var("SLURMD_NODENAME").map_err(|_| LaunchError::NotInSlurm)?;
     let out = tokio::process::Command::new("scontrol")
         .args(["show", "node", &node])
         .output()
         .await
         .map_err(io("running scontrol show node"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let addr = node_addr_of(&text)
-        .ok_or_else(|| LaunchError::Placeholder(format!("scontrol show node {node}: no NodeAddr in {text:?}")))?;
+    let addr = node_addr_of(&text).ok_or_else(|| LaunchError::NoNodeAddr {
+        node: node.clone(),
+        text: text.to_string(),
+    })?;
     resolve_host(&addr).await
 }
 
@@ -341,7 +334,7 @@ async fn resolve_host(host: &str) -> Result<IpAddr, LaunchError> {
     addrs
         .next()
         .map(|a| a.ip())
-        .ok_or_else(|| LaunchError::Placeholder(format!("NodeAddr {host} resolves to nothing")))
+        .ok_or_else(|| LaunchError::Unresolved(host.to_owned()))
 }
 
 /// Where a task's run directory and manifest copy are, given the run.

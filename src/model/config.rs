@@ -108,34 +108,32 @@ impl ModelSpec {
             path: path.clone(),
             source,
         })?;
-        Self::from_json(&text).map_err(|reason| ModelError::Config { path, reason })
+        Self::from_json(&text).map_err(|source| ModelError::Config { path, source })
     }
 
     /// Parses the text of a `config.json`.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> Result<Self, SpecError> {
+        let raw: RawConfig = serde_json::from_str(text)?;
         let family = family_of(&raw)?;
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
-                return Err(format!("hidden_act {act:?} is not supported (only silu)"));
-            }
+        if let Some(act) = raw.hidden_act.as_ref().filter(|a| *a != "silu") {
+            return Err(SpecError::Activation(act.clone()));
         }
         if raw.mlp_bias == Some(true) {
-            return Err("mlp_bias=true is not supported".into());
+            return Err(SpecError::Unsupported("mlp_bias=true"));
         }
         if raw.use_sliding_window == Some(true) {
-            return Err("use_sliding_window=true is not supported".into());
+            return Err(SpecError::Unsupported("use_sliding_window=true"));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads <= 0 || num_kv_heads <= 0 || raw.num_attention_heads % num_kv_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {} must be a positive multiple of num_key_value_heads {num_kv_heads}",
-                raw.num_attention_heads
-            ));
+            return Err(SpecError::Heads {
+                heads: raw.num_attention_heads,
+                kv_heads: num_kv_heads,
+            });
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
         if head_dim <= 0 || head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be positive and even"));
+            return Err(SpecError::HeadDim(head_dim));
         }
         let default_theta = match family {
             Family::Llama => 10_000.0,
@@ -179,19 +177,44 @@ impl ModelSpec {
     }
 }
 
-fn family_of(raw: &RawConfig) -> Result<Family, String> {
+/// A `config.json` this crate cannot build a model from.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported model (model_type {model_type:?}, architecture {arch:?}); supported: llama, qwen2, qwen3")]
+    Family {
+        model_type: Option<String>,
+        arch: Option<String>,
+    },
+    #[error("hidden_act {0:?} is not supported (only silu)")]
+    Activation(String),
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+    #[error("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}")]
+    Heads { heads: i64, kv_heads: i64 },
+    #[error("head_dim {0} must be positive and even")]
+    HeadDim(i64),
+    #[error("rope scaling {0:?} needs a factor")]
+    RopeFactor(String),
+    #[error("rope scaling type {0:?} is not supported")]
+    RopeType(String),
+}
+
+fn family_of(raw: &RawConfig) -> Result<Family, SpecError> {
     let arch = raw.architectures.as_ref().and_then(|a| a.first()).map(String::as_str);
     match (raw.model_type.as_deref(), arch) {
         (Some("llama"), _) | (_, Some("LlamaForCausalLM")) => Ok(Family::Llama),
         (Some("qwen2"), _) | (_, Some("Qwen2ForCausalLM")) => Ok(Family::Qwen2),
         (Some("qwen3"), _) | (_, Some("Qwen3ForCausalLM")) => Ok(Family::Qwen3),
-        (model_type, arch) => Err(format!(
-            "unsupported model (model_type {model_type:?}, architecture {arch:?}); supported: llama, qwen2, qwen3"
-        )),
+        (model_type, arch) => Err(SpecError::Family {
+            model_type: model_type.map(str::to_owned),
+            arch: arch.map(str::to_owned),
+        }),
     }
 }
 
-fn rope_scaling_of(dict: Option<&Value>, max_pos: i64) -> Result<RopeScaling, String> {
+fn rope_scaling_of(dict: Option<&Value>, max_pos: i64) -> Result<RopeScaling, SpecError> {
     let Some(dict) = dict.filter(|d| !d.is_null()) else {
         return Ok(RopeScaling::None);
     };
@@ -201,7 +224,7 @@ fn rope_scaling_of(dict: Option<&Value>, max_pos: i64) -> Result<RopeScaling, St
         .and_then(Value::as_str)
         .unwrap_or("default");
     let num = |key: &str| dict.get(key).and_then(Value::as_f64);
-    let factor = || num("factor").ok_or_else(|| format!("rope scaling {kind:?} needs a factor"));
+    let factor = || num("factor").ok_or_else(|| SpecError::RopeFactor(kind.to_owned()));
     match kind {
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear { factor: factor()? }),
@@ -222,7 +245,7 @@ fn rope_scaling_of(dict: Option<&Value>, max_pos: i64) -> Result<RopeScaling, St
             mscale_all_dim: num("mscale_all_dim"),
             truncate: dict.get("truncate").and_then(Value::as_bool).unwrap_or(true),
         }),
-        other => Err(format!("rope scaling type {other:?} is not supported")),
+        other => Err(SpecError::RopeType(other.to_owned())),
     }
 }
 
@@ -251,12 +274,12 @@ mod tests {
                 "num_hidden_layers":1,"num_attention_heads":2}"#,
         )
         .expect_err("gpt2 is unsupported");
-        assert!(err.contains("unsupported model"), "{err}");
+        assert!(matches!(err, SpecError::Family { .. }), "{err}");
         let err = ModelSpec::from_json(
             r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,
                 "num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#,
         )
         .expect_err("3 heads over 2 kv heads");
-        assert!(err.contains("multiple"), "{err}");
+        assert!(matches!(err, SpecError::Heads { heads: 3, kv_heads: 2 }), "{err}");
     }
 }

@@ -24,8 +24,12 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: invalid model config: {reason}")]
-    Config { path: PathBuf, reason: String },
+    #[error("{path}: invalid model config: {source}")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: config::SpecError,
+    },
     #[error("{path}: invalid safetensors: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     #[error("model weights lack {name} (expected shape {shape:?})")]

@@ -43,6 +43,8 @@ pub enum LearnerError {
     #[error(transparent)]
     Train(#[from] TrainError),
     #[error(transparent)]
+    Worker(#[from] crate::actors::model_worker::StartError),
+    #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Atropos(#[from] AtroposError),
@@ -55,7 +57,7 @@ pub enum LearnerError {
     #[error("cannot start the actors: {0}")]
     Actors(String),
     #[error("--device: {0}")]
-    Device(String),
+    Device(#[source] crate::config::device::DeviceError),
     #[error("colocated engine: {0}")]
     Engine(String),
 }

@@ -27,6 +27,8 @@ use crate::sync::service::{self, SidecarService};
 pub enum SidecarError {
     #[error("loading the model: {0}")]
     Load(String),
+    #[error("--device: {0}")]
+    Device(#[from] crate::config::device::DeviceError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -165,7 +167,7 @@ impl Supervised {
 }
 
 async fn start_embedded(cfg: &SidecarConfig) -> Result<SharedEngine, SidecarError> {
-    let device = cfg.device.to_tch().map_err(SidecarError::Load)?;
+    let device = cfg.device.to_tch()?;
     let model_dir = cfg.model_name.clone();
     let batch = BatchConfig {
         max_rows: cfg.max_batch_rows,

@@ -8,6 +8,39 @@
 /// What a finished receive produced: the tensors in plan order and their GPU digest.
 pub type Received = (Vec<(String, tch::Tensor)>, String);
 
+/// Why an NCCL join, receive or commit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NcclError {
+    #[error("this sidecar was built without the `cuda` feature (no NCCL); use the gRPC stream")]
+    NotBuilt,
+    #[error("the engine is not on a CUDA device; use the gRPC stream")]
+    NotCuda,
+    #[error("NCCL is not loadable here; use the gRPC stream")]
+    NotLoadable,
+    #[error("the NCCL join did not finish")]
+    JoinTimeout,
+    #[error("the NCCL join was abandoned")]
+    JoinAbandoned,
+    #[error("no NCCL communicator (JoinNccl first)")]
+    NoCommunicator,
+    #[error("the communicator went away")]
+    CommunicatorGone,
+    #[error("no NCCL update in progress")]
+    NotStarted,
+    #[error("commit of version {got} during the update to {staged}")]
+    OtherVersion { got: u64, staged: u64 },
+    #[error("the receive did not finish in {0:.1}s")]
+    Timeout(f64),
+    #[error("the receive was abandoned")]
+    Abandoned,
+    #[error("GPU digest mismatch: received {got}, learner sent {sent}")]
+    Digest { got: String, sent: String },
+    #[error(transparent)]
+    Plan(#[from] crate::sync::plan::PlanError),
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use std::sync::{Arc, Mutex};
@@ -16,7 +49,7 @@ mod imp {
     use tch::Device;
     use tokio::sync::oneshot;
 
-    use super::Received;
+    use super::{NcclError, Received};
     use crate::comm::nccl::{deadline_for, Communicator, UniqueId};
     use crate::engine::PolicyVersion;
     use crate::lock::recover;
@@ -29,7 +62,7 @@ mod imp {
     struct Pending {
         version: PolicyVersion,
         deadline: Duration,
-        result: oneshot::Receiver<Result<Received, String>>,
+        result: oneshot::Receiver<Result<Received, NcclError>>,
     }
 
     /// NCCL state of one sidecar.
@@ -37,7 +70,7 @@ mod imp {
         device: Device,
         comm: Slot,
         /// A join in progress: its result arrives here.
-        joining: Option<oneshot::Receiver<Result<(), String>>>,
+        joining: Option<oneshot::Receiver<Result<(), NcclError>>>,
         pending: Option<Pending>,
     }
 
@@ -52,14 +85,14 @@ mod imp {
         }
 
         /// Starts joining the learner's communicator; returns at once.
-        pub fn join(&mut self, id_hex: &str, rank: i32, world: i32) -> Result<(), String> {
+        pub fn join(&mut self, id_hex: &str, rank: i32, world: i32) -> Result<(), NcclError> {
             let Device::Cuda(gpu) = self.device else {
-                return Err("the engine is not on a CUDA device; use the gRPC stream".into());
+                return Err(NcclError::NotCuda);
             };
             if !crate::comm::nccl::available() {
-                return Err("NCCL is not loadable here; use the gRPC stream".into());
+                return Err(NcclError::NotLoadable);
             }
-            let id = UniqueId::from_hex(id_hex).map_err(|e| e.to_string())?;
+            let id = UniqueId::from_hex(id_hex).map_err(NcclError::from)?;
             let slot = self.comm.clone();
             // A new communicator replaces the old one (aborted on drop).
             *recover(&slot) = None;
@@ -71,7 +104,7 @@ mod imp {
                     .map(|c| {
                         *recover(&slot) = Some(c);
                     })
-                    .map_err(|e| e.to_string());
+                    .map_err(NcclError::from);
                 if let Err(e) = &outcome {
                     tracing::warn!(error = %e, "joining the learner's NCCL communicator failed");
                 } else {
@@ -83,17 +116,17 @@ mod imp {
         }
 
         /// Starts receiving `version` as `plan` describes; returns once the receive is queued.
-        pub async fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
+        pub async fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), NcclError> {
             plan_layout(&plan)?;
             if let Some(joining) = self.joining.take() {
                 tokio::time::timeout(Duration::from_secs(120), joining)
                     .await
-                    .map_err(|_| "the NCCL join did not finish".to_string())?
-                    .map_err(|_| "the NCCL join was abandoned".to_string())??;
+                    .map_err(|_| NcclError::JoinTimeout)?
+                    .map_err(|_| NcclError::JoinAbandoned)??;
             }
             let slot = self.comm.clone();
             if recover(&slot).is_none() {
-                return Err("no NCCL communicator (JoinNccl first)".into());
+                return Err(NcclError::NoCommunicator);
             }
             let deadline = deadline_for(plan.total_bytes, Duration::from_secs(10));
             let device = self.device;
@@ -108,9 +141,9 @@ mod imp {
                             // Aborted or broken: the learner will make a new one.
                             *guard = None;
                         }
-                        r.map_err(|e| e.to_string())
+                        r.map_err(NcclError::from)
                     }
-                    None => Err("the communicator went away".to_string()),
+                    None => Err(NcclError::CommunicatorGone),
                 };
                 drop(guard);
                 let _ = tx.send(result);
@@ -124,22 +157,28 @@ mod imp {
         }
 
         /// Waits for the receive of `version` and checks the learner's digest.
-        pub async fn finish(&mut self, version: PolicyVersion, digest: &str) -> Result<Received, String> {
+        pub async fn finish(&mut self, version: PolicyVersion, digest: &str) -> Result<Received, NcclError> {
             let Pending {
                 version: v,
                 deadline,
                 result: rx,
-            } = self.pending.take().ok_or("no NCCL update in progress")?;
+            } = self.pending.take().ok_or(NcclError::NotStarted)?;
             if v != version {
-                return Err(format!("commit of version {} during the update to {}", version.0, v.0));
+                return Err(NcclError::OtherVersion {
+                    got: version.0,
+                    staged: v.0,
+                });
             }
             let started = Instant::now();
             let (tensors, got) = tokio::time::timeout(deadline + Duration::from_secs(5), rx)
                 .await
-                .map_err(|_| format!("the receive did not finish in {:.1}s", started.elapsed().as_secs_f64()))?
-                .map_err(|_| "the receive was abandoned".to_string())??;
+                .map_err(|_| NcclError::Timeout(started.elapsed().as_secs_f64()))?
+                .map_err(|_| NcclError::Abandoned)??;
             if got != digest {
-                return Err(format!("GPU digest mismatch: received {got}, learner sent {digest}"));
+                return Err(NcclError::Digest {
+                    got,
+                    sent: digest.to_owned(),
+                });
             }
             Ok((tensors, got))
         }
@@ -155,11 +194,9 @@ mod imp {
 mod imp {
     use tch::Device;
 
-    use super::Received;
+    use super::{NcclError, Received};
     use crate::engine::PolicyVersion;
     use crate::rpc::pb;
-
-    const ABSENT: &str = "this sidecar was built without the `cuda` feature (no NCCL); use the gRPC stream";
 
     /// Without CUDA there is no NCCL: every call says so.
     pub struct NcclReceiver;
@@ -169,16 +206,16 @@ mod imp {
             Self
         }
 
-        pub fn join(&mut self, _id_hex: &str, _rank: i32, _world: i32) -> Result<(), String> {
-            Err(ABSENT.into())
+        pub fn join(&mut self, _id_hex: &str, _rank: i32, _world: i32) -> Result<(), NcclError> {
+            Err(NcclError::NotBuilt)
         }
 
-        pub async fn begin(&mut self, _version: PolicyVersion, _plan: pb::BucketPlan) -> Result<(), String> {
-            Err(ABSENT.into())
+        pub async fn begin(&mut self, _version: PolicyVersion, _plan: pb::BucketPlan) -> Result<(), NcclError> {
+            Err(NcclError::NotBuilt)
         }
 
-        pub async fn finish(&mut self, _version: PolicyVersion, _digest: &str) -> Result<Received, String> {
-            Err(ABSENT.into())
+        pub async fn finish(&mut self, _version: PolicyVersion, _digest: &str) -> Result<Received, NcclError> {
+            Err(NcclError::NotBuilt)
         }
 
         pub fn busy(&self) -> bool {

@@ -12,6 +12,7 @@ use tch::Kind;
 use crate::rpc::pb;
 
 use super::packing::{dtype_kind, dtype_name, PackLayout, BUCKET_ALIGN};
+use super::plan::PlanError;
 
 /// The plan announcing tensors `(name, shape)` in the wire dtype `wire`, cut as `layout`.
 pub fn device_plan(tensors: &[(String, Vec<i64>)], wire: Kind, layout: &PackLayout) -> pb::BucketPlan {
@@ -33,39 +34,45 @@ pub fn device_plan(tensors: &[(String, Vec<i64>)], wire: Kind, layout: &PackLayo
 }
 
 /// Checks a plan the learner announced and derives its layout and wire dtype.
-pub fn plan_layout(plan: &pb::BucketPlan) -> Result<(PackLayout, Kind), String> {
+pub fn plan_layout(plan: &pb::BucketPlan) -> Result<(PackLayout, Kind), PlanError> {
     let first = plan.tensors.first().map_or("f32", |t| t.dtype.as_str());
-    let wire = dtype_kind(first).ok_or_else(|| format!("wire dtype {first} unsupported"))?;
+    let wire = dtype_kind(first).ok_or_else(|| PlanError::Dtype {
+        name: plan.tensors.first().map_or_else(String::new, |t| t.name.clone()),
+        dtype: first.to_owned(),
+    })?;
     let mut numels = Vec::with_capacity(plan.tensors.len());
     for t in &plan.tensors {
         if t.dtype != first {
-            return Err(format!(
-                "{}: dtype {}, the plan's other tensors are {first}",
-                t.name, t.dtype
-            ));
+            return Err(PlanError::MixedDtype {
+                name: t.name.clone(),
+                dtype: t.dtype.clone(),
+                first: first.to_owned(),
+            });
         }
         if t.shape.iter().any(|&d| d < 0) {
-            return Err(format!("{}: negative dimension", t.name));
+            return Err(PlanError::Shape {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+            });
         }
         numels.push(t.shape.iter().product::<i64>());
     }
     let elt = wire.elt_size_in_bytes() as u64;
     if plan.bucket_bytes == 0 || !plan.bucket_bytes.is_multiple_of(BUCKET_ALIGN) {
-        return Err(format!(
-            "bucket size {} is not a multiple of {BUCKET_ALIGN}",
-            plan.bucket_bytes
-        ));
+        return Err(PlanError::BucketSize {
+            bytes: plan.bucket_bytes,
+            align: BUCKET_ALIGN,
+        });
     }
     let layout = PackLayout::new(&numels, elt, plan.bucket_bytes);
     if layout.total as u64 * elt != plan.total_bytes {
-        return Err(format!(
-            "tensors need {} bytes, the plan says {}",
-            layout.total as u64 * elt,
-            plan.total_bytes
-        ));
+        return Err(PlanError::TotalBytes {
+            need: layout.total as u64 * elt,
+            said: plan.total_bytes,
+        });
     }
     if layout.bucket_count() != plan.bucket_count as usize {
-        return Err("bucket count does not match the sizes".into());
+        return Err(PlanError::BucketCount);
     }
     Ok((layout, wire))
 }
@@ -90,7 +97,10 @@ mod transfer {
         device: Device,
         deadline: Duration,
     ) -> Result<(Vec<(String, Tensor)>, String), CommError> {
-        let (layout, wire) = plan_layout(plan).map_err(|message| CommError::Nccl { call: "plan", message })?;
+        let (layout, wire) = plan_layout(plan).map_err(|e| CommError::Nccl {
+            call: "plan",
+            message: e.to_string(),
+        })?;
         let flat = Tensor::empty([layout.total], (wire, device));
         let buckets: Vec<Vec<Tensor>> = layout.bucket_views(&flat).into_iter().map(|b| vec![b]).collect();
         let mut digest = GpuDigest::default();

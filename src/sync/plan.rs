@@ -40,6 +40,10 @@ pub enum PlanError {
     Missing(String),
     #[error("{0}: stream too short")]
     Short(String),
+    #[error("{name}: dtype {dtype}, the plan's other tensors are {first}")]
+    MixedDtype { name: String, dtype: String, first: String },
+    #[error("bucket size {bytes} is not a multiple of {align}")]
+    BucketSize { bytes: u64, align: u64 },
     #[error("{name}: {source}")]
     Tensor { name: String, source: tch::TchError },
 }

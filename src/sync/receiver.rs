@@ -13,38 +13,75 @@ use crate::engine::inference::{AdapterUpdate, Installed, IpcInstall, SharedEngin
 use crate::engine::PolicyVersion;
 use crate::rpc::pb;
 
-use super::nccl_receiver::NcclReceiver;
-use super::plan::{check_against, check_plan, digest_bytes, unpack, Digest};
+use super::nccl_receiver::{NcclError, NcclReceiver};
+use super::plan::{check_against, check_plan, digest_bytes, unpack, Digest, PlanError};
+
+/// Why the receiver refused an update, or lost one.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("no update in progress (BeginUpdate first)")]
+    NotStarted,
+    #[error("{what} of version {got} during the update to {staged}")]
+    OtherVersion { what: &'static str, got: u64, staged: u64 },
+    #[error("bucket {index} of {count}")]
+    NoSuchBucket { index: u32, count: usize },
+    #[error("bucket {index} has {got} bytes, expected {expected}")]
+    BucketSize { index: u32, got: usize, expected: usize },
+    #[error("bucket {0} never arrived")]
+    BucketMissing(usize),
+    #[error("verifying the update: {0}")]
+    Verify(#[source] tokio::task::JoinError),
+    #[error("digest mismatch: received {got}, learner sent {sent}")]
+    Digest { got: Digest, sent: Digest },
+    #[error(transparent)]
+    Engine(#[from] crate::engine::inference::EngineFailure),
+    #[error(transparent)]
+    Nccl(#[from] NcclError),
+    #[error("the unique id is not 128 bytes of hex")]
+    UniqueId,
+    #[error("the engine's ranks start at 1 of a world of 2 or more (asked: rank {rank} of {world})")]
+    ForwardRank { rank: i32, world: i32 },
+}
 
 /// WeightReceiver's mailbox.
 pub enum ReceiverMsg {
-    Begin(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
-    Bucket(PolicyVersion, u32, Vec<u8>, RpcReplyPort<Result<(), String>>),
-    Commit(PolicyVersion, Digest, RpcReplyPort<Result<Applied, String>>),
+    Begin(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), UpdateError>>),
+    Bucket(PolicyVersion, u32, Vec<u8>, RpcReplyPort<Result<(), UpdateError>>),
+    Commit(PolicyVersion, Digest, RpcReplyPort<Result<Applied, UpdateError>>),
     /// Load a checkpoint directory: an HF model, or (`true`) a PEFT adapter.
-    LoadCheckpoint(PolicyVersion, PathBuf, bool, RpcReplyPort<Result<(), String>>),
+    LoadCheckpoint(PolicyVersion, PathBuf, bool, RpcReplyPort<Result<(), UpdateError>>),
     /// NCCL: join the learner's communicator (unique id hex, rank, world).
-    JoinNccl(String, i32, i32, RpcReplyPort<Result<(), String>>),
+    JoinNccl(String, i32, i32, RpcReplyPort<Result<(), UpdateError>>),
     /// NCCL: receive this version as the plan says.
-    BeginNccl(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), String>>),
+    BeginNccl(PolicyVersion, pb::BucketPlan, RpcReplyPort<Result<(), UpdateError>>),
     /// NCCL: check the learner's GPU digest and swap the received weights in.
     /// (With the learner's canary, for an engine whose own ranks received: vLLM.)
     CommitNccl(
         PolicyVersion,
         String,
         Option<(Vec<i64>, Vec<f64>)>,
-        RpcReplyPort<Result<Applied, String>>,
+        RpcReplyPort<Result<Applied, UpdateError>>,
     ),
     /// CUDA IPC: have the engine copy this version out of the learner's GPU memory.
-    InstallIpc(PolicyVersion, Box<IpcInstall>, RpcReplyPort<Result<Applied, String>>),
+    InstallIpc(
+        PolicyVersion,
+        Box<IpcInstall>,
+        RpcReplyPort<Result<Applied, UpdateError>>,
+    ),
     /// LoRA: serve the base model with this adapter.
-    InstallAdapter(PolicyVersion, Box<AdapterUpdate>, RpcReplyPort<Result<Applied, String>>),
+    InstallAdapter(
+        PolicyVersion,
+        Box<AdapterUpdate>,
+        RpcReplyPort<Result<Applied, UpdateError>>,
+    ),
     /// Shared mode: the learner wrote this version into the engine launch's own weights.
     ResumeShared(
         u64,
         PolicyVersion,
         Option<(Vec<i64>, Vec<f64>)>,
-        RpcReplyPort<Result<Applied, String>>,
+        RpcReplyPort<Result<Applied, UpdateError>>,
     ),
 }
 
@@ -113,9 +150,9 @@ impl ReceiverState {
         });
     }
 
-    fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
-        check_plan(&plan).map_err(|e| e.to_string())?;
-        check_against(&plan, self.engine.manifest()).map_err(|e| e.to_string())?;
+    fn begin(&mut self, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), UpdateError> {
+        check_plan(&plan)?;
+        check_against(&plan, self.engine.manifest())?;
         if let Some(old) = &self.staging {
             tracing::warn!(
                 abandoned = old.version.0,
@@ -133,51 +170,53 @@ impl ReceiverState {
         Ok(())
     }
 
-    fn bucket(&mut self, version: PolicyVersion, index: u32, data: Vec<u8>) -> Result<(), String> {
-        let st = self
-            .staging
-            .as_mut()
-            .ok_or("no update in progress (BeginUpdate first)")?;
+    fn bucket(&mut self, version: PolicyVersion, index: u32, data: Vec<u8>) -> Result<(), UpdateError> {
+        let st = self.staging.as_mut().ok_or(UpdateError::NotStarted)?;
         if st.version != version {
-            return Err(format!(
-                "bucket of version {} during the update to {}",
-                version.0, st.version.0
-            ));
+            return Err(UpdateError::OtherVersion {
+                what: "bucket",
+                got: version.0,
+                staged: st.version.0,
+            });
         }
         let i = index as usize;
         if i >= st.received.len() {
-            return Err(format!("bucket {index} of {}", st.received.len()));
+            return Err(UpdateError::NoSuchBucket {
+                index,
+                count: st.received.len(),
+            });
         }
         let start = i * st.plan.bucket_bytes as usize;
         let end = (start + st.plan.bucket_bytes as usize).min(st.bytes.len());
         if data.len() != end - start {
-            return Err(format!(
-                "bucket {index} has {} bytes, expected {}",
-                data.len(),
-                end - start
-            ));
+            return Err(UpdateError::BucketSize {
+                index,
+                got: data.len(),
+                expected: end - start,
+            });
         }
         st.bytes[start..end].copy_from_slice(&data);
         st.received[i] = true;
         Ok(())
     }
 
-    async fn commit(&mut self, version: PolicyVersion, digest: Digest) -> Result<Applied, String> {
-        let st = self.staging.take().ok_or("no update in progress")?;
+    async fn commit(&mut self, version: PolicyVersion, digest: Digest) -> Result<Applied, UpdateError> {
+        let st = self.staging.take().ok_or(UpdateError::NotStarted)?;
         if st.version != version {
-            return Err(format!(
-                "commit of version {} during the update to {}",
-                version.0, st.version.0
-            ));
+            return Err(UpdateError::OtherVersion {
+                what: "commit",
+                got: version.0,
+                staged: st.version.0,
+            });
         }
         if let Some(missing) = st.received.iter().position(|r| !r) {
-            return Err(format!("bucket {missing} never arrived"));
+            return Err(UpdateError::BucketMissing(missing));
         }
         let started = Instant::now();
         // Digesting and unpacking a whole model is CPU work: off the async threads.
         let weights = tokio::task::spawn_blocking(move || verify_and_unpack(st, digest))
             .await
-            .map_err(|e| format!("verifying the update: {e}"))??;
+            .map_err(UpdateError::Verify)??;
         self.install(weights, version, started).await
     }
 
@@ -186,8 +225,8 @@ impl ReceiverState {
         weights: Vec<(String, Tensor)>,
         version: PolicyVersion,
         started: Instant,
-    ) -> Result<Applied, String> {
-        let installed = self.engine.install(weights, version).await.map_err(|e| e.to_string())?;
+    ) -> Result<Applied, UpdateError> {
+        let installed = self.engine.install(weights, version).await?;
         self.version = version;
         Ok(Applied {
             seconds: started.elapsed().as_secs_f64(),
@@ -195,12 +234,12 @@ impl ReceiverState {
         })
     }
 
-    async fn commit_nccl(&mut self, version: PolicyVersion, digest: &str) -> Result<Applied, String> {
+    async fn commit_nccl(&mut self, version: PolicyVersion, digest: &str) -> Result<Applied, UpdateError> {
         let (weights, _) = self.nccl.finish(version, digest).await?;
         self.install(weights, version, Instant::now()).await
     }
 
-    async fn install_ipc(&mut self, version: PolicyVersion, update: IpcInstall) -> Result<Applied, String> {
+    async fn install_ipc(&mut self, version: PolicyVersion, update: IpcInstall) -> Result<Applied, UpdateError> {
         check_ipc_against(&update.export.tensors, self.engine.manifest())?;
         let started = Instant::now();
         let result = self.engine.install_ipc(update, version).await;
@@ -215,7 +254,7 @@ impl ReceiverState {
         version: PolicyVersion,
         started: Instant,
         result: Result<Installed, crate::engine::inference::EngineFailure>,
-    ) -> Result<Applied, String> {
+    ) -> Result<Applied, UpdateError> {
         match result {
             Ok(installed) => {
                 self.version = version;
@@ -226,7 +265,7 @@ impl ReceiverState {
             }
             Err(e) => {
                 self.version = self.engine.version().await.unwrap_or(PolicyVersion(0));
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }
@@ -235,25 +274,30 @@ impl ReceiverState {
         &mut self,
         version: PolicyVersion,
         canary: Option<(Vec<i64>, Vec<f64>)>,
-    ) -> Result<Applied, String> {
+    ) -> Result<Applied, UpdateError> {
         let started = Instant::now();
         let result = self.engine.nccl_forward_commit(version, canary).await;
         self.settle(version, started, result).await
     }
 
-    async fn install_adapter(&mut self, version: PolicyVersion, update: AdapterUpdate) -> Result<Applied, String> {
+    async fn install_adapter(&mut self, version: PolicyVersion, update: AdapterUpdate) -> Result<Applied, UpdateError> {
         let started = Instant::now();
         let result = self.engine.install_adapter(update, version).await;
         self.settle(version, started, result).await
     }
 
-    async fn load_checkpoint(&mut self, version: PolicyVersion, path: PathBuf, adapter: bool) -> Result<(), String> {
+    async fn load_checkpoint(
+        &mut self,
+        version: PolicyVersion,
+        path: PathBuf,
+        adapter: bool,
+    ) -> Result<(), UpdateError> {
         let loaded = if adapter {
             self.engine.load_adapter_checkpoint(&path, version).await
         } else {
             self.engine.load_checkpoint(&path, version).await
         };
-        loaded.map_err(|e| e.to_string())?;
+        loaded?;
         self.version = version;
         Ok(())
     }
@@ -261,14 +305,12 @@ impl ReceiverState {
 
 /// Forwarded NCCL: the engine's own ranks join the learner's communicator as ranks 1.. of
 /// `world` (the learner asks for rank 1, the first of them).
-async fn forward_join(engine: &SharedEngine, id_hex: &str, rank: i32, world: i32) -> Result<(), String> {
-    let id = unique_id_bytes(id_hex).ok_or("the unique id is not 128 bytes of hex")?;
+async fn forward_join(engine: &SharedEngine, id_hex: &str, rank: i32, world: i32) -> Result<(), UpdateError> {
+    let id = unique_id_bytes(id_hex).ok_or(UpdateError::UniqueId)?;
     if rank != 1 || world < 2 {
-        return Err(format!(
-            "the engine's ranks start at 1 of a world of 2 or more (asked: rank {rank} of {world})"
-        ));
+        return Err(UpdateError::ForwardRank { rank, world });
     }
-    engine.nccl_forward_join(id, world).await.map_err(|e| e.to_string())
+    Ok(engine.nccl_forward_join(id, world).await?)
 }
 
 /// An ncclUniqueId from its 256 hex digits.
@@ -284,24 +326,23 @@ fn unique_id_bytes(hex: &str) -> Option<Vec<u8>> {
 
 /// Forwarded NCCL: the engine gets ready to receive the plan's tensors (vLLM's packed chunks
 /// past the plan's bucket size).
-async fn forward_begin(engine: &SharedEngine, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), String> {
+async fn forward_begin(engine: &SharedEngine, version: PolicyVersion, plan: pb::BucketPlan) -> Result<(), UpdateError> {
     let tensors = plan
         .tensors
         .iter()
         .map(|t| {
-            let dtype = crate::engine::vllm_transfer::IpcDtype::parse(&t.dtype)
-                .ok_or_else(|| format!("{}: dtype {:?}", t.name, t.dtype))?;
+            let dtype = crate::engine::vllm_transfer::IpcDtype::parse(&t.dtype).ok_or_else(|| PlanError::Dtype {
+                name: t.name.clone(),
+                dtype: t.dtype.clone(),
+            })?;
             Ok(crate::engine::inference::NamedTensor {
                 name: t.name.clone(),
                 dtype,
                 shape: t.shape.clone(),
             })
         })
-        .collect::<Result<Vec<_>, String>>()?;
-    engine
-        .nccl_forward_begin(version, tensors, plan.bucket_bytes)
-        .await
-        .map_err(|e| e.to_string())
+        .collect::<Result<Vec<_>, PlanError>>()?;
+    Ok(engine.nccl_forward_begin(version, tensors, plan.bucket_bytes).await?)
 }
 
 /// An IPC update must name exactly the engine's tensors, with their shapes: vLLM processes a
@@ -309,38 +350,39 @@ async fn forward_begin(engine: &SharedEngine, version: PolicyVersion, plan: pb::
 fn check_ipc_against(
     tensors: &[crate::engine::vllm_transfer::IpcTensor],
     manifest: &[(String, Vec<i64>)],
-) -> Result<(), String> {
-    let sent: std::collections::BTreeMap<&str, &[i64]> =
-        tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
-    if sent.len() != tensors.len() {
-        return Err("the IPC update names a tensor twice".into());
+) -> Result<(), PlanError> {
+    let mut sent: std::collections::BTreeMap<&str, &[i64]> = std::collections::BTreeMap::new();
+    for t in tensors {
+        if sent.insert(t.name.as_str(), t.shape.as_slice()).is_some() {
+            return Err(PlanError::Twice(t.name.clone()));
+        }
     }
     for (name, shape) in manifest {
-        match sent.get(name.as_str()) {
-            None => return Err(format!("the IPC update lacks {name}")),
-            Some(s) if *s != shape.as_slice() => {
-                return Err(format!("{name}: shape {s:?} in the IPC update, {shape:?} served"))
+        match sent.remove(name.as_str()) {
+            None => return Err(PlanError::Missing(name.clone())),
+            Some(s) if s != shape.as_slice() => {
+                return Err(PlanError::Mismatch {
+                    name: name.clone(),
+                    sent: s.to_vec(),
+                    served: shape.clone(),
+                })
             }
             Some(_) => {}
         }
     }
-    if sent.len() != manifest.len() {
-        return Err(format!(
-            "the IPC update has {} tensors, the served model {}",
-            sent.len(),
-            manifest.len()
-        ));
+    match sent.keys().next() {
+        Some(extra) => Err(PlanError::Unknown((*extra).to_owned())),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks the staged stream against the learner's digest and cuts it into tensors.
-fn verify_and_unpack(st: Staging, digest: Digest) -> Result<Vec<(String, Tensor)>, String> {
+fn verify_and_unpack(st: Staging, digest: Digest) -> Result<Vec<(String, Tensor)>, UpdateError> {
     let got = digest_bytes(&st.bytes);
     if got != digest {
-        return Err(format!("digest mismatch: received {got}, learner sent {digest}"));
+        return Err(UpdateError::Digest { got, sent: digest });
     }
-    unpack(&st.plan, &st.bytes).map_err(|e| e.to_string())
+    Ok(unpack(&st.plan, &st.bytes)?)
 }
 
 impl Actor for WeightReceiver {
@@ -413,15 +455,15 @@ impl Actor for WeightReceiver {
                 let result = if state.engine.forwards_nccl() {
                     forward_join(&state.engine, &id, rank, world).await
                 } else {
-                    state.nccl.join(&id, rank, world)
+                    state.nccl.join(&id, rank, world).map_err(UpdateError::from)
                 };
                 let _ = reply.send(result);
             }
             ReceiverMsg::BeginNccl(v, plan, reply) => {
                 let result = match check_against(&plan, state.engine.manifest()) {
                     Ok(()) if state.engine.forwards_nccl() => forward_begin(&state.engine, v, plan).await,
-                    Ok(()) => state.nccl.begin(v, plan).await,
-                    Err(e) => Err(e.to_string()),
+                    Ok(()) => state.nccl.begin(v, plan).await.map_err(UpdateError::from),
+                    Err(e) => Err(e.into()),
                 };
                 let _ = reply.send(result);
             }
@@ -466,7 +508,7 @@ impl Actor for WeightReceiver {
 }
 
 /// Logs and counts how an install straight into the engine ended.
-fn report_install(v: PolicyVersion, transport: &'static str, result: &Result<Applied, String>) {
+fn report_install(v: PolicyVersion, transport: &'static str, result: &Result<Applied, UpdateError>) {
     let outcome = match result {
         Ok(a) => {
             tracing::info!(
@@ -658,17 +700,26 @@ mod tests {
         st.begin(v, plan.clone()).expect("begin");
         send_all(&mut st, &set, &plan, v);
         let err = st.commit(v, Digest(set.digest().0 ^ 1)).await.expect_err("digest");
-        assert!(err.contains("digest mismatch"), "{err}");
+        assert!(matches!(err, UpdateError::Digest { .. }), "{err}");
         // A missing bucket.
         st.begin(v, plan.clone()).expect("begin");
         st.bucket(v, 0, set.bucket(&plan, 0).to_vec()).expect("bucket 0");
         let err = st.commit(v, set.digest()).await.expect_err("missing");
-        assert!(err.contains("never arrived"), "{err}");
+        assert!(matches!(err, UpdateError::BucketMissing(1)), "{err}");
         // Buckets and commits of another version; a bucket of the wrong size; no update at all.
         st.begin(v, plan.clone()).expect("begin");
-        assert!(st.bucket(PolicyVersion(2), 0, set.bucket(&plan, 0).to_vec()).is_err());
-        assert!(st.bucket(v, 0, vec![0; 3]).is_err());
-        assert!(st.bucket(v, plan.bucket_count, vec![0; 4]).is_err());
+        assert!(matches!(
+            st.bucket(PolicyVersion(2), 0, set.bucket(&plan, 0).to_vec()),
+            Err(UpdateError::OtherVersion { got: 2, staged: 1, .. })
+        ));
+        assert!(matches!(
+            st.bucket(v, 0, vec![0; 3]),
+            Err(UpdateError::BucketSize { got: 3, .. })
+        ));
+        assert!(matches!(
+            st.bucket(v, plan.bucket_count, vec![0; 4]),
+            Err(UpdateError::NoSuchBucket { .. })
+        ));
         assert!(st.commit(PolicyVersion(2), set.digest()).await.is_err());
         assert!(
             st.commit(v, set.digest()).await.is_err(),
@@ -686,7 +737,10 @@ mod tests {
         st.begin(v, plan.clone()).expect("begin");
         send_all(&mut st, &set, &plan, v);
         let err = st.commit(v, set.digest()).await.expect_err("install fails");
-        assert!(err.contains("fake engine refuses"), "{err}");
+        assert!(
+            matches!(err, UpdateError::Engine(_)) && err.to_string().contains("fake engine refuses"),
+            "{err}"
+        );
         assert_eq!(st.version, PolicyVersion(0));
     }
 
@@ -696,7 +750,7 @@ mod tests {
         let other = vec![("a".to_string(), Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)))];
         let plan = WeightSet::pack(&other).expect("pack").plan(12);
         let err = st.begin(PolicyVersion(1), plan).expect_err("wrong model");
-        assert!(err.contains("shape"), "{err}");
+        assert!(matches!(err, UpdateError::Plan(_)), "{err}");
         assert!(st.staging.is_none(), "nothing staged");
     }
 }

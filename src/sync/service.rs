@@ -99,7 +99,7 @@ impl SidecarService {
                 .then(|| (req.canary_ids.clone(), req.canary_logprobs.clone()));
             ractor::call!(self.receiver, ReceiverMsg::CommitNccl, version, req.digest, canary)
                 .map_err(internal)?
-                .map_err(Status::data_loss)
+                .map_err(|e| Status::data_loss(e.to_string()))
         } else {
             let digest: Digest = req
                 .digest
@@ -107,7 +107,7 @@ impl SidecarService {
                 .map_err(|e: crate::version::BadDigest| Status::invalid_argument(e.to_string()))?;
             ractor::call!(self.receiver, ReceiverMsg::Commit, version, digest)
                 .map_err(internal)?
-                .map_err(Status::data_loss)
+                .map_err(|e| Status::data_loss(e.to_string()))
         }
     }
 }
@@ -170,11 +170,11 @@ impl Sidecar for SidecarService {
         if req.transport == pb::Transport::Nccl as i32 {
             ractor::call!(self.receiver, ReceiverMsg::BeginNccl, version, plan)
                 .map_err(internal)?
-                .map_err(Status::failed_precondition)?;
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
         } else if req.transport == pb::Transport::GrpcStream as i32 {
             ractor::call!(self.receiver, ReceiverMsg::Begin, version, plan)
                 .map_err(internal)?
-                .map_err(Status::failed_precondition)?;
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
         } else {
             return Err(Status::invalid_argument("unknown transport"));
         }
@@ -192,7 +192,7 @@ impl Sidecar for SidecarService {
             bytes += b.data.len() as u64;
             ractor::call!(self.receiver, ReceiverMsg::Bucket, version, b.index, b.data)
                 .map_err(internal)?
-                .map_err(Status::failed_precondition)?;
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
             buckets += 1;
         }
         Ok(Response::new(pb::StreamWeightsResponse { buckets, bytes }))
@@ -226,7 +226,7 @@ impl Sidecar for SidecarService {
         let req = req.into_inner();
         ractor::call!(self.receiver, ReceiverMsg::JoinNccl, req.unique_id, req.rank, req.world)
             .map_err(internal)?
-            .map_err(Status::unimplemented)?;
+            .map_err(|e| Status::unimplemented(e.to_string()))?;
         Ok(Response::new(pb::JoinNcclResponse {}))
     }
 
@@ -247,7 +247,7 @@ impl Sidecar for SidecarService {
         })?;
         ractor::call!(self.receiver, ReceiverMsg::LoadCheckpoint, version, path, req.adapter)
             .map_err(internal)?
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(pb::LoadCheckpointResponse { version: pv(version) }))
     }
 
@@ -266,7 +266,7 @@ impl Sidecar for SidecarService {
         let update = Box::new(ipc_install_of(req)?);
         let applied = ractor::call!(self.receiver, ReceiverMsg::InstallIpc, version, update)
             .map_err(internal)?
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(committed(version, applied))
     }
 
@@ -305,7 +305,7 @@ impl Sidecar for SidecarService {
         let canary = (!req.canary_ids.is_empty()).then_some((req.canary_ids, req.canary_logprobs));
         let applied = ractor::call!(self.receiver, ReceiverMsg::ResumeShared, req.launch, version, canary)
             .map_err(internal)?
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(committed(version, applied))
     }
 
@@ -332,7 +332,7 @@ impl Sidecar for SidecarService {
         let update = Box::new(adapter_update_of(req, &spec)?);
         let applied = ractor::call!(self.receiver, ReceiverMsg::InstallAdapter, version, update)
             .map_err(internal)?
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(committed(version, applied))
     }
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use super::adamw::MasterParam;
-use super::optimizer::restore_slot;
+use super::optim_state::{restore_slot, OptimizerError};
 use super::split;
 
 /// Adafactor hyper-parameters; the defaults are transformers'.
@@ -89,9 +89,18 @@ impl Adafactor {
 
     /// One update of every parameter whose gradient (aligned with `params`) is defined; each
     /// gradient is used as `fp32(grad) * grad_scale`.
-    pub fn step(&mut self, params: &[MasterParam], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+    pub fn step(
+        &mut self,
+        params: &[MasterParam],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimizerError> {
         if grads.len() != params.len() {
-            return Err(format!("{} gradients for {} parameters", grads.len(), params.len()));
+            return Err(OptimizerError::GradCount {
+                grads: grads.len(),
+                params: params.len(),
+            });
         }
         self.steps += 1;
         let beta2t = 1.0 - (self.steps as f64).powf(self.config.decay_rate);
@@ -159,7 +168,7 @@ impl Adafactor {
     }
 
     /// Restores state written by [`Adafactor::state_tensors`]; every parameter must be present.
-    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
+    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), OptimizerError> {
         let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
         let mut take = |key: String, slot: &Tensor| restore_slot(&mut by_name, key, slot, "Adafactor", false);
         for (name, m) in &self.moments {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use super::optim_state::{restore_slot, OptimizerError};
 use super::split;
 
 /// Elements per slice and per group of slices in one update call.
@@ -147,9 +148,18 @@ impl AdamW {
     /// One update of every parameter whose gradient (`grads[i]`, aligned with `params`) is
     /// defined. Gradients may be in any float dtype: each is used as `fp32(grad) * grad_scale`
     /// (the clip coefficient).
-    pub fn step(&mut self, params: &[MasterParam], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+    pub fn step(
+        &mut self,
+        params: &[MasterParam],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimizerError> {
         if grads.len() != params.len() {
-            return Err(format!("{} gradients for {} parameters", grads.len(), params.len()));
+            return Err(OptimizerError::GradCount {
+                grads: grads.len(),
+                params: params.len(),
+            });
         }
         self.steps += 1;
         let live: Vec<(&MasterParam, &Tensor, &(Tensor, Tensor))> = params
@@ -207,7 +217,7 @@ impl AdamW {
         })
     }
 
-    fn update_fused(&self, ops: &Operands, step: &Tensor, lr: f64) -> Result<(), String> {
+    fn update_fused(&self, ops: &Operands, step: &Tensor, lr: f64) -> Result<(), OptimizerError> {
         let c = self.config;
         crate::torch_ext::fused_adamw(
             &crate::torch_ext::AdamWGroup {
@@ -224,7 +234,8 @@ impl AdamW {
                 weight_decay: c.weight_decay,
                 eps: c.eps,
             },
-        )
+        )?;
+        Ok(())
     }
 
     fn update_loop(&self, ops: &Operands, lr: f64) {
@@ -266,19 +277,11 @@ impl AdamW {
     }
 
     /// Restores moments written by [`AdamW::state_tensors`]; every parameter must be present.
-    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
+    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), OptimizerError> {
         let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-        for (name, (m, v)) in self.moments.iter_mut() {
-            for (prefix, slot) in [("exp_avg", &mut *m), ("exp_avg_sq", &mut *v)] {
-                let key = format!("{prefix}.{name}");
-                let saved = by_name
-                    .remove(&key)
-                    .ok_or_else(|| format!("optimizer state lacks {key}"))?;
-                if saved.size() != slot.size() {
-                    return Err(format!("{key}: shape {:?}, expected {:?}", saved.size(), slot.size()));
-                }
-                tch::no_grad(|| slot.copy_(&saved));
-            }
+        for (name, (m, v)) in &self.moments {
+            restore_slot(&mut by_name, format!("exp_avg.{name}"), m, "AdamW", false)?;
+            restore_slot(&mut by_name, format!("exp_avg_sq.{name}"), v, "AdamW", false)?;
         }
         self.steps = steps;
         Ok(())

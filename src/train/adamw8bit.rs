@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::adamw::{AdamWConfig, MasterParam, SLICE_ELEMENTS};
-use super::optimizer::restore_slot;
+use super::optim_state::{restore_slot, OptimizerError};
 use super::split;
 
 /// Elements per quantization block (bitsandbytes' optimizer block size).
@@ -157,9 +157,18 @@ impl AdamW8bit {
 
     /// One update of every parameter whose gradient (aligned with `params`) is defined; each
     /// gradient is used as `fp32(grad) * grad_scale`.
-    pub fn step(&mut self, params: &[MasterParam], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+    pub fn step(
+        &mut self,
+        params: &[MasterParam],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimizerError> {
         if grads.len() != params.len() {
-            return Err(format!("{} gradients for {} parameters", grads.len(), params.len()));
+            return Err(OptimizerError::GradCount {
+                grads: grads.len(),
+                params: params.len(),
+            });
         }
         self.steps += 1;
         tch::no_grad(|| {
@@ -168,7 +177,7 @@ impl AdamW8bit {
                     continue;
                 };
                 let Some((_, signed, unsigned)) = self.codes.iter().find(|(d, _, _)| *d == p.value.device()) else {
-                    return Err(format!("{}: no code on its device", p.name));
+                    return Err(OptimizerError::NoCode(p.name.clone()));
                 };
                 let n = p.value.numel() as i64;
                 let mut off = 0;
@@ -207,7 +216,7 @@ impl AdamW8bit {
     }
 
     /// Restores state written by [`AdamW8bit::state_tensors`]; every parameter must be present.
-    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
+    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), OptimizerError> {
         let mut by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
         let mut take = |key: String, slot: &Tensor| restore_slot(&mut by_name, key, slot, "8-bit AdamW", true);
         for (name, m) in &self.moments {

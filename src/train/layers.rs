@@ -9,8 +9,28 @@ pub struct LayerSet(pub BTreeSet<i64>);
 /// Indices at or above this are refused (no model has that many layers; a range up to it is
 /// expanded into a set).
 pub const MAX_LAYERS: i64 = 1 << 16;
+
+/// A layer list that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayerError {
+    #[error("{part:?} in {list:?} is not a layer index")]
+    NotAnIndex { part: String, list: String },
+    #[error("negative layer index {index} in {list:?}")]
+    Negative { index: i64, list: String },
+    #[error("range {part:?} starts after it ends")]
+    Backwards { part: String },
+    #[error("layer index {index} in {list:?}: models have fewer than {MAX_LAYERS} layers")]
+    TooLarge { index: i64, list: String },
+    #[error("{list:?} names no layers")]
+    Empty { list: String },
+    #[error("layer {index} does not exist (the model has {num_layers} layers)")]
+    Missing { index: i64, num_layers: i64 },
+    #[error("no parameter is trainable")]
+    NoneTrainable,
+}
+
 impl std::str::FromStr for LayerSet {
-    type Err = String;
+    type Err = LayerError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut set = BTreeSet::new();
@@ -18,12 +38,18 @@ impl std::str::FromStr for LayerSet {
             let parse = |x: &str| {
                 x.trim()
                     .parse::<i64>()
-                    .map_err(|_| format!("{x:?} in {s:?} is not a layer index"))
-                    .and_then(|v| {
-                        if v < 0 {
-                            Err(format!("negative layer index {v} in {s:?}"))
+                    .map_err(|_| LayerError::NotAnIndex {
+                        part: x.to_owned(),
+                        list: s.to_owned(),
+                    })
+                    .and_then(|index| {
+                        if index < 0 {
+                            Err(LayerError::Negative {
+                                index,
+                                list: s.to_owned(),
+                            })
                         } else {
-                            Ok(v)
+                            Ok(index)
                         }
                     })
             };
@@ -31,28 +57,30 @@ impl std::str::FromStr for LayerSet {
                 Some((a, b)) => {
                     let (a, b) = (parse(a)?, parse(b)?);
                     if a > b {
-                        return Err(format!("range {part:?} starts after it ends"));
+                        return Err(LayerError::Backwards { part: part.to_owned() });
                     }
                     if b >= MAX_LAYERS {
-                        return Err(format!(
-                            "layer index {b} in {s:?}: models have fewer than {MAX_LAYERS} layers"
-                        ));
+                        return Err(LayerError::TooLarge {
+                            index: b,
+                            list: s.to_owned(),
+                        });
                     }
                     set.extend(a..=b);
                 }
                 None => {
                     let v = parse(part)?;
                     if v >= MAX_LAYERS {
-                        return Err(format!(
-                            "layer index {v} in {s:?}: models have fewer than {MAX_LAYERS} layers"
-                        ));
+                        return Err(LayerError::TooLarge {
+                            index: v,
+                            list: s.to_owned(),
+                        });
                     }
                     set.insert(v);
                 }
             }
         }
         if set.is_empty() {
-            return Err(format!("{s:?} names no layers"));
+            return Err(LayerError::Empty { list: s.to_owned() });
         }
         Ok(Self(set))
     }
@@ -60,9 +88,9 @@ impl std::str::FromStr for LayerSet {
 
 impl LayerSet {
     /// Fails if an index is not below `num_layers`.
-    pub fn check(&self, num_layers: i64) -> Result<(), String> {
+    pub fn check(&self, num_layers: i64) -> Result<(), LayerError> {
         match self.0.iter().find(|&&i| i >= num_layers) {
-            Some(i) => Err(format!("layer {i} does not exist (the model has {num_layers} layers)")),
+            Some(&index) => Err(LayerError::Missing { index, num_layers }),
             None => Ok(()),
         }
     }

@@ -10,6 +10,7 @@ pub mod adamw8bit;
 pub mod data_parallel;
 pub mod layers;
 pub mod lease;
+pub mod optim_state;
 pub mod optimizer;
 pub mod schedule;
 pub mod split;
@@ -18,7 +19,7 @@ pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig, MasterParam};
 pub use layers::LayerSet;
-pub use optimizer::{Optimizer, OptimizerKind};
+pub use optimizer::{Optimizer, OptimizerError, OptimizerKind};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
     ComputeConfig, FenceError, Home, Precision, SharedWeights, SharedWrite, SkipReason, StepMetrics, TrainError,

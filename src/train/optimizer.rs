@@ -1,13 +1,12 @@
 //! The optimizer a trainer runs: AdamW, 8-bit AdamW or Adafactor, behind one step/state
 //! interface.
 
-use std::collections::BTreeMap;
-
 use tch::{Kind, Tensor};
 
 use super::adafactor::{Adafactor, AdafactorConfig};
 use super::adamw::{AdamW, AdamWConfig, MasterParam};
 use super::adamw8bit::AdamW8bit;
+pub use super::optim_state::OptimizerError;
 
 /// `--optimizer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -58,7 +57,13 @@ impl Optimizer {
         }
     }
 
-    pub fn step(&mut self, params: &[MasterParam], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<(), String> {
+    pub fn step(
+        &mut self,
+        params: &[MasterParam],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimizerError> {
         match self {
             Optimizer::AdamW(o) => o.step(params, grads, lr, grad_scale),
             Optimizer::AdamW8bit(o) => o.step(params, grads, lr, grad_scale),
@@ -83,36 +88,11 @@ impl Optimizer {
         }
     }
 
-    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), String> {
+    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, steps: u64) -> Result<(), OptimizerError> {
         match self {
             Optimizer::AdamW(o) => o.load_state_tensors(tensors, steps),
             Optimizer::AdamW8bit(o) => o.load_state_tensors(tensors, steps),
             Optimizer::Adafactor(o) => o.load_state_tensors(tensors, steps),
         }
     }
-}
-
-/// Copies the saved state `key` (taken out of `saved`) into `slot`, which it must match in
-/// shape (and in dtype with `same_kind`); `writer` names the optimizer in the error.
-pub(super) fn restore_slot(
-    saved: &mut BTreeMap<String, Tensor>,
-    key: String,
-    slot: &Tensor,
-    writer: &str,
-    same_kind: bool,
-) -> Result<(), String> {
-    let value = saved
-        .remove(&key)
-        .ok_or_else(|| format!("optimizer state lacks {key} (was it written by {writer}?)"))?;
-    if value.size() != slot.size() || (same_kind && value.kind() != slot.kind()) {
-        return Err(format!(
-            "{key}: {:?} {:?}, expected {:?} {:?}",
-            value.kind(),
-            value.size(),
-            slot.kind(),
-            slot.size()
-        ));
-    }
-    tch::no_grad(|| slot.shallow_clone().copy_(&value));
-    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::train::lease::{Lease, LeaseEnd};
 use super::adamw::{AdamWConfig, MasterParam, SLICE_ELEMENTS};
 use super::data_parallel::{plan_buckets, Bucket, DataParallel, DpError, GradReduction, Op, ReduceReport};
 use super::layers::LayerSet;
-use super::optimizer::Optimizer;
+use super::optimizer::{Optimizer, OptimizerError};
 use super::schedule::LrSchedule;
 use super::split;
 use super::step::{forward_backward_reporting, StepPlan};
@@ -183,11 +183,11 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("--train-layer-indices: {0}")]
-    Layers(String),
+    Layers(#[from] crate::train::layers::LayerError),
     #[error("optimizer state: {0}")]
-    OptimizerState(String),
+    OptimizerState(#[source] OptimizerError),
     #[error("optimizer step: {0}")]
-    Optimizer(String),
+    Optimizer(#[source] OptimizerError),
     #[error(transparent)]
     Lora(#[from] crate::model::lora::LoraError),
     #[error("data parallel: {0}")]
@@ -261,7 +261,7 @@ impl Trainer {
         config: TrainerConfig,
     ) -> Result<Self, TrainError> {
         if let Some(set) = layers {
-            set.check(spec.num_layers).map_err(TrainError::Layers)?;
+            set.check(spec.num_layers)?;
         }
         let selected = |name: &str| match layers {
             Some(set) => layer_of(name).is_some_and(|i| set.0.contains(&i)),
@@ -310,7 +310,7 @@ impl Trainer {
         let mut params = params;
         let names = params.set_trainable(selected);
         if names.is_empty() {
-            return Err(TrainError::Layers("no parameter is trainable".into()));
+            return Err(crate::train::layers::LayerError::NoneTrainable.into());
         }
         let trainable: Vec<MasterParam> = names
             .into_iter()
