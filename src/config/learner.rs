@@ -545,75 +545,39 @@ impl LearnerArgs {
         // (Broadcast stands for every mode that trains full weights.)
         let lora = resolve_lora(&args, args.weight_bridge_mode.unwrap_or(BridgeMode::Broadcast))?;
         let data_parallel = resolve_data_parallel(&args)?;
-        let model_name = args.model_name.ok_or(ConfigError::Missing { flag: "model-name" })?;
+        let model_name = args
+            .model_name
+            .clone()
+            .ok_or(ConfigError::Missing { flag: "model-name" })?;
         check(model_name.join("config.json").is_file(), "model-name", || {
             format!(
                 "{} has no config.json (a local HF model directory is expected)",
                 model_name.display()
             )
         })?;
-        let atropos_url = args.atropos_url.unwrap_or_else(|| "http://localhost:8000".into());
+        let atropos_url = args
+            .atropos_url
+            .clone()
+            .unwrap_or_else(|| "http://localhost:8000".into());
         check(atropos_url.starts_with("http://"), "atropos-url", || {
             format!("{atropos_url:?} must be an http:// URL")
         })?;
-        let lr = args.lr.unwrap_or(1e-5);
-        check(lr.is_finite() && lr > 0.0, "lr", || {
-            format!("must be a positive number (got {lr})")
-        })?;
-        let training_steps = args.training_steps.unwrap_or(10);
-        check(training_steps > 0, "training-steps", || "must be at least 1".into())?;
-        let batch_size = args.batch_size.unwrap_or(2);
-        check(batch_size > 0, "batch-size", || "must be at least 1".into())?;
-        let micro_batch_tokens = args.micro_batch_tokens.map(|n| n as usize);
-        check(micro_batch_tokens.is_none_or(|n| n >= 1), "micro-batch-tokens", || {
-            "must be at least 1".into()
-        })?;
-        let shared_prompt = args.shared_prompt == Some(crate::grpo::pack::SharedPrompt::On);
-        check(!shared_prompt || micro_batch_tokens.is_some(), "shared-prompt", || {
-            "needs --micro-batch-tokens (shared prompts are laid out in packed rows)".into()
-        })?;
-        let gradient_accumulation_steps = args.gradient_accumulation_steps.unwrap_or(32);
-        check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || {
-            "must be at least 1".into()
-        })?;
-        let per_step = batch_size.checked_mul(gradient_accumulation_steps);
-        check(per_step.is_some_and(|n| i64::try_from(n).is_ok()), "batch-size", || {
-            format!("{batch_size} x --gradient-accumulation-steps {gradient_accumulation_steps} (the API's batch size) overflows an i64")
-        })?;
-        let seq_len = args.seq_len.unwrap_or(2048);
-        check(seq_len >= 2, "seq-len", || {
-            format!("must be at least 2 (got {seq_len})")
-        })?;
-        check(i64::try_from(seq_len).is_ok(), "seq-len", || {
-            format!("is registered as max_token_len, an i64 (got {seq_len})")
-        })?;
-        let clip_eps = args.clip_eps.unwrap_or(0.2);
-        check(clip_eps > 0.0 && clip_eps < 1.0, "clip-eps", || {
-            format!("must be in (0, 1) (got {clip_eps})")
-        })?;
-        let clip_eps_high = args.clip_eps_high.unwrap_or(clip_eps);
-        check(
-            clip_eps_high > 0.0 && clip_eps_high.is_finite(),
-            "clip-eps-high",
-            || format!("must be positive (got {clip_eps_high})"),
-        )?;
-        if let Some(cap) = args.is_cap {
-            check(cap > 1.0 + clip_eps_high && cap.is_finite(), "is-cap", || {
-                format!("must exceed 1 + clip-eps-high = {} (got {cap})", 1.0 + clip_eps_high)
-            })?;
-        }
-        let kl_coef = args.kl_coef.unwrap_or(0.0);
-        check(kl_coef >= 0.0 && kl_coef.is_finite(), "kl-coef", || {
-            format!("must be >= 0 (got {kl_coef})")
-        })?;
-        let max_grad_norm = args.max_grad_norm.unwrap_or(1.0);
-        check(max_grad_norm > 0.0, "max-grad-norm", || {
-            format!("must be positive (got {max_grad_norm})")
-        })?;
-        let weight_decay = args.weight_decay.unwrap_or(0.01);
-        check((0.0..1.0).contains(&weight_decay), "weight-decay", || {
-            format!("must be in [0, 1) (got {weight_decay})")
-        })?;
+        let StepSize {
+            lr,
+            training_steps,
+            batch_size,
+            micro_batch_tokens,
+            shared_prompt,
+            gradient_accumulation_steps,
+            seq_len,
+        } = resolve_step_size(&args)?;
+        let LossNumbers {
+            clip_eps,
+            clip_eps_high,
+            kl_coef,
+            max_grad_norm,
+            weight_decay,
+        } = resolve_loss(&args)?;
         let train_layer_indices = args
             .train_layer_indices
             .as_deref()
@@ -633,140 +597,27 @@ impl LearnerArgs {
             "checkpoint-keep-layers",
             || "keeps layers out of gradient checkpointing, which --gradient-checkpointing false turns off".into(),
         )?;
-        let keep_checkpoints = args.keep_checkpoints;
-        check(keep_checkpoints != Some(0), "keep-checkpoints", || {
-            "must be at least 1".into()
-        })?;
-        let max_shard_mb = args.max_shard_mb.unwrap_or(2048);
-        check(max_shard_mb > 0, "max-shard-mb", || "must be at least 1".into())?;
-        check(max_shard_mb <= u64::MAX >> 20, "max-shard-mb", || {
-            format!("must be at most {} (got {max_shard_mb})", u64::MAX >> 20)
-        })?;
-        let prefetch = args.prefetch.unwrap_or(2);
-        check(prefetch > 0, "prefetch", || "must be at least 1".into())?;
-        let most = tokio::sync::Semaphore::MAX_PERMITS;
-        check(prefetch <= most, "prefetch", || {
-            format!("must be at most {most} (got {prefetch})")
-        })?;
-        let api_timeout_s = args.api_timeout_s.unwrap_or(30);
-        check(api_timeout_s > 0, "api-timeout-s", || "must be at least 1".into())?;
-        let mode = args
-            .weight_bridge_mode
-            .unwrap_or(if args.colocate_engine == Some(true) {
-                BridgeMode::Shared
-            } else {
-                BridgeMode::Broadcast
-            });
-        let colocate = args.colocate_engine.unwrap_or(false);
-        let shared_sidecars = args.sidecar.as_ref().map_or(0, Vec::len);
-        check(!colocate || mode == BridgeMode::Shared, "colocate-engine", || {
-            "--colocate-engine and --weight-bridge-mode shared go together".into()
-        })?;
-        check(
-            mode != BridgeMode::Shared || colocate != (shared_sidecars == 1),
-            "weight-bridge-mode",
-            || {
-                "shared needs either --colocate-engine (the embedded engine in this process) or exactly one \
-                 --sidecar (a vLLM sidecar with --vllm-weight-transfer shared on this GPU)"
-                    .into()
-            },
-        )?;
-        if mode == BridgeMode::Shared && !colocate {
-            check(
-                cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_)),
-                "weight-bridge-mode",
-                || {
-                    "shared with a vLLM sidecar maps vLLM's GPU memory: it needs --device cuda:N and a build with --features cuda".into()
-                },
-            )?;
-            check(data_parallel.is_none(), "learner-ranks", || {
-                "shared mode with a vLLM sidecar trains on one learner rank".into()
-            })?;
-            check(args.precision != Some(Precision::Fp32), "precision", || {
-                "shared mode with a vLLM sidecar computes in vLLM's bf16 weights: --precision bf16".into()
-            })?;
-        }
-        let tls = super::auth::tls(
-            args.tls_cert.as_deref(),
-            args.tls_key.as_deref(),
-            args.tls_ca.as_deref(),
-        )?;
-        let sidecars = args.sidecar.clone().unwrap_or_default();
-        for s in &sidecars {
-            super::auth::peer_url(s, &tls, "sidecar")?;
-        }
-        let sync_every = args.sync_every.unwrap_or(1);
-        check(sync_every > 0, "sync-every", || "must be at least 1".into())?;
-        let restart_interval = args.vllm_restart_interval.unwrap_or(3);
-        check(restart_interval > 0, "vllm-restart-interval", || {
-            "must be at least 1".into()
-        })?;
-        if let Some(mb) = args.sync_bucket_mb {
-            check((1..=4096).contains(&mb), "sync-bucket-mb", || {
-                format!("must be in 1..=4096 (got {mb})")
-            })?;
-        }
-        let bucket_mb = args.sync_bucket_mb.map_or(16, |mb| mb.min(128));
-        let nccl_bucket_mb = args.sync_bucket_mb.unwrap_or(512);
-        let transport = args.sync_transport.unwrap_or(SyncTransport::Auto);
-        check(
-            !matches!(transport, SyncTransport::Nccl | SyncTransport::Ipc)
-                || (cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_))),
-            "sync-transport",
-            || format!("{transport:?} needs --device cuda:N and a build with --features cuda").to_lowercase(),
-        )?;
-        let deadline_s = args.sync_deadline_s.unwrap_or(10);
-        check((1..=MAX_DEADLINE_S).contains(&deadline_s), "sync-deadline-s", || {
-            format!("must be in 1..={MAX_DEADLINE_S} (got {deadline_s})")
-        })?;
-        let auth_token = super::auth::token(args.auth_token, args.auth_token_file)?;
-        let engine_listen = colocate.then(|| {
-            args.engine_listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)))
-        });
-        if let Some(addr) = args.grpc_listen {
-            super::auth::loopback_or_token(addr, &auth_token, "grpc-listen")?;
-        }
-        if let Some(addr) = engine_listen {
-            super::auth::loopback_or_token(addr, &auth_token, "engine-listen")?;
-        }
-        let metrics_listen = args
-            .metrics_listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400)));
-        super::auth::loopback_or_token(metrics_listen, &auth_token, "metrics-listen")?;
-        let forget_after_s = args.sidecar_forget_after_s.unwrap_or(600);
-        check(forget_after_s > 0, "sidecar-forget-after-s", || {
-            "must be at least 1".into()
-        })?;
+        let Io {
+            keep_checkpoints,
+            max_shard_mb,
+            prefetch,
+            api_timeout_s,
+        } = resolve_io(&args)?;
         check(
             lora.is_none() || train_layer_indices.is_none(),
             "train-layer-indices",
             || "LoRA freezes the base: limit the adapted layers with --lora-layer-indices".into(),
         )?;
+        let (sync, metrics_listen) = resolve_sync(&args, device, data_parallel.is_some())?;
         if super::addr::multi_node() {
             super::addr::check_url("atropos-url", &atropos_url)?;
-            for url in &sidecars {
+            for url in &sync.sidecars {
                 super::addr::check_url("sidecar", url)?;
             }
             if let Some(addr) = args.grpc_listen {
                 super::addr::check_listen("grpc-listen", addr)?;
             }
         }
-        let sync = SyncConfig {
-            mode,
-            sidecars,
-            every: sync_every,
-            restart_interval,
-            bucket_bytes: bucket_mb << 20,
-            nccl_bucket_bytes: nccl_bucket_mb << 20,
-            transport,
-            deadline_s,
-            auth_token: auth_token.clone(),
-            engine_listen,
-            sidecar_allow: args.sidecar_allow.clone().unwrap_or_default(),
-            tls,
-            forget_after: std::time::Duration::from_secs(forget_after_s),
-        };
         Ok(LearnerConfig {
             sync,
             model_name,
@@ -820,6 +671,256 @@ impl LearnerArgs {
             data_parallel,
         })
     }
+}
+
+/// The run's size: learning rate, steps, batches, packing and sequence length.
+struct StepSize {
+    lr: f64,
+    training_steps: u64,
+    batch_size: u64,
+    micro_batch_tokens: Option<usize>,
+    shared_prompt: bool,
+    gradient_accumulation_steps: u64,
+    seq_len: u64,
+}
+
+/// The loss's clipping and KL, and the optimizer's gradient clip and decay.
+struct LossNumbers {
+    clip_eps: f64,
+    clip_eps_high: f64,
+    kl_coef: f64,
+    max_grad_norm: f64,
+    weight_decay: f64,
+}
+
+/// Checkpoint retention and sharding, and the batch fetch's depth and timeout.
+struct Io {
+    keep_checkpoints: Option<usize>,
+    max_shard_mb: u64,
+    prefetch: usize,
+    api_timeout_s: u64,
+}
+
+/// `--lr`, `--training-steps`, `--batch-size`, packing and `--seq-len`, checked.
+fn resolve_step_size(args: &LearnerArgs) -> Result<StepSize, ConfigError> {
+    let lr = args.lr.unwrap_or(1e-5);
+    check(lr.is_finite() && lr > 0.0, "lr", || {
+        format!("must be a positive number (got {lr})")
+    })?;
+    let training_steps = args.training_steps.unwrap_or(10);
+    check(training_steps > 0, "training-steps", || "must be at least 1".into())?;
+    let batch_size = args.batch_size.unwrap_or(2);
+    check(batch_size > 0, "batch-size", || "must be at least 1".into())?;
+    let micro_batch_tokens = args.micro_batch_tokens.map(|n| n as usize);
+    check(micro_batch_tokens.is_none_or(|n| n >= 1), "micro-batch-tokens", || {
+        "must be at least 1".into()
+    })?;
+    let shared_prompt = args.shared_prompt == Some(crate::grpo::pack::SharedPrompt::On);
+    check(!shared_prompt || micro_batch_tokens.is_some(), "shared-prompt", || {
+        "needs --micro-batch-tokens (shared prompts are laid out in packed rows)".into()
+    })?;
+    let gradient_accumulation_steps = args.gradient_accumulation_steps.unwrap_or(32);
+    check(gradient_accumulation_steps > 0, "gradient-accumulation-steps", || {
+        "must be at least 1".into()
+    })?;
+    let per_step = batch_size.checked_mul(gradient_accumulation_steps);
+    check(per_step.is_some_and(|n| i64::try_from(n).is_ok()), "batch-size", || {
+        format!("{batch_size} x --gradient-accumulation-steps {gradient_accumulation_steps} (the API's batch size) overflows an i64")
+    })?;
+    let seq_len = args.seq_len.unwrap_or(2048);
+    check(seq_len >= 2, "seq-len", || {
+        format!("must be at least 2 (got {seq_len})")
+    })?;
+    check(i64::try_from(seq_len).is_ok(), "seq-len", || {
+        format!("is registered as max_token_len, an i64 (got {seq_len})")
+    })?;
+    Ok(StepSize {
+        lr,
+        training_steps,
+        batch_size,
+        micro_batch_tokens,
+        shared_prompt,
+        gradient_accumulation_steps,
+        seq_len,
+    })
+}
+
+/// The clip range, importance-sampling cap, KL, grad-norm clip and weight decay, checked.
+fn resolve_loss(args: &LearnerArgs) -> Result<LossNumbers, ConfigError> {
+    let clip_eps = args.clip_eps.unwrap_or(0.2);
+    check(clip_eps > 0.0 && clip_eps < 1.0, "clip-eps", || {
+        format!("must be in (0, 1) (got {clip_eps})")
+    })?;
+    let clip_eps_high = args.clip_eps_high.unwrap_or(clip_eps);
+    check(
+        clip_eps_high > 0.0 && clip_eps_high.is_finite(),
+        "clip-eps-high",
+        || format!("must be positive (got {clip_eps_high})"),
+    )?;
+    if let Some(cap) = args.is_cap {
+        check(cap > 1.0 + clip_eps_high && cap.is_finite(), "is-cap", || {
+            format!("must exceed 1 + clip-eps-high = {} (got {cap})", 1.0 + clip_eps_high)
+        })?;
+    }
+    let kl_coef = args.kl_coef.unwrap_or(0.0);
+    check(kl_coef >= 0.0 && kl_coef.is_finite(), "kl-coef", || {
+        format!("must be >= 0 (got {kl_coef})")
+    })?;
+    let max_grad_norm = args.max_grad_norm.unwrap_or(1.0);
+    check(max_grad_norm > 0.0, "max-grad-norm", || {
+        format!("must be positive (got {max_grad_norm})")
+    })?;
+    let weight_decay = args.weight_decay.unwrap_or(0.01);
+    check((0.0..1.0).contains(&weight_decay), "weight-decay", || {
+        format!("must be in [0, 1) (got {weight_decay})")
+    })?;
+    Ok(LossNumbers {
+        clip_eps,
+        clip_eps_high,
+        kl_coef,
+        max_grad_norm,
+        weight_decay,
+    })
+}
+
+/// Checkpoint retention and shard size, prefetch depth and the API's timeout, checked.
+fn resolve_io(args: &LearnerArgs) -> Result<Io, ConfigError> {
+    let keep_checkpoints = args.keep_checkpoints;
+    check(keep_checkpoints != Some(0), "keep-checkpoints", || {
+        "must be at least 1".into()
+    })?;
+    let max_shard_mb = args.max_shard_mb.unwrap_or(2048);
+    check(max_shard_mb > 0, "max-shard-mb", || "must be at least 1".into())?;
+    check(max_shard_mb <= u64::MAX >> 20, "max-shard-mb", || {
+        format!("must be at most {} (got {max_shard_mb})", u64::MAX >> 20)
+    })?;
+    let prefetch = args.prefetch.unwrap_or(2);
+    check(prefetch > 0, "prefetch", || "must be at least 1".into())?;
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    check(prefetch <= most, "prefetch", || {
+        format!("must be at most {most} (got {prefetch})")
+    })?;
+    let api_timeout_s = args.api_timeout_s.unwrap_or(30);
+    check(api_timeout_s > 0, "api-timeout-s", || "must be at least 1".into())?;
+    Ok(Io {
+        keep_checkpoints,
+        max_shard_mb,
+        prefetch,
+        api_timeout_s,
+    })
+}
+
+/// The weight bridge and its transport, peers, listeners and tokens; and `--metrics-listen`,
+/// which the same token guards off loopback.
+fn resolve_sync(
+    args: &LearnerArgs,
+    device: DeviceSpec,
+    data_parallel: bool,
+) -> Result<(SyncConfig, SocketAddr), ConfigError> {
+    let mode = args
+        .weight_bridge_mode
+        .unwrap_or(if args.colocate_engine == Some(true) {
+            BridgeMode::Shared
+        } else {
+            BridgeMode::Broadcast
+        });
+    let colocate = args.colocate_engine.unwrap_or(false);
+    let shared_sidecars = args.sidecar.as_ref().map_or(0, Vec::len);
+    check(!colocate || mode == BridgeMode::Shared, "colocate-engine", || {
+        "--colocate-engine and --weight-bridge-mode shared go together".into()
+    })?;
+    check(
+        mode != BridgeMode::Shared || colocate != (shared_sidecars == 1),
+        "weight-bridge-mode",
+        || {
+            "shared needs either --colocate-engine (the embedded engine in this process) or exactly one \
+             --sidecar (a vLLM sidecar with --vllm-weight-transfer shared on this GPU)"
+                .into()
+        },
+    )?;
+    if mode == BridgeMode::Shared && !colocate {
+        check(
+            cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_)),
+            "weight-bridge-mode",
+            || {
+                "shared with a vLLM sidecar maps vLLM's GPU memory: it needs --device cuda:N and a build with --features cuda".into()
+            },
+        )?;
+        check(!data_parallel, "learner-ranks", || {
+            "shared mode with a vLLM sidecar trains on one learner rank".into()
+        })?;
+        check(args.precision != Some(Precision::Fp32), "precision", || {
+            "shared mode with a vLLM sidecar computes in vLLM's bf16 weights: --precision bf16".into()
+        })?;
+    }
+    let tls = super::auth::tls(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+    )?;
+    let sidecars = args.sidecar.clone().unwrap_or_default();
+    for s in &sidecars {
+        super::auth::peer_url(s, &tls, "sidecar")?;
+    }
+    let sync_every = args.sync_every.unwrap_or(1);
+    check(sync_every > 0, "sync-every", || "must be at least 1".into())?;
+    let restart_interval = args.vllm_restart_interval.unwrap_or(3);
+    check(restart_interval > 0, "vllm-restart-interval", || {
+        "must be at least 1".into()
+    })?;
+    if let Some(mb) = args.sync_bucket_mb {
+        check((1..=4096).contains(&mb), "sync-bucket-mb", || {
+            format!("must be in 1..=4096 (got {mb})")
+        })?;
+    }
+    let bucket_mb = args.sync_bucket_mb.map_or(16, |mb| mb.min(128));
+    let nccl_bucket_mb = args.sync_bucket_mb.unwrap_or(512);
+    let transport = args.sync_transport.unwrap_or(SyncTransport::Auto);
+    check(
+        !matches!(transport, SyncTransport::Nccl | SyncTransport::Ipc)
+            || (cfg!(feature = "cuda") && matches!(device, DeviceSpec::Cuda(_))),
+        "sync-transport",
+        || format!("{transport:?} needs --device cuda:N and a build with --features cuda").to_lowercase(),
+    )?;
+    let deadline_s = args.sync_deadline_s.unwrap_or(10);
+    check((1..=MAX_DEADLINE_S).contains(&deadline_s), "sync-deadline-s", || {
+        format!("must be in 1..={MAX_DEADLINE_S} (got {deadline_s})")
+    })?;
+    let auth_token = super::auth::token(args.auth_token.clone(), args.auth_token_file.clone())?;
+    let engine_listen = colocate.then(|| {
+        args.engine_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9001)))
+    });
+    if let Some(addr) = args.grpc_listen {
+        super::auth::loopback_or_token(addr, &auth_token, "grpc-listen")?;
+    }
+    if let Some(addr) = engine_listen {
+        super::auth::loopback_or_token(addr, &auth_token, "engine-listen")?;
+    }
+    let metrics_listen = args
+        .metrics_listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9400)));
+    super::auth::loopback_or_token(metrics_listen, &auth_token, "metrics-listen")?;
+    let forget_after_s = args.sidecar_forget_after_s.unwrap_or(600);
+    check(forget_after_s > 0, "sidecar-forget-after-s", || {
+        "must be at least 1".into()
+    })?;
+    let sync = SyncConfig {
+        mode,
+        sidecars,
+        every: sync_every,
+        restart_interval,
+        bucket_bytes: bucket_mb << 20,
+        nccl_bucket_bytes: nccl_bucket_mb << 20,
+        transport,
+        deadline_s,
+        auth_token,
+        engine_listen,
+        sidecar_allow: args.sidecar_allow.clone().unwrap_or_default(),
+        tls,
+        forget_after: std::time::Duration::from_secs(forget_after_s),
+    };
+    Ok((sync, metrics_listen))
 }
 
 /// Longest `--dp-timeout-s`: far below NCCL's own 30 minutes.

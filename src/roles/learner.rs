@@ -2,12 +2,12 @@
 //! the Atropos API, starts the actors, and runs until `--training-steps`, a signal, or a failure.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
 use tokio::sync::Semaphore;
 
 use crate::actors::batch_fetcher::FetcherArgs;
@@ -190,34 +190,53 @@ pub(super) fn build_trainer(
     Trainer::with_lora(spec, base, lora, tensors, tcfg)
 }
 
-/// Runs a learner until it completes, fails, or `shutdown` resolves (then drains and saves).
-pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
-    if cfg.data_parallel.as_ref().is_some_and(|dp| dp.rank > 0) {
-        return super::learner_rank::run(cfg, shutdown).await;
-    }
-    let cfg = Arc::new(cfg);
-    let spec = ModelSpec::from_dir(&cfg.model_name)?;
-    let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
-    let save = cfg.save_path.clone();
-    std::fs::create_dir_all(&save).map_err(|source| LearnerError::Io {
+/// A checkpoint to resume from: its directory, training state and optimizer tensors.
+struct Restore {
+    dir: PathBuf,
+    state: TrainingState,
+    optimizer: Vec<(String, tch::Tensor)>,
+}
+
+/// Where a run starts: the checkpoint it resumes (if any) and the counters saved with it.
+struct ResumePoint {
+    /// The newest resumable checkpoint's step and directory.
+    from: Option<(u64, PathBuf)>,
+    /// Its directory, training state and optimizer tensors, for the model thread.
+    restore: Option<Restore>,
+    start_step: u64,
+    consumed: BatchSeq,
+    rejected: u64,
+}
+
+/// Creates `--save-path`, clears partial checkpoints, opens the batch spool and finds where
+/// the run resumes; without `--resume`, an earlier run's spool is discarded.
+fn open_save_path(cfg: &LearnerConfig) -> Result<(Spool, ResumePoint), LearnerError> {
+    let save = &cfg.save_path;
+    std::fs::create_dir_all(save).map_err(|source| LearnerError::Io {
         context: format!("creating {}", save.display()),
         source,
     })?;
-    remove_partial_checkpoints(&save)?;
+    remove_partial_checkpoints(save)?;
     let spool = Spool::open(save.join("spool"))?;
-
     let prefix = if cfg.lora.is_some() {
         crate::checkpoint::hf::ADAPTER_STEP_PREFIX
     } else {
         crate::checkpoint::hf::STEP_PREFIX
     };
-    let resume_from = if cfg.resume {
-        crate::checkpoint::state::latest_resumable_with(&save, prefix)?
+    let from = if cfg.resume {
+        crate::checkpoint::state::latest_resumable_with(save, prefix)?
     } else {
         None
     };
-    let resumed = match &resume_from {
-        Some((_, dir)) => Some((dir.clone(), TrainingState::read(dir)?)),
+    let restore = match &from {
+        Some((_, dir)) => {
+            let (state, optimizer) = TrainingState::read(dir)?;
+            Some(Restore {
+                dir: dir.clone(),
+                state,
+                optimizer,
+            })
+        }
         None => {
             if cfg.resume {
                 tracing::info!(save_path = %save.display(), "--resume: no checkpoint with training state yet; starting fresh");
@@ -233,28 +252,37 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             None
         }
     };
-    let (start_step, consumed, rejected) = resumed.as_ref().map_or((0, BatchSeq(0), 0), |(_, (s, _))| {
+    let (start_step, consumed, rejected) = restore.as_ref().map_or((0, BatchSeq(0), 0), |r| {
+        let s = &r.state;
         (s.step, s.batches_consumed, s.rejected_groups)
     });
-    if start_step >= cfg.training_steps {
-        tracing::info!(step = start_step, "the run in --save-path is already complete");
-        return Ok(RunOutcome::Completed { steps: start_step });
-    }
+    let point = ResumePoint {
+        from,
+        restore,
+        start_step,
+        consumed,
+        rejected,
+    };
+    Ok((spool, point))
+}
 
-    let resumed_dir = resumed.as_ref().map(|(d, _)| d.clone());
-    let tcfg = trainer_config(&cfg, device, &spec);
+/// Builds (or restores) the trainer on its own thread; returns it and the steps it has done.
+async fn start_model(
+    cfg: &LearnerConfig,
+    spec: &ModelSpec,
+    device: tch::Device,
+    restore: Option<Restore>,
+    homes: Option<std::sync::mpsc::Receiver<crate::train::Home>>,
+) -> Result<(ModelWorker, u64), LearnerError> {
+    let tcfg = trainer_config(cfg, device, spec);
     let layers = cfg.train_layer_indices.clone();
     let seed = cfg.seed;
     let init_spec = spec.clone();
-    let restore = resumed.map(|(_, (state, opt))| (state, opt));
     let (model_name, lora) = (cfg.model_name.clone(), cfg.lora.clone());
     let data_parallel = cfg.data_parallel.clone();
-    // Shared mode with a vLLM sidecar: the trainer adopts vLLM's memory as it is offered.
-    let shared_vllm = cfg.sync.mode == BridgeMode::Shared && cfg.sync.engine_listen.is_none();
-    let (homes_tx, homes_rx) = std::sync::mpsc::channel();
-    let homes_rx = shared_vllm.then_some(homes_rx);
-    let (worker, steps_done) = ModelWorker::start(move || {
+    let started = ModelWorker::start(move || {
         tch::manual_seed(seed as i64);
+        let resumed_dir = restore.as_ref().map(|r| r.dir.clone());
         let mut trainer = build_trainer(
             &init_spec,
             &model_name,
@@ -263,13 +291,13 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             layers.as_ref(),
             (tcfg, seed as i64),
         )?;
-        if let Some((state, opt)) = restore {
-            trainer.restore(opt, state.optimizer_steps, state.step, state.skipped_steps)?;
+        if let Some(Restore { state, optimizer, .. }) = restore {
+            trainer.restore(optimizer, state.optimizer_steps, state.step, state.skipped_steps)?;
         }
         if let Some(dp) = &data_parallel {
             super::learner_rank::join(&mut trainer, dp, device)?;
         }
-        if let Some(rx) = homes_rx {
+        if let Some(rx) = homes {
             trainer.set_homes(rx);
         }
         tracing::info!(params = trainer.param_count(), trainable = trainer.trainable_names().len(),
@@ -277,21 +305,18 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         Ok(trainer)
     })
     .await?;
-    if resume_from.is_some() {
-        tracing::info!(step = steps_done, batch_seq = consumed.0, "resumed");
-    }
-    let metrics = MetricsFile::open(&save, steps_done).map_err(|source| LearnerError::Io {
-        context: "metrics.jsonl".into(),
-        source,
-    })?;
+    Ok(started)
+}
 
-    let client = AtroposClient::new(&cfg.atropos_url, Duration::from_secs(cfg.api_timeout_s))?;
-    let registration = Registration {
+/// What the learner registers with the Atropos API.
+fn registration(cfg: &LearnerConfig, steps_done: u64) -> Registration {
+    let save = &cfg.save_path;
+    Registration {
         wandb_group: cfg.wandb_group.clone(),
         wandb_project: cfg.wandb_project.clone(),
         batch_size: cfg.api_batch_size(),
         max_token_len: cfg.seq_len,
-        checkpoint_dir: std::path::absolute(&save)
+        checkpoint_dir: std::path::absolute(save)
             .unwrap_or_else(|_| save.clone())
             .display()
             .to_string(),
@@ -302,8 +327,15 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         },
         starting_step: steps_done,
         num_steps: cfg.training_steps,
-    };
-    // Bound before registering: a port in use fails the start before any batch is taken.
+    }
+}
+
+/// Binds `/metrics` and `/endpoints` (before registering: a port in use fails the start before
+/// any batch is taken).
+async fn serve_metrics(
+    cfg: &LearnerConfig,
+    stats: Arc<Mutex<SyncStats>>,
+) -> Result<tokio::task::JoinHandle<()>, LearnerError> {
     let metrics_access = crate::telemetry::prom::Access {
         token: cfg
             .sync
@@ -311,9 +343,8 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             .clone()
             .filter(|_| !cfg.metrics_listen.ip().is_loopback()),
     };
-    let stats = Arc::new(Mutex::new(SyncStats::default()));
     let endpoints = super::endpoints::router(super::endpoints::EndpointsState {
-        stats: stats.clone(),
+        stats,
         token: Token(cfg.sync.auth_token.clone()),
         tls: cfg.sync.tls.clone(),
     });
@@ -325,151 +356,189 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
                 source,
             })?;
     tracing::info!(addr = %metrics_addr, "Prometheus /metrics and /endpoints listening");
-    tokio::pin!(shutdown);
-    let uuid = tokio::select! {
-        registered = client.register_when_up(&registration, cfg.reset_api) => registered?,
-        _ = &mut shutdown => return Ok(RunOutcome::Interrupted { steps: steps_done }),
-    };
-    crate::telemetry::prom::learner().api_registrations.inc();
-    tracing::info!(uuid = %uuid.0, batch_size = registration.batch_size, url = %client.base(), "registered with the Atropos API");
+    Ok(metrics_server)
+}
 
-    // Weight sync: a broadcaster for sidecars (given, or registering over gRPC), or the
-    // colocated engine on the learner's own tensors.
-    let token = Token(cfg.sync.auth_token.clone());
-    let slot: LatestSlot = Arc::new(Mutex::new(None));
+/// The WeightBroadcaster, for sidecars given or registering over gRPC (none in shared mode).
+async fn start_broadcaster(
+    cfg: &LearnerConfig,
+    slot: &LatestSlot,
+    stats: &Arc<Mutex<SyncStats>>,
+) -> Result<Option<ActorRef<BroadcasterMsg>>, LearnerError> {
     let wants_broadcaster =
         cfg.sync.mode != BridgeMode::Shared && (!cfg.sync.sidecars.is_empty() || cfg.grpc_listen.is_some());
-    let broadcaster = if wants_broadcaster {
-        let args = BroadcasterArgs {
-            sidecars: cfg.sync.sidecars.clone(),
-            token: token.clone(),
-            tls: cfg.sync.tls.clone(),
-            deadlines: Deadlines {
-                rpc: Duration::from_secs(cfg.sync.deadline_s),
-                min_bytes_per_s: 20e6,
-            },
-            bucket_bytes: cfg.sync.bucket_bytes,
-            nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
-            slot: slot.clone(),
-            stats: stats.clone(),
-            health_every: Duration::from_secs(1),
-            forget_after: cfg.sync.forget_after,
-        };
-        let (b, _) = Actor::spawn(Some("weight_broadcaster".into()), WeightBroadcaster, args)
-            .await
-            .map_err(|e| LearnerError::Actors(e.to_string()))?;
-        Some(b)
-    } else {
-        None
+    if !wants_broadcaster {
+        return Ok(None);
+    }
+    let args = BroadcasterArgs {
+        sidecars: cfg.sync.sidecars.clone(),
+        token: Token(cfg.sync.auth_token.clone()),
+        tls: cfg.sync.tls.clone(),
+        deadlines: Deadlines {
+            rpc: Duration::from_secs(cfg.sync.deadline_s),
+            min_bytes_per_s: 20e6,
+        },
+        bucket_bytes: cfg.sync.bucket_bytes,
+        nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
+        slot: slot.clone(),
+        stats: stats.clone(),
+        health_every: Duration::from_secs(1),
+        forget_after: cfg.sync.forget_after,
     };
-    let nccl_gpu = nccl_device(&cfg);
+    let (b, _) = Actor::spawn(Some("weight_broadcaster".into()), WeightBroadcaster, args)
+        .await
+        .map_err(|e| LearnerError::Actors(e.to_string()))?;
+    Ok(Some(b))
+}
+
+/// How the learner actor hands versions to the broadcaster, if there is one.
+fn sync_hook(
+    cfg: &LearnerConfig,
+    broadcaster: Option<ActorRef<BroadcasterMsg>>,
+    slot: &LatestSlot,
+    stats: &Arc<Mutex<SyncStats>>,
+) -> Option<SyncHook> {
+    let broadcaster = broadcaster?;
+    let nccl_gpu = nccl_device(cfg);
     if let Some(gpu) = nccl_gpu {
         tracing::info!(
             gpu,
             "full weights go to sidecars over NCCL (the gRPC stream for sidecars without it)"
         );
     }
-    let sync_hook = broadcaster.clone().map(|b| SyncHook {
+    Some(SyncHook {
         mode: cfg.sync.mode,
         every: cfg.sync.every,
         slot: slot.clone(),
-        broadcaster: b,
+        broadcaster,
         stats: stats.clone(),
         nccl_gpu,
         nccl_bucket_bytes: cfg.sync.nccl_bucket_bytes,
         ipc: cfg.sync.transport == SyncTransport::Ipc,
-    });
-    if let Some(hook) = &sync_hook {
-        match cfg.sync.mode {
-            // Sidecars start from the learner's weights (the resumed ones after --resume).
-            BridgeMode::Broadcast => publish_weights(&worker, hook)
-                .await
-                .map_err(|e| LearnerError::Actors(e.to_string()))?,
-            BridgeMode::Checkpoint => {
-                if let Some((_, dir)) = &resume_from {
-                    let path = std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string();
-                    hook.put(steps_done, Payload::Checkpoint(path))
-                        .map_err(|e| LearnerError::Actors(e.to_string()))?;
-                }
-            }
-            BridgeMode::Lora => publish_adapter(&worker, hook)
-                .await
-                .map_err(|e| LearnerError::Actors(e.to_string()))?,
-            BridgeMode::LoraRestart => {
-                if let Some((_, dir)) = &resume_from {
-                    let path = std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string();
-                    hook.put(steps_done, Payload::AdapterCheckpoint(path))
-                        .map_err(|e| LearnerError::Actors(e.to_string()))?;
-                }
-            }
-            BridgeMode::Shared => {}
-        }
-    }
-    let colocated = match cfg.sync.engine_listen {
-        Some(addr) => {
-            let (params, shared) = worker.share().await.map_err(|e| LearnerError::Engine(e.to_string()))?;
-            let mut model = crate::engine::load::engine_model(&cfg.model_name, spec.clone(), params, device)
-                .map_err(|e| LearnerError::Engine(e.to_string()))?;
-            model.gate = Some(shared.gate);
-            model.shared_version = Some(shared.version);
-            let batch = BatchConfig {
-                max_rows: 256,
-                window: Duration::from_millis(5),
-            };
-            let engine = tokio::task::spawn_blocking(move || EngineHandle::start(model, batch))
-                .await
-                .map_err(|e| LearnerError::Engine(e.to_string()))?
-                .map_err(|e| LearnerError::Engine(e.to_string()))?;
-            // Off loopback (allowed only with a token) both /generate and /metrics need it.
-            let guarded = cfg.sync.auth_token.clone().filter(|_| !addr.ip().is_loopback());
-            let policy = engine_http::HttpPolicy {
-                token: guarded.clone(),
-                metrics_token: guarded,
-                ..Default::default()
-            };
-            let (bound, task) = engine_http::serve(addr, std::sync::Arc::new(engine), policy)
-                .await
-                .map_err(|source| LearnerError::Io {
-                    context: format!("binding --engine-listen {addr}"),
-                    source,
-                })?;
-            tracing::info!(addr = %bound, "colocated engine serving /generate on the learner's own weights");
-            Some(task)
-        }
-        None => None,
-    };
+    })
+}
 
+/// Sidecars start from the learner's weights: the current ones, or after `--resume` the
+/// checkpoint the run resumed from where the mode reloads checkpoints.
+async fn seed_sidecars(
+    cfg: &LearnerConfig,
+    worker: &ModelWorker,
+    hook: &SyncHook,
+    resumed: Option<&(u64, PathBuf)>,
+    steps_done: u64,
+) -> Result<(), LearnerError> {
+    let actors = |e: &dyn std::fmt::Display| LearnerError::Actors(e.to_string());
+    let resumed_path = resumed.map(|(_, dir)| std::path::absolute(dir).unwrap_or(dir.clone()).display().to_string());
+    match (cfg.sync.mode, resumed_path) {
+        (BridgeMode::Broadcast, _) => publish_weights(worker, hook).await.map_err(|e| actors(&e)),
+        (BridgeMode::Lora, _) => publish_adapter(worker, hook).await.map_err(|e| actors(&e)),
+        (BridgeMode::Checkpoint, Some(path)) => hook.put(steps_done, Payload::Checkpoint(path)).map_err(|e| actors(&e)),
+        (BridgeMode::LoraRestart, Some(path)) => hook
+            .put(steps_done, Payload::AdapterCheckpoint(path))
+            .map_err(|e| actors(&e)),
+        (BridgeMode::Checkpoint | BridgeMode::LoraRestart | BridgeMode::Shared, _) => Ok(()),
+    }
+}
+
+/// `--engine-listen`: the embedded engine serving `/generate` on the learner's own weights.
+async fn start_colocated(
+    cfg: &LearnerConfig,
+    worker: &ModelWorker,
+    spec: &ModelSpec,
+    device: tch::Device,
+) -> Result<Option<tokio::task::JoinHandle<()>>, LearnerError> {
+    let Some(addr) = cfg.sync.engine_listen else {
+        return Ok(None);
+    };
+    let engine_err = |e: &dyn std::fmt::Display| LearnerError::Engine(e.to_string());
+    let (params, shared) = worker.share().await.map_err(|e| engine_err(&e))?;
+    let mut model =
+        crate::engine::load::engine_model(&cfg.model_name, spec.clone(), params, device).map_err(|e| engine_err(&e))?;
+    model.gate = Some(shared.gate);
+    model.shared_version = Some(shared.version);
+    let batch = BatchConfig {
+        max_rows: 256,
+        window: Duration::from_millis(5),
+    };
+    let engine = tokio::task::spawn_blocking(move || EngineHandle::start(model, batch))
+        .await
+        .map_err(|e| engine_err(&e))?
+        .map_err(|e| engine_err(&e))?;
+    // Off loopback (allowed only with a token) both /generate and /metrics need it.
+    let guarded = cfg.sync.auth_token.clone().filter(|_| !addr.ip().is_loopback());
+    let policy = engine_http::HttpPolicy {
+        token: guarded.clone(),
+        metrics_token: guarded,
+        ..Default::default()
+    };
+    let (bound, task) = engine_http::serve(addr, std::sync::Arc::new(engine), policy)
+        .await
+        .map_err(|source| LearnerError::Io {
+            context: format!("binding --engine-listen {addr}"),
+            source,
+        })?;
+    tracing::info!(addr = %bound, "colocated engine serving /generate on the learner's own weights");
+    Ok(Some(task))
+}
+
+/// What the node's actors start from.
+struct NodeParts {
+    worker: ModelWorker,
+    steps_done: u64,
+    resume: ResumePoint,
+    metrics: MetricsFile,
+    sync_hook: Option<SyncHook>,
+    client: AtroposClient,
+    registration: Registration,
+    spool: Spool,
+}
+
+/// The node's shared handles: fetch credits, the drain flag, the status the gRPC service reads,
+/// and where the outcome arrives.
+struct NodeHandles {
+    credits: Arc<Semaphore>,
+    draining: Arc<AtomicBool>,
+    status: Arc<Mutex<LearnerStatus>>,
+    outcome: tokio::sync::mpsc::Sender<RunOutcome>,
+}
+
+/// Spawns the supervisor with the Checkpointer, Learner, Preprocessor and BatchFetcher under it.
+async fn spawn_node(
+    cfg: &Arc<LearnerConfig>,
+    spec: &ModelSpec,
+    parts: NodeParts,
+    h: &NodeHandles,
+) -> Result<(ActorRef<SupervisorMsg>, tokio::task::JoinHandle<()>), LearnerError> {
+    let NodeParts {
+        worker,
+        steps_done,
+        resume,
+        metrics,
+        sync_hook,
+        client,
+        registration,
+        spool,
+    } = parts;
+    let (consumed, rejected) = (resume.consumed, resume.rejected);
     let spooled = spool.list()?;
     let replay: Vec<BatchSeq> = spooled.iter().copied().filter(|s| *s > consumed).collect();
     let next_seq = BatchSeq(spooled.last().copied().unwrap_or(consumed).max(consumed).0 + 1);
-    let credits = Arc::new(Semaphore::new(cfg.prefetch));
-    let draining = Arc::new(AtomicBool::new(false));
-    let status = Arc::new(Mutex::new(LearnerStatus {
-        step: steps_done,
-        rejected_groups: rejected,
-        last: None,
-    }));
-    let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel(4);
-    if shared_vllm {
-        start_shared_vllm(&cfg, &spec, device, homes_tx, outcome_tx.clone())?;
-    }
     let limits = Limits {
         vocab_size: spec.vocab_size,
         seq_len: cfg.seq_len as usize,
         truncate_long: cfg.truncate_long,
         allow_missing_logprobs: cfg.allow_missing_logprobs,
     };
-
     let learner_args = {
-        let (cfg, credits, draining, status, outcome) = (
+        let (config, credits, draining, status, outcome) = (
             cfg.clone(),
-            credits.clone(),
-            draining.clone(),
-            status.clone(),
-            outcome_tx.clone(),
+            h.credits.clone(),
+            h.draining.clone(),
+            h.status.clone(),
+            h.outcome.clone(),
         );
         move |checkpointer| LearnerArgs {
-            config: cfg,
+            config,
             worker,
             steps_done,
             batches_consumed: consumed,
@@ -484,7 +553,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     };
     let fetcher_args = {
-        let (credits, spool, reset_api) = (credits.clone(), spool.clone(), cfg.reset_api);
+        let (credits, spool, reset_api) = (h.credits.clone(), spool.clone(), cfg.reset_api);
         let max_backoff = Duration::from_millis(cfg.poll_max_ms);
         move |preprocessor| FetcherArgs {
             client,
@@ -500,7 +569,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
     let args = SupervisorArgs {
         checkpointer: CheckpointerArgs {
-            save_path: save.clone(),
+            save_path: cfg.save_path.clone(),
             source_model: cfg.model_name.clone(),
             max_shard_bytes: cfg.max_shard_bytes,
             keep: cfg.keep_checkpoints,
@@ -514,32 +583,114 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
             cfg.shared_prompt,
         ),
         fetcher: Box::new(fetcher_args),
-        draining,
+        draining: h.draining.clone(),
+        outcome: h.outcome.clone(),
+    };
+    Actor::spawn(Some("learner_node".into()), LearnerSupervisor, args)
+        .await
+        .map_err(|e| LearnerError::Actors(e.to_string()))
+}
+
+/// `--grpc-listen`: the grpc.v1.Learner service (status, and sidecars registering).
+async fn serve_status(
+    cfg: &LearnerConfig,
+    status: &Arc<Mutex<LearnerStatus>>,
+    broadcaster: Option<ActorRef<BroadcasterMsg>>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, LearnerError> {
+    let Some(addr) = cfg.grpc_listen else {
+        return Ok(None);
+    };
+    let service = LearnerService {
+        allow: SidecarAllow::new(&cfg.sync.sidecars, &cfg.sync.sidecar_allow),
+        status: status.clone(),
+        training_steps: cfg.training_steps,
+        broadcaster,
+    };
+    let token = Token(cfg.sync.auth_token.clone());
+    let (bound, task) = serve(addr, service, token, &cfg.sync.tls)
+        .await
+        .map_err(|source| LearnerError::Io {
+            context: format!("binding --grpc-listen {addr}"),
+            source,
+        })?;
+    tracing::info!(addr = %bound, "grpc.v1.Learner service listening");
+    Ok(Some(task))
+}
+
+/// Runs a learner until it completes, fails, or `shutdown` resolves (then drains and saves).
+pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Result<RunOutcome, LearnerError> {
+    if cfg.data_parallel.as_ref().is_some_and(|dp| dp.rank > 0) {
+        return super::learner_rank::run(cfg, shutdown).await;
+    }
+    let cfg = Arc::new(cfg);
+    let spec = ModelSpec::from_dir(&cfg.model_name)?;
+    let device = cfg.device.to_tch().map_err(LearnerError::Device)?;
+    let (spool, mut resume) = open_save_path(&cfg)?;
+    if resume.start_step >= cfg.training_steps {
+        tracing::info!(step = resume.start_step, "the run in --save-path is already complete");
+        return Ok(RunOutcome::Completed {
+            steps: resume.start_step,
+        });
+    }
+    // Shared mode with a vLLM sidecar: the trainer adopts vLLM's memory as it is offered.
+    let shared_vllm = cfg.sync.mode == BridgeMode::Shared && cfg.sync.engine_listen.is_none();
+    let (homes_tx, homes_rx) = std::sync::mpsc::channel();
+    let restore = resume.restore.take();
+    let (worker, steps_done) = start_model(&cfg, &spec, device, restore, shared_vllm.then_some(homes_rx)).await?;
+    if resume.from.is_some() {
+        tracing::info!(step = steps_done, batch_seq = resume.consumed.0, "resumed");
+    }
+    let metrics = MetricsFile::open(&cfg.save_path, steps_done).map_err(|source| LearnerError::Io {
+        context: "metrics.jsonl".into(),
+        source,
+    })?;
+    let client = AtroposClient::new(&cfg.atropos_url, Duration::from_secs(cfg.api_timeout_s))?;
+    let registration = registration(&cfg, steps_done);
+    let stats = Arc::new(Mutex::new(SyncStats::default()));
+    let metrics_server = serve_metrics(&cfg, stats.clone()).await?;
+    tokio::pin!(shutdown);
+    let uuid = tokio::select! {
+        registered = client.register_when_up(&registration, cfg.reset_api) => registered?,
+        _ = &mut shutdown => return Ok(RunOutcome::Interrupted { steps: steps_done }),
+    };
+    crate::telemetry::prom::learner().api_registrations.inc();
+    tracing::info!(uuid = %uuid.0, batch_size = registration.batch_size, url = %client.base(), "registered with the Atropos API");
+
+    // Weight sync: a broadcaster for sidecars (given, or registering over gRPC), or the
+    // colocated engine on the learner's own tensors.
+    let slot: LatestSlot = Arc::new(Mutex::new(None));
+    let broadcaster = start_broadcaster(&cfg, &slot, &stats).await?;
+    let sync_hook = sync_hook(&cfg, broadcaster.clone(), &slot, &stats);
+    if let Some(hook) = &sync_hook {
+        seed_sidecars(&cfg, &worker, hook, resume.from.as_ref(), steps_done).await?;
+    }
+    let colocated = start_colocated(&cfg, &worker, &spec, device).await?;
+    let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel(4);
+    let handles = NodeHandles {
+        credits: Arc::new(Semaphore::new(cfg.prefetch)),
+        draining: Arc::new(AtomicBool::new(false)),
+        status: Arc::new(Mutex::new(LearnerStatus {
+            step: steps_done,
+            rejected_groups: resume.rejected,
+            last: None,
+        })),
         outcome: outcome_tx,
     };
-    let (supervisor, handle) = Actor::spawn(Some("learner_node".into()), LearnerSupervisor, args)
-        .await
-        .map_err(|e| LearnerError::Actors(e.to_string()))?;
-
-    let status_server = match cfg.grpc_listen {
-        Some(addr) => {
-            let service = LearnerService {
-                allow: SidecarAllow::new(&cfg.sync.sidecars, &cfg.sync.sidecar_allow),
-                status: status.clone(),
-                training_steps: cfg.training_steps,
-                broadcaster: broadcaster.clone(),
-            };
-            let (bound, task) = serve(addr, service, token.clone(), &cfg.sync.tls)
-                .await
-                .map_err(|source| LearnerError::Io {
-                    context: format!("binding --grpc-listen {addr}"),
-                    source,
-                })?;
-            tracing::info!(addr = %bound, "grpc.v1.Learner service listening");
-            Some(task)
-        }
-        None => None,
+    if shared_vllm {
+        start_shared_vllm(&cfg, &spec, device, homes_tx, handles.outcome.clone())?;
+    }
+    let parts = NodeParts {
+        worker,
+        steps_done,
+        resume,
+        metrics,
+        sync_hook,
+        client,
+        registration,
+        spool,
     };
+    let (supervisor, handle) = spawn_node(&cfg, &spec, parts, &handles).await?;
+    let status_server = serve_status(&cfg, &handles.status, broadcaster.clone()).await?;
 
     let outcome = tokio::select! {
         o = outcome_rx.recv() => o.unwrap_or_else(|| RunOutcome::Failed("the node stopped without an outcome".into())),
@@ -552,11 +703,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
         let _ = ractor::call!(supervisor, SupervisorMsg::Shutdown);
     }
     let _ = handle.await;
-    if let Some(task) = status_server {
-        task.abort();
-    }
-    metrics_server.abort();
-    if let Some(task) = colocated {
+    for task in [status_server, Some(metrics_server), colocated].into_iter().flatten() {
         task.abort();
     }
     if let Some(b) = broadcaster {
@@ -569,7 +716,7 @@ pub async fn run(cfg: LearnerConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     Ok(match outcome {
         RunOutcome::Interrupted { .. } => RunOutcome::Interrupted {
-            steps: status.lock().map(|s| s.step).unwrap_or(0),
+            steps: handles.status.lock().map(|s| s.step).unwrap_or(0),
         },
         other => other,
     })
