@@ -76,66 +76,7 @@ impl ModelWorker {
                         return;
                     }
                 };
-                loop {
-                    // Data parallel: an idle rank 0 tells the other ranks it is alive. Shared
-                    // mode: an idle trainer adopts a new home for its weights.
-                    let cmd = match trainer.idle_every() {
-                        None => match rx.recv() {
-                            Ok(cmd) => cmd,
-                            Err(_) => break,
-                        },
-                        Some(every) => match rx.recv_timeout(every) {
-                            Ok(cmd) => cmd,
-                            Err(mpsc::RecvTimeoutError::Timeout) => {
-                                if let Err(e) = trainer.keep_ranks_alive() {
-                                    tracing::error!(error = %e, "the other learner ranks are gone; the next step fails");
-                                }
-                                if let Err(e) = trainer.adopt_home() {
-                                    tracing::error!(error = %e, "adopting the shared engine's memory failed");
-                                }
-                                continue;
-                            }
-                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                        },
-                    };
-                    match cmd {
-                        Command::Train(batch, reply) => {
-                            let _ = reply.send(trainer.train(&batch));
-                        }
-                        Command::Snapshot(with_weights, reply) => {
-                            let (optimizer, optimizer_steps) = trainer.optimizer_state();
-                            let adapter = trainer.lora().cloned().zip(trainer.adapter_snapshot());
-                            let weights = if adapter.is_none() || with_weights {
-                                trainer.master_snapshot()
-                            } else {
-                                Vec::new()
-                            };
-                            let _ = reply.send(Snapshot {
-                                weights,
-                                adapter,
-                                optimizer,
-                                optimizer_steps,
-                                skipped_steps: trainer.skipped_steps(),
-                                steps_done: trainer.steps_done(),
-                            });
-                        }
-                        Command::Weights(reply) => {
-                            let _ = reply.send((trainer.steps_done(), trainer.master_snapshot()));
-                        }
-                        Command::With(job) => {
-                            // A job only reads the trainer: a panic in it is reported and the
-                            // thread goes on (the job's caller sees its reply channel close).
-                            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&trainer)));
-                            if let Err(panic) = ran {
-                                let what = crate::engine::core::panic_text(panic.as_ref());
-                                tracing::error!(panic = %what, "a job on the model thread panicked");
-                            }
-                        }
-                        Command::Share(reply) => {
-                            let _ = reply.send(trainer.share());
-                        }
-                    }
-                }
+                serve(&mut trainer, &rx);
                 // The run is over: the other learner ranks leave too.
                 if let Err(e) = trainer.stop_ranks() {
                     tracing::warn!(error = %e, "could not tell the other learner ranks to stop");
@@ -209,6 +150,77 @@ impl Drop for ModelWorker {
         self.tx.take();
         if let Some(join) = self.join.take() {
             let _ = join.join();
+        }
+    }
+}
+
+/// The model thread's loop: runs commands until every handle is gone; between commands an
+/// idle trainer keeps the other data-parallel ranks alive and adopts a new home for shared
+/// weights.
+fn serve(trainer: &mut Trainer, rx: &mpsc::Receiver<Command>) {
+    loop {
+        // Data parallel: an idle rank 0 tells the other ranks it is alive. Shared
+        // mode: an idle trainer adopts a new home for its weights.
+        let cmd = match trainer.idle_every() {
+            None => match rx.recv() {
+                Ok(cmd) => cmd,
+                Err(_) => break,
+            },
+            Some(every) => match rx.recv_timeout(every) {
+                Ok(cmd) => cmd,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = trainer.keep_ranks_alive() {
+                        tracing::error!(error = %e, "the other learner ranks are gone; the next step fails");
+                    }
+                    if let Err(e) = trainer.adopt_home() {
+                        tracing::error!(error = %e, "adopting the shared engine's memory failed");
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        run_command(trainer, cmd);
+    }
+}
+
+/// Runs one command on the model thread.
+fn run_command(trainer: &mut Trainer, cmd: Command) {
+    match cmd {
+        Command::Train(batch, reply) => {
+            let _ = reply.send(trainer.train(&batch));
+        }
+        Command::Snapshot(with_weights, reply) => {
+            let (optimizer, optimizer_steps) = trainer.optimizer_state();
+            let adapter = trainer.lora().cloned().zip(trainer.adapter_snapshot());
+            let weights = if adapter.is_none() || with_weights {
+                trainer.master_snapshot()
+            } else {
+                Vec::new()
+            };
+            let _ = reply.send(Snapshot {
+                weights,
+                adapter,
+                optimizer,
+                optimizer_steps,
+                skipped_steps: trainer.skipped_steps(),
+                steps_done: trainer.steps_done(),
+            });
+        }
+        Command::Weights(reply) => {
+            let _ = reply.send((trainer.steps_done(), trainer.master_snapshot()));
+        }
+        Command::With(job) => {
+            // A job only reads the trainer: a panic in it is reported and the
+            // thread goes on (the job's caller sees its reply channel close).
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&*trainer)));
+            if let Err(panic) = ran {
+                let what = crate::engine::core::panic_text(panic.as_ref());
+                tracing::error!(panic = %what, "a job on the model thread panicked");
+            }
+        }
+        Command::Share(reply) => {
+            let _ = reply.send(trainer.share());
         }
     }
 }

@@ -237,110 +237,142 @@ async fn send(
     link: Link,
     hold: Arc<Hold>,
 ) -> (Outcome, Link) {
-    let text = |r: Result<Published, SyncError>| match r {
-        Ok(p) => Outcome::Published(p),
-        Err(e) => Outcome::Failed(e.to_string()),
-    };
     match &job.payload {
         // Only lent GPU weights need the hold.
         Payload::Weights(set) => {
             drop(hold);
-            (text(client.publish(set.clone(), job.version, bucket_bytes).await), link)
+            (
+                published(client.publish(set.clone(), job.version, bucket_bytes).await),
+                link,
+            )
         }
         Payload::Checkpoint(path) => {
             drop(hold);
-            (text(client.load_checkpoint(path, job.version, false).await), link)
+            (published(client.load_checkpoint(path, job.version, false).await), link)
         }
         Payload::AdapterCheckpoint(path) => {
             drop(hold);
-            (text(client.load_checkpoint(path, job.version, true).await), link)
+            (published(client.load_checkpoint(path, job.version, true).await), link)
         }
         Payload::Adapter(req) => {
             drop(hold);
-            (text(client.install_adapter(req.clone(), job.version).await), link)
+            (published(client.install_adapter(req.clone(), job.version).await), link)
         }
         #[cfg(feature = "cuda")]
-        Payload::Device(weights) => {
-            use crate::sync::nccl_publish::{connect, publish, NcclPublishError};
-            let mut link = link;
-            if link.ipc == IpcLink::Unknown || link.peer.is_none() {
-                if let Err(e) = learn_link(&client, weights, &mut link).await {
-                    return (Outcome::Failed(e.to_string()), link);
-                }
-            }
-            let peer = link.peer.unwrap_or(crate::sync::nccl_publish::Peer::Sidecar);
-            if let IpcLink::Yes { proven } = link.ipc {
-                let result = crate::sync::ipc_publish::publish(&client, weights.clone(), job.version).await;
-                drop(hold);
-                return ipc_outcome(&client, result, proven, link);
-            }
-            let mut hold = Some(hold);
-            if !link.grpc_only && link.comm.is_none() {
-                // Making a communicator may take long: the lent weights are not held meanwhile.
-                let weak = hold.take().map(|h| Arc::downgrade(&h));
-                match connect(&client, weights.gpu, peer).await {
-                    Ok(comm) => link.comm = Some(comm),
-                    Err(NcclPublishError::Unsupported(why)) => {
-                        tracing::info!(sidecar = %client.addr, reason = %why, "no NCCL with this sidecar: using the gRPC stream");
-                        link.grpc_only = true;
-                    }
-                    Err(e) => return (Outcome::Failed(format!("nccl: {e}")), link),
-                }
-                hold = weak.and_then(|w| w.upgrade());
-                if hold.is_none() {
-                    return (Outcome::Connected, link);
-                }
-            }
-            if link.grpc_only {
-                let set = weights.cpu_set();
-                drop(hold);
-                return match set {
-                    Ok(set) => (text(client.publish(set, job.version, bucket_bytes).await), link),
-                    Err(e) => (
-                        Outcome::Failed(format!("copying the weights for the gRPC stream: {e}")),
-                        link,
-                    ),
-                };
-            }
-            let Some(comm) = link.comm.take() else {
-                return (Outcome::Failed("no NCCL communicator".into()), link);
-            };
-            let (result, comm) = publish(&client, comm, weights.clone(), job.version, peer).await;
-            drop(hold);
-            match result {
-                Ok(p) => (
-                    Outcome::Published(p),
-                    Link {
-                        grpc_only: false,
-                        comm,
-                        ipc: IpcLink::No,
-                        peer: Some(peer),
-                    },
-                ),
-                Err(e @ (NcclPublishError::Wedged(_) | NcclPublishError::PeerDead)) => {
-                    tracing::error!(sidecar = %client.addr, error = %e,
-                        "NCCL send ended early; a new communicator is made when the sidecar answers again");
-                    (
-                        Outcome::Failed(format!("nccl: {e}")),
-                        Link {
-                            grpc_only: false,
-                            comm: None,
-                            ipc: IpcLink::No,
-                            peer: Some(peer),
-                        },
-                    )
-                }
-                Err(e) => (
-                    Outcome::Failed(format!("nccl: {e}")),
-                    Link {
-                        grpc_only: false,
-                        comm,
-                        ipc: IpcLink::No,
-                        peer: Some(peer),
-                    },
-                ),
-            }
+        Payload::Device(weights) => send_device(&client, job.version, weights, bucket_bytes, link, hold).await,
+    }
+}
+
+/// How a publication over the gRPC stream or a reload ended.
+fn published(r: Result<Published, SyncError>) -> Outcome {
+    match r {
+        Ok(p) => Outcome::Published(p),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// Sends GPU weights: over CUDA IPC where the sidecar shares this GPU, else over NCCL (making
+/// the communicator first), else copied to the host for the gRPC stream. The lent weights are
+/// held only while a transfer reads them.
+#[cfg(feature = "cuda")]
+async fn send_device(
+    client: &SidecarClient,
+    version: PolicyVersion,
+    weights: &Arc<crate::sync::nccl_publish::PackedWeights>,
+    bucket_bytes: u64,
+    mut link: Link,
+    hold: Arc<Hold>,
+) -> (Outcome, Link) {
+    use crate::sync::nccl_publish::{connect, publish, NcclPublishError};
+    if link.ipc == IpcLink::Unknown || link.peer.is_none() {
+        if let Err(e) = learn_link(client, weights, &mut link).await {
+            return (Outcome::Failed(e.to_string()), link);
         }
+    }
+    let peer = link.peer.unwrap_or(crate::sync::nccl_publish::Peer::Sidecar);
+    if let IpcLink::Yes { proven } = link.ipc {
+        let result = crate::sync::ipc_publish::publish(client, weights.clone(), version).await;
+        drop(hold);
+        return ipc_outcome(client, result, proven, link);
+    }
+    let mut hold = Some(hold);
+    if !link.grpc_only && link.comm.is_none() {
+        // Making a communicator may take long: the lent weights are not held meanwhile.
+        let weak = hold.take().map(|h| Arc::downgrade(&h));
+        match connect(client, weights.gpu, peer).await {
+            Ok(comm) => link.comm = Some(comm),
+            Err(NcclPublishError::Unsupported(why)) => {
+                tracing::info!(sidecar = %client.addr, reason = %why, "no NCCL with this sidecar: using the gRPC stream");
+                link.grpc_only = true;
+            }
+            Err(e) => return (Outcome::Failed(format!("nccl: {e}")), link),
+        }
+        hold = weak.and_then(|w| w.upgrade());
+        if hold.is_none() {
+            return (Outcome::Connected, link);
+        }
+    }
+    if link.grpc_only {
+        let set = weights.cpu_set();
+        drop(hold);
+        return match set {
+            Ok(set) => (published(client.publish(set, version, bucket_bytes).await), link),
+            Err(e) => (
+                Outcome::Failed(format!("copying the weights for the gRPC stream: {e}")),
+                link,
+            ),
+        };
+    }
+    let Some(comm) = link.comm.take() else {
+        return (Outcome::Failed("no NCCL communicator".into()), link);
+    };
+    let (result, comm) = publish(client, comm, weights.clone(), version, peer).await;
+    drop(hold);
+    nccl_outcome(client, result, comm, peer)
+}
+
+/// How an NCCL publication ended, and the link to keep: a wedged or dead peer's communicator
+/// is dropped (a new one is made when the sidecar answers again).
+#[cfg(feature = "cuda")]
+fn nccl_outcome(
+    client: &SidecarClient,
+    result: Result<Published, crate::sync::nccl_publish::NcclPublishError>,
+    comm: Option<crate::comm::nccl::Communicator>,
+    peer: crate::sync::nccl_publish::Peer,
+) -> (Outcome, Link) {
+    use crate::sync::nccl_publish::NcclPublishError;
+    match result {
+        Ok(p) => (
+            Outcome::Published(p),
+            Link {
+                grpc_only: false,
+                comm,
+                ipc: IpcLink::No,
+                peer: Some(peer),
+            },
+        ),
+        Err(e @ (NcclPublishError::Wedged(_) | NcclPublishError::PeerDead)) => {
+            tracing::error!(sidecar = %client.addr, error = %e,
+                "NCCL send ended early; a new communicator is made when the sidecar answers again");
+            (
+                Outcome::Failed(format!("nccl: {e}")),
+                Link {
+                    grpc_only: false,
+                    comm: None,
+                    ipc: IpcLink::No,
+                    peer: Some(peer),
+                },
+            )
+        }
+        Err(e) => (
+            Outcome::Failed(format!("nccl: {e}")),
+            Link {
+                grpc_only: false,
+                comm,
+                ipc: IpcLink::No,
+                peer: Some(peer),
+            },
+        ),
     }
 }
 

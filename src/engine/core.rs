@@ -551,109 +551,14 @@ impl Engine {
 
     fn generate(&mut self, jobs: &[Job]) -> Vec<Vec<Completion>> {
         let device = self.m.device;
-        let mut rows = Vec::new();
-        for (j, (prompt, params, _)) in jobs.iter().enumerate() {
-            for k in 0..params.n {
-                let seed = match params.seed {
-                    Some(s) => s.wrapping_add(k as u64),
-                    None => {
-                        self.seed_counter = self.seed_counter.wrapping_add(0x9E37_79B9);
-                        self.seed_counter ^ std::process::id() as u64
-                    }
-                };
-                rows.push(Row {
-                    job: j,
-                    prompt_len: prompt.len(),
-                    rng: Rng::new(seed),
-                    out: Vec::new(),
-                    logprobs: Vec::new(),
-                    text: None,
-                    done: None,
-                });
-            }
-        }
+        let mut rows = self.rows_for(jobs);
         let r = rows.len() as i64;
-        let l_max = rows.iter().map(|row| row.prompt_len).max().unwrap_or(1) as i64;
-        let mut ids = vec![0i64; (r * l_max) as usize];
-        let mut pos = vec![0i64; (r * l_max) as usize];
-        let mut valid = vec![false; (r * l_max) as usize];
-        for (i, row) in rows.iter().enumerate() {
-            let prompt = &jobs[row.job].0;
-            let pad = l_max as usize - prompt.len();
-            for (t, &tok) in prompt.iter().enumerate() {
-                let at = i * l_max as usize + pad + t;
-                ids[at] = tok;
-                pos[at] = t as i64;
-                valid[at] = true;
-            }
-        }
-        let key_valid = Tensor::from_slice(&valid).view([r, l_max]).to_device(device);
-        let causal = Tensor::ones([l_max, l_max], (Kind::Bool, device)).tril(0);
-        let eye = Tensor::eye(l_max, (Kind::Bool, device));
-        let mask = causal
-            .unsqueeze(0)
-            .logical_and(&key_valid.unsqueeze(1))
-            .logical_or(&eye.unsqueeze(0))
-            .unsqueeze(1);
         let mut cache = KvCache::default();
-        let ids_t = Tensor::from_slice(&ids).view([r, l_max]).to_device(device);
-        let pos_t = Tensor::from_slice(&pos).view([r, l_max]).to_device(device);
-        let logits = self.model.forward_cached(&ids_t, &pos_t, &mask, &mut cache);
-        let mut last = logits.select(1, l_max - 1);
-        let mut key_valid = key_valid;
+        let (mut last, mut key_valid) = self.prefill(jobs, &rows, &mut cache);
         let max_new = jobs.iter().map(|(_, p, _)| p.max_tokens).max().unwrap_or(1);
-        let max_pos = self.m.spec.rope.max_position_embeddings as usize;
         for step in 0..max_new {
             self.pulse.beat();
-            let temps: Vec<f32> = rows
-                .iter()
-                .map(|row| {
-                    let t = jobs[row.job].1.sampling.temperature;
-                    if t > 0.0 {
-                        t as f32
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
-            let t = Tensor::from_slice(&temps).to_device(device).view([r, 1]);
-            let lp = (last.to_kind(Kind::Float) / t)
-                .log_softmax(-1, Kind::Float)
-                .to_device(Device::Cpu)
-                .contiguous();
-            let v = lp.size()[1] as usize;
-            let flat: Vec<f32> = Vec::try_from(lp.view([-1])).unwrap_or_default();
-            let mut next = vec![0i64; r as usize];
-            for (i, row) in rows.iter_mut().enumerate() {
-                if row.done.is_some() {
-                    continue;
-                }
-                let params = &jobs[row.job].1;
-                let mut dist = flat[i * v..(i + 1) * v].to_vec();
-                if row.out.len() < params.min_tokens {
-                    for &id in self.m.eos_ids.iter().chain(&params.stop_token_ids) {
-                        if let Some(x) = dist.get_mut(id as usize) {
-                            *x = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                let tok = sample(&dist, &params.sampling, &mut row.rng);
-                let full = &flat[i * v..(i + 1) * v];
-                let mut entry = vec![(tok as i64, full[tok])];
-                for alt in top_k_ids(full, params.top_logprobs) {
-                    if alt != tok {
-                        entry.push((alt as i64, full[alt]));
-                    }
-                }
-                row.out.push(tok as i64);
-                row.logprobs.push(PositionLogprobs(entry));
-                next[i] = tok as i64;
-                row.done = self.finished(
-                    row,
-                    params,
-                    step + 1 >= params.max_tokens || row.prompt_len + row.out.len() >= max_pos,
-                );
-            }
+            let next = self.sample_step(jobs, &mut rows, &last, step);
             if rows.iter().all(|row| row.done.is_some()) {
                 break;
             }
@@ -681,6 +586,122 @@ impl Engine {
             });
         }
         out
+    }
+
+    /// One row per completion asked for, each with its own sampler seed.
+    fn rows_for(&mut self, jobs: &[Job]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (j, (prompt, params, _)) in jobs.iter().enumerate() {
+            for k in 0..params.n {
+                let seed = match params.seed {
+                    Some(s) => s.wrapping_add(k as u64),
+                    None => {
+                        self.seed_counter = self.seed_counter.wrapping_add(0x9E37_79B9);
+                        self.seed_counter ^ std::process::id() as u64
+                    }
+                };
+                rows.push(Row {
+                    job: j,
+                    prompt_len: prompt.len(),
+                    rng: Rng::new(seed),
+                    out: Vec::new(),
+                    logprobs: Vec::new(),
+                    text: None,
+                    done: None,
+                });
+            }
+        }
+        rows
+    }
+
+    /// Runs the rows' prompts (left-padded to the longest) into `cache`; returns the logits at
+    /// each row's last position and the keys' validity so far.
+    fn prefill(&self, jobs: &[Job], rows: &[Row], cache: &mut KvCache) -> (Tensor, Tensor) {
+        let device = self.m.device;
+        let r = rows.len() as i64;
+        let l_max = rows.iter().map(|row| row.prompt_len).max().unwrap_or(1) as i64;
+        let mut ids = vec![0i64; (r * l_max) as usize];
+        let mut pos = vec![0i64; (r * l_max) as usize];
+        let mut valid = vec![false; (r * l_max) as usize];
+        for (i, row) in rows.iter().enumerate() {
+            let prompt = &jobs[row.job].0;
+            let pad = l_max as usize - prompt.len();
+            for (t, &tok) in prompt.iter().enumerate() {
+                let at = i * l_max as usize + pad + t;
+                ids[at] = tok;
+                pos[at] = t as i64;
+                valid[at] = true;
+            }
+        }
+        let key_valid = Tensor::from_slice(&valid).view([r, l_max]).to_device(device);
+        let causal = Tensor::ones([l_max, l_max], (Kind::Bool, device)).tril(0);
+        let eye = Tensor::eye(l_max, (Kind::Bool, device));
+        let mask = causal
+            .unsqueeze(0)
+            .logical_and(&key_valid.unsqueeze(1))
+            .logical_or(&eye.unsqueeze(0))
+            .unsqueeze(1);
+        let ids_t = Tensor::from_slice(&ids).view([r, l_max]).to_device(device);
+        let pos_t = Tensor::from_slice(&pos).view([r, l_max]).to_device(device);
+        let logits = self.model.forward_cached(&ids_t, &pos_t, &mask, cache);
+        (logits.select(1, l_max - 1), key_valid)
+    }
+
+    /// Samples the next token of every unfinished row from `last` (its logits), records it with
+    /// its logprobs, and marks the rows that end; returns the tokens to feed back.
+    fn sample_step(&self, jobs: &[Job], rows: &mut [Row], last: &Tensor, step: usize) -> Vec<i64> {
+        let r = rows.len() as i64;
+        let max_pos = self.m.spec.rope.max_position_embeddings as usize;
+        let temps: Vec<f32> = rows
+            .iter()
+            .map(|row| {
+                let t = jobs[row.job].1.sampling.temperature;
+                if t > 0.0 {
+                    t as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let t = Tensor::from_slice(&temps).to_device(self.m.device).view([r, 1]);
+        let lp = (last.to_kind(Kind::Float) / t)
+            .log_softmax(-1, Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous();
+        let v = lp.size()[1] as usize;
+        let flat: Vec<f32> = Vec::try_from(lp.view([-1])).unwrap_or_default();
+        let mut next = vec![0i64; rows.len()];
+        for (i, row) in rows.iter_mut().enumerate() {
+            if row.done.is_some() {
+                continue;
+            }
+            let params = &jobs[row.job].1;
+            let full = &flat[i * v..(i + 1) * v];
+            let mut dist = full.to_vec();
+            if row.out.len() < params.min_tokens {
+                for &id in self.m.eos_ids.iter().chain(&params.stop_token_ids) {
+                    if let Some(x) = dist.get_mut(id as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let tok = sample(&dist, &params.sampling, &mut row.rng);
+            let mut entry = vec![(tok as i64, full[tok])];
+            for alt in top_k_ids(full, params.top_logprobs) {
+                if alt != tok {
+                    entry.push((alt as i64, full[alt]));
+                }
+            }
+            row.out.push(tok as i64);
+            row.logprobs.push(PositionLogprobs(entry));
+            next[i] = tok as i64;
+            row.done = self.finished(
+                row,
+                params,
+                step + 1 >= params.max_tokens || row.prompt_len + row.out.len() >= max_pos,
+            );
+        }
+        next
     }
 
     fn decode(&self, ids: &[i64], skip_special: bool) -> String {

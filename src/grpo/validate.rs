@@ -102,31 +102,62 @@ pub struct Rejection {
     pub env_id: Option<EnvId>,
 }
 
+/// Why a check refused a group, before the group's environment is attached.
+type Refusal = (RejectReason, String);
+
 /// Checks a group and returns it ready for packing (truncated if allowed and needed).
 pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, Rejection> {
     let env_id = group.env_id;
-    let reject = |reason, detail: String| Rejection { reason, detail, env_id };
+    let reject = |(reason, detail): Refusal| Rejection { reason, detail, env_id };
+    check_group(&group, limits).map_err(reject)?;
+    let logprobs_present = group.inference_logprobs.as_ref().is_some_and(|l| !l.is_empty());
+    let advantages_present = group.advantages.as_ref().is_some_and(|a| !a.is_empty());
+    for i in 0..group.tokens.len() {
+        let len = group.tokens[i].len();
+        if len > limits.seq_len {
+            if !limits.truncate_long {
+                return Err(reject((
+                    RejectReason::TooLong,
+                    format!("sequence {i} has {len} tokens, --seq-len is {}", limits.seq_len),
+                )));
+            }
+            truncate(&mut group, i, limits.seq_len);
+        }
+        check_sequence(&group, i, limits).map_err(reject)?;
+        if logprobs_present {
+            check_logprobs(&group, i, len).map_err(reject)?;
+        }
+        if advantages_present {
+            check_advantages(&group, i).map_err(reject)?;
+        }
+    }
+    Ok(group)
+}
+
+/// The group as a whole: sequences, one finite score each (whose advantages fit fp32), one
+/// mask and override list each, and rollout logprobs unless they may be missing.
+fn check_group(group: &ScoredGroup, limits: &Limits) -> Result<(), Refusal> {
     let n = group.tokens.len();
     if n == 0 {
-        return Err(reject(RejectReason::EmptyGroup, "group has no sequences".into()));
+        return Err((RejectReason::EmptyGroup, "group has no sequences".into()));
     }
     if group.scores.len() != n {
-        return Err(reject(
+        return Err((
             RejectReason::ScoreCount,
             format!("{} scores for {n} sequences", group.scores.len()),
         ));
     }
     if let Some(i) = group.scores.iter().position(|s| !s.is_finite()) {
-        return Err(reject(
+        return Err((
             RejectReason::NonFiniteScore,
             format!("score {i} is {}", group.scores[i]),
         ));
     }
     // Advantages are trained on in fp32: a finite score can still overflow the group's mean
     // (scores near f64::MAX) or fp32 itself.
-    let advantages = super::advantages::sequence_advantages(&group);
+    let advantages = super::advantages::sequence_advantages(group);
     if let Some(i) = advantages.iter().position(|a| !fits_f32(*a)) {
-        return Err(reject(
+        return Err((
             RejectReason::AdvantagesNonFinite,
             format!(
                 "sequence {i}: the group's scores give advantage {} (not a finite fp32)",
@@ -135,110 +166,113 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
         ));
     }
     if group.masks.len() != n {
-        return Err(reject(
+        return Err((
             RejectReason::MaskLength,
             format!("{} masks for {n} sequences", group.masks.len()),
         ));
     }
     if group.overrides.as_ref().is_some_and(|o| !o.is_empty() && o.len() != n) {
         let len = group.overrides.as_ref().map_or(0, Vec::len);
-        return Err(reject(
+        return Err((
             RejectReason::OverridesLength,
             format!("{len} overrides for {n} sequences"),
         ));
     }
     let logprobs_present = group.inference_logprobs.as_ref().is_some_and(|l| !l.is_empty());
     if !logprobs_present && !limits.allow_missing_logprobs {
-        return Err(reject(
+        return Err((
             RejectReason::LogprobsMissing,
             "no inference_logprobs (GRPO needs the rollout logprobs; --allow-missing-logprobs trains on-policy instead)".into(),
         ));
     }
-    let advantages_present = group.advantages.as_ref().is_some_and(|a| !a.is_empty());
-    for i in 0..n {
-        let len = group.tokens[i].len();
-        if len > limits.seq_len {
-            if !limits.truncate_long {
-                return Err(reject(
-                    RejectReason::TooLong,
-                    format!("sequence {i} has {len} tokens, --seq-len is {}", limits.seq_len),
-                ));
-            }
-            truncate(&mut group, i, limits.seq_len);
-        }
-        let tokens = &group.tokens[i];
-        let masks = &group.masks[i];
-        if tokens.is_empty() {
-            return Err(reject(RejectReason::EmptySequence, format!("sequence {i} is empty")));
-        }
-        if masks.len() != tokens.len() {
-            return Err(reject(
-                RejectReason::MaskLength,
-                format!("sequence {i}: {} masks for {} tokens", masks.len(), tokens.len()),
-            ));
-        }
-        if let Some(j) = tokens.iter().position(|&t| t < 0 || t >= limits.vocab_size) {
-            return Err(reject(
-                RejectReason::TokenOutOfVocab,
-                format!(
-                    "sequence {i} position {j}: token {} outside vocabulary 0..{}",
-                    tokens[j], limits.vocab_size
-                ),
-            ));
-        }
-        if let Some(j) = masks.iter().zip(tokens).position(|(&m, &t)| m != IGNORE && m != t) {
-            return Err(reject(
-                RejectReason::MaskTokenMismatch,
-                format!(
-                    "sequence {i} position {j}: mask {} is neither -100 nor the token {}",
-                    masks[j], tokens[j]
-                ),
-            ));
-        }
-        if !masks.iter().skip(1).any(|&m| m != IGNORE) {
-            return Err(reject(
-                RejectReason::NoScoredPosition,
-                format!("sequence {i} has no scored position"),
-            ));
-        }
-        if logprobs_present {
-            let lps = group.inference_logprobs.as_ref().and_then(|l| l.get(i));
-            let Some(lps) = lps.filter(|l| l.len() == tokens.len()) else {
-                let got = lps.map_or(0, Vec::len);
-                return Err(reject(
-                    RejectReason::LogprobsLength,
-                    format!("sequence {i}: {got} inference_logprobs for {} tokens", tokens.len()),
-                ));
-            };
-            let bad = (1..len.min(tokens.len()))
-                .find(|&j| masks[j] != IGNORE && !(lps[j].is_finite() && lps[j] <= LOGPROB_SLACK));
-            if let Some(j) = bad {
-                return Err(reject(
-                    RejectReason::LogprobsInvalid,
-                    format!(
-                        "sequence {i} position {j}: rollout logprob {} is not a finite value <= 0",
-                        lps[j]
-                    ),
-                ));
-            }
-        }
-        if advantages_present {
-            let adv = group.advantages.as_ref().and_then(|a| a.get(i));
-            let Some(adv) = adv.filter(|a| a.len() == tokens.len()) else {
-                return Err(reject(
-                    RejectReason::AdvantagesLength,
-                    format!("sequence {i}: advantages do not match its {} tokens", tokens.len()),
-                ));
-            };
-            if let Some(j) = adv.iter().position(|a| !fits_f32(*a)) {
-                return Err(reject(
-                    RejectReason::AdvantagesNonFinite,
-                    format!("sequence {i} position {j}: advantage {}", adv[j]),
-                ));
-            }
-        }
+    Ok(())
+}
+
+/// Sequence `i` (already cut to `--seq-len`): tokens in the vocabulary, a mask per token that
+/// is -100 or the token, and at least one scored position after the first.
+fn check_sequence(group: &ScoredGroup, i: usize, limits: &Limits) -> Result<(), Refusal> {
+    let tokens = &group.tokens[i];
+    let masks = &group.masks[i];
+    if tokens.is_empty() {
+        return Err((RejectReason::EmptySequence, format!("sequence {i} is empty")));
     }
-    Ok(group)
+    if masks.len() != tokens.len() {
+        return Err((
+            RejectReason::MaskLength,
+            format!("sequence {i}: {} masks for {} tokens", masks.len(), tokens.len()),
+        ));
+    }
+    if let Some(j) = tokens.iter().position(|&t| t < 0 || t >= limits.vocab_size) {
+        return Err((
+            RejectReason::TokenOutOfVocab,
+            format!(
+                "sequence {i} position {j}: token {} outside vocabulary 0..{}",
+                tokens[j], limits.vocab_size
+            ),
+        ));
+    }
+    if let Some(j) = masks.iter().zip(tokens).position(|(&m, &t)| m != IGNORE && m != t) {
+        return Err((
+            RejectReason::MaskTokenMismatch,
+            format!(
+                "sequence {i} position {j}: mask {} is neither -100 nor the token {}",
+                masks[j], tokens[j]
+            ),
+        ));
+    }
+    if !masks.iter().skip(1).any(|&m| m != IGNORE) {
+        return Err((
+            RejectReason::NoScoredPosition,
+            format!("sequence {i} has no scored position"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sequence `i`'s rollout logprobs: one per token, finite and at most 0 where scored (`len`:
+/// its length before any truncation).
+fn check_logprobs(group: &ScoredGroup, i: usize, len: usize) -> Result<(), Refusal> {
+    let (tokens, masks) = (&group.tokens[i], &group.masks[i]);
+    let lps = group.inference_logprobs.as_ref().and_then(|l| l.get(i));
+    let Some(lps) = lps.filter(|l| l.len() == tokens.len()) else {
+        let got = lps.map_or(0, Vec::len);
+        return Err((
+            RejectReason::LogprobsLength,
+            format!("sequence {i}: {got} inference_logprobs for {} tokens", tokens.len()),
+        ));
+    };
+    let bad =
+        (1..len.min(tokens.len())).find(|&j| masks[j] != IGNORE && !(lps[j].is_finite() && lps[j] <= LOGPROB_SLACK));
+    match bad {
+        Some(j) => Err((
+            RejectReason::LogprobsInvalid,
+            format!(
+                "sequence {i} position {j}: rollout logprob {} is not a finite value <= 0",
+                lps[j]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Sequence `i`'s per-token advantages (when the group sends them): one per token, finite in
+/// fp32.
+fn check_advantages(group: &ScoredGroup, i: usize) -> Result<(), Refusal> {
+    let tokens = &group.tokens[i];
+    let adv = group.advantages.as_ref().and_then(|a| a.get(i));
+    let Some(adv) = adv.filter(|a| a.len() == tokens.len()) else {
+        return Err((
+            RejectReason::AdvantagesLength,
+            format!("sequence {i}: advantages do not match its {} tokens", tokens.len()),
+        ));
+    };
+    match adv.iter().position(|a| !fits_f32(*a)) {
+        Some(j) => Err((
+            RejectReason::AdvantagesNonFinite,
+            format!("sequence {i} position {j}: advantage {}", adv[j]),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Whether `x` is finite once stored as fp32.

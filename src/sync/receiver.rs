@@ -424,31 +424,12 @@ impl Actor for WeightReceiver {
             }
             ReceiverMsg::Commit(v, digest, reply) => {
                 let result = state.commit(v, digest).await;
-                match &result {
-                    Ok(a) => tracing::info!(
-                        version = v.0,
-                        apply_s = a.seconds,
-                        canary_max_abs_diff = a.installed.canary_max_abs_diff,
-                        "weights updated"
-                    ),
-                    Err(e) => tracing::warn!(version = v.0, error = %e, "update rejected"),
-                }
+                log_commit(v, "grpc", &result);
                 let _ = reply.send(result);
             }
             ReceiverMsg::LoadCheckpoint(v, path, adapter, reply) => {
                 let result = state.load_checkpoint(v, path, adapter).await;
-                if let Err(e) = &result {
-                    tracing::warn!(version = v.0, error = %e, "checkpoint load failed");
-                }
-                let outcome = if result.is_ok() {
-                    "checkpoint_loaded"
-                } else {
-                    "checkpoint_refused"
-                };
-                crate::telemetry::prom::sidecar()
-                    .weight_updates
-                    .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
-                    .inc();
+                report_checkpoint(v, &result);
                 let _ = reply.send(result);
             }
             ReceiverMsg::JoinNccl(id, rank, world, reply) => {
@@ -473,15 +454,7 @@ impl Actor for WeightReceiver {
                 } else {
                     state.commit_nccl(v, &digest).await
                 };
-                match &result {
-                    Ok(a) => tracing::info!(
-                        version = v.0,
-                        apply_s = a.seconds,
-                        transport = "nccl",
-                        "weights updated"
-                    ),
-                    Err(e) => tracing::warn!(version = v.0, error = %e, transport = "nccl", "update rejected"),
-                }
+                log_commit(v, "nccl", &result);
                 let _ = reply.send(result);
             }
             ReceiverMsg::InstallIpc(v, update, reply) => {
@@ -505,6 +478,36 @@ impl Actor for WeightReceiver {
         state.post_health();
         Ok(())
     }
+}
+
+/// Logs how a streamed commit ended (the gRPC service counts it).
+fn log_commit(v: PolicyVersion, transport: &'static str, result: &Result<Applied, UpdateError>) {
+    match result {
+        Ok(a) => tracing::info!(
+            version = v.0,
+            apply_s = a.seconds,
+            transport,
+            canary_max_abs_diff = a.installed.canary_max_abs_diff,
+            "weights updated"
+        ),
+        Err(e) => tracing::warn!(version = v.0, error = %e, transport, "update rejected"),
+    }
+}
+
+/// Logs and counts how a checkpoint reload ended.
+fn report_checkpoint(v: PolicyVersion, result: &Result<(), UpdateError>) {
+    if let Err(e) = result {
+        tracing::warn!(version = v.0, error = %e, "checkpoint load failed");
+    }
+    let outcome = if result.is_ok() {
+        "checkpoint_loaded"
+    } else {
+        "checkpoint_refused"
+    };
+    crate::telemetry::prom::sidecar()
+        .weight_updates
+        .get_or_create(&crate::telemetry::prom::Reason { reason: outcome.into() })
+        .inc();
 }
 
 /// Logs and counts how an install straight into the engine ended.
