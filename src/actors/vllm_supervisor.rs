@@ -273,11 +273,10 @@ fn with_lora(cmd: &mut tokio::process::Command, rank: u32, loras: u32, module: O
 }
 
 impl VllmSupervisorState {
-    /// vLLM's command line and environment for the next launch, its output appended to the
-    /// launch's log.
-    fn command(&self, model: &Path) -> Result<tokio::process::Command, SpawnError> {
+    /// vLLM's command line (`program`, `lead`, then our flags) and environment for the next
+    /// launch, its output appended to the launch's log.
+    fn command(&self, model: &Path, program: &str, lead: &[String]) -> Result<tokio::process::Command, SpawnError> {
         let l = &self.launch;
-        let (program, lead) = l.command.split_first().ok_or(SpawnError::EmptyCommand)?;
         if let Some(parent) = l.log.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
@@ -341,8 +340,8 @@ impl VllmSupervisorState {
     fn spawn_process(&mut self, myself: &ActorRef<VllmMsg>) -> Result<(), SpawnError> {
         let l = &self.launch;
         let model = self.model_override.clone().unwrap_or_else(|| l.model_dir.clone());
-        let (program, _) = l.command.split_first().ok_or(SpawnError::EmptyCommand)?;
-        let mut cmd = self.command(&model)?;
+        let (program, lead) = l.command.split_first().ok_or(SpawnError::EmptyCommand)?;
+        let mut cmd = self.command(&model, program, lead)?;
         let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
             program: program.clone(),
             source,

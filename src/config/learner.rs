@@ -562,22 +562,8 @@ impl LearnerArgs {
         check(atropos_url.starts_with("http://"), "atropos-url", || {
             format!("{atropos_url:?} must be an http:// URL")
         })?;
-        let StepSize {
-            lr,
-            training_steps,
-            batch_size,
-            micro_batch_tokens,
-            shared_prompt,
-            gradient_accumulation_steps,
-            seq_len,
-        } = resolve_step_size(&args)?;
-        let LossNumbers {
-            clip_eps,
-            clip_eps_high,
-            kl_coef,
-            max_grad_norm,
-            weight_decay,
-        } = resolve_loss(&args)?;
+        let step = resolve_step_size(&args)?;
+        let loss = resolve_loss(&args)?;
         let train_layer_indices = args
             .train_layer_indices
             .as_deref()
@@ -597,12 +583,7 @@ impl LearnerArgs {
             "checkpoint-keep-layers",
             || "keeps layers out of gradient checkpointing, which --gradient-checkpointing false turns off".into(),
         )?;
-        let Io {
-            keep_checkpoints,
-            max_shard_mb,
-            prefetch,
-            api_timeout_s,
-        } = resolve_io(&args)?;
+        let io = resolve_io(&args)?;
         check(
             lora.is_none() || train_layer_indices.is_none(),
             "train-layer-indices",
@@ -622,23 +603,23 @@ impl LearnerArgs {
             sync,
             model_name,
             atropos_url: atropos_url.trim_end_matches('/').to_string(),
-            lr,
-            training_steps,
-            batch_size,
-            micro_batch_tokens,
-            shared_prompt,
-            gradient_accumulation_steps,
-            seq_len,
+            lr: step.lr,
+            training_steps: step.training_steps,
+            batch_size: step.batch_size,
+            micro_batch_tokens: step.micro_batch_tokens,
+            shared_prompt: step.shared_prompt,
+            gradient_accumulation_steps: step.gradient_accumulation_steps,
+            seq_len: step.seq_len,
             warmup_steps: args.warmup_steps.unwrap_or(0),
             lr_schedule: args.lr_schedule.unwrap_or(ScheduleKind::Constant),
-            clip_eps,
-            clip_eps_high,
+            clip_eps: loss.clip_eps,
+            clip_eps_high: loss.clip_eps_high,
             clip_mode: args.clip_mode.unwrap_or(ClipMode::Standard),
             is_cap: args.is_cap,
-            kl_coef,
+            kl_coef: loss.kl_coef,
             loss_agg: args.loss_agg.unwrap_or(LossAgg::SeqMeanTokenMean),
-            max_grad_norm,
-            weight_decay,
+            max_grad_norm: loss.max_grad_norm,
+            weight_decay: loss.weight_decay,
             optimizer: args.optimizer.unwrap_or(OptimizerKind::Adamw),
             train_layer_indices,
             lora,
@@ -654,8 +635,8 @@ impl LearnerArgs {
                 .save_path
                 .unwrap_or_else(|| PathBuf::from("trained_model_checkpoints")),
             checkpoint_interval: args.checkpoint_interval.unwrap_or(3),
-            keep_checkpoints,
-            max_shard_bytes: max_shard_mb * 1024 * 1024,
+            keep_checkpoints: io.keep_checkpoints,
+            max_shard_bytes: io.max_shard_mb * 1024 * 1024,
             resume: args.resume.unwrap_or(false),
             reset_api: args.reset_api.unwrap_or(false),
             truncate_long: args.truncate_long.unwrap_or(false),
@@ -664,8 +645,8 @@ impl LearnerArgs {
             wandb_group: args.wandb_group.unwrap_or_default(),
             wandb_project: args.wandb_project.unwrap_or_default(),
             poll_max_ms: args.poll_max_ms.unwrap_or(2000).max(10),
-            api_timeout_s,
-            prefetch,
+            api_timeout_s: io.api_timeout_s,
+            prefetch: io.prefetch,
             grpc_listen: args.grpc_listen,
             metrics_listen,
             data_parallel,

@@ -109,8 +109,14 @@ type Refusal = (RejectReason, String);
 pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, Rejection> {
     let env_id = group.env_id;
     let reject = |(reason, detail): Refusal| Rejection { reason, detail, env_id };
-    check_group(&group, limits).map_err(reject)?;
+    check_group(&group).map_err(reject)?;
     let logprobs_present = group.inference_logprobs.as_ref().is_some_and(|l| !l.is_empty());
+    if !logprobs_present && !limits.allow_missing_logprobs {
+        return Err(reject((
+            RejectReason::LogprobsMissing,
+            "no inference_logprobs (GRPO needs the rollout logprobs; --allow-missing-logprobs trains on-policy instead)".into(),
+        )));
+    }
     let advantages_present = group.advantages.as_ref().is_some_and(|a| !a.is_empty());
     for i in 0..group.tokens.len() {
         let len = group.tokens[i].len();
@@ -134,9 +140,9 @@ pub fn validate(mut group: ScoredGroup, limits: &Limits) -> Result<ScoredGroup, 
     Ok(group)
 }
 
-/// The group as a whole: sequences, one finite score each (whose advantages fit fp32), one
-/// mask and override list each, and rollout logprobs unless they may be missing.
-fn check_group(group: &ScoredGroup, limits: &Limits) -> Result<(), Refusal> {
+/// The group as a whole: sequences, one finite score each (whose advantages fit fp32), and one
+/// mask and override list each.
+fn check_group(group: &ScoredGroup) -> Result<(), Refusal> {
     let n = group.tokens.len();
     if n == 0 {
         return Err((RejectReason::EmptyGroup, "group has no sequences".into()));
@@ -176,13 +182,6 @@ fn check_group(group: &ScoredGroup, limits: &Limits) -> Result<(), Refusal> {
         return Err((
             RejectReason::OverridesLength,
             format!("{len} overrides for {n} sequences"),
-        ));
-    }
-    let logprobs_present = group.inference_logprobs.as_ref().is_some_and(|l| !l.is_empty());
-    if !logprobs_present && !limits.allow_missing_logprobs {
-        return Err((
-            RejectReason::LogprobsMissing,
-            "no inference_logprobs (GRPO needs the rollout logprobs; --allow-missing-logprobs trains on-policy instead)".into(),
         ));
     }
     Ok(())

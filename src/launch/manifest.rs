@@ -177,23 +177,27 @@ pub enum ManifestError {
     Invalid { path: PathBuf, reason: String },
 }
 
+impl ManifestError {
+    /// The manifest at `path` is refused for `reason`.
+    fn invalid(path: &Path, reason: String) -> Self {
+        Self::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        }
+    }
+}
+
 impl Manifest {
     /// Reads and checks a manifest file.
     pub fn read(path: &Path) -> Result<Self, ManifestError> {
-        let invalid = |reason: String| ManifestError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let invalid = |reason: String| ManifestError::invalid(path, reason);
         let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
         Self::from_toml_str(&text, path)
     }
 
     /// Parses and checks a manifest's TOML text; `path` only names it in errors.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ManifestError> {
-        let invalid = |reason: String| ManifestError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let invalid = |reason: String| ManifestError::invalid(path, reason);
         let m: Manifest = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if m.process.iter().filter(|p| p.main).count() != 1 {
             return Err(invalid("exactly one process must have main = true".into()));
@@ -227,10 +231,7 @@ impl Manifest {
     }
 
     fn check_secrets(&self, path: &Path) -> Result<(), ManifestError> {
-        let invalid = |reason: String| ManifestError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let invalid = |reason: String| ManifestError::invalid(path, reason);
         for (name, source) in &self.secrets {
             let ok_name = !name.is_empty()
                 && name
@@ -259,10 +260,7 @@ impl Manifest {
     }
 
     fn check_groups(&self, path: &Path) -> Result<(), ManifestError> {
-        let invalid = |reason: String| ManifestError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let invalid = |reason: String| ManifestError::invalid(path, reason);
         let valid = |n: &str| {
             !n.is_empty()
                 && n.len() <= 40

@@ -509,18 +509,8 @@ async fn spawn_node(
     parts: NodeParts,
     h: &NodeHandles,
 ) -> Result<(ActorRef<SupervisorMsg>, tokio::task::JoinHandle<()>), LearnerError> {
-    let NodeParts {
-        worker,
-        steps_done,
-        resume,
-        metrics,
-        sync_hook,
-        client,
-        registration,
-        spool,
-    } = parts;
-    let (consumed, rejected) = (resume.consumed, resume.rejected);
-    let spooled = spool.list()?;
+    let (consumed, rejected, steps_done) = (parts.resume.consumed, parts.resume.rejected, parts.steps_done);
+    let spooled = parts.spool.list()?;
     let replay: Vec<BatchSeq> = spooled.iter().copied().filter(|s| *s > consumed).collect();
     let next_seq = BatchSeq(spooled.last().copied().unwrap_or(consumed).max(consumed).0 + 1);
     let limits = Limits {
@@ -539,22 +529,23 @@ async fn spawn_node(
         );
         move |checkpointer| LearnerArgs {
             config,
-            worker,
+            worker: parts.worker,
             steps_done,
             batches_consumed: consumed,
             rejected_groups: rejected,
             credits,
             checkpointer,
-            metrics,
+            metrics: parts.metrics,
             draining,
             status,
             outcome,
-            sync: sync_hook,
+            sync: parts.sync_hook,
         }
     };
     let fetcher_args = {
-        let (credits, spool, reset_api) = (h.credits.clone(), spool.clone(), cfg.reset_api);
+        let (credits, spool, reset_api) = (h.credits.clone(), parts.spool.clone(), cfg.reset_api);
         let max_backoff = Duration::from_millis(cfg.poll_max_ms);
+        let (client, registration) = (parts.client, parts.registration);
         move |preprocessor| FetcherArgs {
             client,
             registration,
@@ -573,7 +564,7 @@ async fn spawn_node(
             source_model: cfg.model_name.clone(),
             max_shard_bytes: cfg.max_shard_bytes,
             keep: cfg.keep_checkpoints,
-            spool,
+            spool: parts.spool,
         },
         learner: Box::new(learner_args),
         preprocessor: (

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use super::adamw::MasterParam;
-use super::optim_state::{restore_slot, OptimizerError};
+use super::optim_state::{check_grad_count, restore_slot, OptimizerError};
 use super::split;
 
 /// Adafactor hyper-parameters; the defaults are transformers'.
@@ -96,12 +96,7 @@ impl Adafactor {
         lr: f64,
         grad_scale: f64,
     ) -> Result<(), OptimizerError> {
-        if grads.len() != params.len() {
-            return Err(OptimizerError::GradCount {
-                grads: grads.len(),
-                params: params.len(),
-            });
-        }
+        check_grad_count(params.len(), grads.len())?;
         self.steps += 1;
         let beta2t = 1.0 - (self.steps as f64).powf(self.config.decay_rate);
         let c = self.config;

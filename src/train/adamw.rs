@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::optim_state::{restore_slot, OptimizerError};
+use super::optim_state::{check_grad_count, restore_slot, OptimizerError};
 use super::split;
 
 /// Elements per slice and per group of slices in one update call.
@@ -155,12 +155,7 @@ impl AdamW {
         lr: f64,
         grad_scale: f64,
     ) -> Result<(), OptimizerError> {
-        if grads.len() != params.len() {
-            return Err(OptimizerError::GradCount {
-                grads: grads.len(),
-                params: params.len(),
-            });
-        }
+        check_grad_count(params.len(), grads.len())?;
         self.steps += 1;
         let live: Vec<(&MasterParam, &Tensor, &(Tensor, Tensor))> = params
             .iter()

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::adamw::{AdamWConfig, MasterParam, SLICE_ELEMENTS};
-use super::optim_state::{restore_slot, OptimizerError};
+use super::optim_state::{check_grad_count, restore_slot, OptimizerError};
 use super::split;
 
 /// Elements per quantization block (bitsandbytes' optimizer block size).
@@ -164,12 +164,7 @@ impl AdamW8bit {
         lr: f64,
         grad_scale: f64,
     ) -> Result<(), OptimizerError> {
-        if grads.len() != params.len() {
-            return Err(OptimizerError::GradCount {
-                grads: grads.len(),
-                params: params.len(),
-            });
-        }
+        check_grad_count(params.len(), grads.len())?;
         self.steps += 1;
         tch::no_grad(|| {
             for (p, g) in params.iter().zip(grads).filter(|(_, g)| g.defined()) {

@@ -26,6 +26,15 @@ pub enum OptimizerError {
     Fused(#[from] crate::torch_ext::ShimError),
 }
 
+/// Every optimizer's first check: one gradient slot per parameter.
+pub fn check_grad_count(params: usize, grads: usize) -> Result<(), OptimizerError> {
+    if grads == params {
+        Ok(())
+    } else {
+        Err(OptimizerError::GradCount { grads, params })
+    }
+}
+
 /// Copies the saved state `key` (taken out of `saved`) into `slot`, which it must match in
 /// shape (and in dtype with `same_kind`); `writer` names the optimizer in the error.
 pub fn restore_slot(
