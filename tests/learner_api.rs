@@ -189,6 +189,12 @@ fn survives_an_api_restart() {
     });
     let api = RunApi::start_on(port);
     api.wait_registered_by(4, &learner); // the learner noticed "not registered" and registered again
+                                         // The API records the registration before the learner has its reply and counts it.
+    wait_until(
+        Duration::from_secs(30),
+        "the learner to count its second registration",
+        || common::scraped(&prom, "grpo_api_registrations", None) >= 2.0,
+    );
     assert_eq!(
         common::scraped(&prom, "grpo_api_registrations", None),
         2.0,
